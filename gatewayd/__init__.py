@@ -1,0 +1,1 @@
+"""ota-gateway daemon: AWS IoT OTA agent role for edge gateways."""

@@ -1,0 +1,1 @@
+"""Emulators of both ends (AWS IoT, SMP devices) for tests, benchmarks and the demo."""

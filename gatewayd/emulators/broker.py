@@ -1,0 +1,217 @@
+"""A real mosquitto broker with mutual TLS and per-thing ACLs, and the test PKI it needs.
+
+Used by the test suite, the benchmarks and the demo. The broker plays AWS IoT Core's
+message broker: every client authenticates with a certificate whose CN is its thing
+name, and may only touch `$aws/things/<its name>/...` plus the things it is allowed to
+act for (a gateway serving proxied things). The AWS IoT emulator connects as the
+privileged identity `SERVICE_IDENTITY` and may use every `$aws/` topic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+SERVICE_IDENTITY = "aws-iot-core-emulator"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A client certificate and its private key, both PEM files."""
+
+    name: str
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass
+class Pki:
+    """A throw-away certificate authority with a server certificate for localhost."""
+
+    directory: Path
+    ca_file: Path
+    server: Identity
+    _ca_key: ec.EllipticCurvePrivateKey
+    _ca_cert: x509.Certificate
+
+    def client(self, name: str) -> Identity:
+        """The identity for `name` (CN = name), made on first use."""
+        cert_file = self.directory / f"{name}.cert.pem"
+        key_file = self.directory / f"{name}.private.key"
+        if not cert_file.exists():
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = _issue(self._ca_cert, self._ca_key, name, key, server=False)
+            _write_key(key_file, key)
+            cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return Identity(name, cert_file, key_file)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _issue(
+    ca_cert: x509.Certificate | None,
+    ca_key: ec.EllipticCurvePrivateKey,
+    cn: str,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    server: bool,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject if ca_cert else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+    )
+    if ca_cert is None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    elif server:
+        san = [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def make_pki(directory: Path) -> Pki:
+    """Create a CA and a localhost server certificate in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _issue(None, ca_key, "ota-gateway test CA", ca_key, server=False)
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _issue(ca_cert, ca_key, "localhost", server_key, server=True)
+    server = Identity("localhost", directory / "server.pem", directory / "server.key")
+    server.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(server.key_file, server_key)
+    return Pki(directory, ca_file, server, ca_key, ca_cert)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_mosquitto() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if os.path.exists(p)), None
+    )
+
+
+@dataclass
+class Mosquitto:
+    """One mosquitto process on 127.0.0.1 with mTLS, identity = certificate CN.
+
+    `acts_for` maps a client name to the other thing names it may use (a gateway and its
+    proxied things). Every client may use `$aws/things/<own name>/#`.
+    """
+
+    directory: Path
+    pki: Pki
+    acts_for: dict[str, list[str]] = field(default_factory=dict)
+    port: int = 0
+    host: str = "127.0.0.1"
+    _proc: subprocess.Popen | None = None
+
+    def _write_config(self) -> Path:
+        acl = [f"user {SERVICE_IDENTITY}", "topic readwrite $aws/#", ""]
+        for client, things in self.acts_for.items():
+            acl.append(f"user {client}")
+            acl += [f"topic readwrite $aws/things/{thing}/#" for thing in things]
+            acl.append("")
+        acl.append("pattern readwrite $aws/things/%u/#")
+        acl_file = self.directory / "acl"
+        acl_file.write_text("\n".join(acl) + "\n")
+        conf = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous false",
+            "persistence false",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "max_inflight_messages 100",
+            "max_queued_messages 10000",
+            f"cafile {self.pki.ca_file}",
+            f"certfile {self.pki.server.cert_file}",
+            f"keyfile {self.pki.server.key_file}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "tls_version tlsv1.2",
+            f"acl_file {acl_file}",
+        ]
+        if os.geteuid() == 0:
+            conf.insert(0, "user root")
+        conf_file = self.directory / "mosquitto.conf"
+        conf_file.write_text("\n".join(conf) + "\n")
+        return conf_file
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = find_mosquitto()
+        if binary is None:
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        conf = self._write_config()
+        log = open(self.directory / "mosquitto.log", "ab")
+        self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited with {self._proc.returncode}: "
+                    + (self.directory / "mosquitto.log").read_text(errors="replace")[-2000:]
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not accept connections on port {self.port}")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop and start again on the same port (a broker restart seen by clients)."""
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

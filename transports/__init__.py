@@ -1,0 +1,1 @@
+"""Downstream links and the device protocol (SMP over UART and BLE)."""
