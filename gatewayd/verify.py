@@ -1,0 +1,130 @@
+"""Code-signature check of a downloaded OTA file (aws-iot-ota.md §4).
+
+The file is hashed in 64 KiB chunks and the digest verified with `Prehashed`, so multi-MB
+images are never held in memory. Only the public key of the trusted certificate is used (no
+chain validation, like the FreeRTOS PALs): trust comes from the gateway's allow-list.
+Supported: SHA-256 with ECDSA (DER, or raw r||s converted) and RSA PKCS#1 v1.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+
+CHUNK_SIZE = 64 * 1024
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+# signature algorithm -> (public key class, key name, algorithm name)
+_KEY_TYPES = {
+    "ecdsa": (ec.EllipticCurvePublicKey, "an EC", "ECDSA"),
+    "rsa": (rsa.RSAPublicKey, "an RSA", "RSA"),
+}
+
+
+class VerificationError(Exception):
+    """The file must not be relayed; str names the cause."""
+
+
+def load_signer(
+    cert_path: Path, signature_algorithm: str, *, certfile_label: str | None = None
+) -> PublicKey:
+    """Public key of a trusted signer certificate (PEM or DER; a PEM public key also works),
+    checked against the job's algorithm so a mismatch is refused before downloading."""
+    if signature_algorithm not in _KEY_TYPES:
+        raise VerificationError(f"signature algorithm {signature_algorithm!r} is not supported")
+    try:
+        data = Path(cert_path).read_bytes()
+    except OSError as exc:
+        raise VerificationError(
+            f"certificate {cert_path} could not be read: {exc.strerror or exc}"
+        ) from None
+    key = _public_key(data)
+    if key is None:
+        raise VerificationError(
+            f"certificate {cert_path} could not be read: not a PEM or DER X.509 certificate"
+        )
+    wanted_type, _, wanted_name = _KEY_TYPES[signature_algorithm]
+    if not isinstance(key, wanted_type):
+        held = next((n for t, n, _ in _KEY_TYPES.values() if isinstance(key, t)), "another")
+        raise VerificationError(
+            f"certificate for {certfile_label or cert_path} holds {held} key"
+            f" but the job is signed with {wanted_name}"
+        )
+    return key  # type: ignore[return-value]
+
+
+def _public_key(data: bytes) -> object | None:
+    loaders = (
+        lambda: x509.load_pem_x509_certificate(data).public_key(),
+        lambda: x509.load_der_x509_certificate(data).public_key(),
+        lambda: serialization.load_pem_public_key(data),
+    )
+    for load in loaders:
+        try:
+            return load()
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+    return None
+
+
+def sha256_file(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def verify_file(
+    path: Path,
+    *,
+    signature_algorithm: str,
+    hash_name: str,
+    signature: bytes,
+    certificate: Path,
+    certfile_label: str,
+) -> bytes:
+    """Check the file against its job-document signature; returns the file's SHA-256."""
+    if hash_name != "sha256":
+        raise VerificationError(f"hash {hash_name!r} is not supported (only sha256)")
+    key = load_signer(certificate, signature_algorithm, certfile_label=certfile_label)
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        raise VerificationError(f"file {path} could not be read: {exc.strerror or exc}") from None
+    if not _signature_ok(key, signature, digest):
+        raise VerificationError(
+            f"signature check failed: the file does not match sig-{hash_name}-"
+            f"{signature_algorithm} for certfile {certfile_label}"
+        )
+    return digest
+
+
+def _signature_ok(key: PublicKey, signature: bytes, digest: bytes) -> bool:
+    readings = [signature]
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        # Non-AWS signers may give raw r||s; a DER signature of exactly that length is
+        # possible, so both readings are tried.
+        half = (key.curve.key_size + 7) // 8
+        if len(signature) == 2 * half:
+            r = int.from_bytes(signature[:half], "big")
+            s = int.from_bytes(signature[half:], "big")
+            readings.append(utils.encode_dss_signature(r, s))
+    return any(_verify_one(key, sig, digest) for sig in readings)
+
+
+def _verify_one(key: PublicKey, signature: bytes, digest: bytes) -> bool:
+    prehashed = utils.Prehashed(hashes.SHA256())
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, digest, padding.PKCS1v15(), prehashed)
+        else:
+            key.verify(signature, digest, ec.ECDSA(prehashed))
+    except (InvalidSignature, ValueError):
+        return False
+    return True

@@ -1,0 +1,227 @@
+"""Code-signature checks (aws-iot-ota.md §4; conformance cases 10 and 31)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gatewayd.jobdoc import DocumentLimits, parse_job_document
+from gatewayd.verify import VerificationError, load_signer, sha256_file, verify_file
+
+LABEL = "ota_signer.pem"
+
+
+def make_cert(key, path: Path, *, der: bool = False) -> Path:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ota signer")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+    )
+    encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
+    path.write_bytes(cert.public_bytes(encoding))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def firmware(tmp_path: Path) -> Path:
+    path = tmp_path / "fw.bin"
+    path.write_bytes(bytes(range(256)) * 1000 + b"tail")  # several 64 KiB chunks
+    return path
+
+
+def ecdsa_sign(key, data: bytes) -> bytes:
+    return key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def check(path: Path, cert: Path, signature: bytes, algorithm: str = "ecdsa") -> bytes:
+    return verify_file(
+        path,
+        signature_algorithm=algorithm,
+        hash_name="sha256",
+        signature=signature,
+        certificate=cert,
+        certfile_label=LABEL,
+    )
+
+
+def test_ecdsa_der_signature_accepted(tmp_path, ec_key, firmware) -> None:
+    cert = make_cert(ec_key, tmp_path / "signer.pem")
+    signature = ecdsa_sign(ec_key, firmware.read_bytes())
+    assert signature[0] == 0x30
+    assert check(firmware, cert, signature) == hashlib.sha256(firmware.read_bytes()).digest()
+
+
+def test_ecdsa_raw_r_s_signature_accepted(tmp_path, ec_key, firmware) -> None:
+    cert = make_cert(ec_key, tmp_path / "signer.pem")
+    r, s = utils.decode_dss_signature(ecdsa_sign(ec_key, firmware.read_bytes()))
+    raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    assert check(firmware, cert, raw) == sha256_file(firmware)
+
+
+def test_tampered_file_fails(tmp_path, ec_key, firmware) -> None:
+    cert = make_cert(ec_key, tmp_path / "signer.pem")
+    signature = ecdsa_sign(ec_key, firmware.read_bytes())
+    data = bytearray(firmware.read_bytes())
+    data[70000] ^= 1
+    firmware.write_bytes(bytes(data))
+    with pytest.raises(VerificationError) as info:
+        check(firmware, cert, signature)
+    assert str(info.value) == (
+        "signature check failed: the file does not match sig-sha256-ecdsa for certfile ota_signer.pem"
+    )
+
+
+def test_wrong_certificate_fails(tmp_path, ec_key, firmware) -> None:
+    other = make_cert(ec.generate_private_key(ec.SECP256R1()), tmp_path / "other.pem")
+    with pytest.raises(VerificationError, match="signature check failed"):
+        check(firmware, other, ecdsa_sign(ec_key, firmware.read_bytes()))
+
+
+def test_garbage_signatures_fail_cleanly(tmp_path, ec_key, firmware) -> None:
+    cert = make_cert(ec_key, tmp_path / "signer.pem")
+    for signature in (b"\x30", bytes(64), b"\xff" * 64, b"\x30\x44" + bytes(68), bytes(512)):
+        with pytest.raises(VerificationError, match="signature check failed"):
+            check(firmware, cert, signature)
+
+
+def test_p384_certificate_with_sha256(tmp_path, firmware) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = make_cert(key, tmp_path / "p384.pem")
+    signature = ecdsa_sign(key, firmware.read_bytes())
+    assert check(firmware, cert, signature)
+    r, s = utils.decode_dss_signature(signature)
+    assert check(firmware, cert, r.to_bytes(48, "big") + s.to_bytes(48, "big"))
+
+
+def test_rsa_pkcs1v15_accepted_and_tampered_fails(tmp_path, rsa_key, firmware) -> None:
+    cert = make_cert(rsa_key, tmp_path / "rsa.pem")
+    signature = rsa_key.sign(firmware.read_bytes(), padding.PKCS1v15(), hashes.SHA256())
+    assert check(firmware, cert, signature, "rsa") == sha256_file(firmware)
+    firmware.write_bytes(firmware.read_bytes() + b"!")
+    with pytest.raises(VerificationError) as info:
+        check(firmware, cert, signature, "rsa")
+    assert str(info.value) == (
+        "signature check failed: the file does not match sig-sha256-rsa for certfile ota_signer.pem"
+    )
+
+
+def test_rsa_pss_signature_is_not_pkcs1v15(tmp_path, rsa_key, firmware) -> None:
+    cert = make_cert(rsa_key, tmp_path / "rsa.pem")
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    with pytest.raises(VerificationError):
+        check(firmware, cert, rsa_key.sign(firmware.read_bytes(), pss, hashes.SHA256()), "rsa")
+
+
+def test_case10_key_type_mismatch_refused_before_download(tmp_path, ec_key, rsa_key) -> None:
+    ec_cert = make_cert(ec_key, tmp_path / "ec.pem")
+    rsa_cert = make_cert(rsa_key, tmp_path / "rsa.pem")
+    with pytest.raises(VerificationError) as info:
+        load_signer(rsa_cert, "ecdsa", certfile_label=LABEL)
+    assert str(info.value) == "certificate for ota_signer.pem holds an RSA key but the job is signed with ECDSA"
+    with pytest.raises(VerificationError, match="holds an EC key but the job is signed with RSA"):
+        load_signer(ec_cert, "rsa", certfile_label=LABEL)
+    ed_cert = make_cert(ed25519.Ed25519PrivateKey.generate(), tmp_path / "ed.pem")
+    with pytest.raises(VerificationError, match="holds another key"):
+        load_signer(ed_cert, "ecdsa")
+    with pytest.raises(VerificationError, match="not supported"):
+        load_signer(ec_cert, "dsa")
+    assert isinstance(load_signer(ec_cert, "ecdsa"), ec.EllipticCurvePublicKey)
+    assert isinstance(load_signer(rsa_cert, "rsa"), rsa.RSAPublicKey)
+
+
+def test_case31_key_mismatch_after_download_is_a_verification_error(tmp_path, ec_key, rsa_key, firmware) -> None:
+    rsa_cert = make_cert(rsa_key, tmp_path / "rsa.pem")
+    with pytest.raises(VerificationError, match="holds an RSA key"):
+        check(firmware, rsa_cert, ecdsa_sign(ec_key, firmware.read_bytes()))
+
+
+def test_unreadable_certificates(tmp_path, ec_key, firmware) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(VerificationError) as info:
+        load_signer(missing, "ecdsa")
+    assert str(info.value) == f"certificate {missing} could not be read: No such file or directory"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n")
+    with pytest.raises(VerificationError, match="could not be read: not a PEM or DER X.509 certificate"):
+        load_signer(garbage, "ecdsa")
+    with pytest.raises(VerificationError, match="could not be read"):
+        load_signer(tmp_path, "ecdsa")  # a directory
+    with pytest.raises(VerificationError, match="could not be read"):
+        check(firmware, missing, b"\x30")
+
+
+def test_der_certificate_and_pem_public_key_accepted(tmp_path, ec_key, firmware) -> None:
+    signature = ecdsa_sign(ec_key, firmware.read_bytes())
+    assert check(firmware, make_cert(ec_key, tmp_path / "c.der", der=True), signature)
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(
+        ec_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    assert check(firmware, pub, signature)
+
+
+def test_unreadable_file_and_unsupported_hash(tmp_path, ec_key) -> None:
+    cert = make_cert(ec_key, tmp_path / "signer.pem")
+    with pytest.raises(VerificationError, match="could not be read"):
+        check(tmp_path / "missing.bin", cert, b"\x30")
+    with pytest.raises(VerificationError, match="only sha256"):
+        verify_file(tmp_path, signature_algorithm="ecdsa", hash_name="sha1", signature=b"x",
+                    certificate=cert, certfile_label=LABEL)
+
+
+def test_sha256_file_matches_hashlib(tmp_path) -> None:
+    for size in (0, 1, 65536, 65537, 300000):
+        path = tmp_path / f"f{size}"
+        path.write_bytes(bytes(i % 251 for i in range(size)))
+        assert sha256_file(path) == hashlib.sha256(path.read_bytes()).digest()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_job_document_signature_made_with_openssl(tmp_path, firmware) -> None:
+    """The FreeRTOS forum recipe: `openssl dgst -sha256 -sign`, base64 into the job document."""
+    key_pem = tmp_path / "key.pem"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key_pem)],
+                   check=True, capture_output=True)
+    key = serialization.load_pem_private_key(key_pem.read_bytes(), None)
+    cert = make_cert(key, tmp_path / "signer.pem")
+    sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(key_pem), str(firmware)],
+                         check=True, capture_output=True).stdout
+    document = {"afr_ota": {"protocols": ["MQTT"], "streamname": "AFR_OTA-s", "files": [{
+        "filepath": "fw.bin", "filesize": firmware.stat().st_size, "fileid": 0, "certfile": LABEL,
+        "sig-sha256-ecdsa": base64.b64encode(sig).decode()}]}}
+    limits = DocumentLimits(max_file_size=1 << 24, trusted_certfiles=frozenset({LABEL}))
+    f = parse_job_document("AFR_OTA-1", document, limits).files[0]
+    load_signer(cert, f.signature_algorithm, certfile_label=f.certfile)
+    digest = verify_file(firmware, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
+                         signature=f.signature, certificate=cert, certfile_label=f.certfile)
+    assert digest == sha256_file(firmware)
