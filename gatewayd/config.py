@@ -1,0 +1,663 @@
+"""Configuration: gateway.toml plus devices.d/*.toml, validated as a whole.
+
+Every problem found is collected (not just the first) so an operator fixes a file in one
+round. Each problem names the file and the key it is about.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+DEFAULT_CONFIG_PATH = Path("/etc/ota-gateway/gateway.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/ota-gateway")
+DEFAULT_CONTROL_SOCKET = Path("/run/ota-gateway/control.sock")
+DEVICES_DIR_NAME = "devices.d"
+
+# AWS IoT GetStream accepts block sizes of 256..131072 bytes and returns at most 128 KiB
+# per request (aws-iot-ota.md §3, conformance case 45).
+MIN_BLOCK_SIZE = 256
+MAX_BLOCK_SIZE = 131072
+MAX_STREAM_REQUEST_BYTES = 131072
+# Smaller SMP buffers cannot carry an upload chunk with its CBOR envelope.
+MIN_BUF_SIZE = 64
+
+DEVICE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+THING_NAME_RE = re.compile(r"[A-Za-z0-9:_-]{1,128}")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+TRANSPORTS = ("uart", "ble")
+PREFER = ("mqtt", "http")
+DEVICE_MODES = ("zephyr", "recovery")
+
+UART_ONLY_KEYS = ("port", "baudrate", "line_delay")
+BLE_ONLY_KEYS = ("address",)
+SECTIONS = ("gateway", "mqtt", "ota", "signing", "relay", "ble", "device")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in one file, about one key ("" when about the whole file)."""
+
+    file: Path
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        parts = [str(self.file)] + ([self.key] if self.key else []) + [self.message]
+        return ": ".join(parts)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    thing_name: str
+    state_dir: Path = DEFAULT_STATE_DIR
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    endpoint: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_id: str
+    port: int = 8883
+    keepalive: int = 60
+
+
+@dataclass(frozen=True)
+class OtaConfig:
+    block_size: int = 4096
+    blocks_per_request: int = 32
+    max_file_size: int = 16777216
+    prefer: str = "mqtt"
+    https_ca_file: Path | None = None
+    request_timeout: float = 10.0
+    max_idle_requests: int = 32
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    # certfile named in a job document -> trusted certificate file on this gateway
+    certificates: Mapping[str, Path] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+
+    def certificate_for(self, certfile: str) -> Path | None:
+        return self.certificates.get(certfile)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    max_parallel: int = 8
+    device_timeout: float = 86400.0
+    reset_timeout: float = 60.0
+    retry_interval: float = 5.0
+    request_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class BleConfig:
+    adapter: str = "hci0"
+    max_connections: int = 3
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    name: str
+    transport: str
+    port: str | None = None
+    baudrate: int = 115200
+    line_delay: float = 0.0
+    address: str | None = None
+    thing_name: str | None = None
+    files: str = ""
+    image: int = 0
+    buf_size: int | None = None
+    allow_downgrade: bool = False
+    mode: str = "zephyr"
+    # where the entry was written (file, 1-based [[device]] position); not its identity
+    source: Path = field(default=Path(), compare=False)
+    entry: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    gateway: GatewayConfig
+    mqtt: MqttConfig
+    ota: OtaConfig
+    signing: SigningConfig
+    relay: RelayConfig
+    ble: BleConfig
+    devices: tuple[DeviceConfig, ...]
+
+    @property
+    def devices_dir(self) -> Path:
+        return self.path.parent / DEVICES_DIR_NAME
+
+    def device(self, name: str) -> DeviceConfig | None:
+        return next((d for d in self.devices if d.name == name), None)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate `path` and `devices.d/*.toml` beside it; raise ConfigError."""
+    path = Path(os.path.abspath(path))
+    problems: list[Problem] = []
+    base = path.parent
+    main = _parse_toml(path, problems)
+    devices: list[DeviceConfig] = []
+    if main is not None:
+        for key, value in main.items():
+            if key not in SECTIONS:
+                _unknown(problems, path, f"[{key}]" if isinstance(value, dict) else key, key,
+                         SECTIONS, "unknown section" if isinstance(value, dict) else "unknown key")
+        gateway = _gateway(path, base, _section(path, main, "gateway", problems), problems)
+        mqtt = _mqtt(path, base, _section(path, main, "mqtt", problems), gateway.thing_name,
+                     problems)
+        ota = _ota(path, base, _section(path, main, "ota", problems), problems)
+        signing = _signing(path, base, _section(path, main, "signing", problems), problems)
+        relay = _relay(path, _section(path, main, "relay", problems), problems)
+        ble = _ble(path, _section(path, main, "ble", problems), problems)
+        devices += _device_entries(path, main, problems)
+
+    for file in _device_files(base / DEVICES_DIR_NAME, problems):
+        extra = _parse_toml(file, problems)
+        if extra is None:
+            continue
+        for key, value in extra.items():
+            if key != "device":
+                kind = "section" if isinstance(value, dict) else "key"
+                _unknown(problems, file, f"[{key}]" if isinstance(value, dict) else key, key,
+                         ("device",), f"unknown {kind} (only [[device]] entries belong in "
+                         f"{DEVICES_DIR_NAME} files)")
+        devices += _device_entries(file, extra, problems)
+
+    _check_unique(devices, gateway.thing_name if main is not None else "", base, problems)
+    if main is not None:
+        _check_files(path, mqtt, ota, signing, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(path, gateway, mqtt, ota, signing, relay, ble, tuple(devices))
+
+
+def read_control_socket(path: Path) -> Path:
+    """The control socket named by `path`, without validating the rest of the file.
+
+    The ctl uses this: it must find the daemon even when it may not read the key files.
+    """
+    path = Path(os.path.abspath(path))
+    try:
+        with open(path, "rb") as f:
+            value = tomllib.load(f).get("gateway", {}).get("control_socket")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return DEFAULT_CONTROL_SOCKET
+    if not isinstance(value, str) or not value:
+        return DEFAULT_CONTROL_SOCKET
+    return _resolve(path.parent, value)
+
+
+def summary(config: Config) -> str:
+    """One line describing a loaded configuration."""
+    devices = config.devices
+    kinds = [f"{n} {t}" for t in TRANSPORTS if (n := sum(d.transport == t for d in devices))]
+    dev = _plural(len(devices), "device") + (f" ({', '.join(kinds)})" if kinds else "")
+    certs = _plural(len(config.signing.certificates), "signing certificate")
+    return (f"{config.path}: thing {config.gateway.thing_name}, "
+            f"broker {config.mqtt.endpoint}:{config.mqtt.port}, {dev}, {certs}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _parse_toml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        problems.append(Problem(path, "", f"cannot read: {e.strerror or e}"))
+    except tomllib.TOMLDecodeError as e:
+        text = str(e)
+        where = re.search(r"\s*\(at (line \d+, column \d+|end of document)\)$", text)
+        key = where.group(1) if where else ""
+        if where:
+            text = text[: where.start()]
+        problems.append(Problem(path, key, f"TOML syntax error: {text}"))
+    except UnicodeDecodeError as e:
+        problems.append(Problem(path, "", f"not UTF-8 text: {e}"))
+    return None
+
+
+def _device_files(folder: Path, problems: list[Problem]) -> list[Path]:
+    try:
+        if not folder.exists():
+            return []
+        if not folder.is_dir():
+            problems.append(Problem(folder, "", "is not a folder"))
+            return []
+        names = sorted(p for p in folder.iterdir() if p.suffix == ".toml")
+    except OSError as e:
+        problems.append(Problem(folder, "", f"cannot read folder: {e.strerror or e}"))
+        return []
+    # editor backups and hidden files are not configuration
+    return [p for p in names if not p.name.startswith(".") and not p.is_dir()]
+
+
+def _section(file: Path, data: dict[str, Any], name: str,
+             problems: list[Problem]) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        problems.append(Problem(file, f"[{name}]", f"expected a table, got {_describe(value)}"))
+        return {}
+    return value
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _gateway(file: Path, base: Path, sec: dict, problems: list[Problem]) -> GatewayConfig:
+    t = _Table(file, base, "[gateway]", sec, problems)
+    thing = t.string("thing_name", required=True, pattern=THING_NAME_RE,
+                     pattern_hint="1 to 128 characters of A-Z a-z 0-9 : _ -")
+    config = GatewayConfig(
+        thing_name=thing or "",
+        state_dir=t.path("state_dir", DEFAULT_STATE_DIR),
+        control_socket=t.path("control_socket", DEFAULT_CONTROL_SOCKET),
+        log_level=(t.string("log_level", "info", choices=LOG_LEVELS, fold_case=True) or "info"),
+    )
+    t.finish()
+    return config
+
+
+def _mqtt(file: Path, base: Path, sec: dict, thing: str, problems: list[Problem]) -> MqttConfig:
+    t = _Table(file, base, "[mqtt]", sec, problems)
+    endpoint = t.string("endpoint", required=True) or ""
+    if endpoint and ("/" in endpoint or ":" in endpoint or " " in endpoint):
+        t.problem("endpoint", f'expected a host name only (no scheme, port or path), got "{endpoint}"')
+    config = MqttConfig(
+        endpoint=endpoint,
+        port=t.integer("port", 8883, minimum=1, maximum=65535),
+        client_id=t.string("client_id", thing) or thing,
+        ca_file=t.path("ca_file", None, required=True) or Path(),
+        cert_file=t.path("cert_file", None, required=True) or Path(),
+        key_file=t.path("key_file", None, required=True) or Path(),
+        keepalive=t.integer("keepalive", 60, minimum=1, maximum=65535),
+    )
+    t.finish()
+    return config
+
+
+def _ota(file: Path, base: Path, sec: dict, problems: list[Problem]) -> OtaConfig:
+    t = _Table(file, base, "[ota]", sec, problems)
+    block_size = t.integer("block_size", 4096, minimum=MIN_BLOCK_SIZE, maximum=MAX_BLOCK_SIZE,
+                           why="the AWS IoT stream block size limits")
+    per_request = t.integer("blocks_per_request", 32, minimum=1)
+    if t.valid("block_size") and t.valid("blocks_per_request"):
+        if block_size * per_request > MAX_STREAM_REQUEST_BYTES:
+            t.problem("blocks_per_request",
+                      f"block_size * blocks_per_request = {block_size} * {per_request} = "
+                      f"{block_size * per_request} bytes, more than the {MAX_STREAM_REQUEST_BYTES}"
+                      f" one AWS IoT stream request may return; use at most "
+                      f"{MAX_STREAM_REQUEST_BYTES // block_size}")
+    config = OtaConfig(
+        block_size=block_size,
+        blocks_per_request=per_request,
+        max_file_size=t.integer("max_file_size", 16777216, minimum=1),
+        prefer=t.string("prefer", "mqtt", choices=PREFER) or "mqtt",
+        https_ca_file=t.path("https_ca_file", None),
+        request_timeout=t.number("request_timeout", 10.0, positive=True),
+        max_idle_requests=t.integer("max_idle_requests", 32, minimum=1),
+    )
+    t.finish()
+    return config
+
+
+def _signing(file: Path, base: Path, sec: dict, problems: list[Problem]) -> SigningConfig:
+    t = _Table(file, base, "[signing]", sec, problems)
+    table = t.table("certificates")
+    certificates: dict[str, Path] = {}
+    for name, value in table.items():
+        key = f"certificates.{json.dumps(name)}"
+        if not name:
+            t.problem(key, "the certfile name must not be empty")
+        elif not isinstance(value, str) or not value:
+            t.problem(key, f"expected a file path (a string), got {_describe(value)}")
+        else:
+            certificates[name] = _resolve(base, value)
+    t.finish()
+    return SigningConfig(MappingProxyType(certificates))
+
+
+def _relay(file: Path, sec: dict, problems: list[Problem]) -> RelayConfig:
+    t = _Table(file, file.parent, "[relay]", sec, problems)
+    config = RelayConfig(
+        max_parallel=t.integer("max_parallel", 8, minimum=1),
+        device_timeout=t.number("device_timeout", 86400.0, positive=True),
+        reset_timeout=t.number("reset_timeout", 60.0, positive=True),
+        retry_interval=t.number("retry_interval", 5.0, positive=True),
+        request_timeout=t.number("request_timeout", 5.0, positive=True),
+    )
+    t.finish()
+    return config
+
+
+def _ble(file: Path, sec: dict, problems: list[Problem]) -> BleConfig:
+    t = _Table(file, file.parent, "[ble]", sec, problems)
+    config = BleConfig(
+        adapter=t.string("adapter", "hci0") or "hci0",
+        max_connections=t.integer("max_connections", 3, minimum=1),
+    )
+    t.finish()
+    return config
+
+
+def _device_entries(file: Path, data: dict[str, Any], problems: list[Problem]) -> list[DeviceConfig]:
+    entries = data.get("device", [])
+    if not isinstance(entries, list):
+        problems.append(Problem(file, "device", "expected [[device]] entries (an array of tables),"
+                                f" got {_describe(entries)}"))
+        return []
+    devices = []
+    for index, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            problems.append(Problem(file, f"device[{index}]",
+                                    f"expected a table, got {_describe(entry)}"))
+            continue
+        device = _device(file, index, entry, problems)
+        if device is not None:
+            devices.append(device)
+    return devices
+
+
+def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> DeviceConfig | None:
+    t = _Table(file, file.parent, f"device[{index}]", entry, problems)
+    name = t.string("name", required=True, pattern=DEVICE_NAME_RE,
+                    pattern_hint="1 to 64 characters of A-Z a-z 0-9 _ -")
+    if name and t.valid("name"):
+        t.label = f"device[{index}] ({name})"
+    transport = t.string("transport", required=True, choices=TRANSPORTS)
+    not_here = BLE_ONLY_KEYS if transport == "uart" else UART_ONLY_KEYS if transport == "ble" else ()
+    for key in not_here:
+        if key in entry:
+            other = "ble" if transport == "uart" else "uart"
+            t.problem(key, f"applies only to {other} devices, this one is {transport}")
+            t.seen.add(key)
+    device = DeviceConfig(
+        name=name or "",
+        transport=transport or "",
+        port=t.string("port", required=transport == "uart") if transport != "ble" else None,
+        baudrate=t.integer("baudrate", 115200, minimum=1) if transport != "ble" else 115200,
+        line_delay=t.number("line_delay", 0.0, minimum=0.0) if transport != "ble" else 0.0,
+        address=t.string("address", required=transport == "ble") if transport != "uart" else None,
+        thing_name=t.string("thing_name", None, pattern=THING_NAME_RE,
+                            pattern_hint="1 to 128 characters of A-Z a-z 0-9 : _ -"),
+        files=t.string("files", name) or name or "",
+        image=t.integer("image", 0, minimum=0),
+        buf_size=t.integer("buf_size", None, minimum=MIN_BUF_SIZE),
+        allow_downgrade=t.boolean("allow_downgrade", False),
+        mode=t.string("mode", "zephyr", choices=DEVICE_MODES) or "zephyr",
+        source=file,
+        entry=index,
+    )
+    t.finish()
+    # kept even when invalid, so a duplicate name is still reported alongside other problems
+    return device if name and t.valid("name") else None
+
+
+def _check_unique(devices: list[DeviceConfig], gateway_thing: str, base: Path,
+                  problems: list[Problem]) -> None:
+    names: dict[str, DeviceConfig] = {}
+    things: dict[str, DeviceConfig] = {}
+    for d in devices:
+        label = f"device[{d.entry}] ({d.name})"
+        if d.name in names:
+            other = names[d.name]
+            problems.append(Problem(d.source, label, f'name "{d.name}" already used by '
+                                    f"device[{other.entry}] in {_rel(other.source, base)}"))
+        else:
+            names[d.name] = d
+        if d.thing_name is None:
+            continue
+        if d.thing_name == gateway_thing:
+            problems.append(Problem(d.source, f"{label} thing_name",
+                                    f'"{d.thing_name}" is the gateway\'s own thing_name'))
+        elif d.thing_name in things:
+            other = things[d.thing_name]
+            problems.append(Problem(d.source, f"{label} thing_name",
+                                    f'"{d.thing_name}" already used by device[{other.entry}] '
+                                    f"({other.name}) in {_rel(other.source, base)}"))
+        else:
+            things[d.thing_name] = d
+
+
+def _check_files(file: Path, mqtt: MqttConfig, ota: OtaConfig, signing: SigningConfig,
+                 problems: list[Problem]) -> None:
+    for key, path in (("[mqtt] ca_file", mqtt.ca_file), ("[mqtt] cert_file", mqtt.cert_file),
+                      ("[mqtt] key_file", mqtt.key_file)):
+        if path != Path():
+            _check_readable(file, key, path, problems)
+    if mqtt.key_file != Path():
+        try:
+            mode = os.stat(mqtt.key_file).st_mode
+        except OSError:
+            mode = 0
+        if mode & 0o004:
+            problems.append(Problem(file, "[mqtt] key_file",
+                                    f"private key {mqtt.key_file} is readable by every user (mode "
+                                    f"{mode & 0o7777:04o}); allow only its owner and group, e.g. "
+                                    f"chmod 640 {mqtt.key_file}"))
+    if ota.https_ca_file is not None:
+        _check_readable(file, "[ota] https_ca_file", ota.https_ca_file, problems)
+    for name, path in signing.certificates.items():
+        _check_readable(file, f"[signing] certificates.{json.dumps(name)}", path, problems)
+
+
+def _check_readable(file: Path, key: str, path: Path, problems: list[Problem]) -> None:
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        problems.append(Problem(file, key, f"cannot read {path}: {e.strerror or e}"))
+        return
+    if empty:
+        problems.append(Problem(file, key, f"{path} is empty"))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _resolve(base: Path, value: str) -> Path:
+    return Path(os.path.abspath(base / value))
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {json.dumps(shown)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return f"date/time {value.isoformat()}"
+    return type(value).__name__
+
+
+def _unknown(problems: list[Problem], file: Path, key: str, name: str,
+             known: Iterable[str], message: str) -> None:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    if close:
+        message += f' (did you mean "{close[0]}"?)'
+    problems.append(Problem(file, key, message))
+
+
+_MISSING = object()
+
+
+class _Table:
+    """Typed reads of one TOML table that record problems instead of raising."""
+
+    def __init__(self, file: Path, base: Path, label: str, data: dict, problems: list[Problem]):
+        self.file = file
+        self.base = base
+        self.label = label
+        self.data = data
+        self.problems = problems
+        self.seen: set[str] = set()
+        self.invalid: set[str] = set()
+
+    def problem(self, key: str, message: str) -> None:
+        self.invalid.add(key)
+        self.problems.append(Problem(self.file, f"{self.label} {key}", message))
+
+    def valid(self, key: str) -> bool:
+        return key not in self.invalid
+
+    def _get(self, key: str, required: bool) -> Any:
+        self.seen.add(key)
+        if key in self.data:
+            return self.data[key]
+        if required:
+            self.problem(key, "required key is missing")
+        return _MISSING
+
+    def _wrong(self, key: str, expected: str, value: Any) -> None:
+        self.problem(key, f"expected {expected}, got {_describe(value)}")
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False,
+               choices: tuple[str, ...] = (), fold_case: bool = False,
+               pattern: re.Pattern[str] | None = None, pattern_hint: str = "") -> str | None:
+        value = self._get(key, required)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self._wrong(key, "a string", value)
+            return default
+        if fold_case:
+            value = value.lower()
+        if not value:
+            self.problem(key, "must not be empty")
+            return default
+        if choices and value not in choices:
+            self.problem(key, f"expected one of {', '.join(json.dumps(c) for c in choices)},"
+                              f" got {json.dumps(value)}")
+            return default
+        if pattern is not None and not pattern.fullmatch(value):
+            self.problem(key, f"{json.dumps(value)} is not allowed: use {pattern_hint}")
+            return default
+        return value
+
+    def integer(self, key: str, default: Any, *, minimum: int | None = None,
+                maximum: int | None = None, why: str = "") -> Any:
+        value = self._get(key, False)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._wrong(key, "an integer", value)
+            return default
+        return value if self._in_range(key, value, minimum, maximum, why) else default
+
+    def number(self, key: str, default: float, *, positive: bool = False,
+               minimum: float | None = None) -> float:
+        value = self._get(key, False)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._wrong(key, "a number", value)
+            return default
+        if not math.isfinite(value):
+            self.problem(key, f"expected a finite number, got {value}")
+            return default
+        if positive and value <= 0:
+            self.problem(key, f"must be greater than 0, got {value}")
+            return default
+        if not self._in_range(key, value, minimum, None, ""):
+            return default
+        return float(value)
+
+    def _in_range(self, key: str, value: float, minimum: float | None, maximum: float | None,
+                  why: str) -> bool:
+        low = minimum is not None and value < minimum
+        high = maximum is not None and value > maximum
+        if not (low or high):
+            return True
+        because = f" ({why})" if why else ""
+        if minimum is not None and maximum is not None:
+            self.problem(key, f"must be between {minimum} and {maximum}{because}, got {value}")
+        elif low:
+            self.problem(key, f"must be at least {minimum}{because}, got {value}")
+        else:
+            self.problem(key, f"must be at most {maximum}{because}, got {value}")
+        return False
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, False)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self._wrong(key, "true or false", value)
+            return default
+        return value
+
+    def path(self, key: str, default: Any, *, required: bool = False) -> Any:
+        value = self._get(key, required)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self._wrong(key, "a file path (a string)", value)
+            return default
+        if not value:
+            self.problem(key, "must not be empty")
+            return default
+        return _resolve(self.base, value)
+
+    def table(self, key: str) -> dict[str, Any]:
+        value = self._get(key, False)
+        if value is _MISSING:
+            return {}
+        if not isinstance(value, dict):
+            self._wrong(key, "a table", value)
+            return {}
+        return value
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                self.invalid.add(key)
+                _unknown(self.problems, self.file, f"{self.label} {key}", key, self.seen,
+                         "unknown key")

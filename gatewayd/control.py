@@ -1,0 +1,313 @@
+"""The control socket between ota-gatewayd and ota-gatewayctl.
+
+Protocol: one connection per command. The client sends one JSON object on one line,
+`{"cmd": "status", ...}`; the daemon answers with newline-delimited JSON objects and then
+closes the connection: one object for a plain command, several for a streaming one
+(progress events, the last one being the outcome). A line holding an `"error"` key means
+the command failed; the client functions raise ControlError for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import inspect
+import json
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Union
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20
+SOCKET_MODE = 0o660
+
+Response = dict[str, Any]
+Handler = Callable[[dict[str, Any]], Union[Awaitable[Response], AsyncIterator[Response], Response]]
+
+
+class ControlError(Exception):
+    """A command could not be carried out; `response` is the daemon's error line, if any."""
+
+    def __init__(self, message: str, response: Response | None = None):
+        super().__init__(message)
+        self.response = response
+
+
+class DaemonNotRunning(ControlError):
+    pass
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    size = struct.calcsize("3i")
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
+    return PeerCredentials(pid, uid, gid)
+
+
+def _supplementary_groups(creds: PeerCredentials) -> set[int]:
+    # /proc shows the groups the peer process really has (including ones added at login)
+    try:
+        with open(f"/proc/{creds.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    try:
+        user = pwd.getpwuid(creds.uid).pw_name
+        return {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    except KeyError:
+        return set()
+
+
+def peer_allowed(creds: PeerCredentials, socket_gid: int) -> bool:
+    """Root, the daemon's own user, and members of the socket's group may send commands."""
+    if creds.uid in (0, os.getuid()):
+        return True
+    if creds.gid == socket_gid:
+        return True
+    return socket_gid in _supplementary_groups(creds)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _encode(obj: Any) -> bytes:
+    return json.dumps(obj, default=str, separators=(",", ":")).encode() + b"\n"
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class ControlServer:
+    """Serves `handlers` (command name -> handler) on a Unix socket at `path`.
+
+    A handler gets the request object and returns a dict (one answer line), or is an
+    async generator / returns an async iterator (one line per item). Exceptions become an
+    `{"error": ...}` line and never stop the server.
+    """
+
+    def __init__(self, path: Path, handlers: Mapping[str, Handler], *, mode: int = SOCKET_MODE):
+        self.path = Path(path)
+        self.handlers: dict[str, Handler] = dict(handlers)
+        self.mode = mode
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._socket_gid = os.getgid()
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await self._remove_stale_socket()
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self.path),
+                                                       limit=MAX_LINE)
+        os.chmod(self.path, self.mode)
+        st = os.stat(self.path)
+        self._socket_gid, self._inode = st.st_gid, st.st_ino
+        log.debug("control socket listening at %s", self.path)
+
+    async def _remove_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"{self.path} exists and is not a socket")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), 2)
+        except (OSError, asyncio.TimeoutError):
+            os.unlink(self.path)  # left behind by a daemon that died
+            return
+        writer.close()
+        raise ControlError(f"another ota-gatewayd is already serving {self.path}")
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+    async def __aenter__(self) -> "ControlServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (_ClientGone, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        creds = peer_credentials(sock)
+        if not peer_allowed(creds, self._socket_gid):
+            log.warning("control socket: refused uid %d (pid %d)", creds.uid, creds.pid)
+            await self._send(writer, {"error": f"permission denied: uid {creds.uid} is not root, "
+                                      f"the daemon's user or in group {_group_name(self._socket_gid)}"})
+            return
+        try:
+            line = await reader.readline()
+        except (ValueError, asyncio.LimitOverrunError):
+            await self._send(writer, {"error": f"request longer than {MAX_LINE} bytes"})
+            return
+        if not line.strip():
+            return
+        try:
+            request = json.loads(line)
+        except ValueError as e:
+            await self._send(writer, {"error": f"invalid request: not JSON ({e})"})
+            return
+        cmd = request.get("cmd") if isinstance(request, dict) else None
+        if not isinstance(cmd, str):
+            await self._send(writer, {"error": 'invalid request: expected {"cmd": "...", ...}'})
+            return
+        handler = self.handlers.get(cmd)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers))
+            await self._send(writer, {"error": f"unknown command {cmd!r} (known: {known})"})
+            return
+        await self._run(cmd, handler, request, writer)
+
+    async def _run(self, cmd: str, handler: Handler, request: dict[str, Any],
+                   writer: asyncio.StreamWriter) -> None:
+        try:
+            result = handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+            if hasattr(result, "__aiter__"):
+                iterator = result
+                try:
+                    async for event in iterator:
+                        await self._send(writer, event)
+                finally:
+                    # a client that went away must not leave the handler suspended
+                    if hasattr(iterator, "aclose"):
+                        await iterator.aclose()
+            else:
+                await self._send(writer, {} if result is None else result)
+        except (_ClientGone, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            log.exception("control command %r failed", cmd)
+            await self._send(writer, {"error": _error_text(e)})
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
+        data = _encode(obj)
+        try:
+            writer.write(data)
+            await writer.drain()
+        except (ConnectionError, RuntimeError) as e:
+            raise _ClientGone() from e
+
+
+# ------------------------------------------------------------------ client side
+
+
+async def _open(path: Path, cmd: str, args: dict[str, Any]
+                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise DaemonNotRunning(f"ota-gatewayd is not running (no control socket at {path})") from None
+    except PermissionError:
+        raise ControlError(f"permission denied on {path}: run as root or as a member of the "
+                           "socket's group") from None
+    except OSError as e:
+        raise ControlError(f"cannot reach ota-gatewayd at {path}: {e.strerror or e}") from None
+    writer.write(_encode({**args, "cmd": cmd}))
+    await writer.drain()
+    return reader, writer
+
+
+def _decode(line: bytes) -> Response:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        raise ControlError(f"invalid answer from ota-gatewayd: {line[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise ControlError(f"invalid answer from ota-gatewayd: {line[:200]!r}")
+    if "error" in obj:
+        raise ControlError(str(obj["error"]), obj)
+    return obj
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+async def request(path: Path, cmd: str, /, **args: Any) -> Response:
+    """Send one command and return its answer; raises ControlError / DaemonNotRunning."""
+    reader, writer = await _open(path, cmd, args)
+    try:
+        line = await reader.readline()
+    except (ConnectionError, ValueError, asyncio.LimitOverrunError) as e:
+        raise ControlError(f"lost the connection to ota-gatewayd: {e}") from None
+    finally:
+        await _close(writer)
+    if not line:
+        raise ControlError("ota-gatewayd closed the connection without answering")
+    return _decode(line)
+
+
+async def stream(path: Path, cmd: str, /, **args: Any) -> AsyncIterator[Response]:
+    """Send one command and yield every line of its answer until the daemon closes."""
+    reader, writer = await _open(path, cmd, args)
+    answered = False
+    try:
+        while True:
+            try:
+                line = await reader.readline()
+            except (ConnectionError, ValueError, asyncio.LimitOverrunError) as e:
+                raise ControlError(f"lost the connection to ota-gatewayd: {e}") from None
+            if not line:
+                break
+            answered = True
+            yield _decode(line)
+    finally:
+        await _close(writer)
+    if not answered:
+        raise ControlError("ota-gatewayd closed the connection without answering")

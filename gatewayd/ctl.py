@@ -1,0 +1,273 @@
+"""ota-gatewayctl: the operator's tool.
+
+Exit status: 0 success, 1 the command failed (config problems, an error from the daemon),
+2 usage error, 3 the daemon is not running.
+
+Adding a subcommand is one function decorated with @subcommand that configures its parser
+and sets `run` (a function of the parsed arguments returning the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable, TextIO
+
+from gatewayd import control
+from gatewayd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, read_control_socket, summary
+
+PROG = "ota-gatewayctl"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+REQUEST_TIMEOUT = 30.0
+
+_SUBCOMMANDS: list[Callable[[Any], None]] = []
+
+
+def subcommand(add: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Register `add(subparsers)`: it adds one parser and sets its `run` default."""
+    _SUBCOMMANDS.append(add)
+    return add
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Control and inspect ota-gatewayd.")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                        help=f"main configuration file (default: {DEFAULT_CONFIG_PATH})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except control.DaemonNotRunning as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except control.ControlError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. piped into head
+        return EXIT_OK
+
+
+# ------------------------------------------------------------------ helpers for subcommands
+
+
+def socket_path(args: argparse.Namespace) -> Path:
+    """The daemon's control socket per the config file (the default when it cannot be read)."""
+    return read_control_socket(args.config)
+
+
+def daemon_request(args: argparse.Namespace, cmd: str, /, **fields: Any) -> dict[str, Any]:
+    """Ask the daemon one question; raises control.ControlError."""
+    async def ask() -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(control.request(socket_path(args), cmd, **fields),
+                                          REQUEST_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise control.ControlError(f"ota-gatewayd did not answer {cmd!r} within "
+                                       f"{REQUEST_TIMEOUT:.0f} s") from None
+    return asyncio.run(ask())
+
+
+def daemon_stream(args: argparse.Namespace, cmd: str, on_event: Callable[[dict[str, Any]], None],
+                  /, **fields: Any) -> dict[str, Any] | None:
+    """Run a streaming command, calling on_event for each line; returns the last line."""
+    async def follow() -> dict[str, Any] | None:
+        last = None
+        events: AsyncIterator[dict[str, Any]] = control.stream(socket_path(args), cmd, **fields)
+        async for event in events:
+            on_event(event)
+            last = event
+        return last
+    return asyncio.run(follow())
+
+
+def wants_json(args: argparse.Namespace, out: TextIO | None = None) -> bool:
+    out = out or sys.stdout
+    return bool(getattr(args, "json", False)) or not out.isatty()
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def progress_bar(done: int | None, total: int | None, width: int = 20) -> str:
+    """`[#########-----------]  45%`, or "" when there is nothing to measure."""
+    if not total or done is None or total <= 0:
+        return ""
+    fraction = min(max(done / total, 0.0), 1.0)
+    filled = int(fraction * width)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {int(fraction * 100):3d}%"
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def table(rows: Iterable[Iterable[Any]], header: Iterable[str] | None = None) -> list[str]:
+    """Left-aligned columns separated by two spaces; columns empty in every row are left out."""
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    if not cells:
+        return []
+    width = max(len(row) for row in cells)
+    keep = [i for i in range(width) if any(i < len(row) and row[i] for row in cells)]
+    if header is not None:
+        cells.insert(0, list(header))
+    cells = [[row[i] if i < len(row) else "" for i in keep] for row in cells]
+    widths = [max(len(row[i]) if i < len(row) else 0 for row in cells)
+              for i in range(max(len(r) for r in cells))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
+# ------------------------------------------------------------------ check-config
+
+
+@subcommand
+def add_check_config(sub: Any) -> None:
+    p = sub.add_parser("check-config", help="validate the configuration files (no daemon needed)",
+                       description="Read the main file and devices.d/*.toml beside it; print "
+                                   "every problem, or a one-line summary when there is none.")
+    p.add_argument("path", nargs="?", type=Path, metavar="PATH",
+                   help="main configuration file (default: --config)")
+    p.set_defaults(run=run_check_config)
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    path = args.path or args.config
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem)
+        return EXIT_FAILED
+    print(summary(config))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ status
+
+
+@subcommand
+def add_status(sub: Any) -> None:
+    p = sub.add_parser("status", help="connection, jobs and per-device progress")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p.set_defaults(run=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    answer = daemon_request(args, "status")
+    if wants_json(args):
+        print_json(answer)
+    else:
+        print("\n".join(format_status(answer)))
+    return EXIT_OK
+
+
+def format_status(answer: dict[str, Any]) -> list[str]:
+    connected = answer.get("connected")
+    lines = [f"AWS IoT: {'connected' if connected else 'not connected'}"]
+    jobs = answer.get("jobs") or []
+    lines.append("")
+    if jobs:
+        lines.append(f"Jobs ({len(jobs)}):")
+        rows = []
+        for job in jobs:
+            done, total = job.get("done"), job.get("total")
+            rows.append([job.get("job_id", "?"), job.get("thing", ""), job.get("phase", ""),
+                         progress_bar(done, total), job.get("reason", "")])
+        lines += ["  " + line for line in table(rows, ["JOB", "THING", "PHASE", "PROGRESS",
+                                                       "REASON"])]
+    else:
+        lines.append("Jobs: none")
+    devices = answer.get("devices") or []
+    lines.append("")
+    if devices:
+        lines.append(f"Devices ({len(devices)}):")
+        rows = []
+        for dev in devices:
+            done, total = dev.get("done"), dev.get("total")
+            amount = f"{human_bytes(done)}/{human_bytes(total)}" if total else ""
+            rows.append([dev.get("name", "?"), dev.get("phase") or "idle",
+                         progress_bar(done, total), amount, dev.get("version") or "",
+                         dev.get("reason") or ""])
+        lines += ["  " + line for line in table(rows, ["DEVICE", "PHASE", "PROGRESS", "BYTES",
+                                                       "VERSION", "REASON"])]
+    else:
+        lines.append("Devices: none configured")
+    return lines
+
+
+# ------------------------------------------------------------------ devices
+
+
+@subcommand
+def add_devices(sub: Any) -> None:
+    p = sub.add_parser("devices", help="configured devices and the images they hold")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p.set_defaults(run=run_devices)
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    answer = daemon_request(args, "devices")
+    if wants_json(args):
+        print_json(answer)
+    else:
+        print("\n".join(format_devices(answer)))
+    return EXIT_OK
+
+
+def _flags(image: dict[str, Any]) -> str:
+    names = ("active", "confirmed", "pending", "bootable", "permanent")
+    return ",".join(n for n in names if image.get(n))
+
+
+def format_devices(answer: dict[str, Any]) -> list[str]:
+    devices = answer.get("devices") or []
+    if not devices:
+        return ["No devices configured."]
+    lines: list[str] = []
+    for dev in devices:
+        where = dev.get("port") or dev.get("address") or ""
+        head = f"{dev.get('name', '?')}"
+        if dev.get("transport"):
+            head += f" ({dev['transport']}{' ' + where if where else ''})"
+        if dev.get("reachable") is False:
+            head += ": not reachable"
+        if dev.get("error"):
+            head += f": {dev['error']}"
+        lines.append(head)
+        images = dev.get("images") or []
+        if images:
+            rows = []
+            for img in images:
+                digest = img.get("hash") or ""
+                rows.append([img.get("image", 0), img.get("slot", ""), img.get("version", ""),
+                             _flags(img), digest[:16] + ("..." if len(digest) > 16 else "")])
+            lines += ["  " + line for line in table(rows, ["IMAGE", "SLOT", "VERSION", "FLAGS",
+                                                           "HASH"])]
+        elif dev.get("reachable") is not False and not dev.get("error"):
+            lines.append("  no image list")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

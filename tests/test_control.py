@@ -1,0 +1,287 @@
+"""gatewayd.control: the daemon's control socket and its client functions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from gatewayd.control import (
+    ControlError,
+    ControlServer,
+    DaemonNotRunning,
+    PeerCredentials,
+    peer_allowed,
+    request,
+    stream,
+)
+
+STATUS = {"connected": True, "jobs": [{"job_id": "J1", "thing": "gw-01", "phase": "uploading"}],
+          "devices": [{"name": "pump", "phase": "uploading", "done": 4096, "total": 65536,
+                       "version": "1.4.0", "reason": None}]}
+
+
+async def status_handler(req: dict[str, Any]) -> dict[str, Any]:
+    return STATUS
+
+
+async def echo_handler(req: dict[str, Any]) -> dict[str, Any]:
+    return {"request": req}
+
+
+async def progress_handler(req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    total = req["total"]
+    for done in range(0, total + 1, total // 4):
+        yield {"event": "progress", "done": done, "total": total}
+        await asyncio.sleep(0)
+    yield {"event": "done", "phase": "succeeded"}
+
+
+async def failing_handler(req: dict[str, Any]) -> dict[str, Any]:
+    raise ValueError("no device named 'x'")
+
+
+async def failing_stream(req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield {"event": "progress", "done": 1, "total": 2}
+    raise RuntimeError("device dropped the link")
+
+
+HANDLERS = {"status": status_handler, "echo": echo_handler, "push": progress_handler,
+            "fail": failing_handler, "fail-stream": failing_stream,
+            "sync": lambda req: {"sync": True}}
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+async def raw_exchange(path: Path, data: bytes) -> list[dict[str, Any]]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(data)
+    writer.write_eof()
+    await writer.drain()
+    lines = [json.loads(line) for line in (await reader.read()).splitlines()]
+    writer.close()
+    return lines
+
+
+def test_status_round_trip_and_socket_mode(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "control.sock"
+
+    async def scenario() -> None:
+        async with ControlServer(path, HANDLERS):
+            assert stat.S_ISSOCK(os.stat(path).st_mode)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+            assert await request(path, "status") == STATUS
+            answer = await request(path, "echo", device="pump", path="/tmp/x.bin")
+            assert answer == {"request": {"cmd": "echo", "device": "pump", "path": "/tmp/x.bin"}}
+            assert await request(path, "sync") == {"sync": True}
+        assert not path.exists()  # removed on close
+
+    run(scenario())
+
+
+def test_streaming_handler(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with ControlServer(path, HANDLERS):
+            return [event async for event in stream(path, "push", total=100)]
+
+    events = run(scenario())
+    assert [e.get("done") for e in events[:-1]] == [0, 25, 50, 75, 100]
+    assert all(e["event"] == "progress" for e in events[:-1])
+    assert events[-1] == {"event": "done", "phase": "succeeded"}
+
+
+def test_unknown_command(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def scenario() -> None:
+        async with ControlServer(path, HANDLERS):
+            lines = await raw_exchange(path, b'{"cmd": "reboot"}\n')
+            assert len(lines) == 1 and lines[0]["error"].startswith("unknown command 'reboot'")
+            with pytest.raises(ControlError, match="unknown command 'reboot'") as info:
+                await request(path, "reboot")
+            assert info.value.response == lines[0]
+            assert await request(path, "status") == STATUS
+
+    run(scenario())
+
+
+def test_malformed_requests(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def scenario() -> None:
+        async with ControlServer(path, HANDLERS):
+            (line,) = await raw_exchange(path, b"not json\n")
+            assert line["error"].startswith("invalid request: not JSON")
+            (line,) = await raw_exchange(path, b'["status"]\n')
+            assert line["error"].startswith("invalid request")
+            (line,) = await raw_exchange(path, b'{"command": "status"}\n')
+            assert line["error"].startswith("invalid request")
+            assert await raw_exchange(path, b"") == []  # a connect-and-leave is harmless
+            assert await request(path, "status") == STATUS
+
+    run(scenario())
+
+
+def test_handler_exception_is_an_error_line_and_server_survives(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "control.sock"
+
+    async def scenario() -> None:
+        async with ControlServer(path, HANDLERS):
+            (line,) = await raw_exchange(path, b'{"cmd": "fail"}\n')
+            assert line == {"error": "no device named 'x'"}
+            with pytest.raises(ControlError, match="no device named 'x'"):
+                await request(path, "fail")
+            events = []
+            with pytest.raises(ControlError, match="device dropped the link"):
+                async for event in stream(path, "fail-stream"):
+                    events.append(event)
+            assert events == [{"event": "progress", "done": 1, "total": 2}]
+            assert await request(path, "status") == STATUS
+
+    run(scenario())
+    assert "control command 'fail' failed" in caplog.text
+
+
+def test_client_leaving_mid_stream_closes_the_handler(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    state: dict[str, Any] = {}
+
+    async def endless(req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield {"n": n}
+                await asyncio.sleep(0.001)
+        finally:
+            state["closed"] = True
+
+    async def scenario() -> None:
+        async with ControlServer(path, {"endless": endless}):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b'{"cmd": "endless"}\n')
+            await reader.readline()
+            writer.close()
+            for _ in range(200):
+                if state.get("closed"):
+                    break
+                await asyncio.sleep(0.01)
+            assert state.get("closed")
+            assert await request(path, "endless") == {"n": 1}  # still serving
+
+    run(scenario())
+
+
+def test_client_error_when_no_daemon(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    with pytest.raises(DaemonNotRunning, match=r"ota-gatewayd is not running \(no control socket "
+                                               rf"at {path}\)"):
+        run(request(path, "status"))
+
+    async def consume() -> None:
+        async for _ in stream(path, "push"):
+            pass
+
+    with pytest.raises(DaemonNotRunning):
+        run(consume())
+    # a socket file left behind with nobody listening
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(path))
+    with pytest.raises(DaemonNotRunning, match="is not running"):
+        run(request(path, "status"))
+
+
+def test_stale_socket_replaced_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(path))  # a dead daemon's socket
+
+    async def scenario() -> None:
+        async with ControlServer(path, HANDLERS):
+            assert await request(path, "status") == STATUS
+            with pytest.raises(ControlError, match="already serving"):
+                await ControlServer(path, HANDLERS).start()
+            assert await request(path, "status") == STATUS
+
+    run(scenario())
+    path.write_text("not a socket")
+    with pytest.raises(ControlError, match="not a socket"):
+        run(ControlServer(path, HANDLERS).start())
+
+
+def test_peer_allowed_rules() -> None:
+    me = os.getpid()
+    assert peer_allowed(PeerCredentials(me, 0, 0), socket_gid=4242)
+    assert peer_allowed(PeerCredentials(me, os.getuid(), 99), socket_gid=4242)
+    assert peer_allowed(PeerCredentials(me, 54321, 4242), socket_gid=4242)
+    # supplementary groups are read from /proc/<pid>/status: use our own
+    groups = set(os.getgroups())
+    other_uid = 54321 if os.getuid() != 54321 else 54322
+    for gid in groups:
+        assert peer_allowed(PeerCredentials(me, other_uid, 99999), socket_gid=gid)
+    stranger_gid = max(groups | {os.getgid()}) + 12345
+    assert not peer_allowed(PeerCredentials(me, other_uid, 99999), socket_gid=stranger_gid)
+
+
+# the venv's interpreter may live where another user cannot read it (pyenv under /root)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+                    reason="needs root and /usr/bin/python3 to connect as another user")
+def test_other_users_refused_by_peer_credentials() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="ota-ctl-"))
+    try:
+        os.chmod(folder, 0o755)
+        path = folder / "control.sock"
+        client = ("import socket, sys\n"
+                  "s = socket.socket(socket.AF_UNIX)\n"
+                  "s.connect(sys.argv[1])\n"
+                  "s.sendall(b'{\"cmd\": \"status\"}\\n')\n"
+                  "print(s.makefile().readline(), end='')\n")
+
+        async def scenario() -> str:
+            # mode 0666 so that only the SO_PEERCRED check stands in the way
+            async with ControlServer(path, HANDLERS, mode=0o666):
+                proc = await asyncio.create_subprocess_exec(
+                    SYSTEM_PYTHON, "-c", client, str(path), stdout=subprocess.PIPE,
+                    user=65534, group=65534, extra_groups=[])
+                out, _ = await proc.communicate()
+                return out.decode()
+
+        answer = json.loads(run(scenario()))
+        assert answer["error"].startswith("permission denied: uid 65534 is not root")
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_close_with_a_connection_open(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def slow(req: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(60)
+        return {}
+
+    async def scenario() -> None:
+        server = ControlServer(path, {"slow": slow})
+        await server.start()
+        task = asyncio.create_task(request(path, "slow"))
+        await asyncio.sleep(0.05)
+        await server.close()
+        with pytest.raises(ControlError, match="without answering"):
+            await task
+
+    run(scenario())
