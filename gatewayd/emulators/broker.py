@@ -177,8 +177,8 @@ class Mosquitto:
         if not self.port:
             self.port = free_port()
         conf = self._write_config()
-        log = open(self.directory / "mosquitto.log", "ab")
-        self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+        with open(self.directory / "mosquitto.log", "ab") as log:
+            self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -1,0 +1,229 @@
+"""Test-side code signing and MCUboot image building.
+
+Plays the roles of AWS Signer (a code-signing certificate and the `sig-sha256-*` value that
+goes into an `afr_ota` job document, aws-iot-ota.md §4) and of `imgtool sign` without a key
+(an MCUboot image with a SHA-256 TLV, smp.md §4). Runs on cryptography 38 and later.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
+
+SIGNATURE_KEYS = {"ecdsa": "sig-sha256-ecdsa", "rsa": "sig-sha256-rsa"}
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A code-signing key and its self-signed certificate (KeyUsage digitalSignature, EKU codeSigning)."""
+
+    name: str
+    algorithm: str
+    key: PrivateKey
+    certificate: x509.Certificate
+    cert_file: Path
+    key_file: Path
+
+    @property
+    def signature_key(self) -> str:
+        """The job document key for this signer's signatures, e.g. `sig-sha256-ecdsa`."""
+        return SIGNATURE_KEYS[self.algorithm]
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def sign_raw(self, data: bytes) -> bytes:
+        """DER ECDSA-Sig-Value, or the RSA PKCS#1 v1.5 signature, over SHA-256(data)."""
+        if isinstance(self.key, ec.EllipticCurvePrivateKey):
+            return self.key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return self.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+    def sign(self, data: bytes) -> str:
+        """The base64 text that goes into the job document under `signature_key`."""
+        return base64.b64encode(self.sign_raw(data)).decode("ascii")
+
+    def sign_file(self, path: Path) -> str:
+        return self.sign(Path(path).read_bytes())
+
+
+def make_signer(directory: Path, name: str = "ota_signer", algorithm: str = "ecdsa") -> Signer:
+    """Create `<name>.cert.pem` and `<name>.key.pem` in `directory` (ECDSA P-256 or RSA-2048)."""
+    if algorithm not in SIGNATURE_KEYS:
+        raise ValueError(f"algorithm must be one of {sorted(SIGNATURE_KEYS)}, got {algorithm!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key: PrivateKey
+    if algorithm == "ecdsa":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file = directory / f"{name}.cert.pem"
+    key_file = directory / f"{name}.key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_bytes)
+    return Signer(name, algorithm, key, cert, cert_file, key_file)
+
+
+# --- MCUboot images (smp.md §4; layout as written by imgtool) ---
+
+IMAGE_MAGIC = 0x96F3B83D
+IMAGE_HEADER_SIZE = 32
+TLV_INFO_MAGIC = 0x6907
+TLV_PROT_INFO_MAGIC = 0x6908
+TLV_SHA256 = 0x10
+TLV_SEC_CNT = 0x50
+_HEADER = struct.Struct("<IIHHIIBBHII")
+_TLV = struct.Struct("<HH")
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    """One TLV entry (type u16, length u16, value), for `protected_tlvs`."""
+    if not 0 <= kind <= 0xFFFF or len(value) > 0xFFFF:
+        raise ValueError("TLV type and length must fit in 16 bits")
+    return _TLV.pack(kind, len(value)) + value
+
+
+def build_mcuboot_image(
+    payload: bytes,
+    *,
+    version: tuple[int, int, int, int] = (1, 0, 0, 0),
+    header_size: int = 0x200,
+    load_addr: int = 0,
+    flags: int = 0,
+    protected_tlvs: bytes | None = None,
+    pad_to: int | None = None,
+) -> bytes:
+    """An MCUboot image of `payload`, byte-identical to `imgtool sign --pad-header` without a key.
+
+    Header padding is 0xff (erased flash, as imgtool --pad-header writes it). `protected_tlvs`
+    is a concatenation of `tlv()` entries; it gets the 0x6908 info header and is covered by the
+    hash. `pad_to` appends 0xff up to that total length (no boot trailer magic, unlike
+    `imgtool --pad`). `flags` are taken as given: imgtool would add RAM_LOAD for a load address.
+    """
+    major, minor, revision, build = version
+    if header_size < IMAGE_HEADER_SIZE or header_size > 0xFFFF:
+        raise ValueError(f"header_size must be {IMAGE_HEADER_SIZE}..65535, got {header_size}")
+    protected = b""
+    if protected_tlvs:
+        protected = _TLV.pack(TLV_PROT_INFO_MAGIC, 4 + len(protected_tlvs)) + protected_tlvs
+        if len(protected) > 0xFFFF:
+            raise ValueError("protected TLV area too large")
+    header = _HEADER.pack(
+        IMAGE_MAGIC, load_addr, header_size, len(protected), len(payload), flags,
+        major, minor, revision, build, 0,
+    )
+    hashed = header + b"\xff" * (header_size - IMAGE_HEADER_SIZE) + payload + protected
+    digest = hashlib.sha256(hashed).digest()
+    entries = tlv(TLV_SHA256, digest)
+    image = hashed + _TLV.pack(TLV_INFO_MAGIC, 4 + len(entries)) + entries
+    if pad_to is not None:
+        if pad_to < len(image):
+            raise ValueError(f"image is {len(image)} bytes, larger than pad_to={pad_to}")
+        image += b"\xff" * (pad_to - len(image))
+    return image
+
+
+@dataclass(frozen=True)
+class McubootInfo:
+    version: tuple[int, int, int, int]
+    header_size: int
+    image_size: int
+    flags: int
+    load_addr: int
+    protected_tlv_size: int
+    hash_tlv: bytes | None
+    computed_hash: bytes
+
+    @property
+    def version_str(self) -> str:
+        """As a Zephyr device lists it: major.minor.revision, plus .build when build != 0."""
+        major, minor, revision, build = self.version
+        text = f"{major}.{minor}.{revision}"
+        return f"{text}.{build}" if build else text
+
+
+def parse_mcuboot_image(image: bytes) -> McubootInfo:
+    """Header fields, the SHA-256 TLV value and the hash recomputed over header+body+protected TLVs."""
+    if len(image) < IMAGE_HEADER_SIZE:
+        raise ValueError("shorter than an MCUboot header")
+    magic, load_addr, hdr_size, prot_size, img_size, flags, major, minor, rev, build, _ = _HEADER.unpack_from(image)
+    if magic != IMAGE_MAGIC:
+        raise ValueError(f"bad image magic 0x{magic:08x}")
+    off = hdr_size + img_size
+    if prot_size:
+        pmagic, ptotal = _TLV.unpack_from(image, off)
+        if pmagic != TLV_PROT_INFO_MAGIC or ptotal != prot_size:
+            raise ValueError("bad protected TLV area")
+        off += prot_size
+    if off + 4 > len(image):
+        raise ValueError("truncated before the TLV area")
+    computed = hashlib.sha256(image[:off]).digest()
+    magic, total = _TLV.unpack_from(image, off)
+    if magic != TLV_INFO_MAGIC:
+        raise ValueError(f"bad TLV info magic 0x{magic:04x}")
+    end = off + total
+    if end > len(image):
+        raise ValueError("TLV area runs past the end of the image")
+    found: bytes | None = None
+    pos = off + 4
+    while pos + 4 <= end:
+        kind, length = _TLV.unpack_from(image, pos)
+        if kind == TLV_SHA256:
+            found = bytes(image[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+    return McubootInfo((major, minor, rev, build), hdr_size, img_size, flags, load_addr, prot_size, found, computed)
+
+
+def image_hash(image: bytes) -> bytes:
+    """The image's SHA-256 (what the device reports in its image list); checked against TLV 0x10."""
+    info = parse_mcuboot_image(image)
+    if info.hash_tlv != info.computed_hash:
+        raise ValueError("SHA-256 TLV missing or not matching the image")
+    return info.computed_hash
