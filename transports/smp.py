@@ -1,0 +1,368 @@
+"""SMP (mcumgr) codec and client: header, CBOR bodies, errors and image upload (smp.md §1, §9)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, TypeGuard
+
+import cbor2
+
+from transports.link import Link, LinkTimeout
+
+HEADER = struct.Struct("!BBHHBB")
+HEADER_SIZE = HEADER.size
+SMP_V1, SMP_V2 = 0, 1
+
+DEFAULT_BUF_SIZE = 384  # Zephyr's default netbuf; used when the device has no params command
+MIN_FIRST_CHUNK = 32  # Zephyr checks the MCUboot header magic in the first chunk
+MAX_STALLS = 3  # upload answers in a row that accept nothing before we give up
+MAX_PACKET = HEADER_SIZE + 0xFFFF  # the header's length field is 16 bits
+
+
+class Op(IntEnum):
+    READ = 0
+    READ_RSP = 1
+    WRITE = 2
+    WRITE_RSP = 3
+
+
+class Group(IntEnum):
+    OS = 0
+    IMAGE = 1
+
+
+class OsCmd(IntEnum):
+    ECHO = 0
+    RESET = 5
+    PARAMS = 6
+
+
+class ImageCmd(IntEnum):
+    STATE = 0
+    UPLOAD = 1
+    ERASE = 5
+
+
+MGMT_ENOTSUP = 8
+MGMT_ERR_NAMES = (
+    "EOK", "EUNKNOWN", "ENOMEM", "EINVAL", "ETIMEOUT", "ENOENT", "EBADSTATE", "EMSGSIZE",
+    "ENOTSUP", "ECORRUPT", "EBUSY", "EACCESSDENIED", "UNSUPPORTED_TOO_OLD", "UNSUPPORTED_TOO_NEW",
+)  # fmt: skip
+GROUP_ERR_NAMES: dict[int, tuple[str, ...]] = {
+    Group.OS: ("OK", "UNKNOWN", "INVALID_FORMAT", "QUERY_YIELDS_NO_ANSWER", "RTC_NOT_SET",
+               "RTC_COMMAND_FAILED"),
+    Group.IMAGE: (
+        "OK", "UNKNOWN", "FLASH_CONFIG_QUERY_FAIL", "NO_IMAGE", "NO_TLVS", "INVALID_TLV",
+        "TLV_MULTIPLE_HASHES_FOUND", "TLV_INVALID_SIZE", "HASH_NOT_FOUND", "NO_FREE_SLOT",
+        "FLASH_OPEN_FAILED", "FLASH_READ_FAILED", "FLASH_WRITE_FAILED", "FLASH_ERASE_FAILED",
+        "INVALID_SLOT", "NO_FREE_MEMORY", "FLASH_CONTEXT_ALREADY_SET", "FLASH_CONTEXT_NOT_SET",
+        "FLASH_AREA_DEVICE_NULL", "INVALID_PAGE_OFFSET", "INVALID_OFFSET", "INVALID_LENGTH",
+        "INVALID_IMAGE_HEADER", "INVALID_IMAGE_HEADER_MAGIC", "INVALID_HASH",
+        "INVALID_FLASH_ADDRESS", "VERSION_GET_FAILED", "CURRENT_VERSION_IS_NEWER",
+        "IMAGE_ALREADY_PENDING", "INVALID_IMAGE_VECTOR_TABLE", "INVALID_IMAGE_TOO_LARGE",
+        "INVALID_IMAGE_DATA_OVERRUN", "IMAGE_CONFIRMATION_DENIED",
+        "IMAGE_SETTING_TEST_TO_ACTIVE_DENIED",
+    ),
+}  # fmt: skip
+GROUP_NAMES = {0: "OS", 1: "image", 2: "stat", 3: "settings", 8: "fs", 9: "shell", 10: "enum",
+               11: "transport", 63: "zephyr"}  # fmt: skip
+
+
+class SmpError(Exception):
+    """The device refused a request, or answered something we cannot use.
+
+    `group` is None for SMP's generic return codes (the v1 `rc` form), else the group of an
+    SMP v2 `err`. `rc` is None for failures without a return code (malformed answer, image
+    hash mismatch); `reason` is the device's `rsn` text or our explanation.
+    """
+
+    def __init__(self, rc: int | None, group: int | None = None, reason: str | None = None) -> None:
+        self.rc = rc
+        self.group = group
+        self.reason = reason
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        if self.rc is None:
+            return self.reason or "SMP error"
+        if self.group is None:
+            names: tuple[str, ...] = MGMT_ERR_NAMES
+            text = f"SMP error {self.rc}"
+        else:
+            names = GROUP_ERR_NAMES.get(self.group, ())
+            group = GROUP_NAMES.get(self.group)
+            text = f"{group} group error {self.rc}" if group else f"group {self.group} error {self.rc}"
+        name = names[self.rc] if 0 <= self.rc < len(names) else "user-defined" if self.rc >= 256 else "unknown"
+        text = f"{text} ({name})"
+        return f"{text}: {self.reason}" if self.reason else text
+
+
+class SmpMalformed(SmpError):
+    """The response is not a valid SMP packet or lacks a field we need."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(None, None, f"malformed SMP response: {why}")
+
+
+@dataclass(frozen=True)
+class Header:
+    op: int
+    group: int
+    cmd: int
+    seq: int
+    length: int = 0
+    version: int = SMP_V2
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return HEADER.pack(self.version << 3 | self.op, self.flags, self.length, self.group, self.seq, self.cmd)
+
+    @classmethod
+    def unpack(cls, packet: bytes) -> Header:
+        if len(packet) < HEADER_SIZE:
+            raise SmpMalformed(f"{len(packet)} bytes, shorter than the 8-byte header")
+        byte0, flags, length, group, seq, cmd = HEADER.unpack_from(packet)
+        return cls(byte0 & 0x7, group, cmd, seq, length, (byte0 >> 3) & 0x3, flags)
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    image: int
+    slot: int
+    version: str
+    hash: bytes | None
+    bootable: bool = False
+    pending: bool = False
+    confirmed: bool = False
+    active: bool = False
+    permanent: bool = False
+
+
+def encode_request(op: int, group: int, cmd: int, body: dict[str, Any], seq: int, version: int = SMP_V2) -> bytes:
+    """One SMP request packet; the body is a definite-length CBOR map in canonical key order."""
+    payload = cbor2.dumps(body, canonical=True)
+    return Header(op, group, cmd, seq, len(payload), version).pack() + payload
+
+
+def decode_response(packet: bytes) -> tuple[Header, dict[str, Any]]:
+    """Header and CBOR map of a response; raises SmpError for a v1 `rc` or v2 `err` error."""
+    header = Header.unpack(packet)
+    if len(packet) != HEADER_SIZE + header.length:
+        raise SmpMalformed(f"header announces {header.length} bytes of CBOR, packet has {len(packet) - HEADER_SIZE}")
+    try:
+        body = cbor2.loads(packet[HEADER_SIZE:])
+    except Exception as e:
+        # Garbage makes cbor2 raise assorted types, varying by version (5.4.6: MemoryError for a
+        # huge announced length, SystemError for a bad tag 30; 6.x: CBORError, no ValueError).
+        raise SmpMalformed(f"bad CBOR: {e!r}") from e
+    if not isinstance(body, dict):
+        raise SmpMalformed(f"CBOR body is {type(body).__name__}, not a map")
+    _raise_for_error(body)
+    return header, body
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _raise_for_error(body: dict[str, Any]) -> None:
+    err = body.get("err")
+    if err is not None:
+        if not isinstance(err, dict) or not _is_int(err.get("rc")) or not _is_int(err.get("group")):
+            raise SmpMalformed(f"bad 'err' value {err!r}")
+        if err["rc"] != 0:
+            raise SmpError(err["rc"], err["group"])
+    rc = body.get("rc")
+    if rc is not None:
+        if not _is_int(rc):
+            raise SmpMalformed(f"bad 'rc' value {rc!r}")
+        if rc != 0:
+            rsn = body.get("rsn")
+            raise SmpError(rc, None, rsn if isinstance(rsn, str) else None)
+
+
+def _int_field(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if not _is_int(value):
+        raise SmpMalformed(f"expected an integer '{key}', got {body!r}")
+    return value
+
+
+def parse_image_list(body: dict[str, Any]) -> list[ImageSlot]:
+    """The `images` of an image state response; flags a device leaves out are False."""
+    images = body.get("images")
+    if not isinstance(images, list):
+        raise SmpMalformed(f"no 'images' list in {body!r}")
+    slots = []
+    for entry in images:
+        if not isinstance(entry, dict):
+            raise SmpMalformed(f"image entry {entry!r} is not a map")
+        image, slot, version, digest = entry.get("image", 0), entry.get("slot"), entry.get("version"), entry.get("hash")
+        if not (_is_int(image) and _is_int(slot) and isinstance(version, str)) or not isinstance(digest, bytes | None):
+            raise SmpMalformed(f"bad image entry {entry!r}")
+        flags = {f: bool(entry.get(f, False)) for f in ("bootable", "pending", "confirmed", "active", "permanent")}
+        slots.append(ImageSlot(image, slot, version, digest, **flags))
+    return slots
+
+
+def _bstr_head(n: int) -> int:
+    return 1 if n < 24 else 2 if n < 0x100 else 3 if n < 0x10000 else 5
+
+
+def chunk_size(fields: dict[str, Any], limit: int, remaining: int) -> int:
+    """The most data bytes an upload request with `fields` can carry in a `limit`-byte packet."""
+    empty = len(cbor2.dumps({**fields, "data": b""}, canonical=True))
+    room = limit - HEADER_SIZE - empty + 1  # what the data's bstr head and bytes may use
+    n = min(remaining, room - 1)
+    while n > 0 and n + _bstr_head(n) > room:
+        n -= 1
+    return max(n, 0)
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class SmpClient:
+    """SMP requests to one device over a Link, one at a time, with their own sequence numbers.
+
+    `buf_size_override` replaces the device's `buf_size` (then params is not asked). Each
+    request waits `timeout` seconds for its answer; upload chunks at offset 0 and erase wait
+    `first_chunk_timeout`, since the device may erase a whole slot first.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        *,
+        buf_size_override: int | None = None,
+        timeout: float = 5.0,
+        first_chunk_timeout: float = 20.0,
+    ) -> None:
+        self.link = link
+        self.buf_size_override = buf_size_override
+        self.timeout = timeout
+        self.first_chunk_timeout = first_chunk_timeout
+        self._lock = asyncio.Lock()
+        self._seq = 0
+
+    async def request(
+        self, op: Op, group: int, cmd: int, body: dict[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Send one request, return the response map; raises SmpError, LinkError."""
+        async with self._lock:
+            seq = self._seq
+            self._seq = (seq + 1) & 0xFF
+            packet = encode_request(op, group, cmd, body, seq)
+            raw = await self.link.transact(packet, self.timeout if timeout is None else timeout)
+        header = Header.unpack(raw)
+        if (header.op, header.group, header.cmd, header.seq) != (op + 1, group, cmd, seq):
+            raise SmpMalformed(f"answer {header} does not match request op {op} group {group} cmd {cmd} seq {seq}")
+        return decode_response(raw)[1]
+
+    async def params(self) -> tuple[int, int] | None:
+        """(buf_size, buf_count), or None if the device does not support the command."""
+        try:
+            rsp = await self.request(Op.READ, Group.OS, OsCmd.PARAMS, {})
+        except SmpError as e:
+            if e.rc == MGMT_ENOTSUP and e.group is None:
+                return None
+            raise
+        return _int_field(rsp, "buf_size"), _int_field(rsp, "buf_count")
+
+    async def image_list(self) -> list[ImageSlot]:
+        return parse_image_list(await self.request(Op.READ, Group.IMAGE, ImageCmd.STATE, {}))
+
+    async def test_image(self, hash: bytes) -> list[ImageSlot]:
+        """Mark the image with this TLV hash for a test boot (pending) at the next reset."""
+        return await self._state_write({"hash": hash, "confirm": False})
+
+    async def confirm(self, hash: bytes | None = None) -> list[ImageSlot]:
+        """Confirm the running image (no hash), or make the image with `hash` permanent (avoid)."""
+        return await self._state_write({"confirm": True} if hash is None else {"hash": hash, "confirm": True})
+
+    async def _state_write(self, body: dict[str, Any]) -> list[ImageSlot]:
+        rsp = await self.request(Op.WRITE, Group.IMAGE, ImageCmd.STATE, body)
+        return parse_image_list(rsp) if "images" in rsp else []
+
+    async def reset(self, *, force: bool = False) -> bool:
+        """Ask the device to reset. False if it did not answer: it often resets before it does."""
+        try:
+            await self.request(Op.WRITE, Group.OS, OsCmd.RESET, {"force": 1} if force else {})
+        except LinkTimeout:
+            return False
+        return True
+
+    async def echo(self, text: str) -> str:
+        rsp = await self.request(Op.WRITE, Group.OS, OsCmd.ECHO, {"d": text})
+        if not isinstance(rsp.get("r"), str):
+            raise SmpMalformed(f"echo answer without text: {rsp!r}")
+        return rsp["r"]
+
+    async def erase(self, slot: int | None = None) -> None:
+        """Erase an image slot (the device's default is the inactive one)."""
+        body = {} if slot is None else {"slot": slot}
+        await self.request(Op.WRITE, Group.IMAGE, ImageCmd.ERASE, body, timeout=self.first_chunk_timeout)
+
+    async def packet_limit(self) -> int:
+        """The largest request packet (header + CBOR) both the link and the device accept."""
+        buf_size = self.buf_size_override
+        if buf_size is None:
+            params = await self.params()
+            buf_size = params[0] if params else DEFAULT_BUF_SIZE
+        limits = [buf_size - self.link.framing_overhead, MAX_PACKET]
+        if self.link.max_packet is not None:
+            limits.append(self.link.max_packet)
+        return min(limits)
+
+    async def upload(
+        self,
+        data: bytes,
+        *,
+        image: int = 0,
+        progress: ProgressCallback | None = None,
+        probe_offset: int | None = None,
+    ) -> None:
+        """Upload an image, always continuing from the offset the device reports.
+
+        Every request at offset 0 carries len, sha (sha256 of `data`, the resume session id),
+        image and upgrade, also when the device restarts the upload with `off: 0`.
+        `probe_offset` (MCUboot serial recovery resume) sends the first chunk at that offset;
+        the device accepts it or answers the offset it expects. `progress(off, len)` is called
+        after each answer; an exception raised from it aborts the upload.
+        """
+        total = len(data)
+        if total == 0:
+            raise ValueError("nothing to upload")
+        if probe_offset is not None and not 0 <= probe_offset < total:
+            raise ValueError(f"probe_offset {probe_offset} is outside the {total}-byte image")
+        limit = await self.packet_limit()
+        first = {"len": total, "sha": hashlib.sha256(data).digest(), "image": image, "upgrade": False}
+        view = memoryview(data)
+        off = probe_offset or 0
+        stalls = 0
+        while True:
+            fields: dict[str, Any] = {"off": off, **first} if off == 0 else {"off": off}
+            n = chunk_size(fields, limit, total - off)
+            if n < (min(MIN_FIRST_CHUNK, total) if off == 0 else 1):
+                raise ValueError(f"a {limit}-byte packet limit leaves only {n} bytes for data at offset {off}")
+            fields["data"] = bytes(view[off : off + n])
+            timeout = self.first_chunk_timeout if off == 0 else self.timeout
+            rsp = await self.request(Op.WRITE, Group.IMAGE, ImageCmd.UPLOAD, fields, timeout=timeout)
+            answered = _int_field(rsp, "off")
+            if not 0 <= answered <= total:
+                raise SmpMalformed(f"upload answer off {answered} is outside the {total}-byte image")
+            if rsp.get("match") is False:
+                raise SmpError(None, Group.IMAGE, "the uploaded image does not match its sha256 (match: false)")
+            stalls = stalls + 1 if answered <= off else 0
+            if stalls >= MAX_STALLS:
+                raise SmpError(None, Group.IMAGE, f"upload is not progressing: the device keeps answering {answered}")
+            if progress is not None:
+                progress(answered, total)
+            off = answered
+            if off == total:
+                return
