@@ -1,0 +1,154 @@
+"""`ota-gatewayd`: wires configuration, state, the cloud connection, jobs and relays together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import notify
+from .cloud import JobsClient
+from .config import Config, ConfigError, load_config
+from .control import ControlServer
+from .jobs import JobManager
+from .logs import setup_logging
+from .mqtt import MqttClient
+from .relay import RelayManager
+from .state import StateDB
+
+log = logging.getLogger("gatewayd")
+
+DEFAULT_CONFIG = Path("/etc/ota-gateway/gateway.toml")
+STOP_GRACE = 8.0  # seconds; systemd's default TimeoutStopSec is 90, our promise is 10
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = StateDB(config.gateway.state_dir / "state.db")
+        m = config.mqtt
+        self.mqtt = MqttClient(host=m.endpoint, port=m.port, client_id=m.client_id, ca_file=m.ca_file,
+                               cert_file=m.cert_file, key_file=m.key_file, keepalive=m.keepalive)
+        self.jobs = JobsClient(self.mqtt, self._on_execution)
+        self.manager = JobManager(config, self.state, self.jobs, self.mqtt,
+                                  lambda on_change: RelayManager(config, self.state, on_change))
+        self.control = ControlServer(config.gateway.control_socket, {
+            "status": self._status,
+            "devices": self._devices,
+        })
+        self._stop = asyncio.Event()
+        self._served: set[str] = set()
+
+    async def _on_execution(self, thing: str, execution) -> None:
+        await self.manager.on_execution(thing, execution)
+
+    async def _status(self, _request: dict) -> dict:
+        return {"connected": self.mqtt.connected, "thing": self.config.gateway.thing_name, **self.manager.status()}
+
+    async def _devices(self, _request: dict) -> dict:
+        out = []
+        for name, relay in self.manager.relay.devices.items():
+            try:
+                slots = await asyncio.wait_for(relay.image_list(), 10)
+                out.append({"name": name, "reachable": True, "images": [
+                    {"image": s.image, "slot": s.slot, "version": s.version,
+                     "hash": s.hash.hex() if s.hash else None, "active": s.active,
+                     "confirmed": s.confirmed, "pending": s.pending} for s in slots]})
+            except Exception as e:  # one unreachable device must not hide the others
+                out.append({"name": name, "reachable": False, "error": str(e) or type(e).__name__})
+        return {"devices": out}
+
+    async def _serve_things(self) -> None:
+        wanted = set(self.manager.served_things())
+        for thing in sorted(wanted - self._served):
+            await self.jobs.serve(thing)
+        for thing in sorted(self._served - wanted):
+            await self.jobs.unserve(thing)
+        self._served = wanted
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def reload(self, path: Path) -> None:
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration:\n%s", e)
+            return
+        self.config = config
+        self.manager.update_config(config)
+        await self._serve_things()
+        log.info("reloaded configuration: %d devices", len(config.devices))
+
+    async def run(self, config_path: Path) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload(config_path)))
+        await self.control.start()
+        await self.mqtt.start()
+        await self._serve_things()
+        await self.manager.resume()
+        notify.ready(f"serving {len(self._served)} things, {len(self.config.devices)} devices")
+        log.info("ota-gatewayd ready: thing %s, %d devices, state in %s", self.config.gateway.thing_name,
+                 len(self.config.devices), self.config.gateway.state_dir)
+        watchdog = loop.create_task(self._watchdog())
+        try:
+            await self._stop.wait()
+        finally:
+            notify.stopping()
+            log.info("stopping")
+            watchdog.cancel()
+            await self._shutdown()
+        return 0
+
+    async def _watchdog(self) -> None:
+        interval = notify.watchdog_interval() or 5.0
+        while True:
+            notify.notify("WATCHDOG=1\nSTATUS=" + self._status_line())
+            await asyncio.sleep(interval)
+
+    def _status_line(self) -> str:
+        status = self.manager.status()
+        active = [j for j in status["jobs"] if j["open"]]
+        conn = "connected" if self.mqtt.connected else "disconnected"
+        return f"{conn}, {len(active)} open jobs, {len(self.config.devices)} devices"
+
+    async def _shutdown(self) -> None:
+        try:
+            await asyncio.wait_for(self.manager.reporter.flush(2.0), STOP_GRACE / 2)
+        except asyncio.TimeoutError:
+            pass
+        await self.manager.close()
+        await self.control.close()
+        try:
+            await asyncio.wait_for(self.mqtt.stop(), STOP_GRACE / 2)
+        except asyncio.TimeoutError:
+            log.warning("MQTT disconnect did not finish in time")
+        for relay in self.manager.relay.devices.values():
+            await relay.disconnect()
+        self.state.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ota-gatewayd", description="AWS IoT OTA gateway daemon")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="main configuration file")
+    parser.add_argument("--log-level", default=None, help="debug, info, warning or error")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"ota-gatewayd: configuration is not valid, not starting:\n{e}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or config.gateway.log_level)
+    try:
+        return asyncio.run(Daemon(config).run(args.config))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

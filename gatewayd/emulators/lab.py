@@ -1,0 +1,226 @@
+"""A whole bench in one object: broker, AWS IoT emulator, signer, emulated devices, the daemon.
+
+The end-to-end tests, the benchmarks and the demo all build their world with `Lab`, so
+they exercise the same parts: a real mosquitto with mutual TLS, the AWS IoT emulator on it,
+SMP devices on pseudo-terminals, and the real `ota-gatewayd` as a separate process with a
+generated gateway.toml.
+
+    with Lab(tmp_path) as lab:
+        lab.add_device("pump", thing_name="pump")
+        lab.start()
+        image = lab.make_image((1, 1, 0))
+        lab.ota_update("job-1", "pump", image)
+        lab.wait("pump", "job-1")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec
+from .broker import SERVICE_IDENTITY, Mosquitto, Pki, make_pki
+from .runner import EmulatorThread
+from .signing import Signer, build_mcuboot_image, make_signer
+from .smp_device import EmulatedDevice
+
+FINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "REMOVED", "TIMED_OUT"})
+CERTFILE = "ota_signer.pem"
+
+
+@dataclass
+class LabDevice:
+    name: str
+    emulator: EmulatedDevice
+    link: Path
+    settings: dict[str, Any]
+
+
+@dataclass
+class Lab:
+    root: Path
+    gateway_thing: str = "gw-01"
+    daemon_args: list[str] = field(default_factory=list)
+    pki: Pki = field(init=False)
+    signer: Signer = field(init=False)
+    devices: dict[str, LabDevice] = field(default_factory=dict, init=False)
+    broker: Mosquitto | None = field(default=None, init=False)
+    aws: AwsIotEmulator | None = field(default=None, init=False)
+    daemon: subprocess.Popen | None = field(default=None, init=False)
+    config_path: Path | None = field(default=None, init=False)
+    _runner: EmulatorThread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.pki = make_pki(self.root / "pki")
+        self.signer = make_signer(self.root / "signer")
+        self._runner = EmulatorThread().start()
+        self.config: dict[str, dict[str, Any]] = {
+            "ota": {"block_size": 1024, "blocks_per_request": 16, "request_timeout": 2.0},
+            "relay": {"reset_timeout": 20.0, "retry_interval": 0.5, "request_timeout": 3.0},
+        }
+
+    # devices and images
+
+    def make_image(self, version: tuple[int, ...], size: int = 24 * 1024, seed: object = None) -> bytes:
+        """A valid MCUboot image with a deterministic pseudo-random body."""
+        rng = random.Random(f"{seed}-{version}-{size}")
+        payload = rng.randbytes(size)
+        return build_mcuboot_image(payload, version=(tuple(version) + (0, 0, 0, 0))[:4])
+
+    def add_device(self, name: str, *, version: tuple[int, ...] = (1, 0, 0), image: bytes | None = None,
+                   thing_name: str | None = None, files: str | None = None, **emulator: Any) -> EmulatedDevice:
+        """An emulated SMP device on a pty, listed in the gateway's config."""
+        slot0 = image or self.make_image(version, seed=name)
+        device = EmulatedDevice(name, slot0=slot0, **emulator)
+        link = self.root / "tty" / name
+        link.parent.mkdir(exist_ok=True)
+        self._runner.call(device.serve_pty(link))
+        settings: dict[str, Any] = {"name": name, "transport": "uart", "port": str(link)}
+        if thing_name:
+            settings["thing_name"] = thing_name
+        if files:
+            settings["files"] = files
+        self.devices[name] = LabDevice(name, device, link, settings)
+        return device
+
+    def device(self, name: str) -> EmulatedDevice:
+        return self.devices[name].emulator
+
+    def on_device_loop(self, work: Any, timeout: float = 10.0) -> Any:
+        return self._runner.call(work, timeout)
+
+    # cloud
+
+    def start_cloud(self) -> None:
+        proxied = [d.settings["thing_name"] for d in self.devices.values() if "thing_name" in d.settings]
+        self.broker = Mosquitto(self.root / "broker", self.pki, {self.gateway_thing: proxied})
+        self.broker.start()
+        self.aws = AwsIotEmulator(self.broker.host, self.broker.port, self.pki.ca_file,
+                                  self.pki.client(SERVICE_IDENTITY))
+        self.aws.start()
+
+    def ota_update(self, job_id: str, thing: str, image: bytes, *, filepath: str | None = None,
+                   signed_data: bytes | None = None, certfile: str = CERTFILE) -> dict:
+        """Create a signed OTA update for `thing`, as CreateOTAUpdate would.
+
+        `signed_data` signs other bytes than the file (a tampered file).
+        """
+        assert self.aws is not None
+        spec = OtaFileSpec(filepath=filepath, data=image, certfile=certfile,
+                           signature_key=self.signer.signature_key,
+                           signature=self.signer.sign(image if signed_data is None else signed_data))
+        return self.aws.create_ota_update(job_id, [thing], [spec])
+
+    def wait(self, thing: str, job_id: str, statuses: frozenset[str] | set[str] = FINAL,
+             timeout: float = 60.0) -> ExecutionRecord:
+        assert self.aws is not None
+        try:
+            return self.aws.wait_for_status(thing, job_id, set(statuses), timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n--- daemon log (tail) ---\n{self.daemon_log()[-6000:]}") from None
+
+    # the daemon
+
+    def write_config(self) -> Path:
+        assert self.broker is not None
+        ident = self.pki.client(self.gateway_thing)
+        sections: dict[str, dict[str, Any]] = {
+            "gateway": {"thing_name": self.gateway_thing, "state_dir": str(self.root / "state"),
+                        "control_socket": str(self.root / "control.sock"), "log_level": "debug"},
+            "mqtt": {"endpoint": self.broker.host, "port": self.broker.port, "ca_file": str(self.pki.ca_file),
+                     "cert_file": str(ident.cert_file), "key_file": str(ident.key_file), "keepalive": 30},
+            "signing": {"certificates": {CERTFILE: str(self.signer.cert_file)}},
+        }
+        for name, values in self.config.items():
+            sections.setdefault(name, {}).update(values)
+        lines = []
+        for name, values in sections.items():
+            lines.append(f"[{name}]")
+            lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+            lines.append("")
+        for d in self.devices.values():
+            lines.append("[[device]]")
+            lines += [f"{key} = {_toml(value)}" for key, value in d.settings.items()]
+            lines.append("")
+        self.config_path = self.root / "gateway.toml"
+        self.config_path.write_text("\n".join(lines))
+        return self.config_path
+
+    def start_daemon(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        config = self.write_config()
+        log = open(self.root / "daemon.log", "ab")
+        with log:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "gatewayd.daemon", "--config", str(config), *self.daemon_args],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        return self.daemon
+
+    def stop_daemon(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.daemon is None:
+            return None
+        if self.daemon.poll() is None:
+            self.daemon.send_signal(sig)
+            try:
+                self.daemon.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        code = self.daemon.returncode
+        self.daemon = None
+        return code
+
+    def kill_daemon(self) -> None:
+        self.stop_daemon(signal.SIGKILL)
+
+    def daemon_log(self) -> str:
+        path = self.root / "daemon.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> None:
+        self.start_cloud()
+        self.start_daemon()
+
+    def close(self) -> None:
+        self.stop_daemon()
+        if self.aws:
+            self.aws.stop()
+        if self.broker:
+            self.broker.stop()
+        for d in self.devices.values():
+            try:
+                self._runner.call(d.emulator.stop())
+            except Exception:
+                pass
+        self._runner.stop()
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def image_sha256(image: bytes) -> str:
+    return hashlib.sha256(image).hexdigest()
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")

@@ -1,0 +1,448 @@
+"""Job orchestration: an OTA job execution from notification to final status.
+
+For each execution the gateway serves (its own thing's, and each proxied thing's) this
+module parses the `afr_ota` document, records the job and its targets in the state
+database, downloads and verifies each file once, hands the verified image to the relay for
+every target device, and reports the execution's status as it goes. Everything it decides
+is in the database before it is acted on; `resume()` picks up whatever was open when the
+daemon last stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cloud import JobExecution
+from .config import Config, DeviceConfig
+from .download import DownloadError, StreamDownload
+from .jobdoc import DocumentLimits, JobDocumentError, OtaFile, OtaJob, is_ota_document, parse_job_document, valid_job_id
+from .logs import log_fields
+from .mcuboot import ImageError, inspect_image
+from .relay import RelayImage, RelayManager, TransferKey, word_of
+from .report import DeviceStatus, Reporter, status_details
+from .state import FINAL_WORDS, JobRecord, StateDB, TransferRecord
+from .verify import VerificationError, load_signer, verify_file
+
+log = logging.getLogger("gatewayd.jobs")
+
+# a job execution's word while devices work: the most advanced phase any device is in
+SUPPORTED_PROTOCOLS = ("MQTT",)
+_ACTIVE_ORDER = ("uploading", "testing", "confirming", "waiting", "queued")
+
+
+class JobFailed(Exception):
+    """The whole job ends (rejected or failed) with a reason a person can act on."""
+
+    def __init__(self, word: str, reason: str) -> None:
+        super().__init__(reason)
+        self.word = word
+        self.reason = reason
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task
+    download_progress: tuple[int, int] | None = None
+    version: str | None = None
+    versions: dict[int, str] = field(default_factory=dict)
+
+
+class JobManager:
+    def __init__(self, config: Config, state: StateDB, jobs, mqtt, relay_factory) -> None:
+        self._config = config
+        self._state = state
+        self._jobs = jobs
+        self._mqtt = mqtt
+        self.reporter = Reporter(jobs, state, on_gone=self.job_gone)
+        self.relay: RelayManager = relay_factory(self._transfer_changed)
+        self._running: dict[tuple[str, str], _Running] = {}
+        self._state_dir = config.gateway.state_dir
+        (self._state_dir / "partial").mkdir(parents=True, exist_ok=True)
+        (self._state_dir / "images").mkdir(parents=True, exist_ok=True)
+
+    # configuration
+
+    @property
+    def gateway_thing(self) -> str:
+        return self._config.gateway.thing_name
+
+    def served_things(self) -> list[str]:
+        return [self.gateway_thing] + [d.thing_name for d in self._config.devices if d.thing_name]
+
+    def update_config(self, config: Config) -> None:
+        self._config = config
+        self.relay.update_devices(config)
+
+    def _device_for_thing(self, thing: str) -> DeviceConfig | None:
+        return next((d for d in self._config.devices if d.thing_name == thing), None)
+
+    # cloud events
+
+    async def on_execution(self, thing: str, execution: JobExecution | None) -> None:
+        """The head of `thing`'s pending queue, from notify-next or a `$next/get` reply."""
+        open_jobs = [j for j in self._state.open_jobs() if j.thing == thing]
+        for job in open_jobs:
+            if execution is None or execution.job_id != job.job_id:
+                if job.final_status and execution is None:
+                    # our final update was accepted but the reply was lost
+                    self._state.close_job(job.thing, job.job_id)
+                    continue
+                why = "no longer pending" if execution is None else f"replaced by {execution.job_id}"
+                log.warning("job %s for %s is %s in the cloud; stopping it", job.job_id, thing, why,
+                            extra=log_fields(job_id=job.job_id, thing=thing))
+                self._state.close_job(job.thing, job.job_id)
+                await self.job_gone(thing, job.job_id)
+        if execution is None:
+            return
+        if not valid_job_id(execution.job_id):
+            log.error("ignoring a job for %s with an invalid job id %r", thing, execution.job_id[:80])
+            return
+        known = self._state.job(thing, execution.job_id)
+        if known is not None:
+            if not known.final_sent and (thing, execution.job_id) not in self._running:
+                self._start(known)
+            return
+        await self._accept(thing, execution)
+
+    async def _accept(self, thing: str, execution: JobExecution) -> None:
+        kind = "gateway" if thing == self.gateway_thing else "proxied"
+        fields = log_fields(job_id=execution.job_id, thing=thing)
+        job = self._state.add_job(thing, execution.job_id, kind, execution.document,
+                                  execution.version_number, execution.execution_number)
+        try:
+            ota = self._parse(execution)
+            targets = self._targets(thing, ota)
+        except JobFailed as e:
+            word = "rejected"
+            status = "REJECTED" if execution.status == "QUEUED" else "FAILED"
+            log.warning("rejecting job %s: %s", execution.job_id, e.reason, extra=fields)
+            self._finish(job, status, word, e.reason)
+            return
+        for f in ota.files:
+            self._state.add_file(thing, execution.job_id, f.index, f.filesize)
+            for device in targets[f.index]:
+                self._state.add_transfer(thing, execution.job_id, f.index, device)
+        log.info("accepted job %s for %s: %d file(s) for %s", execution.job_id, thing, len(ota.files),
+                 ", ".join(sorted({d for ds in targets.values() for d in ds})), extra=fields)
+        self._start(self._state.job(thing, execution.job_id))
+
+    def _parse(self, execution: JobExecution) -> OtaJob:
+        doc = execution.document
+        if not is_ota_document(doc):
+            raise JobFailed("rejected", "the job document has no afr_ota object: this gateway runs only OTA jobs")
+        limits = DocumentLimits(max_file_size=self._config.ota.max_file_size,
+                                trusted_certfiles=frozenset(self._config.signing.certificates))
+        try:
+            ota = parse_job_document(execution.job_id, doc, limits, protocols_supported=SUPPORTED_PROTOCOLS)
+        except JobDocumentError as e:
+            raise JobFailed("rejected", str(e)) from e
+        for f in ota.files:
+            try:
+                load_signer(self._config.signing.certificates[f.certfile], f.signature_algorithm,
+                            certfile_label=f.certfile)
+            except VerificationError as e:
+                raise JobFailed("rejected", str(e)) from e
+        return ota
+
+    def _targets(self, thing: str, ota: OtaJob) -> dict[int, list[str]]:
+        if thing != self.gateway_thing:
+            device = self._device_for_thing(thing)
+            if device is None:
+                raise JobFailed("rejected", f"no device on this gateway serves thing {thing}")
+            return {f.index: [device.name] for f in ota.files}
+        targets: dict[int, list[str]] = {}
+        for f in ota.files:
+            label = f.filepath or ""
+            names = [d.name for d in self._config.devices if fnmatch.fnmatchcase(label, d.files or d.name)]
+            if not names:
+                raise JobFailed("rejected", f"files[{f.index}] ({label or 'no filepath'}) matches no device "
+                                "on this gateway (see each device's files glob)")
+            targets[f.index] = names
+        return targets
+
+    def _start(self, job: JobRecord | None) -> None:
+        assert job is not None
+        key = (job.thing, job.job_id)
+        if key in self._running:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.thing}/{job.job_id}")
+        self._running[key] = _Running(task)
+        task.add_done_callback(lambda _t: self._running.pop(key, None))
+
+    async def resume(self) -> None:
+        """Pick up every job that was open when the daemon stopped."""
+        for job in self._state.open_jobs():
+            if job.final_status:
+                self._report(job, final=True)
+            else:
+                log.info("resuming job %s for %s", job.job_id, job.thing,
+                         extra=log_fields(job_id=job.job_id, thing=job.thing))
+                self._start(job)
+
+    async def job_gone(self, thing: str, job_id: str) -> None:
+        """Cancelled, removed or replaced in the cloud: stop its work and clean up."""
+        running = self._running.pop((thing, job_id), None)
+        if running:
+            running.task.cancel()
+            await asyncio.gather(running.task, return_exceptions=True)
+        for t in self._state.transfers(thing, job_id):
+            if not t.final:
+                self._state.set_transfer(thing, job_id, t.idx, t.device, phase="cancelled",
+                                         reason="job cancelled in the cloud")
+        for f in self._state.files(thing, job_id):
+            self._part_path(thing, job_id, f.idx).unlink(missing_ok=True)
+        self._state.set_job_phase(thing, job_id, "cancelled", "job cancelled in the cloud")
+        self._state.close_job(thing, job_id)
+        self.reporter.forget(thing, job_id)
+        self._collect_images()
+
+    # the job itself
+
+    async def _run(self, job: JobRecord) -> None:
+        fields = log_fields(job_id=job.job_id, thing=job.thing)
+        try:
+            ota = parse_job_document(job.job_id, job.document, DocumentLimits(
+                max_file_size=self._config.ota.max_file_size,
+                trusted_certfiles=frozenset(self._config.signing.certificates)),
+                protocols_supported=SUPPORTED_PROTOCOLS)
+            images = {}
+            for f in ota.files:
+                images[f.index] = await self._fetch(job, ota, f)
+            await self._relay_all(job, images)
+        except JobFailed as e:
+            log.warning("job %s %s: %s", job.job_id, e.word, e.reason, extra=fields)
+            self._finish(job, "FAILED", e.word, e.reason)
+        except JobDocumentError as e:  # the trusted certificates changed since the job was accepted
+            self._finish(job, "FAILED", "rejected", str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("job %s failed unexpectedly", job.job_id, extra=fields)
+            self._finish(job, "FAILED", "failed", f"internal error in the gateway: {e}")
+
+    async def _fetch(self, job: JobRecord, ota: OtaJob, f: OtaFile) -> RelayImage:
+        """Download and verify one file (once), returning the image in the store."""
+        record = self._state.file(job.thing, job.job_id, f.index)
+        assert record is not None
+        if record.phase == "verified" and record.sha256:
+            path = self._image_path(record.sha256)
+            if path.exists():
+                return RelayImage(path, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
+        running = self._running.get((job.thing, job.job_id))
+        part = self._part_path(job.thing, job.job_id, f.index)
+        received = record.received if part.exists() else None  # no file, no blocks: start over
+        self._state.set_job_phase(job.thing, job.job_id, "downloading")
+        self._state.set_file(job.thing, job.job_id, f.index, phase="downloading")
+        self._report(job)
+
+        async def save(received: bytes, done: int) -> None:
+            self._state.save_download(job.thing, job.job_id, f.index, received, done)
+
+        def progress(done: int, total: int) -> None:
+            if running:
+                running.download_progress = (done, total)
+            self._report(job)
+
+        download = StreamDownload(
+            self._mqtt, thing_name=self.gateway_thing, stream_name=ota.stream_name or "", file_id=f.fileid,
+            file_size=f.filesize, block_size=self._config.ota.block_size,
+            blocks_per_request=self._config.ota.blocks_per_request, part_path=part,
+            received=received, save_progress=save, on_progress=progress,
+            request_timeout=self._config.ota.request_timeout, max_idle_requests=self._config.ota.max_idle_requests)
+        try:
+            await download.run()
+        except DownloadError as e:
+            part.unlink(missing_ok=True)
+            self._state.set_file(job.thing, job.job_id, f.index, phase="failed", reason=str(e))
+            raise JobFailed("failed", f"download of files[{f.index}] failed: {e}") from e
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            self._state.set_file(job.thing, job.job_id, f.index, phase="failed", reason=str(e))
+            raise JobFailed("failed", f"download of files[{f.index}] failed: {e.strerror or e}") from e
+        if running:
+            running.download_progress = None
+        self._state.set_job_phase(job.thing, job.job_id, "verifying")
+        self._state.set_file(job.thing, job.job_id, f.index, phase="verifying")
+        self._report(job)
+        return await self._verify(job, f, part)
+
+    async def _verify(self, job: JobRecord, f: OtaFile, part: Path) -> RelayImage:
+        loop = asyncio.get_running_loop()
+        certificate = self._config.signing.certificates[f.certfile]
+        try:
+            digest = await loop.run_in_executor(None, lambda: verify_file(
+                part, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
+                signature=f.signature, certificate=certificate, certfile_label=f.certfile))
+            info = await loop.run_in_executor(None, inspect_image, part)
+        except (VerificationError, ImageError) as e:
+            part.unlink(missing_ok=True)
+            reason = f"files[{f.index}] rejected: {e}"
+            self._state.set_file(job.thing, job.job_id, f.index, phase="failed", reason=reason)
+            for t in self._state.transfers(job.thing, job.job_id):
+                if t.idx == f.index and not t.final:
+                    self._state.set_transfer(job.thing, job.job_id, t.idx, t.device, phase="rejected",
+                                             reason=str(e))
+            raise JobFailed("rejected", reason) from e
+        sha = digest.hex()
+        target = self._image_path(sha)
+        os.replace(part, target)
+        _fsync_dir(target.parent)
+        self._state.set_file(job.thing, job.job_id, f.index, phase="verified", sha256=sha,
+                             version=info.version_text, image_hash=info.hash.hex())
+        running = self._running.get((job.thing, job.job_id))
+        if running:
+            running.version = info.version_text
+        log.info("files[%d] of %s verified: MCUboot image %s, sha256 %s", f.index, job.job_id,
+                 info.version_text, sha, extra=log_fields(job_id=job.job_id, thing=job.thing, phase="verifying"))
+        return RelayImage(target, sha, info.hash, info.version_text)
+
+    async def _relay_all(self, job: JobRecord, images: dict[int, RelayImage]) -> None:
+        transfers = self._state.transfers(job.thing, job.job_id)
+        self._state.set_job_phase(job.thing, job.job_id, "uploading")
+        self._report(job)
+        results = await asyncio.gather(*(
+            self.relay.run(TransferKey(job.thing, job.job_id, t.idx, t.device), images[t.idx])
+            for t in transfers))
+        self._conclude(job, list(results))
+
+    def _conclude(self, job: JobRecord, results: list[TransferRecord]) -> None:
+        failing = [t for t in results if t.phase != "succeeded"]
+        if not failing:
+            self._finish(job, "SUCCEEDED", "succeeded", None)
+            return
+        if job.kind == "proxied":
+            t = failing[0]
+            reason = t.reason or t.phase
+            word = t.phase
+        else:
+            reason = "; ".join(f"{t.device} {t.phase}: {t.reason or t.phase}" for t in failing)
+            reason = f"{len(failing)} of {len(results)} devices not updated: {reason}"
+            word = "failed"
+        self._finish(job, "FAILED", word, reason)
+
+    def _finish(self, job: JobRecord, status: str, word: str, reason: str | None) -> None:
+        self._state.decide_job(job.thing, job.job_id, status, word, reason)
+        fresh = self._state.job(job.thing, job.job_id)
+        assert fresh is not None
+        log.log(logging.INFO if status == "SUCCEEDED" else logging.WARNING,
+                "job %s for %s ends %s%s", job.job_id, job.thing, status, f": {reason}" if reason else "",
+                extra=log_fields(job_id=job.job_id, thing=job.thing, phase=word))
+        self._report(fresh, final=True)
+        for f in self._state.files(job.thing, job.job_id):
+            self._part_path(job.thing, job.job_id, f.idx).unlink(missing_ok=True)
+
+    # status
+
+    def _transfer_changed(self, key: TransferKey) -> None:
+        job = self._state.job(key.thing, key.job_id)
+        if job is None or job.final_status:
+            return
+        if all(t.final for t in self._state.transfers(key.thing, key.job_id)):
+            return  # the job's final update follows at once
+        self._report(job)
+
+    def _device_statuses(self, job: JobRecord) -> list[DeviceStatus]:
+        out = []
+        for t in self._state.transfers(job.thing, job.job_id):
+            word = word_of(t.phase)
+            detail = ""
+            live = self.relay.live_progress(t.device) if word == "uploading" else None
+            done, total = live if live else (t.done, t.total)
+            if word == "uploading" and total:
+                detail = f"{100 * done // total}%"
+            elif word == "succeeded" and t.version:
+                detail = t.version
+            elif t.reason and word in ("failed", "rejected"):
+                detail = t.reason
+            out.append(DeviceStatus(t.device, word, detail))
+        return out
+
+    def _job_word(self, job: JobRecord, devices: list[DeviceStatus]) -> str:
+        if job.final_status or job.phase in ("queued", "downloading", "verifying"):
+            return job.phase
+        words = {d.word for d in devices}
+        return next((w for w in _ACTIVE_ORDER if w in words), job.phase)
+
+    def _progress(self, job: JobRecord) -> tuple[int, int] | None:
+        running = self._running.get((job.thing, job.job_id))
+        if running and running.download_progress:
+            return running.download_progress
+        done = total = 0
+        for t in self._state.transfers(job.thing, job.job_id):
+            live = self.relay.live_progress(t.device) if t.phase == "uploading" else None
+            d, n = live if live else (t.done, t.total)
+            done, total = done + d, total + n
+        return (done, total) if total else None
+
+    def _report(self, job: JobRecord, final: bool = False) -> None:
+        job = self._state.job(job.thing, job.job_id) or job
+        devices = self._device_statuses(job)
+        word = self._job_word(job, devices)
+        version = next((f.version for f in self._state.files(job.thing, job.job_id) if f.version), None)
+        if job.kind == "proxied":
+            device = devices[0].name if devices else None
+            details = status_details(phase=word, progress=None if final else self._progress(job),
+                                     device=device, version=version, reason=job.reason if final else None)
+        else:
+            details = status_details(phase=word, progress=None if final else self._progress(job),
+                                     version=version, devices=devices, reason=job.reason if final else None)
+        status = job.final_status if final and job.final_status else "IN_PROGRESS"
+        self.reporter.post(job.thing, job.job_id, status, details, final=final)
+
+    def status(self) -> dict:
+        """The `status --json` payload of design.md (jobs and devices parts)."""
+        jobs = []
+        for job in self._state.recent_jobs(20):
+            devices = self._device_statuses(job)
+            jobs.append({"job_id": job.job_id, "thing": job.thing, "kind": job.kind,
+                         "phase": self._job_word(job, devices), "status": job.final_status or job.cloud_status,
+                         "reason": job.reason, "progress": self._progress(job), "open": not job.final_sent})
+        devices = []
+        for d in self._config.devices:
+            latest = self._state.device_transfers(d.name, 1)
+            row = {"name": d.name, "transport": d.transport, "phase": "idle", "done": 0, "total": 0,
+                   "version": None, "reason": None, "job_id": None}
+            if latest:
+                t = latest[0]
+                live = self.relay.live_progress(d.name) if t.phase == "uploading" else None
+                done, total = live if live else (t.done, t.total)
+                row.update(phase=word_of(t.phase), done=done, total=total, version=t.version, reason=t.reason,
+                           job_id=t.job_id)
+            devices.append(row)
+        return {"jobs": jobs, "devices": devices}
+
+    # files on disk
+
+    def _part_path(self, thing: str, job_id: str, idx: int) -> Path:
+        # thing names and job ids were checked against AWS's patterns ([A-Za-z0-9:_-]) before use
+        safe_thing = thing.replace(":", "_")
+        return self._state_dir / "partial" / f"{safe_thing}__{job_id}__{idx}.part"
+
+    def _image_path(self, sha256_hex: str) -> Path:
+        return self._state_dir / "images" / sha256_hex
+
+    def _collect_images(self) -> None:
+        in_use = self._state.images_in_use()
+        for path in (self._state_dir / "images").iterdir():
+            if path.name not in in_use:
+                path.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        for running in list(self._running.values()):
+            running.task.cancel()
+        await asyncio.gather(*(r.task for r in self._running.values()), return_exceptions=True)
+        await self.reporter.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
