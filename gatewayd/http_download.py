@@ -1,0 +1,502 @@
+"""Resumable download of one file from a presigned S3 URL (aws-iot-ota.md §5, cases 43-44).
+
+One streaming GET into the .part file, resumed with `Range: bytes=<on disk>-` after any
+network failure. Each ~256 KiB the file is fsynced and only then recorded (`save_progress`),
+so the database never claims bytes that are not on disk. 400/403/404 mean the presigned URL
+is stale (it lives 60-3600 s, §1.6): the job document is read again (`refresh_url`) and the
+transfer resumes where it stopped. The total length must equal the job's filesize exactly.
+
+http.client is blocking: connecting and reading run in executor threads, one bounded piece at
+a time, so the event loop never waits on the network or the disk. Cancelling the task shuts
+the socket down, which wakes the worker at once.
+
+The presigned URL is a bearer credential until it expires, so its query string is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import logging
+import os
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+log = logging.getLogger("gatewayd.http_download")
+
+SAVE_INTERVAL = 256 * 1024  # bytes between fsync + save_progress
+READ_CHUNK = 64 * 1024
+MAX_RETRY_DELAY = 60.0
+REFRESH_STATUSES = frozenset({400, 403, 404})  # CSDK demo: ask for the job document again
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+USER_AGENT = "ota-gateway"
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_S3_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+_S3_MESSAGE = re.compile(rb"<Message>([^<]{1,300})</Message>")
+
+T = TypeVar("T")
+
+
+class HttpDownloadError(Exception):
+    """The download cannot complete; `reason` is one readable sentence."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class HttpDownloadStats:
+    requests: int = 0
+    bytes_received: int = 0  # body bytes written to the part file
+    retries: int = 0  # failed attempts (network, 5xx, bad headers) followed by another try
+    url_refreshes: int = 0
+    restarts: int = 0  # times the part file was started over from byte 0
+
+
+class _Retry(Exception):
+    """A transient failure: try again after a backoff. `detail` is the server's own words."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason + detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Restart(_Retry):
+    """The server's answer does not continue our bytes: start over from 0."""
+
+
+class _Refresh(_Retry):
+    """The URL is stale: get a fresh one from the job document."""
+
+
+class _Wire:
+    """One HTTP connection, used by one worker thread at a time and abortable from any thread."""
+
+    def __init__(self, conn: http.client.HTTPConnection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    def open(self, target: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        self.conn.connect()
+        with self._lock:
+            if self._aborted:
+                self.conn.close()
+                raise ConnectionAbortedError("download cancelled")
+        self.conn.request("GET", target, headers=headers)
+        return self.conn.getresponse()
+
+    def abort(self) -> None:
+        """Wake a worker blocked on this connection; it then fails with an OSError."""
+        with self._lock:
+            self._aborted = True
+            sock = self.conn.sock
+        if sock is not None:
+            try:
+                # The plain socket's shutdown: it wakes a blocked SSL read without touching the
+                # SSL object that the worker thread is using.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@dataclass
+class _Body:
+    pos: int  # bytes of the file on disk (written and fsynced)
+    ended: bool  # the response body is complete per its framing
+    error: str | None = None  # a network failure cut the body
+
+
+class HttpDownload:
+    def __init__(
+        self,
+        *,
+        url: str,
+        file_size: int,
+        part_path: Path,
+        have: int,
+        save_progress: Callable[[int], Awaitable[None]],
+        refresh_url: Callable[[], Awaitable[str]],
+        on_progress: Callable[[int, int], None] | None = None,
+        ca_file: Path | None = None,
+        timeout: float = 30.0,
+        max_attempts: int = 8,
+        retry_delay: float = 1.0,
+        save_interval: int = SAVE_INTERVAL,
+    ) -> None:
+        """`have`: bytes of part_path already fsynced and recorded. `max_attempts`: failed
+        tries in a row (without new bytes) before giving up; a stale URL counts as one.
+        Raises HttpDownloadError for a URL or size that cannot work."""
+        if file_size <= 0:
+            raise HttpDownloadError(f"file size {file_size} is not positive")
+        if timeout <= 0 or max_attempts < 1 or retry_delay < 0 or save_interval < 1:
+            raise ValueError("timeout, max_attempts and save_interval must be positive, retry_delay >= 0")
+        self._url = url
+        self._host = _check_url(url)
+        self.file_size = file_size
+        self.part_path = Path(part_path)
+        self._have = max(0, have)
+        self._save_progress = save_progress
+        self._refresh_url = refresh_url
+        self._on_progress = on_progress
+        self._ca_file = ca_file
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._retry_delay = retry_delay
+        self._save_interval = save_interval
+        self._ssl: ssl.SSLContext | None = None
+        self._pos = 0
+        self._saved = self._have
+        self._reported = -1
+        self._started = False
+        self.stats = HttpDownloadStats()
+
+    @property
+    def done_bytes(self) -> int:
+        return self._pos
+
+    async def run(self) -> None:
+        """Download the rest of the file; return once all file_size bytes are on disk (fsynced)
+        and recorded. Raises HttpDownloadError, or CancelledError when cancelled."""
+        if self._started:
+            raise RuntimeError("run() may be called once")
+        self._started = True
+        # open and fstat are quick metadata calls; the slow ones (fsync, truncate, writes) run in
+        # threads that are always waited for, so a cancelled run never closes an fd in use.
+        fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            await self._start(fd)
+            await self._download(fd)
+            await _disk(os.fsync, fd)
+            size = os.fstat(fd).st_size
+            if size != self.file_size:  # defensive: the loop above only ends at file_size
+                raise HttpDownloadError(f"downloaded {size} bytes but the job says filesize {self.file_size}")
+            if self._saved != self.file_size:
+                await self._record(self.file_size)
+            if self._reported != self.file_size:
+                self._progress()
+            log.info("downloaded %d bytes from %s (%d requests, %d retries, %d URL refreshes, %d restarts)",
+                     self.file_size, self._host, self.stats.requests, self.stats.retries,
+                     self.stats.url_refreshes, self.stats.restarts)
+        finally:
+            os.close(fd)
+
+    # -- the download --
+
+    async def _start(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        pos = min(self._have, size)
+        if pos > self.file_size:  # the record cannot belong to this file
+            pos = 0
+        self._pos = pos
+        if pos != self._have:
+            log.warning("part file %s holds %d of the %d recorded bytes; resuming from %d",
+                        self.part_path, size, self._have, pos)
+            await self._record(pos)
+        # Bytes past the recorded count were never fsynced+recorded together: not trusted.
+        if size != pos:
+            await _disk(_truncate, fd, pos)
+
+    def _make_ssl_context(self) -> ssl.SSLContext:
+        try:
+            if self._ca_file is not None:
+                return ssl.create_default_context(cafile=str(self._ca_file))
+            return ssl.create_default_context()  # system store; honours SSL_CERT_FILE/SSL_CERT_DIR
+        except (OSError, ssl.SSLError) as e:
+            raise HttpDownloadError(f"cannot load the CA file {self._ca_file}: {e}") from e
+
+    async def _download(self, fd: int) -> None:
+        failures = 0
+        while self._pos < self.file_size:
+            before = self._pos
+            try:
+                await self._attempt(fd)
+                continue  # a 206 for part of the rest: ask for the remainder
+            except _Retry as e:
+                failure = e
+            finally:
+                if self._pos > before:
+                    failures = 0
+            failures += 1
+            if failures >= self._max_attempts:
+                raise HttpDownloadError(f"{failure.reason} after {failures} attempts{failure.detail}") from None
+            self.stats.retries += 1
+            if isinstance(failure, _Refresh):
+                # A stale URL is expected on long transfers: no wait for the first refresh.
+                if failures > 1:
+                    await asyncio.sleep(self._backoff(failures - 1))
+                await self._new_url(str(failure))
+                continue
+            if isinstance(failure, _Restart):
+                await self._restart(fd, str(failure))
+            delay = self._backoff(failures)
+            log.warning("download from %s: %s; retrying in %.1f s from byte %d (attempt %d of %d)",
+                        self._host, str(failure), delay, self._pos, failures + 1, self._max_attempts)
+            await asyncio.sleep(delay)
+
+    def _backoff(self, failures: int) -> float:
+        return min(self._retry_delay * 2 ** (failures - 1), MAX_RETRY_DELAY)
+
+    async def _new_url(self, why: str) -> None:
+        log.info("download from %s: %s; asking the job document for a fresh URL", self._host, why)
+        try:
+            url = await self._refresh_url()
+            host = _check_url(url)
+        except asyncio.CancelledError:
+            raise
+        except HttpDownloadError as e:
+            raise HttpDownloadError(f"URL refresh failed: {e.reason}") from e
+        except Exception as e:  # noqa: BLE001 - any failure of the job layer ends this download
+            raise HttpDownloadError(f"URL refresh failed: {e or type(e).__name__}") from e
+        self._url, self._host = url, host
+        self.stats.url_refreshes += 1
+
+    async def _restart(self, fd: int, why: str) -> None:
+        if self._pos == 0:
+            return
+        log.warning("download from %s: %s; starting over from byte 0", self._host, why)
+        self._pos = 0
+        self.stats.restarts += 1
+        await self._record(0)  # first: the record must never claim more than the file holds
+        await _disk(_truncate, fd, 0)
+
+    async def _attempt(self, fd: int) -> None:
+        """One GET from self._pos; returns after its body, with self._pos advanced."""
+        parts = urlsplit(self._url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {"User-Agent": USER_AGENT, "Connection": "close"}
+        start = self._pos
+        if start > 0:
+            headers["Range"] = f"bytes={start}-"
+        if parts.scheme == "https":
+            if self._ssl is None:  # reading the CA store is file I/O
+                self._ssl = await asyncio.to_thread(self._make_ssl_context)
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, timeout=self._timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self._timeout)
+        wire = _Wire(conn)
+        resp: http.client.HTTPResponse | None = None
+        self.stats.requests += 1
+        try:
+            try:
+                resp = await self._in_thread(wire, False, wire.open, target, headers)
+            except ssl.SSLCertVerificationError as e:
+                raise HttpDownloadError(
+                    f"TLS certificate of {self._host} not trusted ({e.verify_message or e}); "
+                    "set [ota] https_ca_file or SSL_CERT_FILE if it uses a private CA") from e
+            except (OSError, http.client.HTTPException) as e:
+                raise _Retry(f"cannot reach {self._host}: {_describe(e)}") from e
+            end = await self._answer(wire, resp, start)
+            await self._body(wire, fd, resp, start, end)
+        finally:
+            if resp is not None:
+                resp.close()  # it may own the socket by now (http.client hands it over)
+            conn.close()
+
+    async def _answer(self, wire: _Wire, resp: http.client.HTTPResponse, start: int) -> int:
+        """Check the status and headers of a response to a GET starting at `start`; return the
+        file offset where its body ends."""
+        status = resp.status
+        if status not in (200, 206):
+            detail = await self._error_detail(wire, resp)
+            reason = f"HTTP {status} from {self._host}"
+            if status in REFRESH_STATUSES:
+                raise _Refresh(reason, detail)
+            if status == 416:  # the server holds fewer bytes than we already have
+                raise _Restart(reason, detail)
+            if status in RETRY_STATUSES:
+                raise _Retry(reason, detail)
+            raise HttpDownloadError(reason + detail)
+        length = _content_length(resp)
+        if status == 200:
+            if length is not None and length != self.file_size:
+                raise HttpDownloadError(self._size_mismatch(length))
+            return self.file_size
+        content_range = resp.getheader("Content-Range") or ""
+        m = _CONTENT_RANGE.match(content_range.strip())
+        if m is None or int(m.group(1)) != start or int(m.group(2)) < start:
+            raise _Restart(f"{self._host} answered a request for bytes {start}- with Content-Range "
+                           f"{content_range!r}")
+        first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+        if total != "*" and int(total) != self.file_size:
+            raise HttpDownloadError(self._size_mismatch(int(total)))
+        if last >= self.file_size:
+            raise HttpDownloadError(self._size_mismatch(last + 1))
+        if length is not None and length != last - first + 1:
+            raise _Retry(f"{self._host} sent Content-Length {length} with Content-Range {content_range!r}")
+        return last + 1
+
+    def _size_mismatch(self, size: int | str) -> str:
+        return f"server sent {size} bytes but the job says filesize {self.file_size}"
+
+    async def _body(self, wire: _Wire, fd: int, resp: http.client.HTTPResponse, start: int, end: int) -> None:
+        if resp.status == 200 and start > 0:
+            await self._restart(fd, "the server ignored the Range request")
+        while True:
+            body: _Body = await self._in_thread(wire, True, self._pump, resp, fd, self._pos, end)
+            if body.pos > self._pos:
+                self.stats.bytes_received += body.pos - self._pos
+                self._pos = body.pos
+                await self._record(body.pos)
+                self._progress()
+            if body.error is not None:
+                raise _Retry(body.error)
+            if body.ended:
+                break
+        if self._pos < end:  # the body ended properly (chunked), yet short
+            if end == self.file_size:
+                raise HttpDownloadError(self._size_mismatch(self._pos))
+            raise _Retry(f"{self._host} sent bytes {start}-{self._pos - 1} for Content-Range end {end - 1}")
+
+    def _pump(self, resp: http.client.HTTPResponse, fd: int, pos: int, end: int) -> _Body:
+        """Worker thread: append body bytes at `pos` until save_interval bytes, the end of the
+        body (expected at file offset `end`) or a failure; fsync before returning."""
+        stop = pos + self._save_interval
+        result = _Body(pos, False)
+        try:
+            while result.pos < stop:
+                try:
+                    data = resp.read1(READ_CHUNK)
+                except (OSError, http.client.HTTPException) as e:
+                    result.error = f"transfer from {self._host} failed after byte {result.pos}: {_describe(e)}"
+                    break
+                if not data:
+                    if resp.length:  # Content-Length not reached: the connection was cut
+                        result.error = (f"{self._host} closed the connection after byte {result.pos} "
+                                        f"({resp.length} bytes of the response missing)")
+                    elif resp.length is None and not resp.chunked and result.pos < end:
+                        # A close-delimited body cannot tell a cut from an end: treat as a cut.
+                        result.error = f"{self._host} closed the connection after byte {result.pos}"
+                    else:
+                        result.ended = True
+                    break
+                if result.pos + len(data) > end:
+                    if end == self.file_size:
+                        raise HttpDownloadError(f"server sent more than {self.file_size} bytes but the job "
+                                                f"says filesize {self.file_size}")
+                    result.error = f"{self._host} sent more bytes than its Content-Range announced"
+                    break
+                _pwrite_all(fd, data, result.pos)
+                result.pos += len(data)
+        finally:
+            if result.pos > pos:
+                os.fsync(fd)
+        return result
+
+    async def _error_detail(self, wire: _Wire, resp: http.client.HTTPResponse) -> str:
+        """' (Code: Message)' from an S3 error body, or ''."""
+        try:
+            body = await self._in_thread(wire, False, resp.read, 8192)
+        except (OSError, http.client.HTTPException):
+            return ""
+        code, message = _S3_CODE.search(body), _S3_MESSAGE.search(body)
+        if code is None:
+            return ""
+        text = code.group(1).decode("utf-8", "replace")
+        if message is not None:
+            text += ": " + message.group(1).decode("utf-8", "replace")
+        return f" ({text})"
+
+    async def _in_thread(self, wire: _Wire, wait_on_cancel: bool, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn in a worker thread. On cancellation abort the connection; if the worker
+        writes to the part file, wait for it to stop so the file is not written after run()."""
+        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            wire.abort()
+            if wait_on_cancel:
+                await asyncio.wait({future})
+            elif not future.done():
+                future.add_done_callback(_drain)
+            else:
+                _drain(future)
+            raise
+
+    async def _record(self, pos: int) -> None:
+        await self._save_progress(pos)
+        self._saved = pos
+
+    def _progress(self) -> None:
+        self._reported = self._pos
+        if self._on_progress is not None:
+            try:
+                self._on_progress(self._pos, self.file_size)
+            except Exception:  # noqa: BLE001 - a display callback must not end the download
+                log.exception("on_progress failed")
+
+
+def _check_url(url: str) -> str:
+    """The URL's host for messages; HttpDownloadError if it cannot be fetched."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as e:
+        raise HttpDownloadError(f"invalid download URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HttpDownloadError(f"unsupported download URL (scheme {parts.scheme!r}); want http(s)://host/...")
+    return parts.hostname
+
+
+def _content_length(resp: http.client.HTTPResponse) -> int | None:
+    if resp.chunked:
+        return None
+    value = resp.getheader("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, http.client.IncompleteRead):
+        return f"connection closed mid-body ({e.expected} bytes missing)" if e.expected else "connection closed mid-body"
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+async def _disk(fn: Callable[..., T], *args: Any) -> T:
+    """Run a file operation in a thread; if cancelled, still wait for it to finish."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise
+
+
+def _drain(future: asyncio.Future[Any]) -> None:
+    # Collect an abandoned worker's outcome: close a connection it still opened, and keep
+    # "exception was never retrieved" out of the log.
+    if future.cancelled():
+        return
+    if future.exception() is None:
+        result = future.result()
+        if isinstance(result, http.client.HTTPResponse):
+            result.close()
+
+
+def _truncate(fd: int, size: int) -> None:
+    os.ftruncate(fd, size)
+    os.fsync(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written

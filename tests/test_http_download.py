@@ -1,0 +1,663 @@
+"""HttpDownload against the S3 emulator (and a few raw sockets for answers S3 never gives)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import socketserver
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gatewayd import http_download
+from gatewayd.emulators.broker import Pki
+from gatewayd.emulators.s3 import S3Emulator
+from gatewayd.http_download import SAVE_INTERVAL, HttpDownload, HttpDownloadError
+
+pytestmark = pytest.mark.timeout(60)
+
+KEY = "firmware/pump-1.2.3.bin"
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Emulator]:
+    with S3Emulator(tmp_path / "s3") as emulator:
+        yield emulator
+
+
+def payload(n: int) -> bytes:
+    return os.urandom(n)
+
+
+@dataclass
+class Outcome:
+    data: bytes
+    saves: list[int] = field(default_factory=list)
+    progress: list[tuple[int, int]] = field(default_factory=list)
+    refreshes: int = 0
+    error: HttpDownloadError | None = None
+    download: HttpDownload | None = None
+
+
+def download(
+    url: str,
+    part: Path,
+    file_size: int,
+    *,
+    have: int = 0,
+    refresh: Callable[[], str] | None = None,
+    check_save: Callable[[int], None] | None = None,
+    **kwargs,
+) -> Outcome:
+    out = Outcome(b"")
+
+    async def save_progress(n: int) -> None:
+        if check_save is not None:
+            check_save(n)
+        out.saves.append(n)
+
+    async def refresh_url() -> str:
+        out.refreshes += 1
+        if refresh is None:
+            raise AssertionError("unexpected URL refresh")
+        return refresh()
+
+    kwargs.setdefault("retry_delay", 0.01)
+    kwargs.setdefault("timeout", 5.0)
+    dl = HttpDownload(url=url, file_size=file_size, part_path=part, have=have, save_progress=save_progress,
+                      refresh_url=refresh_url, on_progress=lambda d, t: out.progress.append((d, t)), **kwargs)
+    out.download = dl
+    try:
+        asyncio.run(dl.run())
+    except HttpDownloadError as e:
+        out.error = e
+    out.data = part.read_bytes() if part.exists() else b""
+    return out
+
+
+def statuses(s3: S3Emulator) -> list[int]:
+    return [status for _path, _range, status in s3.requests]
+
+
+def ranges(s3: S3Emulator) -> list[str | None]:
+    return [rng for _path, rng, _status in s3.requests]
+
+
+# -- the S3 emulator itself --
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_emulator_ranges(s3: S3Emulator) -> None:
+    data = payload(1000)
+    s3.put(KEY, data)
+    url = s3.presign(KEY, 60)
+    assert fetch(url)[::2] == (200, data)
+    status, headers, body = fetch(url, {"Range": "bytes=100-199"})
+    assert (status, headers["Content-Range"], body) == (206, "bytes 100-199/1000", data[100:200])
+    status, headers, body = fetch(url, {"Range": "bytes=900-"})
+    assert (status, headers["Content-Range"], body) == (206, "bytes 900-999/1000", data[900:])
+    assert fetch(url, {"Range": "bytes=-10"})[2] == data[-10:]
+    assert fetch(url, {"Range": "bytes=990-5000"})[2] == data[990:]
+    status, headers, _ = fetch(url, {"Range": "bytes=1000-"})
+    assert (status, headers["Content-Range"]) == (416, "bytes */1000")
+    assert fetch(url, {"Range": "bytes=0-1,5-6"})[::2] == (200, data)  # multiple ranges: ignored
+    assert ranges(s3)[:2] == [None, "bytes=100-199"]
+
+
+def test_emulator_refuses_tampered_expired_and_unknown(s3: S3Emulator) -> None:
+    s3.put(KEY, b"x" * 10)
+    url = s3.presign(KEY, 60)
+    status, _, body = fetch(url.replace("X-Amz-Expires=60", "X-Amz-Expires=6000"))
+    assert status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in body
+    status, _, body = fetch(url.replace("pump-1.2.3", "pump-9.9.9"))
+    assert status == 403 and b"SignatureDoesNotMatch" in body
+    status, _, body = fetch(url.split("?")[0])
+    assert status == 403 and b"AccessDenied" in body
+    expired = s3.presign(KEY, 0.05)
+    time.sleep(0.1)
+    status, _, body = fetch(expired)
+    assert status == 403
+    assert b"<Code>AccessDenied</Code><Message>Request has expired</Message>" in body
+    status, _, body = fetch(s3.presign("firmware/missing.bin", 60))
+    assert status == 404 and b"NoSuchKey" in body
+
+
+def test_emulator_knobs(s3: S3Emulator) -> None:
+    data = payload(50_000)
+    s3.put(KEY, data)
+    url = s3.presign(KEY, 60)
+    s3.fail_next(2, status=503)
+    assert fetch(url)[0] == 503
+    assert fetch(url)[0] == 503
+    assert fetch(url)[::2] == (200, data)
+    s3.reset_counters()
+    s3.drop_after(1000)
+    with pytest.raises(Exception):  # IncompleteRead
+        fetch(url)
+    assert (s3.bytes_served, s3.cuts) == (1000, 1)
+    assert fetch(url)[::2] == (200, data)  # once
+    s3.throttle(100_000)
+    started = time.monotonic()
+    assert fetch(url)[2] == data
+    assert time.monotonic() - started >= 0.4
+
+
+# -- downloads --
+
+
+def test_full_download(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(SAVE_INTERVAL + 50_000)
+    s3.put(KEY, data)
+    out = download(s3.presign(KEY, 60), tmp_path / "f.part", len(data))
+    assert out.error is None
+    assert out.data == data
+    assert out.saves[-1] == len(data)
+    assert out.saves[0] >= SAVE_INTERVAL  # progress is saved by interval, not per chunk
+    assert out.progress[-1] == (len(data), len(data))
+    assert s3.requests == [(f"/ota-firmware/{KEY}", None, 200)]
+    assert s3.bytes_served == len(data)
+    assert out.refreshes == 0
+
+
+def test_resume_requests_only_the_rest(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(100_000)
+    s3.put(KEY, data)
+    part = tmp_path / "f.part"
+    # 30 000 bytes recorded; the bytes after them were never recorded and must not be trusted.
+    part.write_bytes(data[:30_000] + b"\0" * 100_000)
+    out = download(s3.presign(KEY, 60), part, len(data), have=30_000)
+    assert out.error is None
+    assert out.data == data
+    assert s3.requests == [(f"/ota-firmware/{KEY}", "bytes=30000-", 206)]
+    assert s3.bytes_served == 70_000
+    assert out.saves == [len(data)]
+
+
+def test_resume_when_the_part_file_is_shorter_than_recorded(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(20_000)
+    s3.put(KEY, data)
+    part = tmp_path / "f.part"
+    part.write_bytes(data[:3_000])
+    out = download(s3.presign(KEY, 60), part, len(data), have=8_000)
+    assert out.error is None and out.data == data
+    assert out.saves[0] == 3_000  # the record is corrected before anything else
+    assert ranges(s3) == ["bytes=3000-"]
+
+
+def test_complete_part_file_needs_no_request(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(5_000)
+    part = tmp_path / "f.part"
+    part.write_bytes(data)
+    out = download("http://127.0.0.1:9/never", part, len(data), have=len(data))
+    assert out.error is None and out.data == data
+    assert out.saves == []  # already recorded
+    assert out.progress == [(len(data), len(data))]
+
+
+def test_dropped_connection_resumes(s3: S3Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    data = payload(600_000)
+    s3.put(KEY, data)
+    s3.drop_after(100_000)
+    out = download(s3.presign(KEY, 60), tmp_path / "f.part", len(data))
+    assert out.error is None
+    assert out.data == data
+    assert statuses(s3) == [200, 206]
+    assert ranges(s3) == [None, "bytes=100000-"]  # resumed from what is on disk
+    assert s3.bytes_served <= len(data) + SAVE_INTERVAL
+    assert 100_000 in out.saves  # the failure itself records the synced bytes
+    assert out.download is not None and out.download.stats.retries == 1
+    assert "closed the connection after byte 100000" in caplog.text
+    assert "X-Amz-Signature" not in caplog.text  # the presigned URL is a credential
+
+
+def test_url_expiring_mid_transfer_is_refreshed(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(96 * 1024)
+    s3.put(KEY, data)
+    s3.cut_on_expiry = True
+    s3.throttle(96 * 1024)  # about 1 s for the whole file
+    first = s3.presign(KEY, 0.4)
+
+    def refresh() -> str:
+        return s3.presign(KEY, 60)
+
+    out = download(first, tmp_path / "f.part", len(data), refresh=refresh)
+    assert out.error is None
+    assert out.data == data
+    assert out.refreshes == 1
+    assert s3.cuts == 1
+    assert statuses(s3) == [200, 403, 206]  # cut mid-body, stale URL refused, resumed with the new one
+    resumed_at = int(ranges(s3)[2].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at < len(data)
+    assert ranges(s3)[1] == ranges(s3)[2]  # same position before and after the refresh
+    assert s3.bytes_served <= len(data) + SAVE_INTERVAL
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_refresh_statuses(s3: S3Emulator, tmp_path: Path, status: int) -> None:
+    data = payload(10_000)
+    s3.put(KEY, data)
+    s3.fail_next(1, status=status)
+    url = s3.presign(KEY, 60)
+    out = download(url, tmp_path / "f.part", len(data), refresh=lambda: url)
+    assert out.error is None and out.data == data
+    assert out.refreshes == 1
+    assert statuses(s3) == [status, 200]
+
+
+def test_expired_url_at_start_is_refreshed(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(10_000)
+    s3.put(KEY, data)
+    stale = s3.presign(KEY, 0.01)
+    time.sleep(0.05)
+    out = download(stale, tmp_path / "f.part", len(data), refresh=lambda: s3.presign(KEY, 60))
+    assert out.error is None and out.data == data and out.refreshes == 1
+
+
+def test_refresh_failure_is_reported(s3: S3Emulator, tmp_path: Path) -> None:
+    s3.put(KEY, b"x" * 100)
+    s3.fail_next(1, status=403)
+
+    def refresh() -> str:
+        raise RuntimeError("job document not available: MQTT offline")
+
+    out = download(s3.presign(KEY, 60), tmp_path / "f.part", 100, refresh=refresh)
+    assert out.error is not None
+    assert out.error.reason == "URL refresh failed: job document not available: MQTT offline"
+
+
+def test_refreshed_urls_that_keep_failing_end_the_download(s3: S3Emulator, tmp_path: Path) -> None:
+    s3.put(KEY, b"x" * 100)
+    stale = s3.presign(KEY, 0.01)
+    time.sleep(0.05)
+    out = download(stale, tmp_path / "f.part", 100, refresh=lambda: stale, max_attempts=3)
+    assert out.error is not None
+    assert out.error.reason == "HTTP 403 from 127.0.0.1 after 3 attempts (AccessDenied: Request has expired)"
+    assert out.refreshes == 2
+    assert len(s3.requests) == 3
+
+
+def test_server_errors_then_success(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(10_000)
+    s3.put(KEY, data)
+    s3.fail_next(2, status=500)
+    out = download(s3.presign(KEY, 60), tmp_path / "f.part", len(data))
+    assert out.error is None and out.data == data
+    assert statuses(s3) == [500, 500, 200]
+
+
+def test_persistent_server_errors_fail_after_max_attempts(s3: S3Emulator, tmp_path: Path) -> None:
+    s3.put(KEY, b"x" * 1000)
+    s3.fail_next(100, status=500)
+    out = download(s3.presign(KEY, 60), tmp_path / "f.part", 1000, max_attempts=4)
+    assert out.error is not None
+    assert out.error.reason == ("HTTP 500 from 127.0.0.1 after 4 attempts "
+                                "(InternalError: We encountered an internal error. Please try again.)")
+    assert statuses(s3) == [500] * 4
+
+
+def test_backoff_grows(s3: S3Emulator, tmp_path: Path) -> None:
+    s3.put(KEY, b"x" * 100)
+    s3.fail_next(3, status=503)
+    started = time.monotonic()
+    out = download(s3.presign(KEY, 60), tmp_path / "f.part", 100, retry_delay=0.1)
+    assert out.error is None
+    assert time.monotonic() - started >= 0.1 + 0.2 + 0.4
+
+
+def test_unreachable_server(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    out = download(f"http://127.0.0.1:{port}/b/k?X-Amz-Signature=secret", tmp_path / "f.part", 100,
+                   max_attempts=2)
+    assert out.error is not None
+    assert out.error.reason.startswith("cannot reach 127.0.0.1: ConnectionRefusedError")
+    assert out.error.reason.endswith("after 2 attempts")
+    assert "secret" not in out.error.reason
+
+
+def test_server_ignoring_range_restarts_from_zero(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(50_000)
+    s3.put(KEY, data)
+    s3.ignore_range = True
+    part = tmp_path / "f.part"
+    part.write_bytes(data[:20_000])
+    out = download(s3.presign(KEY, 60), part, len(data), have=20_000)
+    assert out.error is None
+    assert out.data == data
+    assert s3.requests == [(f"/ota-firmware/{KEY}", "bytes=20000-", 200)]
+    assert out.saves == [0, len(data)]
+    assert out.download is not None and out.download.stats.restarts == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("have", [0, 1024])
+def test_body_longer_than_filesize_fails(s3: S3Emulator, tmp_path: Path, chunked: bool, have: int) -> None:
+    data = payload(5000)
+    s3.put(KEY, data)
+    s3.chunked = chunked
+    part = tmp_path / "f.part"
+    part.write_bytes(data[:have])
+    out = download(s3.presign(KEY, 60), part, 4096, have=have)
+    assert out.error is not None
+    if chunked and have == 0:  # no length in the headers: caught while streaming
+        assert out.error.reason == "server sent more than 4096 bytes but the job says filesize 4096"
+    else:
+        assert out.error.reason == "server sent 5000 bytes but the job says filesize 4096"
+    assert len(s3.requests) == 1  # not retried: the object is wrong
+    assert all(n <= 4096 for n in out.saves)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("have", [0, 1024])
+def test_body_shorter_than_filesize_fails(s3: S3Emulator, tmp_path: Path, chunked: bool, have: int) -> None:
+    data = payload(3000)
+    s3.put(KEY, data)
+    s3.chunked = chunked
+    part = tmp_path / "f.part"
+    part.write_bytes(data[:have])
+    out = download(s3.presign(KEY, 60), part, 4096, have=have)
+    assert out.error is not None
+    assert out.error.reason == "server sent 3000 bytes but the job says filesize 4096"
+    assert len(s3.requests) == 1
+
+
+def test_save_progress_never_claims_unsynced_bytes(s3: S3Emulator, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    data = payload(3 * SAVE_INTERVAL + 12_345)
+    s3.put(KEY, data)
+    part = tmp_path / "f.part"
+    part.write_bytes(b"\xff" * 1000)  # stale garbage past have=500
+    synced = {"size": -1}
+    real_fsync = os.fsync
+
+    def spy_fsync(fd: int) -> None:
+        real_fsync(fd)
+        if part.exists() and os.fstat(fd).st_ino == os.stat(part).st_ino:
+            synced["size"] = os.fstat(fd).st_size
+
+    def check(n: int) -> None:
+        assert n <= synced["size"], f"save_progress({n}) but only {synced['size']} bytes fsynced"
+        on_disk = part.read_bytes()
+        assert on_disk[:n] == data[:n]
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    part.write_bytes(data[:500] + b"\xff" * 500)
+    s3.drop_after(SAVE_INTERVAL + 7)  # a failure between two save points
+    out = download(s3.presign(KEY, 60), part, len(data), have=500, check_save=check)
+    assert out.error is None and out.data == data
+    assert 500 + SAVE_INTERVAL + 7 in out.saves  # the cut is recorded before the retry
+    assert out.saves == sorted(out.saves)
+
+
+def test_save_progress_after_restart_never_claims_old_bytes(s3: S3Emulator, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    data = payload(2 * SAVE_INTERVAL)
+    s3.put(KEY, data)
+    s3.ignore_range = True
+    part = tmp_path / "f.part"
+    part.write_bytes(b"\xaa" * 10_000)  # recorded bytes of a different object
+    synced = {"size": -1}
+    real_fsync = os.fsync
+
+    def spy_fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.fstat(fd).st_ino == os.stat(part).st_ino:
+            synced["size"] = os.fstat(fd).st_size
+
+    def check(n: int) -> None:
+        assert n == 0 or n <= synced["size"]
+        assert part.read_bytes()[:n] == data[:n]
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    out = download(s3.presign(KEY, 60), part, len(data), have=10_000, check_save=check)
+    assert out.error is None and out.data == data
+    assert out.saves[0] == 0
+
+
+def test_https_needs_the_ca(tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    data = payload(40_000)
+    with S3Emulator(tmp_path / "s3", tls=(pki.server.cert_file, pki.server.key_file)) as s3:
+        s3.put(KEY, data)
+        url = s3.presign(KEY, 60)
+        assert url.startswith("https://127.0.0.1:")
+        out = download(url, tmp_path / "a.part", len(data))
+        assert out.error is not None
+        assert out.error.reason.startswith("TLS certificate of 127.0.0.1 not trusted")
+        assert s3.requests == []
+        out = download(url, tmp_path / "b.part", len(data), ca_file=pki.ca_file)
+        assert out.error is None and out.data == data
+        monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_file))  # the system store honours it
+        out = download(url, tmp_path / "c.part", len(data))
+        assert out.error is None and out.data == data
+
+
+def test_refresh_from_http_to_https_uses_the_ca_file(s3: S3Emulator, tmp_path: Path, pki: Pki,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    data = payload(10_000)
+    s3.put(KEY, data)
+    s3.fail_next(1, status=403)
+    with S3Emulator(tmp_path / "tls", tls=(pki.server.cert_file, pki.server.key_file)) as secure:
+        secure.put(KEY, data)
+        out = download(s3.presign(KEY, 60), tmp_path / "f.part", len(data), ca_file=pki.ca_file,
+                       refresh=lambda: secure.presign(KEY, 60))
+        assert out.error is None and out.data == data
+        assert statuses(secure) == [200]
+
+
+def test_missing_ca_file_is_reported(s3: S3Emulator, tmp_path: Path) -> None:
+    out = download("https://127.0.0.1:1/b/k", tmp_path / "f.part", 10, ca_file=tmp_path / "nope.pem")
+    assert out.error is not None and out.error.reason.startswith("cannot load the CA file")
+
+
+def test_bad_urls_are_refused(tmp_path: Path) -> None:
+    for url in ("ftp://host/x", "file:///etc/passwd", "http:///nohost", "http://h:99999/x"):
+        with pytest.raises(HttpDownloadError):
+            HttpDownload(url=url, file_size=1, part_path=tmp_path / "p", have=0,
+                         save_progress=None, refresh_url=None)  # type: ignore[arg-type]
+
+
+def test_cancel_closes_the_connection_promptly(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(400_000)
+    s3.put(KEY, data)
+    s3.throttle(50_000)  # 8 s for the whole file
+    url = s3.presign(KEY, 60)
+
+    async def save(_n: int) -> None:
+        pass
+
+    async def refresh() -> str:
+        return url
+
+    async def main() -> float:
+        dl = HttpDownload(url=url, file_size=len(data), part_path=tmp_path / "f.part", have=0,
+                          save_progress=save, refresh_url=refresh)
+        task = asyncio.create_task(dl.run())
+        while s3.bytes_served < 20_000:
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - started
+
+    started = time.monotonic()
+    assert asyncio.run(main()) < 0.5
+    assert time.monotonic() - started < 3  # no worker thread left reading the body
+    time.sleep(0.2)  # the server may still push one slice into its socket buffer
+    served = s3.bytes_served
+    time.sleep(0.3)
+    assert s3.bytes_served == served  # the server saw the connection go away
+    assert served < len(data) // 2
+
+
+# -- answers that S3 does not give, from a raw socket server --
+
+
+class RawServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, respond: Callable[[dict[str, str], socket.socket], None]) -> None:
+        self.respond = respond
+        self.seen: list[dict[str, str]] = []
+        self.stop_event = threading.Event()
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(inner) -> None:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = inner.request.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                lines = head.decode().split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in
+                           (line.partition(":") for line in lines[1:] if line)}
+                self.seen.append(headers)
+                self.respond(headers, inner.request)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/bucket/key?X-Amz-Signature=abc"
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Callable[[dict[str, str], socket.socket], None]], RawServer]]:
+    servers: list[RawServer] = []
+
+    def make(respond: Callable[[dict[str, str], socket.socket], None]) -> RawServer:
+        servers.append(RawServer(respond))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def start_of(headers: dict[str, str]) -> int:
+    rng = headers.get("range")
+    return int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
+
+
+def test_content_range_not_at_have_restarts_from_scratch(raw_server, tmp_path: Path) -> None:
+    data = payload(4096)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if "range" in headers:  # answers with the wrong part
+            sock.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/4096\r\n"
+                         b"Content-Length: 4096\r\nConnection: close\r\n\r\n" + data)
+        else:
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\nConnection: close\r\n\r\n" + data)
+
+    server = raw_server(respond)
+    part = tmp_path / "f.part"
+    part.write_bytes(data[:1000])
+    out = download(server.url, part, len(data), have=1000)
+    assert out.error is None and out.data == data
+    assert [h.get("range") for h in server.seen] == ["bytes=1000-", None]
+    assert out.saves == [0, len(data)]
+
+
+def test_partial_206_answers_are_continued(raw_server, tmp_path: Path) -> None:
+    data = payload(4500)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        first = start_of(headers)
+        last = min(first + 999, len(data) - 1)
+        sock.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (first, last, len(data), last - first + 1)
+                     + data[first:last + 1])
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data))
+    assert out.error is None and out.data == data
+    assert [start_of(h) for h in server.seen] == [0, 1000, 2000, 3000, 4000]
+
+
+def test_stalled_body_times_out(raw_server, tmp_path: Path) -> None:
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        server.stop_event.wait(5)
+
+    server = raw_server(respond)
+    started = time.monotonic()
+    out = download(server.url, tmp_path / "f.part", 1000, timeout=0.2, max_attempts=2)
+    assert out.error is not None
+    assert out.error.reason.startswith("transfer from 127.0.0.1 failed after byte 0: timed out")
+    assert out.error.reason.endswith("after 2 attempts")
+    assert time.monotonic() - started < 2
+
+
+def test_close_delimited_body_cut_short_is_resumed(raw_server, tmp_path: Path) -> None:
+    data = payload(3000)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        first = start_of(headers)
+        if first == 0:  # no Content-Length, cut after 1200 bytes: looks like a normal end
+            sock.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + data[:1200])
+        else:
+            sock.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\n"
+                         b"Connection: close\r\n\r\n" % (first, len(data) - 1, len(data)) + data[first:])
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data))
+    assert out.error is None and out.data == data
+    assert [h.get("range") for h in server.seen] == [None, "bytes=1200-"]
+
+
+def test_wrong_total_in_content_range_fails(raw_server, tmp_path: Path) -> None:
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-19/8000\r\n"
+                     b"Content-Length: 10\r\nConnection: close\r\n\r\n" + b"x" * 10)
+
+    server = raw_server(respond)
+    part = tmp_path / "f.part"
+    part.write_bytes(b"y" * 10)
+    out = download(server.url, part, 20, have=10)
+    assert out.error is not None
+    assert out.error.reason == "server sent 8000 bytes but the job says filesize 20"
+
+
+def test_unexpected_status_is_final(raw_server, tmp_path: Path) -> None:
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 301 Moved Permanently\r\nLocation: http://elsewhere/\r\n"
+                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", 20)
+    assert out.error is not None and out.error.reason == "HTTP 301 from 127.0.0.1"
+    assert len(server.seen) == 1
+
+
+def test_module_uses_only_the_standard_library() -> None:
+    source = Path(http_download.__file__).read_text()
+    for name in ("requests", "httpx", "aiohttp", "urllib3"):
+        assert f"import {name}" not in source
