@@ -271,3 +271,19 @@ def format_devices(answer: dict[str, Any]) -> list[str]:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------ demo
+
+
+@subcommand
+def add_demo(sub: Any) -> None:
+    from gatewayd import demo
+
+    p = sub.add_parser("demo", help="run the whole flow against emulated AWS IoT and devices",
+                       description="Start a local mosquitto, the AWS IoT emulator, emulated devices "
+                                   "and ota-gatewayd; send signed OTA updates; show live progress "
+                                   "and a final per-device table. Needs mosquitto installed.")
+    demo.add_arguments(p)
+    p.set_defaults(run=demo.run)
+

@@ -400,9 +400,10 @@ class JobManager:
         jobs = []
         for job in self._state.recent_jobs(20):
             devices = self._device_statuses(job)
+            done, total = self._progress(job) or (0, 0)
             jobs.append({"job_id": job.job_id, "thing": job.thing, "kind": job.kind,
                          "phase": self._job_word(job, devices), "status": job.final_status or job.cloud_status,
-                         "reason": job.reason, "progress": self._progress(job), "open": not job.final_sent})
+                         "reason": job.reason, "done": done, "total": total, "open": not job.final_sent})
         devices = []
         for d in self._config.devices:
             latest = self._state.device_transfers(d.name, 1)

@@ -231,15 +231,13 @@ class DeviceRelay:
                 return  # the next round reads the image list again
             else:
                 running = active.version if active else "unknown"
-                raise TransferEnded("failed", f"reverted to {running}: {self.device.name} rolled back from "
-                                    f"{image.version} after the test boot")
+                raise TransferEnded("failed", f"rolled back to {running} after the test boot of {image.version}")
         if record.phase == "confirming":
             slots = await client.image_list()
             active = _active(slots)
             if active is None or active.hash != image.hash:
                 running = active.version if active else "unknown"
-                raise TransferEnded("failed", f"reverted to {running}: {self.device.name} rolled back from "
-                                    f"{image.version} before it was confirmed")
+                raise TransferEnded("failed", f"rolled back to {running} before {image.version} was confirmed")
             if not active.confirmed:
                 await client.confirm(image.hash)
                 active = _active(await client.image_list())

@@ -355,6 +355,10 @@ class AwsIotEmulator:
         if info.rc != 0:
             log.warning("AWS IoT emulator: publish to %s failed rc=%s", topic, info.rc)
 
+    def publish_raw(self, topic: str, payload: bytes) -> None:
+        """Publish any bytes as the service (malformed messages for conformance tests)."""
+        self._publish(topic, payload)
+
     # --- jobs: control plane (test side) ---
 
     def create_job(self, job_id: str, targets: Iterable[str], document: dict[str, Any]) -> Job:
