@@ -125,7 +125,7 @@ class _Pending:
 class _Execution:
     thing: str
     job_id: str
-    pending: _Pending | None = None
+    queue: list[_Pending] = field(default_factory=list)  # one entry per status word not yet sent
     last_word: str | None = None
     last_sent: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -156,9 +156,13 @@ class Reporter:
         ex = self._executions.get((thing, job_id))
         if ex is None:
             ex = self._executions[(thing, job_id)] = _Execution(thing, job_id)
-        if ex.pending and ex.pending.final and not final:
+        if ex.queue and ex.queue[-1].final:
             return
-        ex.pending = _Pending(status, details, details.get("phase", ""), final)
+        update = _Pending(status, details, details.get("phase", ""), final)
+        if ex.queue and ex.queue[-1].word == update.word and not final:
+            ex.queue[-1] = update  # same word: only the newest details matter
+        else:
+            ex.queue.append(update)  # a new word is always reported, however soon
         ex.wake.set()
         if ex.task is None or ex.task.done():
             ex.task = asyncio.get_running_loop().create_task(self._run(ex), name=f"report {thing}/{job_id}")
@@ -181,8 +185,8 @@ class Reporter:
         self._executions.clear()
 
     async def _run(self, ex: _Execution) -> None:
-        while ex.pending is not None:
-            pending = ex.pending
+        while ex.queue:
+            pending = ex.queue[0]
             wait = 0.0
             if pending.word == ex.last_word and not pending.final:
                 wait = ex.last_sent + self._min_interval - time.monotonic()
@@ -193,10 +197,10 @@ class Reporter:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            sent = await self._send(ex, pending)
-            if ex.pending is pending and sent:
-                ex.pending = None
-            if not sent:
+            if await self._send(ex, pending):
+                if ex.queue and ex.queue[0] is pending:
+                    ex.queue.pop(0)
+            else:
                 await asyncio.sleep(self._retry_interval)
 
     async def _send(self, ex: _Execution, pending: _Pending) -> bool:
