@@ -14,7 +14,6 @@ import asyncio
 import fnmatch
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .logs import log_fields
 from .mcuboot import ImageError, inspect_image
 from .relay import RelayImage, RelayManager, TransferKey, word_of
 from .report import DeviceStatus, Reporter, status_details
-from .state import FINAL_WORDS, JobRecord, StateDB, TransferRecord
+from .state import JobRecord, StateDB, TransferRecord
 from .verify import VerificationError, load_signer, verify_file
 
 log = logging.getLogger("gatewayd.jobs")

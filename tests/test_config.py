@@ -92,7 +92,7 @@ def test_minimal_config_has_design_defaults(tmp_path: Path) -> None:
 
 
 def test_relative_paths_resolve_against_the_files_folder(tmp_path: Path, monkeypatch) -> None:
-    path = write_config(tmp_path / "etc", MINIMAL + """
+    write_config(tmp_path / "etc", MINIMAL + """
 [signing]
 certificates = { "ota_signer.pem" = "signer.pem", "abs.pem" = "/opt/x/abs.pem" }
 """.replace('"/opt/x/abs.pem"', f'"{tmp_path}/etc/signer.pem"'))

@@ -1,0 +1,451 @@
+"""AWS IoT Jobs MQTT API client (aws-iot-ota.md §1) for the gateway and its proxied things.
+
+Knows nothing of OTA documents: it hands each job execution (with its raw jobDocument) to
+`on_execution`. A plain broker delivers replies only to subscribers, so `serve()`
+subscribes to the reply topics (AWS would deliver them anyway); replies are correlated by
+clientToken and checked against the thing, job and operation they answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import random
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gatewayd.mqtt import MqttClient, MqttError
+
+log = logging.getLogger("gatewayd.cloud")
+
+THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+JOB_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_DETAIL_KEY = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+DEVICE_STATUSES = ("IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
+TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED")
+MAX_STATUS_DETAILS = 10
+_GONE = ("ResourceNotFound", "TerminalStateReached")
+_STOP = object()
+
+
+class JobsError(Exception):
+    """A Jobs request was rejected (code and message from the rejected document)."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JobExecution:
+    thing_name: str
+    job_id: str
+    status: str
+    version_number: int
+    execution_number: int | None
+    document: Any  # the raw jobDocument object
+    status_details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    accepted: bool
+    code: str | None
+    message: str
+    status: str | None
+    version_number: int | None
+    status_details: dict[str, str] | None = None
+
+
+OnExecution = Callable[[str, "JobExecution | None"], Awaitable[None]]
+
+
+def validate_thing_name(thing: str) -> None:
+    if not isinstance(thing, str) or not THING_NAME.fullmatch(thing):
+        raise ValueError(f"invalid thing name {thing!r}")
+
+
+def validate_job_id(job_id: str) -> None:
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise ValueError(f"invalid job id {job_id!r}")
+
+
+def validate_status_details(details: dict[str, str]) -> None:
+    """AWS limits: <= 10 pairs, keys [a-zA-Z0-9:_-]{1,128}, values 1..1024 chars, no controls."""
+    if len(details) > MAX_STATUS_DETAILS:
+        raise ValueError(f"{len(details)} statusDetails pairs (at most {MAX_STATUS_DETAILS})")
+    for key, value in details.items():
+        if not isinstance(key, str) or not _DETAIL_KEY.fullmatch(key):
+            raise ValueError(f"invalid statusDetails key {key!r}")
+        if not isinstance(value, str) or not 1 <= len(value) <= 1024 or _CONTROL.search(value):
+            raise ValueError(f"invalid statusDetails value for {key!r}: {value!r}")
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def parse_execution(thing: str, obj: Any) -> JobExecution:
+    """A JobExecution object from a Jobs reply or notification; raises ValueError."""
+    if not isinstance(obj, dict):
+        raise ValueError("execution is not an object")
+    job_id = obj.get("jobId")
+    validate_job_id(job_id)
+    if "thingName" in obj and obj["thingName"] != thing:
+        raise ValueError(f"execution is for thing {obj['thingName']!r}, not {thing!r}")
+    status = obj.get("status")
+    if not isinstance(status, str):
+        raise ValueError("execution has no status")
+    version = _int_or_none(obj.get("versionNumber"))
+    if version is None:
+        raise ValueError("execution has no versionNumber")
+    document = obj.get("jobDocument")
+    if isinstance(document, str):  # over MQTT it is an object; tolerate the HTTP shape
+        try:
+            document = json.loads(document)
+        except ValueError:
+            pass
+    details = obj.get("statusDetails") or {}
+    if not isinstance(details, dict):
+        raise ValueError("statusDetails is not an object")
+    return JobExecution(
+        thing_name=thing,
+        job_id=job_id,
+        status=status,
+        version_number=version,
+        execution_number=_int_or_none(obj.get("executionNumber")),
+        document=document,
+        status_details={str(k): str(v) for k, v in details.items()},
+    )
+
+
+def _execution_state(doc: dict[str, Any]) -> tuple[str | None, int | None, dict[str, str] | None]:
+    state = doc.get("executionState")
+    if not isinstance(state, dict):
+        return None, None, None
+    status = state.get("status") if isinstance(state.get("status"), str) else None
+    details = state.get("statusDetails")
+    return (status, _int_or_none(state.get("versionNumber")),
+            {str(k): str(v) for k, v in details.items()} if isinstance(details, dict) else None)
+
+
+@dataclass
+class _Call:
+    thing: str
+    job: str  # job id or "$next"
+    op: str  # "get" | "update"
+    future: asyncio.Future[tuple[str, dict[str, Any]]]
+
+
+class JobsClient:
+    """Jobs MQTT API for the things served over one MQTT connection."""
+
+    def __init__(
+        self,
+        mqtt: MqttClient,
+        on_execution: OnExecution,
+        *,
+        request_timeout: float = 30.0,
+        retry_backoff: float = 1.0,
+        max_retry_backoff: float = 60.0,
+        subscribe_replies: bool = True,
+    ) -> None:
+        """`subscribe_replies=False` suits AWS IoT itself, which delivers accepted/rejected
+        replies to the requesting client unasked: one subscription per thing
+        (notify-next) instead of three, against the 50-per-connection quota."""
+        self._mqtt = mqtt
+        self._subscribe_replies = subscribe_replies
+        self._on_execution = on_execution
+        self._timeout = request_timeout
+        self._backoff = retry_backoff
+        self._max_backoff = max_retry_backoff
+        self._served: dict[str, list[tuple[str, Callable[[str, bytes], None], bool]]] = {}
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._calls: dict[str, _Call] = {}
+        self._prefix = secrets.token_hex(3)
+        self._counter = itertools.count(1)
+        mqtt.add_connect_listener(self._on_connect)
+
+    @property
+    def served(self) -> list[str]:
+        return list(self._served)
+
+    # -- serving --
+
+    async def serve(self, thing_name: str) -> None:
+        """Subscribe to `thing_name`'s job topics and ask for its next job.
+
+        on_execution is then awaited (in order, per thing) for every notify-next, every
+        `$next/get` reply and after every reconnect.
+        """
+        validate_thing_name(thing_name)
+        if thing_name in self._served:
+            return
+        base = f"$aws/things/{thing_name}/jobs"
+        subs = [
+            (f"{base}/notify-next", self._handle_notify_next, False),
+            (f"{base}/+/get/+", self._handle_reply, not self._subscribe_replies),
+            (f"{base}/+/update/+", self._handle_reply, not self._subscribe_replies),
+        ]
+        self._served[thing_name] = subs
+        self._queues[thing_name] = asyncio.Queue()
+        self._workers[thing_name] = asyncio.get_running_loop().create_task(self._worker(thing_name))
+        try:
+            for flt, handler, local_only in subs:
+                await self._mqtt.subscribe(flt, handler, qos=1, local_only=local_only)
+        except BaseException:
+            await self.unserve(thing_name)
+            raise
+        if self._mqtt.connected:
+            self._spawn(self._refresh(thing_name))
+
+    async def unserve(self, thing_name: str) -> None:
+        subs = self._served.pop(thing_name, None)
+        if subs is None:
+            return
+        self._workers.pop(thing_name, None)
+        queue = self._queues.pop(thing_name, None)
+        if queue is not None:
+            # stop the worker without cancelling an on_execution that may be running
+            # (it may be the caller of unserve)
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(_STOP)
+        for flt, handler, _ in subs:
+            await self._mqtt.unsubscribe(flt, handler)
+        for token, call in list(self._calls.items()):
+            if call.thing == thing_name and not call.future.done():
+                call.future.set_exception(JobsError("NotServed", f"{thing_name} is no longer served"))
+
+    async def close(self) -> None:
+        for thing in list(self._served):
+            await self.unserve(thing)
+        for task in list(self._tasks):
+            task.cancel()
+        self._mqtt.remove_connect_listener(self._on_connect)
+
+    async def _on_connect(self) -> None:
+        # Case 47: after every (re)connect ask again, the job may have moved meanwhile.
+        for thing in list(self._served):
+            self._spawn(self._refresh(thing))
+
+    async def _refresh(self, thing: str) -> None:
+        try:
+            await self.get_next(thing)
+        except (MqttError, JobsError) as e:
+            log.warning("asking for the next job of %s failed: %s", thing, e)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _deliver(self, thing: str, execution: JobExecution | None) -> None:
+        queue = self._queues.get(thing)
+        if queue is not None:
+            queue.put_nowait(execution)
+
+    async def _worker(self, thing: str) -> None:
+        queue = self._queues[thing]
+        while True:
+            execution = await queue.get()
+            if execution is _STOP:
+                return
+            try:
+                await self._on_execution(thing, execution)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("on_execution failed for %s", thing)
+
+    # -- requests --
+
+    async def get_next(self, thing_name: str) -> JobExecution | None:
+        """DescribeJobExecution for `$next`; the reply also goes to on_execution."""
+        validate_thing_name(thing_name)
+        result, doc = await self._request(thing_name, "$next", "get", {"includeJobDocument": True})
+        if result == "rejected":
+            raise JobsError(str(doc.get("code", "Unknown")), str(doc.get("message", "")))
+        return self._execution_from(thing_name, doc)
+
+    async def describe(self, thing_name: str, job_id: str) -> JobExecution | None:
+        """DescribeJobExecution; None when the execution is gone."""
+        validate_thing_name(thing_name)
+        validate_job_id(job_id)
+        result, doc = await self._request(thing_name, job_id, "get", {"includeJobDocument": True})
+        if result == "rejected":
+            code = str(doc.get("code", "Unknown"))
+            if code in _GONE:
+                return None
+            raise JobsError(code, str(doc.get("message", "")))
+        return self._execution_from(thing_name, doc)
+
+    async def update(
+        self,
+        thing_name: str,
+        job_id: str,
+        status: str,
+        status_details: dict[str, str] | None,
+        *,
+        expected_version: int | None = None,
+        execution_number: int | None = None,
+    ) -> UpdateResult:
+        """UpdateJobExecution; rejections come back as UpdateResult(accepted=False).
+
+        Retried on reply timeouts while connected (a retry after a lost reply may be
+        answered VersionMismatch/InvalidStateTransition: read `status`). Raises MqttError
+        when the connection is down, ValueError on invalid arguments.
+        """
+        validate_thing_name(thing_name)
+        validate_job_id(job_id)
+        if status not in DEVICE_STATUSES:
+            raise ValueError(f"a device may not set status {status!r}")
+        body: dict[str, Any] = {"status": status}
+        if status_details is not None:
+            validate_status_details(status_details)
+            body["statusDetails"] = dict(status_details)
+        if expected_version is not None:
+            body["expectedVersion"] = expected_version
+        if execution_number is not None:
+            body["executionNumber"] = execution_number
+        body["includeJobExecutionState"] = True
+        result, doc = await self._request(thing_name, job_id, "update", body)
+        state_status, version, details = _execution_state(doc)
+        if result == "accepted":
+            return UpdateResult(True, None, "", state_status, version, details)
+        return UpdateResult(False, str(doc.get("code", "Unknown")), str(doc.get("message", "")),
+                            state_status, version, details)
+
+    def _token(self, thing: str) -> str:
+        head = f"{self._prefix}{next(self._counter)}:"
+        return head + thing[: 64 - len(head)]
+
+    async def _request(self, thing: str, job: str, op: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Publish a request and wait for its reply, retrying lost ones while connected."""
+        if thing not in self._served:
+            raise JobsError("NotServed", f"thing {thing} is not served")
+        topic = f"$aws/things/{thing}/jobs/{job}/{op}"
+        loop = asyncio.get_running_loop()
+        call = _Call(thing, job, op, loop.create_future())
+        tokens: list[str] = []
+        attempt = 0
+        try:
+            while True:
+                if thing not in self._served:
+                    raise JobsError("NotServed", f"thing {thing} is no longer served")
+                token = self._token(thing)
+                tokens.append(token)
+                self._calls[token] = call
+                payload = json.dumps(dict(body, clientToken=token), separators=(",", ":"))
+                try:
+                    await self._mqtt.publish(topic, payload, qos=1)
+                    result, doc = await asyncio.wait_for(asyncio.shield(call.future), self._timeout)
+                except (asyncio.TimeoutError, MqttError) as e:
+                    if isinstance(e, MqttError) and e.code is not None:
+                        raise  # the broker refused it (e.g. not authorised): retrying won't help
+                    if not self._mqtt.connected:
+                        raise MqttError(f"{op} {topic}: not connected") from e
+                    attempt += 1
+                    log.warning("no reply to %s (attempt %d): %s; retrying", topic, attempt,
+                                str(e) or "timeout")
+                    await asyncio.sleep(self._retry_delay(attempt - 1) if isinstance(e, MqttError) else 0)
+                    continue
+                if result == "rejected" and doc.get("code") == "RequestThrottled":
+                    attempt += 1
+                    delay = self._retry_delay(attempt - 1)
+                    log.info("%s throttled; retrying in %.1f s", topic, delay)
+                    call.future = loop.create_future()
+                    await asyncio.sleep(delay)
+                    continue
+                return result, doc
+        finally:
+            for token in tokens:
+                self._calls.pop(token, None)
+            if not call.future.done():
+                call.future.cancel()
+            elif not call.future.cancelled():
+                call.future.exception()  # retrieved: no "never retrieved" noise
+
+    def _retry_delay(self, attempt: int) -> float:
+        base = min(self._max_backoff, self._backoff * 2 ** min(attempt, 30))
+        return random.uniform(base / 2, base)
+
+    # -- incoming --
+
+    def _parse(self, topic: str, payload: bytes) -> tuple[str, list[str], dict[str, Any]] | None:
+        """(thing, rest of topic after jobs/, JSON document) or None to ignore."""
+        parts = topic.split("/")
+        if len(parts) < 5 or parts[:2] != ["$aws", "things"] or parts[3] != "jobs":
+            return None
+        thing = parts[2]
+        if thing not in self._served:
+            log.debug("ignoring %s: thing not served", topic)
+            return None
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            log.warning("ignoring invalid JSON on %s", topic)
+            return None
+        if not isinstance(doc, dict):
+            log.warning("ignoring non-object JSON on %s", topic)
+            return None
+        return thing, parts[4:], doc
+
+    def _execution_from(self, thing: str, doc: dict[str, Any]) -> JobExecution | None:
+        if "execution" not in doc or doc["execution"] is None:
+            return None  # {"clientToken","timestamp"} / {"timestamp"}: no job
+        return parse_execution(thing, doc["execution"])
+
+    def _handle_notify_next(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, payload)
+        if parsed is None:
+            return
+        thing, _, doc = parsed
+        try:
+            execution = self._execution_from(thing, doc)
+        except ValueError as e:
+            log.warning("ignoring notify-next for %s: %s", thing, e)
+            return
+        self._deliver(thing, execution)
+
+    def _handle_reply(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, payload)
+        if parsed is None:
+            return
+        thing, rest, doc = parsed
+        if len(rest) != 3 or rest[2] not in ("accepted", "rejected"):
+            return
+        job, op, result = rest
+        if job == "$next" and op == "get":
+            if result == "accepted":
+                try:
+                    self._deliver(thing, self._execution_from(thing, doc))
+                except ValueError as e:
+                    log.warning("ignoring $next/get reply for %s: %s", thing, e)
+            else:
+                log.warning("$next/get rejected for %s: %s %s", thing, doc.get("code"), doc.get("message", ""))
+        token = doc.get("clientToken")
+        call = self._calls.get(token) if isinstance(token, str) else None
+        if call is None:
+            return
+        if (call.thing, call.job, call.op) != (thing, job, op):
+            log.warning("ignoring reply on %s: its clientToken belongs to %s/%s/%s", topic, call.thing,
+                        call.job, call.op)
+            return
+        if not call.future.done():
+            call.future.set_result((result, doc))

@@ -1,0 +1,663 @@
+"""A small typed asyncio face on paho-mqtt (1.6.1 and 2.x), in the manner of aiomqtt.
+
+paho runs its own network thread (`loop_start`); every callback from that thread is
+normalised by the adapters below and handed to the asyncio loop with
+`call_soon_threadsafe`, so message handlers, acknowledgements and connect listeners all run
+on the event loop. paho's own reconnect loop is kept, but the wait before each attempt is
+set by us (1 s doubling to 60 s, each wait drawn from [d/2, d]) through the public
+`reconnect_delay_set`, called from the disconnect callbacks just before paho waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+
+log = logging.getLogger("gatewayd.mqtt")
+
+Handler = Callable[[str, bytes], Any]
+ConnectListener = Callable[[], Awaitable[None]]
+
+MAX_FILTERS_PER_SUBSCRIBE = 8  # AWS IoT Core limit
+_ACK_TIMEOUT = 10.0
+_PAHO2 = hasattr(paho, "CallbackAPIVersion")
+
+
+class MqttError(Exception):
+    """Not connected, refused by the broker, or no acknowledgement in time."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- paho 1.6 / 2.x adapters ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    """A normalised paho result: `ok` is the only thing to branch on."""
+
+    code: int
+    reason: str
+    ok: bool
+
+
+def _result(rc: Any, *, kind: str = "connack") -> Result:
+    """ReasonCode (2.x), ReasonCodes (1.6 MQTT 5) or a plain int (1.6 MQTT 3.1.1)."""
+    if rc is None:
+        return Result(0, "Success", True)
+    if hasattr(rc, "value"):
+        failure = getattr(rc, "is_failure", None)
+        ok = (not failure) if isinstance(failure, bool) else rc.value < 0x80
+        name = rc.getName() if hasattr(rc, "getName") else str(rc)
+        return Result(int(rc.value), str(name), ok)
+    code = int(rc)
+    if kind == "connack":
+        return Result(code, paho.connack_string(code), code == 0)
+    if kind == "suback":  # 3.1.1 granted QoS, 0x80 = failure
+        return Result(code, "Failure" if code >= 0x80 else f"Granted QoS {code}", code < 0x80)
+    return Result(code, paho.error_string(code), code == 0)
+
+
+def _adapt_connect(cb: Callable[[Result], None]) -> Callable[..., None]:
+    # 2.x: (c, ud, flags, ReasonCode, props); 1.6: (c, ud, flags, rc) or (..., ReasonCodes, props)
+    def on_connect(_c: Any, _ud: Any, _flags: Any, rc: Any, _props: Any = None) -> None:
+        cb(_result(rc, kind="connack"))
+
+    return on_connect
+
+
+def _adapt_disconnect(cb: Callable[[Result], None]) -> Callable[..., None]:
+    # 2.x: (c, ud, DisconnectFlags, ReasonCode, props); 1.6: (c, ud, rc) or (c, ud, rc, props)
+    def on_disconnect(_c: Any, _ud: Any, *args: Any) -> None:
+        if _PAHO2:
+            rc = args[1] if len(args) > 1 else None
+        else:
+            rc = args[0] if args else None
+        cb(_result(rc, kind="error"))
+
+    return on_disconnect
+
+
+def _adapt_publish(cb: Callable[[int, Result], None]) -> Callable[..., None]:
+    # 2.x: (c, ud, mid, ReasonCode, props); 1.6: (c, ud, mid) without any PUBACK reason
+    def on_publish(_c: Any, _ud: Any, mid: int, rc: Any = None, _props: Any = None) -> None:
+        cb(mid, _result(rc, kind="error"))
+
+    return on_publish
+
+
+def _adapt_subscribe(cb: Callable[[int, list[Result]], None]) -> Callable[..., None]:
+    # 2.x: (c, ud, mid, [ReasonCode], props); 1.6: (c, ud, mid, granted_qos) or (..., [ReasonCodes], props)
+    def on_subscribe(_c: Any, _ud: Any, mid: int, granted: Any, _props: Any = None) -> None:
+        cb(mid, [_result(g, kind="suback") for g in granted])
+
+    return on_subscribe
+
+
+def _adapt_unsubscribe(cb: Callable[[int], None]) -> Callable[..., None]:
+    # 2.x: (c, ud, mid, [ReasonCode], props); 1.6: (c, ud, mid) or (c, ud, mid, props, reasons)
+    def on_unsubscribe(_c: Any, _ud: Any, mid: int, *_rest: Any) -> None:
+        cb(mid)
+
+    return on_unsubscribe
+
+
+class _Paho(paho.Client):
+    """paho.Client whose network thread survives an exception in its loop.
+
+    paho 1.6.1 lets an ssl.SSLError raised by recv() (e.g. the broker's TLS alert after
+    refusing our certificate) escape `loop_forever`, which silently ends the thread and
+    with it every reconnect. We treat that like a lost connection instead.
+    """
+
+    gw_lost: Callable[[BaseException], float | None] | None = None
+    gw_stop: threading.Event | None = None
+
+    def loop_forever(self, *args: Any, **kwargs: Any) -> Any:
+        while True:
+            try:
+                return super().loop_forever(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                delay = self.gw_lost(exc) if self.gw_lost else None
+                if delay is None or self.gw_stop is None:
+                    raise
+                if self.gw_stop.wait(delay):
+                    return paho.MQTT_ERR_SUCCESS
+                try:
+                    self.reconnect()
+                except Exception:  # noqa: BLE001
+                    if self.on_connect_fail:
+                        self.on_connect_fail(self, None)
+
+
+def _new_paho(client_id: str, protocol: str) -> _Paho:
+    proto = paho.MQTTv5 if protocol == "v5" else paho.MQTTv311
+    kwargs: dict[str, Any] = {"client_id": client_id, "protocol": proto}
+    if proto != paho.MQTTv5:
+        kwargs["clean_session"] = True
+    if _PAHO2:
+        return _Paho(paho.CallbackAPIVersion.VERSION2, **kwargs)
+    return _Paho(**kwargs)
+
+
+# --- topic filters ------------------------------------------------------------------------
+
+
+def validate_filter(topic_filter: str) -> None:
+    """Raise ValueError unless `topic_filter` is a well-formed MQTT topic filter."""
+    if not topic_filter or len(topic_filter.encode()) > 65535 or "\0" in topic_filter:
+        raise ValueError(f"invalid topic filter {topic_filter!r}")
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"'#' must be a whole last level: {topic_filter!r}")
+        if "+" in level and level != "+":
+            raise ValueError(f"'+' must be a whole level: {topic_filter!r}")
+
+
+def validate_topic(topic: str) -> None:
+    """Raise ValueError unless `topic` is a valid topic name to publish to."""
+    if not topic or "+" in topic or "#" in topic or "\0" in topic or len(topic.encode()) > 65535:
+        raise ValueError(f"invalid topic {topic!r}")
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching of `topic` against `topic_filter` (`+`, `#`, and `$` topics)."""
+    flevels = topic_filter.split("/")
+    tlevels = topic.split("/")
+    if topic.startswith("$") and flevels[0] in ("+", "#"):
+        return False
+    for i, f in enumerate(flevels):
+        if f == "#":
+            return True
+        if i >= len(tlevels):
+            return False
+        if f != "+" and f != tlevels[i]:
+            return False
+    return len(flevels) == len(tlevels)
+
+
+# --- the client ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Ack:
+    kind: str  # "publish" | "subscribe" | "unsubscribe"
+    future: asyncio.Future[Any] | None  # None: nobody waits, swallow the ack
+
+
+class MqttClient:
+    """One MQTT connection with mutual TLS, reconnecting in the background.
+
+    Subscriptions are remembered and restored after every reconnect (the session is
+    always clean). Several handlers may share a topic filter; the filter is unsubscribed
+    from the broker when its last handler goes.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        ca_file: str | Any,
+        cert_file: str | Any,
+        key_file: str | Any,
+        keepalive: int = 60,
+        protocol: str | None = None,
+        reconnect_min_delay: float = 1.0,
+        reconnect_max_delay: float = 60.0,
+    ) -> None:
+        if protocol is None:
+            protocol = "v5" if hasattr(paho, "MQTTv5") else "v311"
+        if protocol not in ("v5", "v311"):
+            raise ValueError(f"protocol must be 'v5' or 'v311', not {protocol!r}")
+        self.host = host
+        self.port = int(port)
+        self.client_id = client_id
+        self.protocol = protocol
+        self._ca_file = str(ca_file)
+        self._cert_file = str(cert_file)
+        self._key_file = str(key_file)
+        self._keepalive = keepalive
+        self._min_delay = reconnect_min_delay
+        self._max_delay = reconnect_max_delay
+        self._attempt = 0
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: paho.Client | None = None
+        self._connected = False
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._generation = 0
+        self._ready: asyncio.Event | None = None
+
+        self._handlers: dict[str, list[Handler]] = {}
+        self._qos: dict[str, int] = {}
+        self._listeners: list[ConnectListener] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+        self._ack_lock = threading.Lock()
+        self._acks: dict[int, _Ack] = {}
+        self._early: dict[int, Any] = {}
+
+    # -- lifecycle --
+
+    @property
+    def connected(self) -> bool:
+        """The MQTT connection is up (subscriptions may still be being restored)."""
+        return self._connected
+
+    @property
+    def ready(self) -> bool:
+        """Connected and every remembered subscription restored (what wait_connected waits for)."""
+        return self._connected and self._ready is not None and self._ready.is_set()
+
+    def _tls_context(self) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(cafile=self._ca_file)
+            ctx.load_cert_chain(self._cert_file, self._key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise MqttError(f"cannot load TLS files: {e}") from e
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.port == 443:
+            ctx.set_alpn_protocols(["x-amzn-mqtt-ca"])
+        return ctx
+
+    async def start(self) -> None:
+        """Start connecting in the background and return at once."""
+        if self._client is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._stopping = False
+        client = _new_paho(self.client_id, self.protocol)
+        client.suppress_exceptions = True
+        client.tls_set_context(self._tls_context())
+        client.on_connect = _adapt_connect(self._cb_connect)
+        client.on_disconnect = _adapt_disconnect(self._cb_disconnect)
+        client.on_connect_fail = self._cb_connect_fail
+        client.on_publish = _adapt_publish(self._cb_publish)
+        client.on_subscribe = _adapt_subscribe(self._cb_subscribe)
+        client.on_unsubscribe = _adapt_unsubscribe(self._cb_unsubscribe)
+        client.on_message = self._cb_message
+        client.gw_lost = self._cb_loop_crashed
+        client.gw_stop = self._stop_event = threading.Event()
+        self._client = client
+        self._set_next_delay()
+        kwargs: dict[str, Any] = {}
+        if self.protocol == "v5":
+            kwargs["clean_start"] = True
+        client.connect_async(self.host, self.port, self._keepalive, **kwargs)
+        client.loop_start()
+        log.info("connecting to %s:%d as %s (MQTT %s)", self.host, self.port, self.client_id,
+                 "5" if self.protocol == "v5" else "3.1.1")
+
+    async def stop(self) -> None:
+        """Send DISCONNECT, stop the network thread, fail whatever still waits."""
+        client = self._client
+        if client is None:
+            return
+        self._stopping = True
+        self._stop_event.set()
+        try:
+            client.disconnect()
+        except Exception:  # noqa: BLE001
+            log.debug("disconnect failed", exc_info=True)
+        await asyncio.to_thread(client.loop_stop)
+        self._client = None
+        self._connected = False
+        if self._ready is not None:
+            self._ready.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        with self._ack_lock:
+            acks, self._acks, self._early = self._acks, {}, {}
+        for ack in acks.values():
+            if ack.future is not None and not ack.future.done():
+                ack.future.set_exception(MqttError("client stopped"))
+        log.info("stopped")
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected and every subscription is restored.
+
+        Raises asyncio.TimeoutError after `timeout` seconds.
+        """
+        if self._ready is None:
+            raise MqttError("client not started")
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    def add_connect_listener(self, cb: ConnectListener) -> None:
+        """`await cb()` after each (re)connect, once subscriptions are restored."""
+        self._listeners.append(cb)
+
+    def remove_connect_listener(self, cb: ConnectListener) -> None:
+        if cb in self._listeners:
+            self._listeners.remove(cb)
+
+    # -- publish / subscribe --
+
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 10.0) -> None:
+        """Publish; with QoS 1 wait for the PUBACK. Raises MqttError."""
+        validate_topic(topic)
+        if qos not in (0, 1):
+            raise ValueError("AWS IoT supports QoS 0 and 1 only")
+        client = self._client
+        if client is None or not self._connected:
+            raise MqttError(f"not connected (publish to {topic})")
+        fut = self._loop_fut() if qos == 1 else None
+        info = client.publish(topic, payload, qos=qos)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self._register(info.mid, _Ack("publish", None))  # paho may still send it later
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}", int(info.rc))
+        result = self._register(info.mid, _Ack("publish", fut))
+        if fut is None:
+            return
+        if result is not None:
+            fut.set_result(result)
+        try:
+            res: Result = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self._forget(info.mid)
+            raise MqttError(f"no PUBACK for {topic} within {timeout} s") from None
+        if not res.ok:
+            raise MqttError(f"broker refused publish to {topic}: {res.reason}", res.code)
+
+    async def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, *,
+                        local_only: bool = False) -> None:
+        """Add `handler(topic, payload)` for `topic_filter`; SUBSCRIBE if the filter is new.
+
+        The subscription is remembered: when not connected it is made on the next
+        connect. Raises MqttError if the broker refuses it. `local_only` registers the
+        handler without a SUBSCRIBE, for messages the broker delivers unasked (AWS IoT
+        sends Jobs accepted/rejected replies to the requester).
+        """
+        validate_filter(topic_filter)
+        if qos not in (0, 1):
+            raise ValueError("AWS IoT supports QoS 0 and 1 only")
+        self._handlers.setdefault(topic_filter, []).append(handler)
+        if local_only:
+            return
+        old = self._qos.get(topic_filter)
+        if old is not None and qos <= old:
+            return
+        self._qos[topic_filter] = qos
+        if not self._connected:
+            return
+        try:
+            results = await self._send_subscribe([(topic_filter, qos)])
+        except MqttError:
+            if not self._connected:
+                return  # lost the connection meanwhile: restored on reconnect
+            self._undo_subscribe(topic_filter, handler, old)
+            raise
+        except BaseException:
+            self._undo_subscribe(topic_filter, handler, old)
+            raise
+        if results is not None and not results[0].ok:
+            self._undo_subscribe(topic_filter, handler, old)
+            raise MqttError(f"broker refused subscription to {topic_filter}: {results[0].reason}",
+                            results[0].code)
+
+    def _undo_subscribe(self, topic_filter: str, handler: Handler, old_qos: int | None) -> None:
+        handlers = self._handlers.get(topic_filter, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers:
+            self._handlers.pop(topic_filter, None)
+        if old_qos is None:
+            self._qos.pop(topic_filter, None)
+        else:
+            self._qos[topic_filter] = old_qos
+
+    async def unsubscribe(self, topic_filter: str, handler: Handler | None = None) -> None:
+        """Remove `handler` (all handlers if None); UNSUBSCRIBE when none is left."""
+        handlers = self._handlers.get(topic_filter)
+        if handlers is None:
+            return
+        if handler is None:
+            handlers.clear()
+        elif handler in handlers:
+            handlers.remove(handler)
+        if handlers:
+            return
+        del self._handlers[topic_filter]
+        if self._qos.pop(topic_filter, None) is None:
+            return  # local only
+        client = self._client
+        if client is None or not self._connected:
+            return
+        fut = self._loop_fut()
+        rc, mid = client.unsubscribe(topic_filter)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            return
+        if self._register(mid, _Ack("unsubscribe", fut)) is not None:
+            return
+        try:
+            await asyncio.wait_for(fut, _ACK_TIMEOUT)
+        except (asyncio.TimeoutError, MqttError):
+            self._forget(mid)
+            log.debug("no UNSUBACK for %s", topic_filter)
+
+    async def _send_subscribe(self, filters: list[tuple[str, int]]) -> list[Result] | None:
+        """SUBSCRIBE and wait for the SUBACK; None when the connection went away."""
+        client = self._client
+        if client is None:
+            raise MqttError("client not started")
+        fut = self._loop_fut()
+        rc, mid = client.subscribe(filters)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            raise MqttError(f"subscribe failed: {paho.error_string(rc)}", int(rc))
+        early = self._register(mid, _Ack("subscribe", fut))
+        if early is not None:
+            return early
+        try:
+            return await asyncio.wait_for(fut, _ACK_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._forget(mid)
+            raise MqttError(f"no SUBACK for {[f for f, _ in filters]}") from None
+
+    # -- acknowledgement bookkeeping (mids are shared by PUBLISH, SUBSCRIBE, UNSUBSCRIBE) --
+
+    def _loop_fut(self) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        return self._loop.create_future()
+
+    def _register(self, mid: int, ack: _Ack) -> Any:
+        """Remember who waits for `mid`; return the ack if it already came in (else None)."""
+        with self._ack_lock:
+            if mid in self._early:
+                return self._early.pop(mid)
+            self._acks[mid] = ack
+            return None
+
+    def _forget(self, mid: int) -> None:
+        with self._ack_lock:
+            if mid in self._acks:
+                self._acks[mid] = _Ack(self._acks[mid].kind, None)
+
+    def _ack(self, mid: int, result: Any) -> None:
+        """Network thread: a PUBACK/SUBACK/UNSUBACK (or QoS 0 send) for `mid`."""
+        with self._ack_lock:
+            ack = self._acks.pop(mid, None)
+            if ack is None:
+                self._early[mid] = result
+                return
+        if ack.future is not None:
+            self._call(_resolve, ack.future, result)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed
+            pass
+
+    # -- paho callbacks (network thread) --
+
+    def _next_delay(self) -> float:
+        base = min(self._max_delay, self._min_delay * (2 ** min(self._attempt, 30)))
+        return random.uniform(base / 2, base)
+
+    def _set_next_delay(self) -> float:
+        delay = self._next_delay()
+        if self._client is not None:
+            self._client.reconnect_delay_set(delay, delay)
+        return delay
+
+    def _cb_connect(self, res: Result) -> None:
+        try:
+            if not res.ok:
+                log.warning("connection to %s:%d refused: %s", self.host, self.port, res.reason)
+                return
+            self._attempt = 0
+            self._connected = True
+            self._generation += 1
+            log.info("connected to %s:%d", self.host, self.port)
+            self._call(self._after_connect_soon, self._generation)
+        except Exception:  # noqa: BLE001
+            log.exception("on_connect failed")
+
+    def _cb_disconnect(self, res: Result) -> None:
+        try:
+            was = self._connected
+            self._connected = False
+            self._call(self._on_disconnected)
+            if self._stopping:
+                log.info("disconnected")
+                return
+            delay = self._set_next_delay()
+            self._attempt += 1
+            if was:
+                log.warning("connection lost (%s); reconnecting in %.1f s", res.reason, delay)
+            else:
+                log.info("connection closed (%s); retrying in %.1f s", res.reason, delay)
+        except Exception:  # noqa: BLE001
+            log.exception("on_disconnect failed")
+
+    def _cb_connect_fail(self, _client: Any, _userdata: Any) -> None:
+        try:
+            if self._stopping:
+                return
+            delay = self._set_next_delay()
+            self._attempt += 1
+            log.warning("cannot connect to %s:%d; retrying in %.1f s", self.host, self.port, delay)
+        except Exception:  # noqa: BLE001
+            log.exception("on_connect_fail failed")
+
+    def _cb_loop_crashed(self, exc: BaseException) -> float | None:
+        """paho's loop raised: report a lost connection, return the wait (None = stop)."""
+        if self._stopping:
+            return None
+        log.debug("paho network loop raised", exc_info=exc)
+        delay = self._next_delay()
+        self._attempt += 1
+        if self._connected:
+            self._connected = False
+            self._call(self._on_disconnected)
+            log.warning("connection lost (%s: %s); reconnecting in %.1f s", type(exc).__name__, exc, delay)
+        else:
+            log.warning("connection to %s:%d failed (%s); retrying in %.1f s", self.host, self.port, exc, delay)
+        return delay
+
+    def _cb_publish(self, mid: int, res: Result) -> None:
+        self._ack(mid, res)
+
+    def _cb_subscribe(self, mid: int, results: list[Result]) -> None:
+        self._ack(mid, results)
+
+    def _cb_unsubscribe(self, mid: int) -> None:
+        self._ack(mid, True)
+
+    def _cb_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+        try:
+            topic = msg.topic
+            payload = bytes(msg.payload)
+        except Exception:  # noqa: BLE001
+            log.warning("dropping a message with an undecodable topic")
+            return
+        self._call(self._dispatch, topic, payload)
+
+    # -- loop side --
+
+    def _on_disconnected(self) -> None:
+        if self._ready is not None:
+            self._ready.clear()
+        # SUBSCRIBE/UNSUBSCRIBE are not resent by paho; QoS 1 PUBLISHes are.
+        with self._ack_lock:
+            lost = [(m, a) for m, a in self._acks.items() if a.kind != "publish"]
+            for mid, _ in lost:
+                del self._acks[mid]
+        for _, ack in lost:
+            if ack.future is not None and not ack.future.done():
+                ack.future.set_exception(MqttError("connection lost"))
+
+    def _after_connect_soon(self, generation: int) -> None:
+        self._spawn(self._after_connect(generation))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def _after_connect(self, generation: int) -> None:
+        filters = list(self._qos.items())
+        for i in range(0, len(filters), MAX_FILTERS_PER_SUBSCRIBE):
+            batch = filters[i : i + MAX_FILTERS_PER_SUBSCRIBE]
+            try:
+                results = await self._send_subscribe(batch)
+            except MqttError as e:
+                if generation != self._generation or not self._connected:
+                    return
+                log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch], e)
+                continue
+            for (flt, _), res in zip(batch, results or []):
+                if not res.ok:
+                    log.error("broker refused subscription to %s: %s", flt, res.reason)
+        if generation != self._generation or not self._connected:
+            return
+        if filters:
+            log.info("restored %d subscription(s)", len(filters))
+        assert self._ready is not None
+        self._ready.set()
+        for cb in list(self._listeners):
+            try:
+                await cb()
+            except Exception:  # noqa: BLE001
+                log.exception("connect listener %r failed", cb)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        for flt, handlers in list(self._handlers.items()):
+            if not topic_matches(flt, topic):
+                continue
+            for handler in list(handlers):
+                try:
+                    result = handler(topic, payload)
+                    if inspect.isawaitable(result):
+                        self._spawn(result)
+                except Exception:  # noqa: BLE001
+                    log.exception("handler for %s failed on %s", flt, topic)
+
+
+def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)

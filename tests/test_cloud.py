@@ -1,0 +1,408 @@
+"""gatewayd.cloud against a small AWS IoT Jobs responder written from aws-iot-ota.md §1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from gatewayd.cloud import JobExecution, JobsClient, JobsError, parse_execution, validate_status_details
+from tests.fixtures_cloud import Peer, eventually, make_client
+
+TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"}
+
+
+class FakeJobs:
+    """The Jobs MQTT API for any thing, answering on accepted/rejected topics.
+
+    Knobs: `drop` (ignore the next N requests), `throttle` (answer the next N with
+    RequestThrottled), `misroute` (answer the next N `$next/get` on another thing's topic).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.executions: dict[tuple[str, str], dict[str, Any]] = {}
+        self.order: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.drop = 0
+        self.throttle = 0
+        self.misroute: str | None = None
+        self.peer: Peer | None = None
+
+    def start(self, broker, pki) -> FakeJobs:
+        self.peer = Peer(broker, pki, responder=self.respond).start()
+        self.peer.subscribe("$aws/things/+/jobs/+/get", "$aws/things/+/jobs/+/update")
+        return self
+
+    def stop(self) -> None:
+        if self.peer:
+            self.peer.stop()
+
+    def _next(self, thing: str) -> dict[str, Any] | None:
+        pending = [self.executions[k] for k in self.order if k[0] == thing
+                   and self.executions[k]["status"] in ("QUEUED", "IN_PROGRESS")]
+        in_progress = [e for e in pending if e["status"] == "IN_PROGRESS"]
+        return (in_progress or pending or [None])[0]
+
+    def _notify_if_head_changed(self, thing: str, before: dict[str, Any] | None) -> None:
+        after = self._next(thing)
+        if (before or {}).get("jobId") != (after or {}).get("jobId"):
+            doc: dict[str, Any] = {"timestamp": int(time.time())}
+            if after:
+                doc["execution"] = dict(after)
+            self.peer.publish(f"$aws/things/{thing}/jobs/notify-next", json.dumps(doc), qos=1)
+
+    def create_job(self, thing: str, job_id: str, document: Any) -> None:
+        with self.lock:
+            before = self._next(thing)
+            self.executions[(thing, job_id)] = {
+                "jobId": job_id, "thingName": thing, "status": "QUEUED", "statusDetails": {},
+                "versionNumber": 1, "executionNumber": 1, "jobDocument": document,
+                "queuedAt": int(time.time()),
+            }
+            self.order.append((thing, job_id))
+            self._notify_if_head_changed(thing, before)
+
+    def cancel_job(self, thing: str, job_id: str) -> None:
+        with self.lock:
+            before = self._next(thing)
+            self.executions[(thing, job_id)]["status"] = "CANCELED"
+            self._notify_if_head_changed(thing, before)
+
+    def respond(self, peer: Peer, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
+        thing, job, op = parts[2], parts[4], parts[5]
+        req = json.loads(payload)
+        token = req.get("clientToken")
+        assert isinstance(token, str) and 0 < len(token) <= 64
+        with self.lock:
+            self.requests.append((topic, req))
+            if self.drop:
+                self.drop -= 1
+                return
+            reply_base = f"$aws/things/{thing}/jobs/{job}/{op}"
+
+            def reply(kind: str, doc: dict[str, Any], base: str = reply_base) -> None:
+                doc = dict(doc, clientToken=token, timestamp=int(time.time()))
+                peer.publish(f"{base}/{kind}", json.dumps(doc), qos=1)
+
+            if self.throttle:
+                self.throttle -= 1
+                return reply("rejected", {"code": "RequestThrottled", "message": "slow down"})
+            if op == "get":
+                if job == "$next":
+                    if self.misroute:
+                        other, self.misroute = self.misroute, None
+                        exe = self._next(other)
+                        return reply("accepted", {"execution": exe} if exe else {},
+                                     f"$aws/things/{other}/jobs/$next/get")
+                    exe = self._next(thing)
+                    return reply("accepted", {"execution": exe} if exe else {})
+                exe = self.executions.get((thing, job))
+                if exe is None:
+                    return reply("rejected", {"code": "ResourceNotFound", "message": "no such job"})
+                return reply("accepted", {"execution": exe})
+            # update
+            exe = self.executions.get((thing, job))
+            if exe is None:
+                return reply("rejected", {"code": "ResourceNotFound", "message": "no such job"})
+            state = {"status": exe["status"], "statusDetails": exe["statusDetails"],
+                     "versionNumber": exe["versionNumber"]}
+            if "expectedVersion" in req and int(req["expectedVersion"]) != exe["versionNumber"]:
+                return reply("rejected", {"code": "VersionMismatch", "message": "stale",
+                                          "executionState": state})
+            new = req["status"]
+            if exe["status"] in TERMINAL or (new == "REJECTED" and exe["status"] != "QUEUED"):
+                return reply("rejected", {"code": "InvalidStateTransition", "message": "no",
+                                          "executionState": state})
+            before = self._next(thing)
+            exe["status"] = new
+            if "statusDetails" in req:
+                exe["statusDetails"] = req["statusDetails"]
+            exe["versionNumber"] += 1
+            doc = {}
+            if req.get("includeJobExecutionState"):
+                doc["executionState"] = {"status": exe["status"], "statusDetails": exe["statusDetails"],
+                                         "versionNumber": exe["versionNumber"]}
+            reply("accepted", doc)
+            self._notify_if_head_changed(thing, before)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, JobExecution | None]] = []
+
+    async def __call__(self, thing: str, execution: JobExecution | None) -> None:
+        self.calls.append((thing, execution))
+
+    def ids(self, thing: str) -> list[str | None]:
+        return [e.job_id if e else None for t, e in self.calls if t == thing]
+
+
+@pytest.fixture
+def jobs_env(broker_factory, pki):
+    broker = broker_factory({"gw-01": ["pump"]})
+    fake = FakeJobs().start(broker, pki)
+    yield broker, pki, fake
+    fake.stop()
+
+
+DOC = {"afr_ota": {"protocols": ["MQTT"], "streamname": "s1", "files": [{"filesize": 10, "fileid": 0}]}}
+
+
+def test_serve_get_next_and_notify_next(jobs_env):
+    broker, pki, fake = jobs_env
+    fake.create_job("gw-01", "job-1", DOC)
+
+    async def main():
+        mc = make_client(broker, pki)
+        rec = Recorder()
+        jobs = JobsClient(mc, rec, request_timeout=2)
+        await mc.start()
+        await mc.wait_connected(10)
+        await jobs.serve("gw-01")
+        await jobs.serve("pump")
+        await eventually(lambda: rec.ids("gw-01") == ["job-1"] and rec.ids("pump") == [None], what="first answers")
+        exe = rec.calls[[t for t, _ in rec.calls].index("gw-01")][1]
+        assert exe.document == DOC and exe.status == "QUEUED" and exe.version_number == 1
+        assert exe.execution_number == 1 and exe.thing_name == "gw-01"
+
+        got = await jobs.get_next("gw-01")
+        assert got.job_id == "job-1"
+        await eventually(lambda: rec.ids("gw-01") == ["job-1", "job-1"], what="get_next also delivered")
+
+        # a job for the proxied thing arrives by notify-next
+        await asyncio.to_thread(fake.create_job, "pump", "pump-job", {"x": 1})
+        await eventually(lambda: rec.ids("pump") == [None, "pump-job"], what="notify-next")
+        # queue empties: notify-next {"timestamp"} means no job
+        await asyncio.to_thread(fake.cancel_job, "pump", "pump-job")
+        await eventually(lambda: rec.ids("pump") == [None, "pump-job", None], what="empty notify-next")
+
+        assert await jobs.describe("gw-01", "job-1") is not None
+        assert await jobs.describe("gw-01", "nope") is None
+        await jobs.unserve("pump")
+        await asyncio.to_thread(fake.create_job, "pump", "pump-job-2", {})
+        await asyncio.sleep(0.2)
+        assert rec.ids("pump") == [None, "pump-job", None]
+        await jobs.close()
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+def test_update_accepted_and_rejections_are_mapped(jobs_env):
+    broker, pki, fake = jobs_env
+    fake.create_job("gw-01", "job-1", DOC)
+    fake.create_job("gw-01", "job-2", DOC)
+
+    async def main():
+        mc = make_client(broker, pki)
+        jobs = JobsClient(mc, Recorder(), request_timeout=2)
+        await mc.start()
+        await mc.wait_connected(10)
+        await jobs.serve("gw-01")
+        res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "downloading", "progress": "0/10"},
+                                expected_version=1, execution_number=1)
+        assert res.accepted and res.code is None and res.status == "IN_PROGRESS" and res.version_number == 2
+        assert res.status_details == {"phase": "downloading", "progress": "0/10"}
+        updates = lambda: [r for t, r in fake.requests if t.endswith("/update")]  # noqa: E731
+        sent = updates()[-1]
+        assert sent["includeJobExecutionState"] is True and sent["expectedVersion"] == 1
+        assert sent["executionNumber"] == 1
+
+        stale = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "x"}, expected_version=1)
+        assert not stale.accepted and stale.code == "VersionMismatch"
+        assert stale.version_number == 2 and stale.status == "IN_PROGRESS"
+
+        # REJECTED after IN_PROGRESS is refused (case 39); terminal states stay terminal
+        res = await jobs.update("gw-01", "job-1", "REJECTED", {"reason": "bad"})
+        assert not res.accepted and res.code == "InvalidStateTransition" and res.status == "IN_PROGRESS"
+        assert (await jobs.update("gw-01", "job-1", "SUCCEEDED", None)).accepted
+        assert "statusDetails" not in updates()[-1]
+        res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "again"})
+        assert not res.accepted and res.code == "InvalidStateTransition" and res.status == "SUCCEEDED"
+        res = await jobs.update("gw-01", "missing", "IN_PROGRESS", None)
+        assert not res.accepted and res.code == "ResourceNotFound"
+        await jobs.close()
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+def test_lost_and_throttled_replies_are_retried(jobs_env):
+    broker, pki, fake = jobs_env
+    fake.create_job("gw-01", "job-1", DOC)
+
+    async def main():
+        mc = make_client(broker, pki)
+        jobs = JobsClient(mc, Recorder(), request_timeout=0.5, retry_backoff=0.05)
+        await mc.start()
+        await mc.wait_connected(10)
+        await jobs.serve("gw-01")
+        await eventually(lambda: len(fake.requests) == 1, what="initial $next/get")
+        fake.drop = 1
+        res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "downloading"})
+        assert res.accepted
+        tokens = [r["clientToken"] for t, r in fake.requests if t.endswith("/update")]
+        assert len(tokens) == 2 and tokens[0] != tokens[1]
+        fake.throttle = 2
+        res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "verifying"})
+        assert res.accepted and res.version_number == 3
+        assert len([t for t, _ in fake.requests if t.endswith("/update")]) == 5
+        await jobs.close()
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+def test_reply_on_a_foreign_things_topic_does_not_answer_the_request(jobs_env):
+    broker, pki, fake = jobs_env
+    fake.create_job("gw-01", "gw-job", DOC)
+    fake.create_job("pump", "pump-job", DOC)
+
+    async def main():
+        mc = make_client(broker, pki)
+        rec = Recorder()
+        jobs = JobsClient(mc, rec, request_timeout=0.5)
+        await mc.start()
+        await mc.wait_connected(10)
+        await jobs.serve("pump")
+        await jobs.serve("gw-01")
+        await eventually(lambda: rec.ids("gw-01") == ["gw-job"], what="initial answers")
+        n = len(fake.requests)
+        fake.misroute = "pump"  # gw-01's next request is answered on pump's topic
+        got = await jobs.get_next("gw-01")
+        assert got.job_id == "gw-job" and got.thing_name == "gw-01"
+        assert len(fake.requests) == n + 2  # the misrouted answer did not count; retried
+        await jobs.close()
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+def test_invalid_json_and_bad_executions_are_ignored(jobs_env, caplog):
+    broker, pki, fake = jobs_env
+
+    async def main():
+        mc = make_client(broker, pki)
+        rec = Recorder()
+        jobs = JobsClient(mc, rec, request_timeout=2)
+        await mc.start()
+        await mc.wait_connected(10)
+        await jobs.serve("gw-01")
+        await eventually(lambda: rec.ids("gw-01") == [None], what="initial answer")
+        topic = "$aws/things/gw-01/jobs/notify-next"
+        fake.peer.publish(topic, b"{not json")
+        fake.peer.publish(topic, b"[1,2]")
+        fake.peer.publish(topic, json.dumps({"timestamp": 1, "execution": {"jobId": "bad id!", "status": "QUEUED",
+                                                                           "versionNumber": 1}}))
+        await asyncio.to_thread(fake.create_job, "gw-01", "job-ok", DOC)
+        await eventually(lambda: rec.ids("gw-01") == [None, "job-ok"], what="valid notify after garbage")
+        await jobs.close()
+        await mc.stop()
+
+    asyncio.run(main())
+    assert "invalid JSON" in caplog.text
+
+
+def test_requery_after_broker_restart(jobs_env):
+    broker, pki, fake = jobs_env
+    fake.create_job("gw-01", "job-1", DOC)
+
+    async def main():
+        mc = make_client(broker, pki)
+        rec = Recorder()
+        jobs = JobsClient(mc, rec, request_timeout=0.5)
+        await mc.start()
+        await jobs.serve("gw-01")  # before the connection is up: queried on connect
+        await jobs.serve("pump")
+        await eventually(lambda: rec.ids("gw-01") == ["job-1"] and rec.ids("pump") == [None], what="first")
+        await asyncio.to_thread(broker.restart)
+        # meanwhile a job for pump was queued; notify-next was lost while we were away
+        with fake.lock:
+            fake.executions[("pump", "late")] = {"jobId": "late", "thingName": "pump", "status": "QUEUED",
+                                                 "statusDetails": {}, "versionNumber": 1, "executionNumber": 1,
+                                                 "jobDocument": {}}
+            fake.order.append(("pump", "late"))
+        await eventually(lambda: rec.ids("pump")[-1:] == ["late"] and len(rec.ids("gw-01")) >= 2,
+                         timeout=20, what="re-query after reconnect")
+        assert rec.ids("gw-01")[-1] == "job-1"
+        await jobs.close()
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+def test_validation(broker, pki):
+    async def main():
+        mc = make_client(broker, pki)
+        jobs = JobsClient(mc, Recorder())
+        for bad in ("", "a/b", "+", "#", "x" * 129, "a b"):
+            with pytest.raises(ValueError):
+                await jobs.serve(bad)
+        with pytest.raises(ValueError):
+            await jobs.describe("gw-01", "bad/id")
+        with pytest.raises(ValueError):
+            await jobs.update("gw-01", "j" * 65, "IN_PROGRESS", None)
+        with pytest.raises(ValueError):
+            await jobs.update("gw-01", "job", "QUEUED", None)
+        assert len(jobs._token("t" * 128)) == 64
+
+    asyncio.run(main())
+    validate_status_details({f"k{i}": "v" for i in range(10)})
+    for bad in ({f"k{i}": "v" for i in range(11)}, {"a b": "v"}, {"k": ""}, {"k": "x" * 1025},
+                {"k": "line\nbreak"}, {"k": 1}):
+        with pytest.raises(ValueError):
+            validate_status_details(bad)
+    with pytest.raises(ValueError):
+        parse_execution("gw-01", {"jobId": "j", "thingName": "pump", "status": "QUEUED", "versionNumber": 1})
+    exe = parse_execution("gw-01", {"jobId": "j", "status": "QUEUED", "versionNumber": 1,
+                                    "jobDocument": '{"a": 1}'})
+    assert exe.document == {"a": 1} and exe.execution_number is None and exe.status_details == {}
+
+
+def test_without_reply_subscriptions_one_filter_per_thing(broker, pki):
+    async def main():
+        mc = make_client(broker, pki)
+        jobs = JobsClient(mc, Recorder(), subscribe_replies=False)
+        await jobs.serve("gw-01")  # not connected yet: remembered
+        await jobs.serve("pump")
+        assert sorted(mc._qos) == ["$aws/things/gw-01/jobs/notify-next", "$aws/things/pump/jobs/notify-next"]
+        assert len(mc._handlers) == 6
+        await jobs.close()
+        assert mc._handlers == {} and mc._qos == {}
+
+    asyncio.run(main())
+
+
+def test_unserve_from_inside_on_execution(jobs_env):
+    broker, pki, fake = jobs_env
+    fake.create_job("pump", "pump-job", DOC)
+
+    async def main():
+        mc = make_client(broker, pki)
+        seen: list[str | None] = []
+        finished = asyncio.Event()
+
+        async def on_execution(thing, exe):
+            seen.append(exe.job_id if exe else None)
+            await jobs.unserve(thing)  # e.g. the device was removed from the config
+            await asyncio.sleep(0.05)  # still running after unserve: not cancelled
+            finished.set()
+
+        jobs = JobsClient(mc, on_execution, request_timeout=2)
+        await mc.start()
+        await mc.wait_connected(10)
+        await jobs.serve("pump")
+        await asyncio.wait_for(finished.wait(), 10)
+        assert seen == ["pump-job"] and jobs.served == []
+        with pytest.raises(JobsError, match="NotServed"):
+            await jobs.get_next("pump")
+        await jobs.close()
+        await mc.stop()
+
+    asyncio.run(main())
