@@ -20,6 +20,7 @@ from pathlib import Path
 from .cloud import JobExecution
 from .config import Config, DeviceConfig
 from .download import DownloadError, StreamDownload
+from .http_download import HttpDownload, HttpDownloadError
 from .jobdoc import DocumentLimits, JobDocumentError, OtaFile, OtaJob, is_ota_document, parse_job_document, valid_job_id
 from .logs import log_fields
 from .mcuboot import ImageError, inspect_image
@@ -31,8 +32,7 @@ from .verify import VerificationError, load_signer, verify_file
 log = logging.getLogger("gatewayd.jobs")
 
 # a job execution's word while devices work: the most advanced phase any device is in
-SUPPORTED_PROTOCOLS = ("MQTT",)
-_ACTIVE_ORDER = ("uploading", "testing", "confirming", "waiting", "queued")
+_ACTIVE_ORDER = ("uploading", "testing", "confirming", "waiting")
 
 
 class JobFailed(Exception):
@@ -131,14 +131,20 @@ class JobManager:
                  ", ".join(sorted({d for ds in targets.values() for d in ds})), extra=fields)
         self._start(self._state.job(thing, execution.job_id))
 
+    def _limits(self) -> DocumentLimits:
+        return DocumentLimits(max_file_size=self._config.ota.max_file_size,
+                              trusted_certfiles=frozenset(self._config.signing.certificates))
+
+    def _protocols(self) -> tuple[str, ...]:
+        """Both protocols, the one `[ota] prefer` names first."""
+        return ("HTTP", "MQTT") if self._config.ota.prefer == "http" else ("MQTT", "HTTP")
+
     def _parse(self, execution: JobExecution) -> OtaJob:
         doc = execution.document
         if not is_ota_document(doc):
             raise JobFailed("rejected", "the job document has no afr_ota object: this gateway runs only OTA jobs")
-        limits = DocumentLimits(max_file_size=self._config.ota.max_file_size,
-                                trusted_certfiles=frozenset(self._config.signing.certificates))
         try:
-            ota = parse_job_document(execution.job_id, doc, limits, protocols_supported=SUPPORTED_PROTOCOLS)
+            ota = parse_job_document(execution.job_id, doc, self._limits(), protocols_supported=self._protocols())
         except JobDocumentError as e:
             raise JobFailed("rejected", str(e)) from e
         for f in ota.files:
@@ -206,10 +212,7 @@ class JobManager:
     async def _run(self, job: JobRecord) -> None:
         fields = log_fields(job_id=job.job_id, thing=job.thing)
         try:
-            ota = parse_job_document(job.job_id, job.document, DocumentLimits(
-                max_file_size=self._config.ota.max_file_size,
-                trusted_certfiles=frozenset(self._config.signing.certificates)),
-                protocols_supported=SUPPORTED_PROTOCOLS)
+            ota = parse_job_document(job.job_id, job.document, self._limits(), protocols_supported=self._protocols())
             images = {}
             for f in ota.files:
                 images[f.index] = await self._fetch(job, ota, f)
@@ -233,43 +236,85 @@ class JobManager:
             path = self._image_path(record.sha256)
             if path.exists():
                 return RelayImage(path, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
-        running = self._running.get((job.thing, job.job_id))
         part = self._part_path(job.thing, job.job_id, f.index)
-        received = record.received if part.exists() else None  # no file, no blocks: start over
         self._state.set_job_phase(job.thing, job.job_id, "downloading")
         self._state.set_file(job.thing, job.job_id, f.index, phase="downloading")
         self._report(job)
-
-        async def save(received: bytes, done: int) -> None:
-            self._state.save_download(job.thing, job.job_id, f.index, received, done)
-
-        def progress(done: int, total: int) -> None:
-            if running:
-                running.download_progress = (done, total)
-            self._report(job)
-
-        download = StreamDownload(
-            self._mqtt, thing_name=self.gateway_thing, stream_name=ota.stream_name or "", file_id=f.fileid,
-            file_size=f.filesize, block_size=self._config.ota.block_size,
-            blocks_per_request=self._config.ota.blocks_per_request, part_path=part,
-            received=received, save_progress=save, on_progress=progress,
-            request_timeout=self._config.ota.request_timeout, max_idle_requests=self._config.ota.max_idle_requests)
-        try:
-            await download.run()
-        except DownloadError as e:
-            part.unlink(missing_ok=True)
-            self._state.set_file(job.thing, job.job_id, f.index, phase="failed", reason=str(e))
-            raise JobFailed("failed", f"download of files[{f.index}] failed: {e}") from e
-        except OSError as e:
-            part.unlink(missing_ok=True)
-            self._state.set_file(job.thing, job.job_id, f.index, phase="failed", reason=str(e))
-            raise JobFailed("failed", f"download of files[{f.index}] failed: {e.strerror or e}") from e
+        failures = []
+        for protocol in ota.protocols:  # in the order of [ota] prefer; the others are fallbacks
+            try:
+                await self._download(job, ota, f, protocol, part)
+                break
+            except (DownloadError, HttpDownloadError) as e:
+                failures.append(f"{protocol}: {e}")
+                log.warning("download of files[%d] over %s failed: %s", f.index, protocol, e,
+                            extra=log_fields(job_id=job.job_id, thing=job.thing, phase="downloading"))
+            except OSError as e:  # the gateway's own disk: no other protocol will help
+                self._forget_download(job, f.index, part, phase="failed", reason=str(e))
+                raise JobFailed("failed", f"download of files[{f.index}] failed on the gateway: "
+                                f"{e.strerror or e}") from e
+        else:
+            self._forget_download(job, f.index, part, phase="failed", reason="; ".join(failures))
+            raise JobFailed("failed", f"download of files[{f.index}] failed: {'; '.join(failures)}")
+        running = self._running.get((job.thing, job.job_id))
         if running:
             running.download_progress = None
         self._state.set_job_phase(job.thing, job.job_id, "verifying")
         self._state.set_file(job.thing, job.job_id, f.index, phase="verifying")
         self._report(job)
         return await self._verify(job, f, part)
+
+    async def _download(self, job: JobRecord, ota: OtaJob, f: OtaFile, protocol: str, part: Path) -> None:
+        record = self._state.file(job.thing, job.job_id, f.index)
+        assert record is not None
+        if record.protocol != protocol or not part.exists():
+            # what is on disk was written by the other protocol, or is gone: start over
+            self._forget_download(job, f.index, part, protocol=protocol)
+            record = self._state.file(job.thing, job.job_id, f.index)
+            assert record is not None
+        running = self._running.get((job.thing, job.job_id))
+
+        def progress(done: int, total: int) -> None:
+            if running:
+                running.download_progress = (done, total)
+            self._report(job)
+
+        if protocol == "MQTT":
+            async def save_blocks(received: bytes, done: int) -> None:
+                self._state.save_download(job.thing, job.job_id, f.index, received, done)
+
+            await StreamDownload(
+                self._mqtt, thing_name=self.gateway_thing, stream_name=ota.stream_name or "",
+                file_id=f.fileid, file_size=f.filesize, block_size=self._config.ota.block_size,
+                blocks_per_request=self._config.ota.blocks_per_request, part_path=part,
+                received=record.received, save_progress=save_blocks, on_progress=progress,
+                request_timeout=self._config.ota.request_timeout,
+                max_idle_requests=self._config.ota.max_idle_requests).run()
+            return
+
+        async def save_bytes(done: int) -> None:
+            self._state.set_file(job.thing, job.job_id, f.index, done=done)
+
+        await HttpDownload(
+            url=f.update_data_url or "", file_size=f.filesize, part_path=part, have=record.done,
+            save_progress=save_bytes, refresh_url=lambda: self._fresh_url(job, f.index), on_progress=progress,
+            ca_file=self._config.ota.https_ca_file).run()
+
+    async def _fresh_url(self, job: JobRecord, idx: int) -> str:
+        """Presigned URLs expire: AWS IoT mints a new one each time the document is read."""
+        execution = await self._jobs.describe(job.thing, job.job_id)
+        if execution is None:
+            raise HttpDownloadError(f"job {job.job_id} is no longer available in the cloud")
+        ota = parse_job_document(job.job_id, execution.document, self._limits(),
+                                 protocols_supported=self._protocols())
+        url = ota.files[idx].update_data_url if idx < len(ota.files) else None
+        if not url:
+            raise HttpDownloadError(f"the job document no longer has an update_data_url for files[{idx}]")
+        return url
+
+    def _forget_download(self, job: JobRecord, idx: int, part: Path, **values: object) -> None:
+        part.unlink(missing_ok=True)
+        self._state.set_file(job.thing, job.job_id, idx, received=None, done=0, **values)
 
     async def _verify(self, job: JobRecord, f: OtaFile, part: Path) -> RelayImage:
         loop = asyncio.get_running_loop()

@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS files (
     received BLOB,                      -- LSB-first bitmap of blocks on disk (fsynced)
     done INTEGER NOT NULL DEFAULT 0,
     phase TEXT NOT NULL,                -- downloading, verifying, verified, failed
+    protocol TEXT,                      -- MQTT (received = bitmap) or HTTP (done = bytes from 0)
     sha256 TEXT,                        -- set once verified: images/<sha256>
     version TEXT,
     image_hash TEXT,
@@ -95,6 +96,7 @@ class FileRecord:
     received: bytes | None
     done: int
     phase: str
+    protocol: str | None
     sha256: str | None
     version: str | None
     image_hash: str | None
@@ -222,7 +224,7 @@ class StateDB:
                              (received, done, thing, job_id, idx))
 
     def set_file(self, thing: str, job_id: str, idx: int, **values: object) -> None:
-        allowed = {"phase", "sha256", "version", "image_hash", "reason", "done", "received"}
+        allowed = {"phase", "protocol", "sha256", "version", "image_hash", "reason", "done", "received"}
         assert set(values) <= allowed, values
         cols = ", ".join(f"{k}=?" for k in values)
         with self._tx():

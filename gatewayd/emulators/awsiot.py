@@ -355,6 +355,20 @@ class AwsIotEmulator:
         if info.rc != 0:
             log.warning("AWS IoT emulator: publish to %s failed rc=%s", topic, info.rc)
 
+    def set_url_minter(self, mint: Callable[[str], str] | None) -> None:
+        """Swap `${aws:iot:s3-presigned-url:<url>}` placeholders for `mint(<url>)` on every delivery.
+
+        AWS IoT mints a fresh presigned URL each time a job document is requested
+        (aws-iot-ota.md §5); tests pair this with the S3 emulator's `presign`.
+        """
+        with self._lock:
+            self._url_minter = mint
+
+    def _deliver_document(self, job_id: str) -> Any:
+        document = copy.deepcopy(self._jobs[job_id].document)
+        mint = getattr(self, "_url_minter", None)
+        return _replace_placeholders(document, mint) if mint else document
+
     def publish_raw(self, topic: str, payload: bytes) -> None:
         """Publish any bytes as the service (malformed messages for conformance tests)."""
         self._publish(topic, payload)
@@ -472,7 +486,7 @@ class AwsIotEmulator:
     def _execution_doc(self, ex: ExecutionRecord, include_document: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"jobId": ex.job_id, "thingName": ex.thing}
         if include_document:
-            out["jobDocument"] = copy.deepcopy(self._jobs[ex.job_id].document)
+            out["jobDocument"] = self._deliver_document(ex.job_id)
         out["status"] = ex.status
         if ex.status_details:
             out["statusDetails"] = dict(ex.status_details)
@@ -679,7 +693,7 @@ class AwsIotEmulator:
         if include_state:
             reply["executionState"] = self._state(ex)
         if include_doc:
-            reply["jobDocument"] = copy.deepcopy(self._jobs[job_id].document)
+            reply["jobDocument"] = self._deliver_document(job_id)
         return reply, before != status
 
     # --- streams: control plane ---
@@ -1067,3 +1081,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+_PRESIGNED = re.compile(r"^\$\{aws:iot:s3-presigned-url:(.+)\}$")
+
+
+def _replace_placeholders(value: Any, mint: Callable[[str], str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _replace_placeholders(v, mint) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_placeholders(v, mint) for v in value]
+    if isinstance(value, str) and (m := _PRESIGNED.match(value)):
+        return mint(m.group(1))
+    return value

@@ -29,6 +29,7 @@ from typing import Any
 from .awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec
 from .broker import SERVICE_IDENTITY, Mosquitto, Pki, make_pki
 from .runner import EmulatorThread
+from .s3 import S3Emulator
 from .signing import Signer, build_mcuboot_image, make_signer
 from .smp_device import EmulatedDevice
 
@@ -54,6 +55,8 @@ class Lab:
     devices: dict[str, LabDevice] = field(default_factory=dict, init=False)
     broker: Mosquitto | None = field(default=None, init=False)
     aws: AwsIotEmulator | None = field(default=None, init=False)
+    s3: S3Emulator | None = field(default=None, init=False)
+    url_lifetime: float = 3600.0  # seconds each presigned URL minted for a job document lives
     daemon: subprocess.Popen | None = field(default=None, init=False)
     config_path: Path | None = field(default=None, init=False)
     _runner: EmulatorThread = field(init=False)
@@ -108,17 +111,34 @@ class Lab:
                                   self.pki.client(SERVICE_IDENTITY))
         self.aws.start()
 
+    def start_s3(self, **options: Any) -> S3Emulator:
+        """HTTPS object storage for HTTP jobs; job documents get a freshly presigned URL each read."""
+        assert self.aws is not None, "start_cloud() first"
+        self.s3 = S3Emulator(self.root / "s3", tls=(self.pki.server.cert_file, self.pki.server.key_file),
+                             **options).start()
+        self.config["ota"]["https_ca_file"] = str(self.pki.ca_file)
+        self.aws.set_url_minter(lambda url: self.s3.presign(url.rsplit("/", 1)[1], self.url_lifetime))
+        return self.s3
+
     def ota_update(self, job_id: str, thing: str, image: bytes, *, filepath: str | None = None,
-                   signed_data: bytes | None = None, certfile: str = CERTFILE) -> dict:
+                   signed_data: bytes | None = None, certfile: str = CERTFILE,
+                   protocols: tuple[str, ...] = ("MQTT",)) -> dict:
         """Create a signed OTA update for `thing`, as CreateOTAUpdate would.
 
-        `signed_data` signs other bytes than the file (a tampered file).
+        `signed_data` signs other bytes than the file (a tampered file). With "HTTP" in
+        `protocols` the file is put in the S3 emulator (see `start_s3`).
         """
         assert self.aws is not None
+        url = None
+        if "HTTP" in protocols:
+            assert self.s3 is not None, "start_s3() first"
+            self.s3.put(f"{job_id}.bin", image)
+            url = f"${{aws:iot:s3-presigned-url:{self.s3.endpoint}/{self.s3.bucket}/{job_id}.bin}}"
         spec = OtaFileSpec(filepath=filepath, data=image, certfile=certfile,
                            signature_key=self.signer.signature_key,
-                           signature=self.signer.sign(image if signed_data is None else signed_data))
-        return self.aws.create_ota_update(job_id, [thing], [spec])
+                           signature=self.signer.sign(image if signed_data is None else signed_data),
+                           update_data_url=url)
+        return self.aws.create_ota_update(job_id, [thing], [spec], protocols=protocols)
 
     def wait(self, thing: str, job_id: str, statuses: frozenset[str] | set[str] = FINAL,
              timeout: float = 60.0) -> ExecutionRecord:
@@ -191,6 +211,8 @@ class Lab:
 
     def close(self) -> None:
         self.stop_daemon()
+        if self.s3:
+            self.s3.stop()
         if self.aws:
             self.aws.stop()
         if self.broker:
