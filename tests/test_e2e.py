@@ -15,6 +15,9 @@ from gatewayd.emulators.lab import Lab
 def lab(tmp_path):
     with Lab(tmp_path / "lab") as lab:
         yield lab
+        # every update the daemon sent was one AWS accepts (statusDetails limits, versions)
+        refused = [(ex.job_id, r) for ex in lab.aws.executions() for r in ex.rejections]
+        assert refused == []
 
 
 def _assert_running(lab: Lab, device: str, image: bytes) -> None:

@@ -455,6 +455,11 @@ class AwsIotEmulator:
         with self._lock:
             return copy.deepcopy(self._execution(thing, job_id))
 
+    def executions(self) -> list[ExecutionRecord]:
+        """Copies of every execution record."""
+        with self._lock:
+            return copy.deepcopy(list(self._executions.values()))
+
     def all_updates(self, thing: str, job_id: str) -> list[dict[str, Any]]:
         return self.execution(thing, job_id).updates
 
