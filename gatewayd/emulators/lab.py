@@ -128,17 +128,29 @@ class Lab:
         `signed_data` signs other bytes than the file (a tampered file). With "HTTP" in
         `protocols` the file is put in the S3 emulator (see `start_s3`).
         """
+        spec = self._file_spec(job_id, 0, image, filepath, signed_data, certfile, protocols)
         assert self.aws is not None
+        return self.aws.create_ota_update(job_id, [thing], [spec], protocols=protocols)
+
+    def ota_update_files(self, job_id: str, thing: str, files: list[tuple[str, bytes]]) -> dict:
+        """One OTA update with several signed files: [(filepath, image), ...]."""
+        assert self.aws is not None
+        specs = [self._file_spec(job_id, n, image, path, None, CERTFILE, ("MQTT",))
+                 for n, (path, image) in enumerate(files)]
+        return self.aws.create_ota_update(job_id, [thing], specs)
+
+    def _file_spec(self, job_id: str, n: int, image: bytes, filepath: str | None, signed_data: bytes | None,
+                   certfile: str, protocols: tuple[str, ...]) -> OtaFileSpec:
         url = None
         if "HTTP" in protocols:
             assert self.s3 is not None, "start_s3() first"
-            self.s3.put(f"{job_id}.bin", image)
-            url = f"${{aws:iot:s3-presigned-url:{self.s3.endpoint}/{self.s3.bucket}/{job_id}.bin}}"
-        spec = OtaFileSpec(filepath=filepath, data=image, certfile=certfile,
+            key = f"{job_id}-{n}.bin"
+            self.s3.put(key, image)
+            url = f"${{aws:iot:s3-presigned-url:{self.s3.endpoint}/{self.s3.bucket}/{key}}}"
+        return OtaFileSpec(filepath=filepath, data=image, certfile=certfile,
                            signature_key=self.signer.signature_key,
                            signature=self.signer.sign(image if signed_data is None else signed_data),
                            update_data_url=url)
-        return self.aws.create_ota_update(job_id, [thing], [spec], protocols=protocols)
 
     def wait(self, thing: str, job_id: str, statuses: frozenset[str] | set[str] = FINAL,
              timeout: float = 60.0) -> ExecutionRecord:
