@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, TextIO
 
@@ -170,16 +171,32 @@ def run_check_config(args: argparse.Namespace) -> int:
 def add_status(sub: Any) -> None:
     p = sub.add_parser("status", help="connection, jobs and per-device progress")
     p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="on a terminal, redraw the table every second until interrupted")
     p.set_defaults(run=run_status)
 
 
 def run_status(args: argparse.Namespace) -> int:
+    if args.watch and not wants_json(args):
+        shown = 0
+        while True:
+            shown = redraw(sys.stdout, format_status(daemon_request(args, "status")), shown)
+            time.sleep(1.0)
     answer = daemon_request(args, "status")
     if wants_json(args):
         print_json(answer)
     else:
         print("\n".join(format_status(answer)))
     return EXIT_OK
+
+
+def redraw(out: TextIO, lines: list[str], shown: int) -> int:
+    """Replace the `shown` lines last drawn on a terminal with `lines`; returns their count."""
+    if shown:
+        out.write(f"\x1b[{shown}F\x1b[J")
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+    return len(lines)
 
 
 def format_status(answer: dict[str, Any]) -> list[str]:

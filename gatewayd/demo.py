@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def _watch(lab, jobs: list[tuple[str, str]], out: TextIO, tty: bool, timeout: float) -> None:
-    from .ctl import format_status
+    from .ctl import format_status, redraw
 
     socket = lab.root / "control.sock"
     deadline = time.monotonic() + timeout
@@ -79,11 +79,7 @@ def _watch(lab, jobs: list[tuple[str, str]], out: TextIO, tty: bool, timeout: fl
             continue
         lines = format_status(status)  # what `ota-gatewayctl status` shows
         if tty:
-            if shown:
-                out.write(f"\x1b[{shown}F\x1b[J")
-            out.write("\n".join(lines) + "\n")
-            out.flush()
-            shown = len(lines)
+            shown = redraw(out, lines, shown)
         else:  # a log, not a screen: one line per device at each phase and quarter of progress
             for d in status["devices"]:
                 total = d.get("total") or 0
