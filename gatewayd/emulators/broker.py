@@ -155,6 +155,7 @@ class Mosquitto:
             "log_type warning",
             "max_inflight_messages 100",
             "max_queued_messages 10000",
+            "set_tcp_nodelay true",  # else Nagle holds each small request ~40 ms
             f"cafile {self.pki.ca_file}",
             f"certfile {self.pki.server.cert_file}",
             f"keyfile {self.pki.server.key_file}",
