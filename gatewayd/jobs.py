@@ -58,7 +58,7 @@ class JobManager:
         self._state = state
         self._jobs = jobs
         self._mqtt = mqtt
-        self.reporter = Reporter(jobs, state, on_gone=self.job_gone)
+        self.reporter = Reporter(jobs, state, on_gone=self.job_gone, connection=mqtt)
         self.relay: RelayManager = relay_factory(self._transfer_changed)
         self._running: dict[tuple[str, str], _Running] = {}
         self._state_dir = config.gateway.state_dir

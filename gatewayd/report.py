@@ -141,10 +141,12 @@ class Reporter:
         state: StateDB,
         *,
         on_gone: Callable[[str, str], Awaitable[None]],
+        connection=None,  # gatewayd.mqtt.MqttClient: updates wait for it instead of polling
         min_interval: float = 2.0,
         retry_interval: float = 5.0,
     ) -> None:
         self._jobs = jobs
+        self._connection = connection
         self._state = state
         self._on_gone = on_gone
         self._min_interval = min_interval
@@ -201,7 +203,17 @@ class Reporter:
                 if ex.queue and ex.queue[0] is pending:
                     ex.queue.pop(0)
             else:
-                await asyncio.sleep(self._retry_interval)
+                await self._pause_before_retry()
+
+    async def _pause_before_retry(self) -> None:
+        """Disconnected: go as soon as the connection is back. Otherwise wait a little."""
+        if self._connection is not None and not self._connection.connected:
+            try:
+                await self._connection.wait_connected(timeout=60.0)
+                return
+            except Exception:  # still down after a minute: loop round and try again
+                return
+        await asyncio.sleep(self._retry_interval)
 
     async def _send(self, ex: _Execution, pending: _Pending) -> bool:
         """True when this update needs no more sending (accepted, or the execution is gone)."""
