@@ -176,6 +176,7 @@ class JobsClient:
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reconnected: asyncio.Future[None] | None = None  # resolved at the next (re)connect
         self._calls: dict[str, _Call] = {}
         self._prefix = secrets.token_hex(3)
         self._counter = itertools.count(1)
@@ -239,7 +240,16 @@ class JobsClient:
             task.cancel()
         self._mqtt.remove_connect_listener(self._on_connect)
 
+    def _next_connect(self) -> asyncio.Future[None]:
+        if self._reconnected is None or self._reconnected.done():
+            self._reconnected = asyncio.get_running_loop().create_future()
+        return self._reconnected
+
     async def _on_connect(self) -> None:
+        # A reply to a request in flight when the connection dropped is lost with it:
+        # wake those requests so that they ask again now, not after request_timeout.
+        if self._reconnected is not None and not self._reconnected.done():
+            self._reconnected.set_result(None)
         # Case 47: after every (re)connect ask again, the job may have moved meanwhile.
         for thing in list(self._served):
             self._spawn(self._refresh(thing))
@@ -352,9 +362,17 @@ class JobsClient:
                 tokens.append(token)
                 self._calls[token] = call
                 payload = json.dumps(dict(body, clientToken=token), separators=(",", ":"))
+                reconnected = self._next_connect()
                 try:
                     await self._mqtt.publish(topic, payload, qos=1)
-                    result, doc = await asyncio.wait_for(asyncio.shield(call.future), self._timeout)
+                    await asyncio.wait({call.future, reconnected}, timeout=self._timeout,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not call.future.done():
+                        if reconnected.done():
+                            log.info("no reply to %s before the connection was lost; asking again", topic)
+                            continue
+                        raise asyncio.TimeoutError
+                    result, doc = call.future.result()
                 except (asyncio.TimeoutError, MqttError) as e:
                     if isinstance(e, MqttError) and e.code is not None:
                         raise  # the broker refused it (e.g. not authorised): retrying won't help

@@ -8,6 +8,11 @@ request_timeout, 2x, then 4x (the cap) before the next one; after `max_idle_requ
 them the download fails. Bad messages are discarded and never reset that count, so a
 stream that sends only garbage fails the same way. While the MQTT connection is down the
 download waits for it instead of spending requests.
+
+Crash safety: `save_progress` only ever receives blocks that were fsynced before it was
+called, so after a crash or power cut the stored bitmap never claims a block that is not on
+disk, and at most one window of written-but-unsaved blocks is fetched again. A daemon
+stop (cancelling the task that awaits run()) saves the window in progress first.
 """
 
 from __future__ import annotations
@@ -114,6 +119,9 @@ class StreamDownload:
         self._rejected_topic = f"{base}/rejected/cbor"
         self._task: asyncio.Task[None] | None = None
         self._since_progress = 0
+        self._idle_since = 0.0  # loop time of the first request without a new block
+        self._abandoned = False
+        self._unsaved = False  # blocks written since the last save_progress
         self._dir_synced = False
         self.stats = DownloadStats()
 
@@ -139,9 +147,14 @@ class StreamDownload:
         await self._task
 
     async def cancel(self) -> None:
-        """Stop the download (run() raises CancelledError) and drop its subscriptions."""
+        """Abandon the download (run() raises CancelledError) and drop its subscriptions.
+
+        Unlike cancelling the task that awaits run() (a daemon stop), which first saves
+        the blocks of the window in progress, this saves nothing more.
+        """
         task = self._task
         if task is not None and not task.done():
+            self._abandoned = True
             task.cancel()
             await asyncio.wait({task})
 
@@ -205,12 +218,18 @@ class StreamDownload:
                 log.debug("unsubscribe %s failed", topic, exc_info=True)
 
     async def _transfer(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
-        loop = asyncio.get_running_loop()
-        unsaved = False
-        while not self._bitmap.complete:
-            if unsaved:
+        try:
+            await self._windows(fd, queue)
+        except asyncio.CancelledError:
+            if self._unsaved and not self._abandoned:  # a daemon stop keeps what already arrived
                 await self._persist(fd)
-                unsaved = False
+            raise
+
+    async def _windows(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._bitmap.complete:
+            if self._unsaved:
+                await self._persist(fd)
             window = min(self.window, self._bitmap.missing_count)
             await self._request(window)
             wait = self._timeout * min(2 ** (self._since_progress - 1), IDLE_BACKOFF_CAP)
@@ -231,10 +250,11 @@ class StreamDownload:
                     self._rejected(payload)
                 elif self._accept(fd, payload):
                     got += 1
-                    unsaved = True
                     deadline = loop.time() + self._timeout
             if got < window and self._since_progress >= self._max_idle:
-                raise DownloadError(f"no data from stream {self.stream_name} for {self._since_progress} requests")
+                raise DownloadError(
+                    f"no data from stream {self.stream_name} for {self._since_progress} requests "
+                    f"({loop.time() - self._idle_since:.0f} s without a new block)")
 
     async def _request(self, window: int) -> None:
         payload = encode_get_stream(
@@ -258,6 +278,8 @@ class StreamDownload:
                     continue
                 log.debug("stream %s: request not acknowledged: %s", self.stream_name, e)
             self.stats.requests += 1
+            if self._since_progress == 0:
+                self._idle_since = asyncio.get_running_loop().time()
             self._since_progress += 1
             log.debug("stream %s: requested %d of %d missing blocks (%d without progress)", self.stream_name,
                       window, self._bitmap.missing_count, self._since_progress)
@@ -286,6 +308,7 @@ class StreamDownload:
             return False
         _pwrite_all(fd, block.payload, block.index * self.block_size)
         self._bitmap.mark_received(block.index)
+        self._unsaved = True
         self.stats.blocks += 1
         self._since_progress = 0
         if self._on_progress is not None:
@@ -314,6 +337,7 @@ class StreamDownload:
         # fsync first: the database must never claim a block that is not on disk.
         os.fsync(fd)
         self._sync_directory()
+        self._unsaved = False
         await self._save_progress(self._bitmap.received_bytes(), self.done_bytes)
 
     def _sync_directory(self) -> None:

@@ -524,10 +524,11 @@ class MqttClient:
                 log.warning("connection to %s:%d refused: %s", self.host, self.port, res.reason)
                 return
             self._attempt = 0
-            self._connected = True
+            self._connected = True  # before the snapshot below: see _resubscribe
             self._generation += 1
             log.info("connected to %s:%d", self.host, self.port)
-            self._call(self._after_connect_soon, self._generation)
+            sent = self._resubscribe()
+            self._call(self._after_connect_soon, self._generation, sent)
         except Exception:  # noqa: BLE001
             log.exception("on_connect failed")
 
@@ -547,6 +548,37 @@ class MqttClient:
                 log.info("connection closed (%s); retrying in %.1f s", res.reason, delay)
         except Exception:  # noqa: BLE001
             log.exception("on_disconnect failed")
+
+    def _resubscribe(self) -> list[tuple[list[tuple[str, int]], int | None]]:
+        """Network thread, inside on_connect: SUBSCRIBE every remembered filter at once.
+
+        paho re-sends unacknowledged QoS 1 PUBLISHes right after on_connect returns. A
+        SUBSCRIBE queued here goes out before them, so the broker knows our reply topics
+        before a re-sent request (a GetStream, a Jobs get) can be answered; waiting for the
+        event loop to do it would lose those replies. Returns (batch, mid or None).
+
+        `subscribe()` on the loop stores the filter, then looks at `_connected`; we set
+        `_connected`, then read the filters: a filter added meanwhile is sent by one side
+        or both (a repeated SUBSCRIBE is harmless), never by neither.
+        """
+        client = self._client
+        filters = list(dict(self._qos).items())
+        sent: list[tuple[list[tuple[str, int]], int | None]] = []
+        for i in range(0, len(filters), MAX_FILTERS_PER_SUBSCRIBE):
+            batch = filters[i : i + MAX_FILTERS_PER_SUBSCRIBE]
+            mid = None
+            if client is not None:
+                try:
+                    rc, mid = client.subscribe(batch)
+                    if rc != paho.MQTT_ERR_SUCCESS:
+                        log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch],
+                                  paho.error_string(rc))
+                        mid = None
+                except Exception:  # noqa: BLE001 - reported like a refused batch
+                    log.exception("restoring subscriptions %s failed", [f for f, _ in batch])
+                    mid = None
+            sent.append((batch, mid))
+        return sent
 
     def _cb_connect_fail(self, _client: Any, _userdata: Any) -> None:
         try:
@@ -605,8 +637,8 @@ class MqttClient:
             if ack.future is not None and not ack.future.done():
                 ack.future.set_exception(MqttError("connection lost"))
 
-    def _after_connect_soon(self, generation: int) -> None:
-        self._spawn(self._after_connect(generation))
+    def _after_connect_soon(self, generation: int, sent: list[tuple[list[tuple[str, int]], int | None]]) -> None:
+        self._spawn(self._after_connect(generation, sent))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         assert self._loop is not None
@@ -619,24 +651,42 @@ class MqttClient:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
-    async def _after_connect(self, generation: int) -> None:
-        filters = list(self._qos.items())
-        for i in range(0, len(filters), MAX_FILTERS_PER_SUBSCRIBE):
-            batch = filters[i : i + MAX_FILTERS_PER_SUBSCRIBE]
-            try:
-                results = await self._send_subscribe(batch)
-            except MqttError as e:
+    async def _after_connect(self, generation: int, sent: list[tuple[list[tuple[str, int]], int | None]]) -> None:
+        """Wait for the SUBACKs of `_resubscribe`, then report ready and call the listeners."""
+        waits: list[tuple[list[tuple[str, int]], int, asyncio.Future[Any] | None, Any]] = []
+        for batch, mid in sent:  # register every mid first: none may linger in _early
+            if mid is not None:
+                fut = self._loop_fut()
+                waits.append((batch, mid, fut, self._register(mid, _Ack("subscribe", fut))))
+        try:
+            for batch, mid, fut, early in waits:
                 if generation != self._generation or not self._connected:
                     return
-                log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch], e)
-                continue
-            for (flt, _), res in zip(batch, results or []):
-                if not res.ok:
-                    log.error("broker refused subscription to %s: %s", flt, res.reason)
+                try:
+                    results = early if early is not None else await asyncio.wait_for(fut, _ACK_TIMEOUT)
+                except (asyncio.TimeoutError, MqttError) as e:
+                    if generation != self._generation or not self._connected:
+                        return
+                    log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch],
+                              str(e) or "no SUBACK")
+                    continue
+                for (flt, _), res in zip(batch, results or []):
+                    if not res.ok:
+                        log.error("broker refused subscription to %s: %s", flt, res.reason)
+        finally:
+            gone = generation != self._generation or not self._connected
+            with self._ack_lock:
+                for _, mid, _, _ in waits:
+                    ack = self._acks.get(mid)
+                    if ack is not None and ack.kind == "subscribe":
+                        if gone:  # that connection's SUBACKs will never come
+                            del self._acks[mid]
+                        else:  # a late SUBACK is swallowed
+                            self._acks[mid] = _Ack("subscribe", None)
         if generation != self._generation or not self._connected:
             return
-        if filters:
-            log.info("restored %d subscription(s)", len(filters))
+        if sent:
+            log.info("restored %d subscription(s)", sum(len(batch) for batch, _ in sent))
         assert self._ready is not None
         self._ready.set()
         for cb in list(self._listeners):

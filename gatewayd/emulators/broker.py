@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -203,6 +204,22 @@ class Mosquitto:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+
+    def freeze(self) -> None:
+        """A network blackout: the broker neither answers nor closes connections (SIGSTOP)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
+    def crash(self) -> None:
+        """Die without a goodbye (SIGKILL): clients see their connections drop."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
 
     def restart(self, down_for: float = 0.0) -> None:
         """Stop and start again on the same port (a broker restart seen by clients)."""
