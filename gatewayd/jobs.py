@@ -232,10 +232,11 @@ class JobManager:
         """Download and verify one file (once), returning the image in the store."""
         record = self._state.file(job.thing, job.job_id, f.index)
         assert record is not None
-        if record.phase == "verified" and record.sha256:
-            path = self._image_path(record.sha256)
-            if path.exists():
-                return RelayImage(path, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
+        stored = self._image_path(record.sha256) if record.sha256 else None
+        if stored is not None and stored.exists():
+            if record.phase == "verified":
+                return RelayImage(stored, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
+            return await self._verify(job, f, stored)  # cut off between the rename and "verified"
         part = self._part_path(job.thing, job.job_id, f.index)
         self._state.set_job_phase(job.thing, job.job_id, "downloading")
         self._state.set_file(job.thing, job.job_id, f.index, phase="downloading")
@@ -267,9 +268,10 @@ class JobManager:
     async def _download(self, job: JobRecord, ota: OtaJob, f: OtaFile, protocol: str, part: Path) -> None:
         record = self._state.file(job.thing, job.job_id, f.index)
         assert record is not None
-        if record.protocol != protocol or not part.exists():
-            # what is on disk was written by the other protocol, or is gone: start over
-            self._forget_download(job, f.index, part, protocol=protocol)
+        block_size = self._config.ota.block_size
+        if record.protocol != protocol or not part.exists() or (protocol == "MQTT" and record.block_size != block_size):
+            # what is on disk was written another way (protocol, block size), or is gone: start over
+            self._forget_download(job, f.index, part, protocol=protocol, block_size=block_size)
             record = self._state.file(job.thing, job.job_id, f.index)
             assert record is not None
         running = self._running.get((job.thing, job.job_id))
@@ -335,8 +337,11 @@ class JobManager:
             raise JobFailed("rejected", reason) from e
         sha = digest.hex()
         target = self._image_path(sha)
-        os.replace(part, target)
-        _fsync_dir(target.parent)
+        if part != target:
+            # sha first: a power cut between the rename and "verified" then finds the image in the store
+            self._state.set_file(job.thing, job.job_id, f.index, sha256=sha)
+            os.replace(part, target)
+            _fsync_dir(target.parent)
         self._state.set_file(job.thing, job.job_id, f.index, phase="verified", sha256=sha,
                              version=info.version_text, image_hash=info.hash.hex())
         running = self._running.get((job.thing, job.job_id))

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS files (
     done INTEGER NOT NULL DEFAULT 0,
     phase TEXT NOT NULL,                -- downloading, verifying, verified, failed
     protocol TEXT,                      -- MQTT (received = bitmap) or HTTP (done = bytes from 0)
+    block_size INTEGER,                 -- MQTT: the block size the bitmap counts in
     sha256 TEXT,                        -- set once verified: images/<sha256>
     version TEXT,
     image_hash TEXT,
@@ -97,6 +98,7 @@ class FileRecord:
     done: int
     phase: str
     protocol: str | None
+    block_size: int | None
     sha256: str | None
     version: str | None
     image_hash: str | None
@@ -224,7 +226,7 @@ class StateDB:
                              (received, done, thing, job_id, idx))
 
     def set_file(self, thing: str, job_id: str, idx: int, **values: object) -> None:
-        allowed = {"phase", "protocol", "sha256", "version", "image_hash", "reason", "done", "received"}
+        allowed = {"phase", "protocol", "block_size", "sha256", "version", "image_hash", "reason", "done", "received"}
         assert set(values) <= allowed, values
         cols = ", ".join(f"{k}=?" for k in values)
         with self._tx():

@@ -422,3 +422,22 @@ def test_jobs_request_whose_reply_was_lost_with_the_connection_is_asked_again_on
         asyncio.run(main())
     finally:
         peer.stop()
+
+
+def test_restart_with_another_block_size_starts_the_download_over(lab):
+    """A stored bitmap counts blocks of the old size: it must not be reused with a new one."""
+    lab.add_device("pump", thing_name="pump")
+    lab.start()
+    image = lab.make_image((1, 2, 0), size=BIG, seed="resize")
+    count = n_blocks(len(image), BLOCK)
+    hook = LoseRestOfWindow(count // 2, count // 2 + WINDOW // 2)
+    lab.aws.drop_blocks(hook)
+    lab.ota_update("resize", "pump", image)
+    assert hook.reached.wait(20), lab.daemon_log()[-3000:]
+    lab.kill_daemon()
+    assert _stored_bitmap(lab, "resize", count).received_count > 0
+    lab.config["ota"]["block_size"] = 2 * BLOCK
+    lab.start_daemon()
+    done = lab.wait("pump", "resize", timeout=60)
+    assert done.status == "SUCCEEDED", (done, lab.daemon_log()[-3000:])
+    _assert_running(lab, image)
