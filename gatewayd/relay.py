@@ -2,26 +2,32 @@
 
 One `DeviceRelay` per configured device runs that device's transfers one at a time; the
 `RelayManager` bounds how many devices work at once. Every step is written to the state
-database before it is taken, and every resumed step first asks the device where it is:
-the upload continues from the offset the device reports, and a transfer interrupted
-around the test boot is settled by reading the device's image list.
+database before it is taken, and every step is chosen from what the device reports now,
+never from the database alone: the upload continues from the offset the device answers
+(Zephyr's sha session, or the offset probe of MCUboot serial recovery), and a transfer
+interrupted around the test boot is settled by reading the device's image list.
 
 Phases of a transfer (design.md status words, plus `rebooting` shown as `testing`):
 queued -> waiting -> uploading -> testing (test requested) -> rebooting (reset sent)
 -> confirming -> succeeded | failed | rejected | cancelled.
+
+A device that cannot be opened or does not answer is `waiting`: retried with backoff (at
+once when its port appears), and failed once it has made no progress for
+`[relay] device_timeout` seconds, counted from `unreachable_since` in the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from transports.link import Link, LinkError
-from transports.smp import ImageSlot, SmpClient, SmpError
+from transports.smp import ImageSlot, SmpClient, SmpError, SmpMalformed
 from transports.uart import UartLink
 
 from .config import Config, DeviceConfig
@@ -33,6 +39,11 @@ log = logging.getLogger("gatewayd.relay")
 
 PROGRESS_SAVE_INTERVAL = 1.0
 RETURN_PROBE_TIMEOUT = 1.0
+RETRY_INTERVAL_MAX = 30.0  # backoff ceiling while a device is unreachable
+PRESENCE_POLL = 0.25  # how often a missing port is looked for between attempts
+MAX_RESETS = 3  # resets per run to get one test boot (or recovery boot) done
+BEFORE_UPLOAD = ("queued", "waiting", "uploading")
+AFTER_TEST_BOOT = ("rebooting", "confirming")
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,10 @@ class TransferEnded(Exception):
         self.word = word
         self.reason = reason
         self.version = version
+
+
+class Retired(Exception):
+    """The relay was retired (device removed or changed) while it ran this transfer."""
 
 
 def word_of(phase: str) -> str:
@@ -95,6 +110,10 @@ class DeviceRelay:
         self._lock = asyncio.Lock()
         self._link: Link | None = None
         self._client: SmpClient | None = None
+        self._work: asyncio.Future[None] | None = None
+        self._retired = False
+        self._stopping = False
+        self._resets = 0
         self.live_progress: tuple[int, int] | None = None
 
     # link handling
@@ -107,6 +126,10 @@ class DeviceRelay:
             self._client = SmpClient(link, buf_size_override=self.device.buf_size,
                                      timeout=self._relay_cfg.request_timeout)
         return self._client
+
+    async def _reach(self) -> tuple[SmpClient, list[ImageSlot]]:
+        client = await self._connect()
+        return client, await client.image_list()
 
     async def disconnect(self) -> None:
         link, self._link, self._client = self._link, None, None
@@ -125,181 +148,278 @@ class DeviceRelay:
             finally:
                 await self.disconnect()
 
+    def retire(self) -> None:
+        """Stop this relay's work: the device was removed or changed; the manager hands the work on."""
+        self._retired = self._stopping = True
+        if self._work is not None:
+            self._work.cancel()
+
     # transfer
 
     async def run(self, key: TransferKey, image: RelayImage) -> TransferRecord:
+        """Run one transfer to its final word; raises Retired if the relay was retired meanwhile."""
         async with self._lock:
+            if self._retired:
+                raise Retired
+            self._resets, self._stopping = 0, False
+            # its own task, shielded: retire() stops it without cancelling the caller, and a
+            # cancelled caller stops it even when a lower layer swallowed the cancellation
+            self._work = asyncio.ensure_future(self._run(key, image))
             try:
-                await self._run(key, image)
+                await asyncio.shield(self._work)
             except TransferEnded as end:
-                self._set(key, phase=end.word, reason=end.reason,
-                          **({"version": end.version} if end.version else {}))
-                self._log(key, end.word, "%s: %s%s", self.device.name, end.word,
-                          f" ({end.reason})" if end.reason else "", level=logging.INFO if end.word == "succeeded" else logging.WARNING)
+                self._end(key, end)
             except asyncio.CancelledError:
-                await self.disconnect()
+                await self._stop_work(self._work)
+                current = asyncio.current_task()
+                if self._retired and not (current and current.cancelling()):
+                    raise Retired from None
                 raise
             finally:
+                self._work = None
                 self.live_progress = None
-            record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
-            assert record is not None
-            return record
+            return self._record(key)
+
+    async def _stop_work(self, work: asyncio.Future[None]) -> None:
+        # Python 3.11's wait_for drops a cancel that arrives just as its future completes;
+        # the flag stops the work at its next checkpoint all the same
+        self._stopping = True
+        work.cancel()
+        await asyncio.wait({work})
+        await self.disconnect()
+
+    def _checkpoint(self) -> None:
+        """No further step once the transfer is being stopped."""
+        if self._stopping:
+            raise asyncio.CancelledError
+
+    def _end(self, key: TransferKey, end: TransferEnded) -> None:
+        self._write(key, phase=end.word, reason=end.reason, **({"version": end.version} if end.version else {}))
+        level = logging.INFO if end.word == "succeeded" else logging.WARNING
+        self._log(key, end.word, "%s: %s%s", self.device.name, end.word, f" ({end.reason})" if end.reason else "",
+                  level=level)
 
     async def _run(self, key: TransferKey, image: RelayImage) -> None:
-        backoff = self._relay_cfg.retry_interval
+        """Reach the device and take steps until one of them ends the transfer (TransferEnded)."""
+        if self._record(key).final:
+            return
+        delay = self._relay_cfg.retry_interval
         while True:
-            record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
-            assert record is not None
-            if record.final:
-                return
+            self._checkpoint()
             try:
-                client = await self._connect()
-                slots = await client.image_list()
+                client, slots = await self._reach()
             except (LinkError, SmpError, OSError) as e:
                 await self.disconnect()
-                self._unreachable(key, record, e)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                since = self._unreachable(key, e)
+                await self._pause(delay, since)
+                delay = min(delay * 2, max(RETRY_INTERVAL_MAX, self._relay_cfg.retry_interval))
                 continue
-            backoff = self._relay_cfg.retry_interval
-            if record.unreachable_since is not None or record.phase in ("queued", "waiting"):
-                self._set(key, phase="uploading" if record.phase in ("queued", "waiting") else record.phase,
-                          unreachable_since=None)
+            delay = self._relay_cfg.retry_interval
+            self._reached(key)
             try:
                 async with self._slots:
                     await self._step(key, image, client, slots)
             except (LinkError, OSError) as e:
                 await self.disconnect()
-                phase = self._phase(key)
-                self._log(key, phase, "%s: link lost during %s: %s", self.device.name, word_of(phase), e,
-                          level=logging.WARNING)
+                self._link_lost(key, e)
                 await asyncio.sleep(self._relay_cfg.retry_interval)
             except SmpError as e:
-                phase = word_of(self._phase(key))
+                phase = word_of(self._record(key).phase)
                 raise TransferEnded("failed", f"device {self.device.name} refused {phase}: {e}") from e
 
-    def _unreachable(self, key: TransferKey, record: TransferRecord, error: Exception) -> None:
-        since = record.unreachable_since or time.time()
-        if time.time() - since > self._relay_cfg.device_timeout:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
-            raise TransferEnded("failed", f"device {self.device.name} unreachable since {stamp}: {error}")
-        if record.phase in ("queued", "uploading", "waiting"):
-            if record.phase != "waiting" or record.unreachable_since is None:
-                self._set(key, phase="waiting", unreachable_since=since)
-                self._log(key, "waiting", "%s not reachable yet: %s", self.device.name, error)
+    # reachability
+
+    def _unreachable(self, key: TransferKey, error: Exception) -> float:
+        """The device cannot be opened or does not answer: `waiting` before the upload is done."""
+        record = self._record(key)
+        since = self._check_timeout(record, error)
+        if record.phase in ("queued", "uploading"):
+            self._set(key, phase="waiting", unreachable_since=since)
+            self._log(key, "waiting", "%s not reachable, waiting for it: %s", self.device.name, error)
         elif record.unreachable_since is None:
             self._set(key, unreachable_since=since)
+            self._log(key, record.phase, "%s not reachable during %s: %s", self.device.name,
+                      word_of(record.phase), error, level=logging.WARNING)
+        else:
+            log.debug("%s still not reachable: %s", self.device.name, error)
+        return since
+
+    def _link_lost(self, key: TransferKey, error: Exception) -> None:
+        record = self._record(key)
+        since = self._check_timeout(record, error)
+        if record.unreachable_since is None:
+            self._set(key, unreachable_since=since, notify=False)
+        self._log(key, record.phase, "%s: link lost during %s: %s", self.device.name, word_of(record.phase), error,
+                  level=logging.WARNING)
+
+    def _check_timeout(self, record: TransferRecord, error: Exception) -> float:
+        """Since when the device makes no progress; ends the transfer once that is device_timeout ago."""
+        since = record.unreachable_since or time.time()
+        if time.time() - since >= self._relay_cfg.device_timeout:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+            raise TransferEnded("failed", f"device {self.device.name} unreachable since {stamp}: {error}")
+        return since
+
+    def _reached(self, key: TransferKey) -> None:
+        # unreachable_since stays until the device makes progress: a device that answers
+        # the image list but loses every upload must still time out
+        record = self._record(key)
+        if record.phase in ("queued", "waiting"):
+            self._set(key, phase="uploading")
+            if record.phase == "waiting":
+                self._log(key, "uploading", "%s is reachable again", self.device.name)
+
+    async def _pause(self, delay: float, since: float) -> None:
+        """Wait before the next attempt: `delay`, less if the device's port appears or its time runs out."""
+        left_until_timeout = since + self._relay_cfg.device_timeout - time.time()
+        end = time.monotonic() + max(0.0, min(delay, left_until_timeout + 0.05))
+        missing = not _port_present(self.device)
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, PRESENCE_POLL) if missing else left)
+            if missing and _port_present(self.device):
+                return
+
+    # the phase machine
 
     async def _step(self, key: TransferKey, image: RelayImage, client: SmpClient, slots: list[ImageSlot]) -> None:
-        """Take the next step of a transfer, chosen from the stored phase and the device's answer."""
-        record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
-        assert record is not None
-        active = _active(slots)
+        """One move, chosen from what the device reports and the stored phase; the caller loops."""
         if self.device.mode == "recovery":
-            await self._recovery_step(key, image, client, record, active)
+            await self._recovery_step(key, image, client, slots)
             return
-        if record.phase in ("uploading", "waiting", "queued"):
-            if active is not None and active.hash == image.hash:
-                if not active.confirmed:
-                    await client.confirm()
-                raise TransferEnded("succeeded", f"already running {image.version}", image.version)
-            if active is not None and not self.device.allow_downgrade and active.version:
-                if _older(image.version, active.version):
-                    raise TransferEnded(
-                        "rejected",
-                        f"image {image.version} is older than {active.version} running on {self.device.name}"
-                        " and the device does not allow downgrades")
-            staged = any(s.hash == image.hash and not s.active for s in slots)
-            if not staged:
-                await self._upload(key, image, client)
-            self._set(key, phase="testing")
-            record.phase = "testing"
-        if record.phase == "testing":
-            await client.test_image(image.hash)
-            self._set(key, phase="rebooting")
-            await self._reset(key, client)
-            client, slots = await self._wait_for_return(key)
-            record.phase = "rebooting"
-        if record.phase == "rebooting":
-            active = _active(slots)
-            if active is not None and active.hash == image.hash:
-                self._set(key, phase="confirming")
-                record.phase = "confirming"
-            elif any(s.hash == image.hash and s.pending for s in slots):
-                # the test mark is set but the reset never happened (or was lost): reset again
-                await self._reset(key, client)
-                return  # the next round reads the image list again
-            else:
-                running = active.version if active else "unknown"
-                raise TransferEnded("failed", f"rolled back to {running} after the test boot of {image.version}")
-        if record.phase == "confirming":
-            slots = await client.image_list()
-            active = _active(slots)
-            if active is None or active.hash != image.hash:
-                running = active.version if active else "unknown"
-                raise TransferEnded("failed", f"rolled back to {running} before {image.version} was confirmed")
-            if not active.confirmed:
-                await client.confirm(image.hash)
-                active = _active(await client.image_list())
-                if active is None or not active.confirmed:
-                    raise TransferEnded("failed", f"{self.device.name} did not confirm {image.version}")
-            raise TransferEnded("succeeded", None, image.version)
+        phase = self._record(key).phase
+        active = _active(slots)
+        staged = next((s for s in slots if s.hash == image.hash and not s.active), None)
+        if active is not None and active.hash == image.hash:
+            await self._confirm(key, image, client, active, already=phase in BEFORE_UPLOAD)
+        if phase in AFTER_TEST_BOOT:
+            await self._settle_test_boot(key, image, client, active, staged, phase)
+            return
+        if staged is None:
+            self._refuse_downgrade(image, active)
+            await self._upload(key, image, client)
+        await self._test_boot(key, image, client)
+
+    async def _confirm(self, key: TransferKey, image: RelayImage, client: SmpClient, active: ImageSlot,
+                       already: bool) -> None:
+        """The device runs the image: confirm it if needed. Always ends the transfer."""
+        reason = f"already running {image.version}" if already else None
+        if not active.confirmed:
+            self._advance(key, "confirming")
+            # no hash: confirm what runs; with a hash a reverted device would make our image permanent
+            await client.confirm()
+            active = _active(await client.image_list()) or active
+            if active.hash != image.hash or not active.confirmed:
+                raise TransferEnded("failed", f"{self.device.name} did not confirm {image.version}")
+        raise TransferEnded("succeeded", reason, image.version)
+
+    async def _settle_test_boot(self, key: TransferKey, image: RelayImage, client: SmpClient,
+                                active: ImageSlot | None, staged: ImageSlot | None, phase: str) -> None:
+        """The test boot was started but the device does not run the image: reset again, or it rolled back."""
+        if staged is not None and staged.pending and phase == "rebooting":
+            # the test mark is set but the reset never happened (or its answer was lost)
+            await self._reset(key, client, image)
+            return
+        running = active.version if active else "unknown"
+        when = "before" if phase == "confirming" else "after the test boot of"
+        tail = " was confirmed" if phase == "confirming" else ""
+        raise TransferEnded("failed", f"rolled back to {running} {when} {image.version}{tail}")
+
+    async def _test_boot(self, key: TransferKey, image: RelayImage, client: SmpClient) -> None:
+        self._advance(key, "testing")
+        await client.test_image(image.hash)
+        self._advance(key, "rebooting")
+        await self._reset(key, client, image)
 
     async def _recovery_step(self, key: TransferKey, image: RelayImage, client: SmpClient,
-                             record: TransferRecord, active: ImageSlot | None) -> None:
-        """MCUboot serial recovery: the upload goes straight to the primary slot, no test boot."""
-        if active is not None and active.hash == image.hash:
+                             slots: list[ImageSlot]) -> None:
+        """MCUboot serial recovery: the upload goes straight to the primary slot, then a reset boots it."""
+        primary = next((s for s in slots if s.slot == 0), None)
+        holds = primary is not None and primary.hash == image.hash
+        # recovery lists no flags: `active` means the application runs it; after our own
+        # reset a bootloader that stays in recovery still counts, it validated the image
+        if holds and (primary.active or self._resets):
             raise TransferEnded("succeeded", None, image.version)
-        if record.phase in ("uploading", "waiting", "queued"):
-            # recovery keeps no sha session: probe with the last offset we saw, the device corrects it
-            await self._upload(key, image, client, probe_offset=record.done or None)
-            self._set(key, phase="rebooting")
-        await self._reset(key, client)
-        _client, slots = await self._wait_for_return(key)
-        active = _active(slots)
-        if active is None or active.hash != image.hash:
-            raise TransferEnded("failed", f"{self.device.name} does not run {image.version} after the reset")
-        raise TransferEnded("succeeded", None, image.version)
+        if not holds:
+            if self._resets:
+                raise TransferEnded("failed", f"{self.device.name} does not hold {image.version} after the reset")
+            self._refuse_downgrade(image, primary)
+            await self._upload(key, image, client, probe_offset=self._probe_offset(key))
+        self._advance(key, "rebooting")
+        await self._reset(key, client, image)
+
+    def _probe_offset(self, key: TransferKey) -> int | None:
+        """Where to ask a recovery bootloader to continue; None for a first upload (off 0 erases the slot)."""
+        record = self._record(key)
+        if not record.total:
+            return None
+        # the probe asks: the bootloader accepts it or answers its own offset (0 after a reboot)
+        return min(max(record.done, 1), record.total - 1)
+
+    def _refuse_downgrade(self, image: RelayImage, running: ImageSlot | None) -> None:
+        if running is None or self.device.allow_downgrade or not running.version:
+            return
+        if _older(image.version, running.version):
+            raise TransferEnded(
+                "rejected", f"image {image.version} is older than {running.version} running on {self.device.name}"
+                " and the device does not allow downgrades")
+
+    # device actions
 
     async def _upload(self, key: TransferKey, image: RelayImage, client: SmpClient,
                       probe_offset: int | None = None) -> None:
         data = await asyncio.get_running_loop().run_in_executor(None, image.path.read_bytes)
         self._set(key, phase="uploading", total=len(data))
+        resumed_at: int | None = None
         last_save = 0.0
 
         def progress(done: int, total: int) -> None:
-            nonlocal last_save
+            nonlocal resumed_at, last_save
+            self._checkpoint()
             self.live_progress = (done, total)
+            resumed_at = done if resumed_at is None else resumed_at
             now = time.monotonic()
-            if now - last_save >= PROGRESS_SAVE_INTERVAL or done == total:
+            if done > resumed_at and (now - last_save >= PROGRESS_SAVE_INTERVAL or done == total):
                 last_save = now
-                self._set(key, done=done, total=total, notify=False)
+                self._set(key, done=done, total=total, unreachable_since=None, notify=False)
             self._on_change(key)
 
         self._log(key, "uploading", "uploading %s (%d bytes) to %s", image.version, len(data), self.device.name)
-        await client.upload(data, image=self.device.image, progress=progress, probe_offset=probe_offset)
+        try:
+            await client.upload(data, image=self.device.image, progress=progress, probe_offset=probe_offset)
+        except ValueError as e:  # the device's buffer cannot carry an upload request
+            raise TransferEnded("failed", f"cannot upload to {self.device.name}: {e}") from e
         self.live_progress = None
-        self._set(key, done=len(data), total=len(data))
+        self._set(key, done=len(data), total=len(data), unreachable_since=None)
 
-    async def _reset(self, key: TransferKey, client: SmpClient) -> None:
-        self._log(key, "testing", "resetting %s to test-boot the new image", self.device.name)
+    async def _reset(self, key: TransferKey, client: SmpClient, image: RelayImage) -> None:
+        """Reset the device and wait until it answers again (the caller reads its image list)."""
+        self._resets += 1
+        if self._resets > MAX_RESETS:
+            raise TransferEnded("failed", f"{self.device.name} did not boot {image.version} after {MAX_RESETS} resets")
+        self._log(key, "testing", "resetting %s to boot %s", self.device.name, image.version)
         try:
             await client.reset()
-        except (LinkError, SmpError) as e:
+        except (LinkError, SmpMalformed) as e:
             # devices often reset before the answer leaves them
             log.debug("reset of %s answered with %s; assuming it reset", self.device.name, e)
+        except SmpError as e:
+            raise TransferEnded("failed", f"{self.device.name} refused to reset: {e}") from e
         await self.disconnect()
+        await self._wait_for_return()
 
-    async def _wait_for_return(self, key: TransferKey) -> tuple[SmpClient, list[ImageSlot]]:
-        """Wait until the device answers again after a reset; returns the new connection and its image list."""
+    async def _wait_for_return(self) -> None:
+        """Wait until the device answers again after a reset (raises LinkError after reset_timeout)."""
         deadline = time.monotonic() + self._relay_cfg.reset_timeout
         await asyncio.sleep(0.2)
         last_error: Exception | None = None
         while time.monotonic() < deadline:
+            self._checkpoint()
             try:
                 client = await self._connect()
                 # short probes: a rebooting device is silent, a full request timeout per try wastes time
-                return client, await asyncio.wait_for(client.image_list(), RETURN_PROBE_TIMEOUT)
+                async with asyncio.timeout(RETURN_PROBE_TIMEOUT):
+                    await client.image_list()
+                return
             except (LinkError, SmpError, OSError, asyncio.TimeoutError) as e:
                 last_error = e
                 await self.disconnect()
@@ -307,11 +427,22 @@ class DeviceRelay:
         raise LinkError(f"{self.device.name} did not come back within {self._relay_cfg.reset_timeout:g} s"
                         f" after the reset: {last_error}")
 
-    def _phase(self, key: TransferKey) -> str:
+    # state
+
+    def _record(self, key: TransferKey) -> TransferRecord:
         record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
-        return record.phase if record else "queued"
+        assert record is not None
+        return record
+
+    def _advance(self, key: TransferKey, phase: str) -> None:
+        """Move to the next phase: the device made progress, so it is not unreachable."""
+        self._set(key, phase=phase, unreachable_since=None)
 
     def _set(self, key: TransferKey, notify: bool = True, **values: object) -> None:
+        self._checkpoint()  # every step is written before it is taken: none after a stop
+        self._write(key, notify, **values)
+
+    def _write(self, key: TransferKey, notify: bool = True, **values: object) -> None:
         self._state.set_transfer(key.thing, key.job_id, key.idx, key.device, **values)
         if notify:
             self._on_change(key)
@@ -319,6 +450,13 @@ class DeviceRelay:
     def _log(self, key: TransferKey, phase: str, msg: str, *args: object, level: int = logging.INFO) -> None:
         log.log(level, msg, *args, extra=log_fields(job_id=key.job_id, thing=key.thing, device=key.device,
                                                     phase=word_of(phase)))
+
+
+def _port_present(device: DeviceConfig) -> bool:
+    """Whether the device's port exists; True when we cannot tell (URLs, other transports)."""
+    if device.transport != "uart" or not device.port or "://" in device.port:
+        return True
+    return os.path.exists(device.port)
 
 
 def _older(new: str, running: str) -> bool:
@@ -353,26 +491,37 @@ class RelayManager:
         self.update_devices(config)
 
     def update_devices(self, config: Config) -> None:
+        """Apply a new device list: removed or changed devices' relays stop, their work is handed on."""
         self._config = config
         wanted = {d.name: d for d in config.devices}
         for name in list(self.devices):
             if name not in wanted or wanted[name] != self.devices[name].device:
-                self.devices.pop(name)
+                self.devices.pop(name).retire()
         for name, device in wanted.items():
             if name not in self.devices:
                 self.devices[name] = DeviceRelay(device, config, self._state, self._slots, self._on_change,
                                                  self._link_factory)
 
     async def run(self, key: TransferKey, image: RelayImage) -> TransferRecord:
-        relay = self.devices.get(key.device)
-        if relay is None:
+        while True:
+            relay = self.devices.get(key.device)
+            if relay is None:
+                return self._no_device(key)
+            try:
+                return await relay.run(key, image)
+            except Retired:
+                continue  # a changed device goes on with its new relay, which asks the device where it is
+
+    def _no_device(self, key: TransferKey) -> TransferRecord:
+        record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
+        assert record is not None
+        if not record.final:
             self._state.set_transfer(key.thing, key.job_id, key.idx, key.device, phase="failed",
                                      reason=f"device {key.device} is no longer configured")
             self._on_change(key)
             record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
             assert record is not None
-            return record
-        return await relay.run(key, image)
+        return record
 
     def live_progress(self, device: str) -> tuple[int, int] | None:
         relay = self.devices.get(device)

@@ -72,6 +72,7 @@ MGMT_ERR_EINVAL = 3
 MGMT_ERR_ENOENT = 5
 MGMT_ERR_EBADSTATE = 6
 MGMT_ERR_ENOTSUP = 8
+MGMT_ERR_EBUSY = 10
 MGMT_ERR_UNSUPPORTED_TOO_NEW = 13
 
 IMG_ERR_NO_IMAGE = 3
@@ -434,6 +435,7 @@ class EmulatedDevice:
         recovery_echo: bool = False,
         stay_in_recovery: bool = False,
         boot_banner: bool = True,
+        reset_veto: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -461,6 +463,9 @@ class EmulatedDevice:
         self.recovery_echo = recovery_echo
         self.stay_in_recovery = stay_in_recovery
         self.boot_banner = boot_banner
+        # fault knob, a CONFIG_MCUMGR_GRP_OS_RESET_HOOK that vetoes resets: "error" answers
+        # `rc` EBUSY (MGMT_CB_ERROR_RC), "silent" answers success and does not reset
+        self.reset_veto = reset_veto
 
         self._flash = [bytearray(slot0[: image.total_size] if image else b""), bytearray(slot1)]
         self._swap = SWAP_NONE
@@ -473,6 +478,7 @@ class EmulatedDevice:
         self.upload_requests = 0
         self.upload_bytes_written = 0
         self.upload_bytes_received = 0
+        self.upload_chunk_max = 0  # the largest `data` of one upload request
         self.requests: list[tuple[int, int, int]] = []
         self.events: list[str] = []
         self.boot_count = 0
@@ -836,6 +842,12 @@ class EmulatedDevice:
     def _smp_reset(self, body: dict) -> dict:
         _field(body, "force", int)
         boot_mode = _field(body, "boot_mode", int, 0)
+        if self.reset_veto == "error":
+            self._event("reset refused by the reset hook")
+            return {"rc": MGMT_ERR_EBUSY}
+        if self.reset_veto == "silent":
+            self._event("reset answered but not done")
+            return {"rc": 0} if self.mode == "recovery" else {}
         self._boot_to_recovery = boot_mode == 1
         self._event("reset requested" + (" into serial recovery" if boot_mode == 1 else ""))
         self._reset_after_reply = True
@@ -941,6 +953,7 @@ class EmulatedDevice:
         _field(body, "image", int)
         self.upload_requests += 1
         self.upload_bytes_received += len(data)
+        self.upload_chunk_max = max(self.upload_chunk_max, len(data))
         if off is None:
             return self._upload_failed(IMG_ERR_INVALID_OFFSET, "no off")
         if off != 0:
@@ -1063,6 +1076,7 @@ class EmulatedDevice:
         image = _field(body, "image", int, 0)
         self.upload_requests += 1
         self.upload_bytes_received += len(data or b"")
+        self.upload_chunk_max = max(self.upload_chunk_max, len(data or b""))
         state = self._recovery
         if off is None or data is None or image != 0:
             return {"rc": MGMT_ERR_EINVAL}

@@ -1,0 +1,427 @@
+"""Relay fault injection with the real daemon: kills, dropped links, reboots, absent devices.
+
+Each test runs the real `ota-gatewayd` as a subprocess against the real broker, the AWS IoT
+emulator and emulated SMP devices (Lab), breaks something in the middle of the device upload,
+and checks the end of the story: the job's final status, the device's active image bytes, and
+how much was sent to the device twice. A "chunk" is the largest `data` of one upload request
+the device saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import hashlib
+import re
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from gatewayd.emulators.lab import Lab
+from gatewayd.emulators.smp_device import EmulatedDevice
+
+IMAGE_SIZE = 64 * 1024
+SLOW = 0.02  # device response delay: a 64 KiB upload takes a few seconds
+
+
+@pytest.fixture
+def lab(tmp_path):
+    with Lab(tmp_path / "lab") as lab:
+        yield lab
+
+
+def _wait_until(what: str, condition: Callable[[], object], timeout: float, lab: Lab) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n--- daemon log (tail) ---\n{lab.daemon_log()[-4000:]}")
+        time.sleep(0.02)
+
+
+def _wait_for_upload(lab: Lab, dev: EmulatedDevice, image: bytes, fraction: float = 0.5) -> int:
+    _wait_until(f"{fraction:.0%} of the upload", lambda: (dev.upload_offset or 0) >= len(image) * fraction, 30, lab)
+    return dev.upload_offset or 0
+
+
+def _phases(lab: Lab, thing: str, job_id: str) -> list[str]:
+    return [u["statusDetails"].get("phase") for u in lab.aws.all_updates(thing, job_id)]
+
+
+def _resent(dev: EmulatedDevice, image: bytes) -> int:
+    return dev.upload_bytes_received - len(image)
+
+
+def _sessions(dev: EmulatedDevice) -> list[str]:
+    """Device events of uploads started at offset 0 (Zephyr: a new sha session)."""
+    return [e for e in dev.events if e.startswith("upload: new session") or e.startswith("recovery: upload restarted")]
+
+
+def _assert_succeeded(lab: Lab, thing: str, job_id: str, dev: EmulatedDevice, image: bytes) -> None:
+    done = lab.wait(thing, job_id, timeout=40)
+    assert done.status == "SUCCEEDED", done
+    assert dev.active_image() == image
+    assert dev.confirmed
+    assert "Traceback" not in lab.daemon_log()
+
+
+def _report(name: str, **numbers: object) -> None:
+    print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
+
+
+def test_sigkill_mid_upload_resumes_from_the_device_offset(lab):
+    dev = lab.add_device("pump", thing_name="pump", response_delay=SLOW)
+    lab.start()
+    image = lab.make_image((1, 1, 0), size=IMAGE_SIZE)
+    lab.ota_update("kill-upload", "pump", image)
+
+    at_kill = _wait_for_upload(lab, dev, image)
+    lab.kill_daemon()
+    lab.start_daemon()
+
+    _assert_succeeded(lab, "pump", "kill-upload", dev, image)
+    _report("sigkill", image=len(image), killed_at=at_kill, chunk=dev.upload_chunk_max, resent=_resent(dev, image))
+    assert _resent(dev, image) <= 2 * dev.upload_chunk_max
+    assert len(_sessions(dev)) == 1  # resumed through the sha session, never restarted at 0
+
+
+@pytest.mark.parametrize("fault", ["absent-3s", "drop-link"])
+def test_link_lost_mid_upload_continues_where_the_device_is(lab, fault):
+    dev = lab.add_device("pump", thing_name="pump", response_delay=SLOW)
+    lab.start()
+    image = lab.make_image((1, 2, 0), size=IMAGE_SIZE)
+    lab.ota_update("link-lost", "pump", image)
+
+    at_fault = _wait_for_upload(lab, dev, image)
+    if fault == "absent-3s":
+        lab.on_device_loop(dev.set_absent(True))
+        time.sleep(3)
+        lab.on_device_loop(dev.set_absent(False))
+    else:
+        dev.drop_link()
+
+    _assert_succeeded(lab, "pump", "link-lost", dev, image)
+    _report(fault, image=len(image), fault_at=at_fault, chunk=dev.upload_chunk_max, resent=_resent(dev, image))
+    assert _resent(dev, image) <= 2 * dev.upload_chunk_max
+    assert len(_sessions(dev)) == 1
+    assert dev.upload_bytes_written == len(image)
+
+
+def test_device_rebooted_mid_upload_restarts_with_every_first_chunk_field(lab):
+    dev = lab.add_device("pump", thing_name="pump", response_delay=SLOW)
+    lab.start()
+    image = lab.make_image((1, 3, 0), size=IMAGE_SIZE)
+    lab.ota_update("rebooted", "pump", image)
+
+    at_reboot = _wait_for_upload(lab, dev, image)
+    dev.power_cycle()
+
+    _assert_succeeded(lab, "pump", "rebooted", dev, image)
+    _report("reboot", image=len(image), rebooted_at=at_reboot, chunk=dev.upload_chunk_max,
+            resent=_resent(dev, image))
+    sha = hashlib.sha256(image).hexdigest()[:16]
+    sessions = _sessions(dev)
+    assert len(sessions) == 2, dev.events
+    assert all(f"len={len(image)} sha={sha}" in s for s in sessions), sessions
+    # the RAM session was lost: what the device had is sent again, but nothing beyond that
+    assert _resent(dev, image) <= at_reboot + 3 * dev.upload_chunk_max
+
+
+def test_device_absent_at_the_start_is_waiting_then_updated_when_it_appears(lab):
+    # with a 2 s retry interval, backoff alone would try at 2, 6, 14 and 30 s: only noticing
+    # the port appear gets the update going at once
+    lab.config["relay"].update(retry_interval=2.0)
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.on_device_loop(dev.set_absent(True))
+    lab.start()
+    image = lab.make_image((1, 4, 0), size=32 * 1024)
+    started = time.monotonic()
+    lab.ota_update("absent", "pump", image)
+
+    def phases() -> list[str]:
+        return _phases(lab, "pump", "absent")
+
+    _wait_until("a waiting status", lambda: "waiting" in phases(), 15, lab)
+    time.sleep(max(0.0, started + 15 - time.monotonic()))
+    appeared = time.monotonic()
+    lab.on_device_loop(dev.set_absent(False))
+    _wait_until("the first upload request", lambda: dev.upload_requests > 0, 30, lab)
+    first_request = time.monotonic() - appeared
+
+    _assert_succeeded(lab, "pump", "absent", dev, image)
+    took = time.monotonic() - appeared
+    _report("absent-15s", first_request_after_s=round(first_request, 2), succeeded_after_s=round(took, 1),
+            resent=_resent(dev, image))
+    waiting = [u for u in lab.aws.all_updates("pump", "absent") if u["statusDetails"].get("phase") == "waiting"]
+    assert waiting[0]["status"] == "IN_PROGRESS"
+    assert waiting[0]["statusDetails"]["device"] == "pump"
+    seen = phases()
+    assert "uploading" in seen[seen.index("waiting"):]
+    assert first_request < 1.5, "the update started late after the device appeared"
+    assert _resent(dev, image) == 0
+
+
+def test_device_absent_past_device_timeout_fails_saying_since_when(lab):
+    timeout = 6
+    lab.config["relay"].update(device_timeout=timeout)
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.on_device_loop(dev.set_absent(True))
+    lab.start()
+    image = lab.make_image((1, 5, 0), size=32 * 1024)
+    before = time.time()
+    lab.ota_update("gone", "pump", image)
+
+    # a restart while waiting does not start the clock again: unreachable_since is in the database
+    _wait_until("a waiting status", lambda: "waiting" in _phases(lab, "pump", "gone"), 15, lab)
+    time.sleep(max(0.0, before + 3 - time.time()))
+    lab.kill_daemon()
+    lab.start_daemon()
+
+    done = lab.wait("pump", "gone", timeout=30)
+    failed_after = time.time() - before
+    _report("device-timeout", failed_after_s=round(failed_after, 1), reason=done.status_details.get("reason"))
+    assert done.status == "FAILED", done
+    reason = done.status_details["reason"]
+    stamp = re.search(r"unreachable since (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", reason)
+    assert stamp, reason
+    since = calendar.timegm(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S"))
+    assert before - 1 <= since <= before + 2.5, "the stamp is not when the device was first found missing"
+    assert failed_after < timeout + 3, "failed late: the deadline counts from the first miss, not the restart"
+    assert dev.upload_requests == 0
+    assert dev.active_image() != image
+
+
+def test_recovery_device_sigkill_mid_upload_continues_through_the_offset_probe(lab):
+    dev = lab.add_device("boot", thing_name="boot", mode="recovery", response_delay=SLOW)
+    lab.devices["boot"].settings["mode"] = "recovery"
+    lab.start()
+    image = lab.make_image((2, 0, 0), size=IMAGE_SIZE)
+    lab.ota_update("recovery", "boot", image)
+
+    at_kill = _wait_for_upload(lab, dev, image)
+    lab.kill_daemon()
+    lab.start_daemon()
+
+    _assert_succeeded(lab, "boot", "recovery", dev, image)
+    _report("recovery-sigkill", image=len(image), killed_at=at_kill, chunk=dev.upload_chunk_max,
+            resent=_resent(dev, image))
+    assert _resent(dev, image) <= 2 * dev.upload_chunk_max
+    assert len(_sessions(dev)) == 1  # the probe found the offset: slot 0 was not erased again
+    assert dev.mode == "zephyr"  # the new image boots
+
+
+def test_recovery_device_rebooted_while_gateway_was_down_restarts_at_zero(lab):
+    dev = lab.add_device("boot", thing_name="boot", mode="recovery", stay_in_recovery=True, response_delay=SLOW)
+    lab.devices["boot"].settings["mode"] = "recovery"
+    lab.start()
+    image = lab.make_image((2, 1, 0), size=IMAGE_SIZE)
+    lab.ota_update("recovery-reboot", "boot", image)
+
+    at_kill = _wait_for_upload(lab, dev, image)
+    lab.kill_daemon()
+    dev.power_cycle()  # the bootloader forgets its offset: a stored offset must not be trusted
+    lab.start_daemon()
+
+    done = lab.wait("boot", "recovery-reboot", timeout=40)
+    assert done.status == "SUCCEEDED", done
+    assert dev.active_image() == image
+    _report("recovery-reboot", image=len(image), killed_at=at_kill, chunk=dev.upload_chunk_max,
+            resent=_resent(dev, image))
+    assert len(_sessions(dev)) == 2
+    assert _resent(dev, image) <= at_kill + 3 * dev.upload_chunk_max
+
+
+def test_sigterm_mid_relay_exits_promptly_and_a_restart_completes(lab):
+    dev = lab.add_device("pump", thing_name="pump", response_delay=2 * SLOW)
+    lab.start()
+    image = lab.make_image((1, 6, 0), size=IMAGE_SIZE)
+    lab.ota_update("sigterm", "pump", image)
+
+    at_stop = _wait_for_upload(lab, dev, image, 0.3)
+    t0 = time.monotonic()
+    code = lab.stop_daemon(signal.SIGTERM)
+    stop_took = time.monotonic() - t0
+    assert code == 0, lab.daemon_log()[-4000:]
+    assert stop_took < 10
+    after_stop = dev.upload_offset
+    assert after_stop is not None and after_stop < len(image), "the upload was not interrupted"
+    time.sleep(0.5)
+    assert dev.upload_offset == after_stop, "the device was still sent data after the daemon exited"
+    lab.start_daemon()
+
+    _assert_succeeded(lab, "pump", "sigterm", dev, image)
+    _report("sigterm", stop_s=round(stop_took, 2), image=len(image), signalled_at=at_stop, stopped_at=after_stop,
+            chunk=dev.upload_chunk_max, resent=_resent(dev, image))
+    assert _resent(dev, image) <= 2 * dev.upload_chunk_max
+    assert len(_sessions(dev)) == 1
+
+
+def _reload_without(lab: Lab, name: str) -> None:
+    """Rewrite the config without device `name` and SIGHUP the daemon (the emulator keeps running)."""
+    removed = lab.devices.pop(name)
+    try:
+        lab.write_config()
+    finally:
+        lab.devices[name] = removed
+    lab.daemon.send_signal(signal.SIGHUP)
+
+
+def test_sighup_removing_a_device_mid_upload_ends_its_work(lab):
+    fast = lab.add_device("pump-a", files="pump*.bin")
+    slow = lab.add_device("pump-b", files="pump*.bin", response_delay=2 * SLOW)
+    lab.start()
+    image = lab.make_image((1, 7, 0), size=IMAGE_SIZE)
+    lab.ota_update("hup", "gw-01", image, filepath="pump.bin")
+
+    _wait_for_upload(lab, slow, image, 0.25)
+    hup = time.monotonic()
+    _reload_without(lab, "pump-b")
+
+    done = lab.wait("gw-01", "hup", timeout=30)
+    ended_after = time.monotonic() - hup
+    at_end = slow.upload_offset
+    time.sleep(0.5)
+    _report("sighup-remove", ended_after_s=round(ended_after, 1), removed_device_offset=at_end,
+            reason=done.status_details.get("reason"))
+    assert done.status == "FAILED", done
+    assert "pump-b" in done.status_details["reason"] and "no longer configured" in done.status_details["reason"]
+    assert done.status_details["dev:pump-a"] == "succeeded 1.7.0"
+    assert fast.active_image() == image
+    assert slow.active_image() != image
+    assert at_end is not None and at_end < len(image), "the removed device's upload went on"
+    assert slow.upload_offset == at_end, "the removed device was still sent data"
+    assert ended_after < 5
+
+
+def test_sighup_changing_a_device_mid_upload_hands_the_upload_on(lab):
+    dev = lab.add_device("pump", thing_name="pump", response_delay=SLOW)
+    lab.start()
+    image = lab.make_image((1, 8, 0), size=IMAGE_SIZE)
+    lab.ota_update("changed", "pump", image)
+
+    at_change = _wait_for_upload(lab, dev, image, 0.3)
+    lab.devices["pump"].settings["line_delay"] = 0.0001
+    lab.write_config()
+    lab.daemon.send_signal(signal.SIGHUP)
+
+    _assert_succeeded(lab, "pump", "changed", dev, image)
+    _report("sighup-change", changed_at=at_change, chunk=dev.upload_chunk_max, resent=_resent(dev, image))
+    assert _resent(dev, image) <= 2 * dev.upload_chunk_max
+    assert len(_sessions(dev)) == 1
+
+
+@pytest.mark.parametrize("veto", ["error", "silent"])
+def test_device_that_will_not_reset_fails_without_looping(lab, veto):
+    dev = lab.add_device("pump", thing_name="pump", reset_veto=veto)
+    old = dev.active_image()
+    lab.start()
+    image = lab.make_image((1, 9, 0), size=32 * 1024)
+    lab.ota_update("no-reset", "pump", image)
+
+    done = lab.wait("pump", "no-reset", timeout=30)
+    resets = sum(1 for group, cmd, _op in dev.requests if (group, cmd) == (0, 5))
+    _report(f"reset-veto-{veto}", resets=resets, reason=done.status_details.get("reason"))
+    assert done.status == "FAILED", done
+    reason = done.status_details["reason"]
+    assert ("refused to reset" in reason) if veto == "error" else ("after 3 resets" in reason), reason
+    assert resets == (1 if veto == "error" else 3)
+    assert dev.active_image() == old
+    assert _resent(dev, image) == 0
+
+
+# -- stopping, with a link that swallows cancellation ---------------------------------------
+
+
+class _SwallowingLink:
+    """A device link that answers every request after 1 ms and swallows a cancellation that
+    arrives meanwhile, as Python 3.11's `asyncio.wait_for` does when its answer is ready."""
+
+    name = "swallowing"
+    max_packet = None
+    framing_overhead = 4
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.swallowed = 0
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def transact(self, packet: bytes, timeout: float) -> bytes:
+        import cbor2
+
+        from transports.smp import Header
+
+        self.requests += 1
+        request = Header.unpack(packet)
+        body = cbor2.loads(packet[8:])
+        if (request.group, request.cmd) == (1, 1):
+            answer = {"off": body["off"] + len(body["data"])}
+        elif (request.group, request.cmd) == (0, 6):
+            answer = {"buf_size": 384, "buf_count": 4}
+        else:
+            answer = {"images": [{"slot": 0, "version": "1.0.0", "hash": b"\x01" * 32, "active": True,
+                                  "confirmed": True}]}
+        try:
+            await asyncio.sleep(0.001)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        payload = cbor2.dumps(answer)
+        return Header(request.op + 1, request.group, request.cmd, request.seq, len(payload)).pack() + payload
+
+
+def _relay_with(tmp_path, link: _SwallowingLink):
+    from gatewayd.config import (BleConfig, Config, DeviceConfig, GatewayConfig, MqttConfig, OtaConfig,
+                                 RelayConfig, SigningConfig)
+    from gatewayd.emulators.signing import build_mcuboot_image
+    from gatewayd.relay import DeviceRelay, RelayImage, TransferKey
+    from gatewayd.state import StateDB
+
+    device = DeviceConfig(name="pump", transport="uart", port=str(tmp_path / "tty"))
+    config = Config(tmp_path / "gateway.toml", GatewayConfig("gw-01"),
+                    MqttConfig("localhost", tmp_path, tmp_path, tmp_path, "gw-01"), OtaConfig(), SigningConfig(),
+                    RelayConfig(), BleConfig(), (device,))
+    state = StateDB(tmp_path / "state.db")
+    key = TransferKey("pump", "job", 0, "pump")
+    state.add_transfer(key.thing, key.job_id, key.idx, key.device)
+    path = tmp_path / "image.bin"
+    path.write_bytes(build_mcuboot_image(bytes(256 * 1024), version=(2, 0, 0, 0)))
+    image = RelayImage(path, hashlib.sha256(path.read_bytes()).hexdigest(), b"\x02" * 32, "2.0.0")
+    relay = DeviceRelay(device, config, state, asyncio.Semaphore(1), lambda _key: None, lambda _device: link)
+    return relay, key, image, state
+
+
+@pytest.mark.parametrize("how", ["cancel", "retire"])
+def test_a_stopped_transfer_sends_nothing_more_even_if_the_cancel_is_swallowed(tmp_path, how):
+    link = _SwallowingLink()
+    relay, key, image, state = _relay_with(tmp_path, link)
+    if how == "cancel":
+        expected: type[BaseException] = asyncio.CancelledError
+    else:
+        from gatewayd.relay import Retired
+        expected = Retired
+
+    async def scenario() -> tuple[int, int, int]:
+        task = asyncio.ensure_future(relay.run(key, image))
+        async with asyncio.timeout(5):
+            while link.requests < 20:
+                assert not task.done(), task
+                await asyncio.sleep(0.005)
+        asked_at = link.requests
+        task.cancel() if how == "cancel" else relay.retire()
+        async with asyncio.timeout(2):
+            with pytest.raises(expected):
+                await task
+        stopped_at = link.requests
+        await asyncio.sleep(0.2)
+        return asked_at, stopped_at, link.requests
+
+    asked_at, stopped_at, later = asyncio.run(scenario())
+    state.close()
+    assert link.swallowed >= 1
+    assert stopped_at - asked_at <= 1, "the transfer went on after it was asked to stop"
+    assert later == stopped_at, "requests went on after the transfer was stopped"
