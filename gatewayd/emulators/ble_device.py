@@ -1,0 +1,622 @@
+"""An SMP device over BLE, emulated with bumble (platform.md §7): test-only, needs `bumble`.
+
+* `BlePeripheral`: a bumble peripheral (virtual controller + host) serving the SMP GATT service
+  (smp.md §2.2: service `8D53DC1D-…`, characteristic `DA2E7828-…`, Write Without Response +
+  Notify) for one `EmulatedDevice`, whose `_handle_packet` is the SMP core. Requests arrive as
+  write commands: with `reassembly=True` (Zephyr `CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY`) they
+  are collected until `8 + header.length` bytes; without it every write must be one whole
+  packet, and a fragment is answered with nothing. Writes longer than ATT_MTU − 3 and packets
+  longer than `buf_size` are dropped. Responses go out as notifications of at most
+  ATT_MTU − 3 bytes each. When the device resets (SMP reset, `power_cycle`) the peripheral
+  drops the connection, stays silent while the device is down and advertises again after
+  boot, as a Zephyr device does.
+* `BumbleBleakClient`: the BleakClient surface `transports.ble.BleLink` uses (platform.md §4),
+  on a bumble central on the same in-process `LocalLink`. The stack's CancelledError on link
+  loss becomes ConnectionError; bumble's TimeoutError becomes the builtin one.
+* `BleBench` / `ble_bench`: the link, the central and the peripherals, plus a
+  `client_factory` to hand to `BleLink`.
+
+No radio timing is modelled (platform.md §7): ATT PDUs move as fast as the event loop runs.
+
+Like smp_device.py this shares no code with the gateway's `transports` package. It reaches into
+two private parts of `EmulatedDevice`: `_handle_packet` (the SMP core) and `_loop` (bound to the
+running loop if the device is not served on a pty, so its reset timers work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from bumble.controller import Controller
+from bumble.core import TimeoutError as BumbleTimeoutError
+from bumble.device import Connection, Device, Peer
+from bumble.gatt import Characteristic, CharacteristicValue, Service
+from bumble.hci import Address
+from bumble.host import Host
+from bumble.link import LocalLink
+from bumble.transport.common import AsyncPipeSink
+
+from gatewayd.emulators.smp_device import EmulatedDevice
+
+log = logging.getLogger(__name__)
+
+SMP_SERVICE_UUID = "8D53DC1D-1DB7-4CD3-868B-8A527460AA84"
+SMP_CHARACTERISTIC_UUID = "DA2E7828-FBCE-4E01-AE9E-261174997C48"
+SMP_HEADER_SIZE = 8
+ADVERTISING_INTERVAL_MS = 20  # the shortest legal interval: a reconnect takes ~20 ms
+MONITOR_INTERVAL = 0.005  # how often the peripheral looks at the device's reset/absent state
+DEFAULT_CENTRAL_MTU = 517  # what BlueZ offers in the ATT MTU exchange
+MAX_ATTRIBUTE_VALUE = 512  # bumble's GATT server silently drops longer writes, as the spec allows
+
+
+def _own_cancellation() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class BlePeripheral:
+    """The BLE face of one EmulatedDevice on a LocalLink.
+
+    `mtu` is the largest ATT MTU the peripheral accepts (the exchange settles on the smaller
+    of both sides'). Stats: `write_sizes` (every write command), `oversize_writes`, `packets`
+    (sizes of the SMP requests handed to the device), `packets_dropped`, `notifications`
+    (sizes), `connections` (how many were accepted), `disconnects` (reasons), `events`.
+    """
+
+    def __init__(
+        self,
+        device: EmulatedDevice,
+        link: LocalLink,
+        address: str,
+        *,
+        mtu: int = 247,
+        reassembly: bool = True,
+    ) -> None:
+        if mtu < 23:
+            raise ValueError("ATT MTU is at least 23")
+        self.device = device
+        self.address = address
+        self.reassembly = reassembly
+        self.absent = False
+        controller = Controller(f"ble-{device.name}", link=link, public_address=address)
+        self.ble = Device(name=device.name, address=Address(address), host=Host(controller, AsyncPipeSink(controller)))
+        self.characteristic: Characteristic = Characteristic(
+            SMP_CHARACTERISTIC_UUID,
+            Characteristic.Properties.WRITE_WITHOUT_RESPONSE | Characteristic.Properties.NOTIFY,
+            Characteristic.WRITEABLE,
+            CharacteristicValue(write=self._on_write),
+        )
+        self.ble.add_service(Service(SMP_SERVICE_UUID, [self.characteristic]))
+        self.ble.gatt_server.max_mtu = mtu
+        self.ble.on("connection", self._on_connection)
+
+        self._connection: Connection | None = None
+        self._conn_boot = 0
+        self._rx = bytearray()
+        self._queue: asyncio.Queue[tuple[Connection, int, bytes]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._drop_at: int | None = None
+        self._bound_loop = False
+        self._stopped = False
+        self._reconciling = asyncio.Lock()  # the monitor, start() and set_absent() all reconcile
+        self._disconnecting: set[Connection] = set()
+
+        self.write_sizes: list[int] = []
+        self.oversize_writes = 0
+        self.packets: list[int] = []
+        self.packets_dropped = 0
+        self.notifications: list[int] = []
+        self.connections = 0
+        self.disconnects: list[str] = []
+        self.events: list[str] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def ble_address(self) -> Address:
+        """The address it advertises with (what a central connects to)."""
+        return self.ble.random_address
+
+    @property
+    def connection(self) -> Connection | None:
+        return self._connection
+
+    @property
+    def mtu(self) -> int | None:
+        """The ATT MTU of the current connection."""
+        return self._connection.att_mtu if self._connection is not None else None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.device._loop is None:
+            self.device._loop = loop  # reset timers need it; serve_pty is not used for BLE
+            self._bound_loop = True
+        elif self.device._loop is not loop:
+            raise RuntimeError(f"{self.device.name}: device runs on another event loop")
+        await self.ble.power_on()
+        self._tasks = [
+            loop.create_task(self._work(), name=f"ble-smp-{self.device.name}"),
+            loop.create_task(self._monitor(), name=f"ble-monitor-{self.device.name}"),
+        ]
+        await self._reconcile()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        # The monitor ends by itself within MONITOR_INTERVAL: cancelling it in the middle of
+        # an HCI command makes bumble's host trip over the late answer; and Python 3.11's
+        # wait_for (used inside bumble) can swallow a cancellation anyway.
+        if self._tasks:
+            self._tasks[0].cancel()  # the worker, waiting for requests
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=2.0)
+            for task in pending:
+                task.cancel()
+        self._tasks = []
+        if self._connection is not None:
+            await self._disconnect(self._connection, "peripheral stopped")
+        if self.ble.is_advertising:
+            await self.ble.stop_advertising()
+        if self._bound_loop:
+            self.device._loop = None
+            self._bound_loop = False
+
+    # --- fault knobs ------------------------------------------------------------------------
+
+    async def drop_connection(self, reason: str = "fault: connection dropped") -> None:
+        """Drop the BLE connection now, from the peripheral side."""
+        if self._connection is not None:
+            await self._disconnect(self._connection, reason)
+
+    def drop_after_upload_requests(self, n: int) -> None:
+        """Drop the connection right after the device handled `n` more upload requests.
+
+        The n-th request is written to flash but its answer is lost with the link, as when
+        the device walks out of range mid-transfer.
+        """
+        self._drop_at = self.device.upload_requests + n
+
+    async def set_absent(self, absent: bool) -> None:
+        """Out of range: disconnect and stop advertising (True), or come back (False)."""
+        self.absent = absent
+        self._event("absent" if absent else "present again")
+        await self._reconcile()
+
+    # --- connection handling ----------------------------------------------------------------
+
+    def _up(self) -> bool:
+        return not (self.absent or self.device.absent or self.device.is_down)
+
+    def _on_connection(self, connection: Connection) -> None:
+        if self._connection is not None or not self._up():
+            self._event("second connection refused")
+            asyncio.get_running_loop().create_task(self._disconnect(connection, "refused"))
+            return
+        self._connection = connection
+        self._conn_boot = self.device.boot_count
+        self._rx = bytearray()
+        self.connections += 1
+        self._event(f"connected to {connection.peer_address}")
+        connection.on("disconnection", lambda reason: self._on_disconnection(connection, reason))
+
+    def _on_disconnection(self, connection: Connection, reason: int) -> None:
+        if connection is self._connection:
+            self._connection = None
+            self._rx = bytearray()
+            self._event(f"disconnected (reason {reason:#x})")
+
+    async def _disconnect(self, connection: Connection, reason: str) -> None:
+        if connection in self._disconnecting:
+            return
+        self._disconnecting.add(connection)
+        self.disconnects.append(reason)
+        self._event(f"dropping connection: {reason}")
+        try:
+            await connection.disconnect()
+        except asyncio.CancelledError:
+            if _own_cancellation():
+                raise
+        except Exception as e:  # already gone
+            log.debug("%s: disconnect: %r", self.device.name, e)
+        finally:
+            self._disconnecting.discard(connection)
+            if connection is self._connection:
+                self._connection = None
+
+    async def _monitor(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            try:
+                await self._reconcile()
+            except Exception:  # keep watching; a bumble hiccup must not kill the device
+                log.exception("%s: BLE monitor", self.device.name)
+
+    async def _reconcile(self) -> None:
+        """Connection and advertising follow the device: gone while it resets or is absent."""
+        async with self._reconciling:
+            await self._reconcile_now()
+
+    async def _reconcile_now(self) -> None:
+        up = self._up()
+        connection = self._connection
+        if connection is not None:
+            if not up:
+                await self._disconnect(connection, "device down or out of range")
+            elif self.device.boot_count != self._conn_boot:
+                await self._disconnect(connection, "device rebooted")
+        want = self._up() and self._connection is None
+        if want and not self.ble.is_advertising:
+            await self.ble.start_advertising(
+                advertising_interval_min=ADVERTISING_INTERVAL_MS, advertising_interval_max=ADVERTISING_INTERVAL_MS
+            )
+        elif not want and self.ble.is_advertising:
+            await self.ble.stop_advertising()
+
+    # --- SMP over GATT ----------------------------------------------------------------------
+
+    def _on_write(self, connection: Connection, value: bytes) -> None:
+        value = bytes(value)
+        self.write_sizes.append(len(value))
+        if connection is not self._connection or not self._up():
+            return
+        if len(value) > connection.att_mtu - 3:
+            self.oversize_writes += 1
+            self._dropped(f"write of {len(value)} bytes exceeds ATT_MTU-3 ({connection.att_mtu - 3})")
+            return
+        buf_size = self.device.buf_size
+        if not self.reassembly:
+            if len(value) > buf_size:
+                self._dropped(f"packet of {len(value)} bytes exceeds buf_size {buf_size}")
+                return
+            self._enqueue(connection, value)  # a fragment fails the device's length check
+            return
+        rx = self._rx
+        if not rx and len(value) < SMP_HEADER_SIZE:
+            self._dropped("first fragment shorter than the SMP header")
+            return
+        rx += value
+        need = SMP_HEADER_SIZE + struct.unpack_from("!H", rx, 2)[0]
+        if need > buf_size:
+            self._rx = bytearray()
+            self._dropped(f"packet of {need} bytes exceeds buf_size {buf_size}")
+            return
+        if len(rx) < need:
+            return
+        self._rx = bytearray()
+        if len(rx) > need:
+            self._dropped(f"{len(rx) - need} bytes beyond the packet's length")
+            return
+        self._enqueue(connection, bytes(rx))
+
+    def _enqueue(self, connection: Connection, packet: bytes) -> None:
+        if self._queue.qsize() >= self.device.buf_count:
+            self._dropped(f"no free netbuf ({self.device.buf_count} in use)")
+            return
+        self._queue.put_nowait((connection, self.device.boot_count, packet))
+
+    async def _work(self) -> None:
+        while not self._stopped:
+            connection, boot, packet = await self._queue.get()
+            if self.device.response_delay:
+                await asyncio.sleep(self.device.response_delay)
+            if connection is not self._connection or boot != self.device.boot_count or not self._up():
+                continue  # the link dropped or the device rebooted with the request in its buffer
+            try:
+                response = self.device._handle_packet(packet)
+            except Exception:  # a bug in the emulator must not kill the device
+                log.exception("%s: request handling failed", self.device.name)
+                continue
+            self.packets.append(len(packet))
+            if self._drop_at is not None and self.device.upload_requests >= self._drop_at:
+                self._drop_at = None
+                await self._disconnect(connection, "fault: dropped mid-transfer")
+                continue
+            if response is None:
+                continue
+            size = connection.att_mtu - 3
+            for start in range(0, len(response), size):
+                if connection is not self._connection:
+                    break
+                chunk = response[start : start + size]
+                await self.ble.notify_subscriber(connection, self.characteristic, chunk)
+                self.notifications.append(len(chunk))
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _dropped(self, reason: str) -> None:
+        self.packets_dropped += 1
+        self._event(f"dropped: {reason}")
+
+    def _event(self, text: str) -> None:
+        self.events.append(text)
+        log.info("%s (ble): %s", self.device.name, text)
+
+
+# --- the bleak-shaped central ----------------------------------------------------------------
+
+
+class BumbleCharacteristic:
+    """What BleLink reads from a bleak BleakGATTCharacteristic."""
+
+    def __init__(self, client: BumbleBleakClient, proxy: Any, service_uuid: str) -> None:
+        self._client = client
+        self.proxy = proxy
+        self.uuid = str(proxy.uuid).lower()
+        self.service_uuid = service_uuid
+        self.handle: int = proxy.handle
+        props = proxy.properties
+        names = [
+            ("broadcast", Characteristic.Properties.BROADCAST),
+            ("read", Characteristic.Properties.READ),
+            ("write-without-response", Characteristic.Properties.WRITE_WITHOUT_RESPONSE),
+            ("write", Characteristic.Properties.WRITE),
+            ("notify", Characteristic.Properties.NOTIFY),
+            ("indicate", Characteristic.Properties.INDICATE),
+        ]
+        self.properties = [name for name, flag in names if props & flag]
+
+    @property
+    def max_write_without_response_size(self) -> int:
+        return self._client.mtu_size - 3
+
+    def __repr__(self) -> str:
+        return f"BumbleCharacteristic({self.uuid}, handle={self.handle}, {self.properties})"
+
+
+class BumbleServices:
+    """`client.services`: bleak's BleakGATTServiceCollection lookups."""
+
+    def __init__(self, characteristics: list[BumbleCharacteristic]) -> None:
+        self.characteristics = {c.handle: c for c in characteristics}
+
+    def get_characteristic(self, specifier: Any) -> BumbleCharacteristic | None:
+        if isinstance(specifier, int):
+            return self.characteristics.get(specifier)
+        wanted = str(specifier).lower()
+        return next((c for c in self.characteristics.values() if c.uuid == wanted), None)
+
+
+class BumbleBleakClient:
+    """The BleakClient surface of platform.md §4 over a bumble central.
+
+    Created by `BleBench.client_factory(address, disconnected_callback=..., timeout=...)`.
+    `write_gatt_char` refuses a missing `response=` (the 0.20/3.x default differs) and, like
+    BlueZ, a write without response longer than ATT_MTU − 3.
+    """
+
+    def __init__(
+        self,
+        bench: BleBench,
+        address: str,
+        disconnected_callback: Callable[[Any], None] | None = None,
+        *,
+        timeout: float = 10.0,
+        mtu: int = DEFAULT_CENTRAL_MTU,
+    ) -> None:
+        self.address = address
+        self._bench = bench
+        self._disconnected_callback = disconnected_callback
+        self._timeout = timeout
+        self._mtu = mtu
+        self._connection: Connection | None = None
+        self._peer: Peer | None = None
+        self._services: BumbleServices | None = None
+        self._subscribers: dict[int, Callable[[bytes], None]] = {}
+
+    async def __aenter__(self) -> BumbleBleakClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.disconnect()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connection is not None
+
+    @property
+    def mtu_size(self) -> int:
+        connection = self._connection
+        return connection.att_mtu if connection is not None else 23
+
+    @property
+    def services(self) -> BumbleServices:
+        if self._services is None:
+            raise RuntimeError("Service Discovery has not been performed yet")  # like bleak
+        return self._services
+
+    async def connect(self, **kwargs: Any) -> bool:
+        if self._connection is not None:
+            raise RuntimeError("Client is already connected")
+        timeout = kwargs.get("timeout", self._timeout)
+        deadline = asyncio.get_running_loop().time() + timeout
+        # bleak scans for the address before it connects (BleakDeviceNotFoundError). Here the
+        # bench knows who advertises; and bumble's emulated controller cannot cancel an LE
+        # connection attempt (its Create Connection Cancel leaves the attempt pending), so a
+        # central must not start one towards a device that is not advertising.
+        while not self._bench.advertising(self.address):
+            if asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError(f"device with address {self.address} was not found within {timeout:g} s")
+            await asyncio.sleep(MONITOR_INTERVAL)
+        target = self._bench.resolve(self.address)
+        try:
+            async with self._bench.connect_lock:
+                remaining = max(deadline - asyncio.get_running_loop().time(), 0.5)
+                connection = await self._bench.central.connect(target, timeout=remaining)
+        except BumbleTimeoutError as e:
+            raise TimeoutError(f"{self.address}: connection not established within {timeout:g} s") from e
+        self._connection = connection
+        connection.on("disconnection", lambda reason: self._on_disconnection(connection, reason))
+        try:
+            peer = self._peer = Peer(connection)
+            await self._call(peer.request_mtu(self._mtu))
+            await self._call(peer.discover_services())
+            chars: list[BumbleCharacteristic] = []
+            for service in peer.services:
+                await self._call(service.discover_characteristics())
+                chars += [BumbleCharacteristic(self, c, str(service.uuid).lower()) for c in service.characteristics]
+            self._services = BumbleServices(chars)
+        except BaseException:
+            await self.disconnect()
+            raise
+        return True
+
+    async def disconnect(self) -> bool:
+        connection = self._connection
+        if connection is None:
+            return True
+        try:
+            await self._call(connection.disconnect())
+        except ConnectionError:
+            pass
+        finally:
+            self._on_disconnection(connection, 0)  # no-op if the disconnection event came
+        return True
+
+    async def start_notify(self, char_specifier: Any, callback: Callable[[Any, bytearray], Any]) -> None:
+        char = self._characteristic(char_specifier)
+        peer = self._require_peer()
+
+        def deliver(value: bytes) -> None:
+            callback(char, bytearray(value))
+
+        self._subscribers[char.handle] = deliver
+        await self._call(peer.subscribe(char.proxy, deliver))
+
+    async def stop_notify(self, char_specifier: Any) -> None:
+        char = self._characteristic(char_specifier)
+        peer = self._require_peer()
+        deliver = self._subscribers.pop(char.handle, None)
+        await self._call(peer.unsubscribe(char.proxy, deliver))
+
+    async def write_gatt_char(self, char_specifier: Any, data: bytes | bytearray, response: bool | None = None) -> None:
+        if response is None:
+            raise TypeError("pass response= explicitly: its default differs between bleak 0.20 and 3.x")
+        char = self._characteristic(char_specifier)
+        peer = self._require_peer()
+        limit = min(self.mtu_size - 3, MAX_ATTRIBUTE_VALUE)
+        if not response and len(data) > limit:
+            raise ValueError(f"write without response of {len(data)} bytes exceeds {limit} (ATT_MTU {self.mtu_size})")
+        await self._call(peer.write_value(char.proxy, bytes(data), with_response=response))
+
+    async def read_gatt_char(self, char_specifier: Any) -> bytearray:
+        char = self._characteristic(char_specifier)
+        return bytearray(await self._call(self._require_peer().read_value(char.proxy)))
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _characteristic(self, specifier: Any) -> BumbleCharacteristic:
+        if isinstance(specifier, BumbleCharacteristic):
+            return specifier
+        char = self.services.get_characteristic(specifier)
+        if char is None:
+            raise ValueError(f"characteristic {specifier} was not found")
+        return char
+
+    def _require_peer(self) -> Peer:
+        if self._connection is None or self._peer is None:
+            raise ConnectionError(f"{self.address}: not connected")  # bleak: BleakError("Not connected")
+        return self._peer
+
+    async def _call(self, awaitable: Any) -> Any:
+        """bumble cancels a pending ATT request when the link drops: that is ConnectionError."""
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if _own_cancellation():
+                raise
+            raise ConnectionError(f"{self.address}: disconnected") from None
+        except BumbleTimeoutError as e:
+            raise TimeoutError(str(e) or "GATT timeout") from e
+
+    def _on_disconnection(self, connection: Connection, reason: int) -> None:
+        if connection is not self._connection:
+            return
+        self._connection = None
+        self._peer = None
+        self._subscribers.clear()
+        if self._disconnected_callback is not None:
+            self._disconnected_callback(self)
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+
+class BleBench:
+    """A LocalLink with one bumble central (the gateway's adapter) and emulated peripherals."""
+
+    CENTRAL_ADDRESS = "C0:00:00:00:00:01"
+
+    def __init__(self) -> None:
+        self.link = LocalLink()
+        controller = Controller("gateway", link=self.link, public_address=self.CENTRAL_ADDRESS)
+        self.central = Device(
+            name="gateway", address=Address(self.CENTRAL_ADDRESS), host=Host(controller, AsyncPipeSink(controller))
+        )
+        self.connect_lock = asyncio.Lock()  # bumble: one pending LE connection at a time
+        self.peripherals: dict[str, BlePeripheral] = {}
+        self.clients: list[BumbleBleakClient] = []
+        self.adapters: list[str | None] = []
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.central.power_on()
+            self._started = True
+
+    async def add(
+        self, device: EmulatedDevice, *, address: str | None = None, mtu: int = 247, reassembly: bool = True
+    ) -> BlePeripheral:
+        """Serve `device` over BLE at `address` (default: derived from the peripheral count)."""
+        await self.start()
+        address = (address or f"F0:00:00:00:00:{len(self.peripherals) + 1:02X}").upper()
+        if address in self.peripherals:
+            raise ValueError(f"{address} is already on the bench")
+        peripheral = BlePeripheral(device, self.link, address, mtu=mtu, reassembly=reassembly)
+        self.peripherals[address] = peripheral
+        await peripheral.start()
+        return peripheral
+
+    def advertising(self, address: str) -> bool:
+        peripheral = self.peripherals.get(address.upper())
+        return peripheral is not None and bool(peripheral.ble.is_advertising)
+
+    def resolve(self, address: str) -> Address:
+        peripheral = self.peripherals.get(address.upper())
+        return peripheral.ble_address if peripheral is not None else Address(address)
+
+    def client_factory(
+        self,
+        address: str,
+        *,
+        disconnected_callback: Callable[[Any], None] | None = None,
+        timeout: float = 10.0,
+        adapter: str | None = None,
+        **_: Any,
+    ) -> BumbleBleakClient:
+        """Drop-in for `transports.ble.bleak_client_factory` (`BleLink(client_factory=...)`)."""
+        client = BumbleBleakClient(self, address, disconnected_callback, timeout=timeout)
+        self.clients.append(client)
+        self.adapters.append(adapter)
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            try:
+                await client.disconnect()
+            except Exception as e:  # tear-down
+                log.debug("bench: %r", e)
+        for peripheral in self.peripherals.values():
+            await peripheral.stop()
+
+
+async def ble_bench(
+    device: EmulatedDevice, *, mtu: int = 247, reassembly: bool = True, address: str | None = None
+) -> tuple[BleBench, BlePeripheral]:
+    """A bench serving `device`; `bench.client_factory` goes to `BleLink(client_factory=...)`."""
+    bench = BleBench()
+    peripheral = await bench.add(device, mtu=mtu, reassembly=reassembly, address=address)
+    return bench, peripheral

@@ -1,0 +1,347 @@
+"""SMP over BLE GATT (smp.md §2.2), through bleak 0.20.2 (bookworm) or 3.x.
+
+The SMP service `8D53DC1D-…` has one characteristic `DA2E7828-…` with Write Without Response +
+Notify. A request goes out as write commands, at most `max_write_without_response_size`
+(ATT_MTU − 3) bytes each; the response comes back as one or more notifications, reassembled
+until `8 + header.length` bytes have arrived. There is no other framing, so `framing_overhead`
+is 0.
+
+Only the part of the BleakClient API that 0.20.2 and 3.x share is used (platform.md §4):
+`connect`/`disconnect`, `is_connected`, `services.get_characteristic`, `start_notify` /
+`stop_notify`, `write_gatt_char(..., response=False)` (always explicit), `mtu_size`, the
+characteristic's `max_write_without_response_size`, and the `disconnected_callback=`
+constructor argument. bleak is imported only when the default client factory builds a client,
+so the daemon runs (UART only) on hosts without bleak or BlueZ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import math
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from transports.link import LinkError, LinkTimeout
+from transports.smp import HEADER_SIZE
+
+log = logging.getLogger(__name__)
+
+SMP_SERVICE_UUID = "8d53dc1d-1db7-4cd3-868b-8a527460aa84"
+SMP_CHARACTERISTIC_UUID = "da2e7828-fbce-4e01-ae9e-261174997c48"
+
+MIN_WRITE = 20  # ATT_MTU 23 (the minimum) − 3
+MAX_WRITE = 512  # the longest attribute value (Core Vol 3 Part F 3.2.9), though MTU 517 − 3 = 514
+CONNECT_MARGIN = 5.0  # on top of connect_timeout: bleak's own timeout covers discovery only
+CLEANUP_TIMEOUT = 5.0  # stop_notify / disconnect of a link being thrown away
+
+ClientFactory = Callable[..., Any]
+
+
+def bleak_client_factory(
+    address: str, *, disconnected_callback: Callable[[Any], None], timeout: float, adapter: str
+) -> Any:
+    """A `bleak.BleakClient` for `address` on `adapter` (the default `client_factory`).
+
+    bleak 0.20.2's BlueZ backend reads the adapter from an `adapter=` keyword; bleak 3.x takes
+    `bluez={"adapter": ...}` and only deprecates `adapter=` (DeprecationWarning), so the
+    constructor's signature decides which one is passed.
+    """
+    import bleak  # lazily: only BLE devices need bleak (and BlueZ)
+
+    kwargs: dict[str, Any] = {"disconnected_callback": disconnected_callback, "timeout": timeout}
+    if "bluez" in inspect.signature(bleak.BleakClient.__init__).parameters:
+        kwargs["bluez"] = {"adapter": adapter}
+    else:
+        kwargs["adapter"] = adapter
+    return bleak.BleakClient(address, **kwargs)
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether a CancelledError seen now is this task being cancelled (vs. the BLE stack's).
+
+    bumble (and bleak on some paths) cancel their own pending ATT futures when the link drops;
+    awaiting such a future raises CancelledError in a task nobody cancelled. Only a real
+    cancellation of our task (task.cancel(), asyncio.timeout expiring) bumps `cancelling()`.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _looks_like_response_start(data: bytes | bytearray) -> bool:
+    """Byte 0 of an SMP response header: reserved bits 0, version 0/1, op read-rsp/write-rsp."""
+    return bool(data) and data[0] & 0xE0 == 0 and (data[0] >> 3) & 0x3 <= 1 and data[0] & 0x7 in (1, 3)
+
+
+class BleLink:
+    """A Link to one SMP device over BLE.
+
+    `client_factory(address, disconnected_callback=..., timeout=..., adapter=...)` returns a
+    BleakClient-like object; a new one is made for every connection. `reassembly` says whether
+    the device reassembles a request from several writes (`CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY`):
+    True lets requests grow to the device's `buf_size`; False or None (unknown) keeps every
+    request within one write, i.e. `max_packet` = ATT_MTU − 3, which every device accepts.
+    `connection_slots`, if given, is held while connected (bounds concurrent BLE connections
+    of one adapter); waiting for a slot does not count against `connect_timeout`.
+
+    Link loss (the disconnected callback, or the client raising ConnectionError, CancelledError
+    or anything else while we wait) fails the waiting request with LinkError, and the next
+    `transact` reconnects. Cancelling the caller's own task still raises CancelledError. A
+    timeout (LinkTimeout) keeps the connection; a late answer is discarded by its sequence number.
+
+    `max_packet` is only known once connected (SmpClient asks `params` first, which connects);
+    before the first connection it is the ATT minimum, 20. Stats: `connects`, `stale_discarded`.
+    """
+
+    framing_overhead = 0
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        adapter: str = "hci0",
+        client_factory: ClientFactory | None = None,
+        connect_timeout: float = 20.0,
+        reassembly: bool | None = None,
+        connection_slots: asyncio.Semaphore | None = None,
+    ) -> None:
+        self.address = address
+        self.adapter = adapter
+        self.name = f"ble:{address}"
+        self.connect_timeout = connect_timeout
+        self.reassembly = reassembly
+        self._factory: ClientFactory = client_factory or bleak_client_factory
+        self._slots = connection_slots
+        self._slot_held = False
+        self._client: Any = None
+        self._char: Any = None
+        self._write_size: int | None = None  # of the current or last connection
+        self._rx = bytearray()
+        self._pending: tuple[int, asyncio.Future[bytes]] | None = None
+        self._lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
+        # stats (tests, logs)
+        self.connects = 0
+        self.stale_discarded = 0
+
+    # --- Link properties ------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._client is not None
+
+    @property
+    def write_size(self) -> int | None:
+        """Bytes per write command (ATT_MTU − 3) of the current or last connection."""
+        return self._write_size
+
+    @property
+    def max_packet(self) -> int | None:
+        """None with device reassembly; else one write. Before any connection: the ATT minimum."""
+        if self.reassembly:
+            return None
+        return self._write_size or MIN_WRITE
+
+    # --- open / close ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._client is not None:
+                return
+            if self._slots is not None and not self._slot_held:
+                await self._slots.acquire()
+                self._slot_held = True
+            client: Any = None
+            try:
+                client = self._factory(
+                    self.address,
+                    disconnected_callback=self._on_disconnected,
+                    timeout=self.connect_timeout,
+                    adapter=self.adapter,
+                )
+                async with asyncio.timeout(self.connect_timeout + CONNECT_MARGIN):
+                    await self._guard(client.connect(), "cannot connect")
+                char = client.services.get_characteristic(SMP_CHARACTERISTIC_UUID)
+                if char is None:
+                    raise LinkError(f"cannot open {self.name}: the device has no SMP characteristic")
+                props = set(getattr(char, "properties", ("write-without-response", "notify")))
+                if not {"write-without-response", "notify"} <= props:
+                    raise LinkError(f"cannot open {self.name}: SMP characteristic has only {sorted(props)}")
+                write_size = await self._guard(self._negotiated_write_size(client, char), "cannot connect")
+                self._rx.clear()
+                await self._guard(
+                    client.start_notify(char, functools.partial(self._on_notify, client)),
+                    "cannot subscribe",
+                )
+                if not client.is_connected:
+                    raise LinkError(f"cannot open {self.name}: disconnected while setting up")
+            except BaseException as e:
+                self._release_slot()
+                if client is not None:
+                    await self._quietly(client.disconnect())
+                if isinstance(e, LinkError | asyncio.CancelledError):
+                    raise
+                if isinstance(e, TimeoutError):
+                    raise LinkError(f"cannot connect to {self.name}: timed out") from e
+                if isinstance(e, Exception):
+                    raise LinkError(f"cannot connect to {self.name}: {e!r}") from e
+                raise
+            self._client, self._char, self._write_size = client, char, write_size
+            self.connects += 1
+            log.debug("%s: connected, %d bytes per write", self.name, write_size)
+
+    async def _negotiated_write_size(self, client: Any, char: Any) -> int:
+        """ATT_MTU − 3 as bleak reports it, at most 512 (servers drop longer values).
+
+        BlueZ < 5.62 reports 20 for the characteristic, and the value may lag right after
+        connecting; then ask for the MTU the way smpclient does (bleak's private
+        `_acquire_mtu`, present in 0.20.2 and 3.x on BlueZ) and use `mtu_size − 3`.
+        """
+        size = int(getattr(char, "max_write_without_response_size", 0) or 0)
+        if size <= MIN_WRITE:
+            acquire = getattr(client, "_acquire_mtu", None)
+            if acquire is not None:
+                try:
+                    await acquire()
+                except Exception as e:  # noqa: BLE001 - best effort, 20 bytes still works
+                    log.debug("%s: _acquire_mtu failed: %r", self.name, e)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # BlueZ: "Using default MTU value"
+                mtu = getattr(client, "mtu_size", 0) or 0
+            size = max(size, int(mtu) - 3)
+        return min(max(size, MIN_WRITE), MAX_WRITE)
+
+    async def close(self) -> None:
+        client, char = self._client, self._char
+        self._detach(LinkError(f"{self.name}: link closed"))
+        if client is not None:
+            if char is not None:
+                await self._quietly(client.stop_notify(char))
+            await self._quietly(client.disconnect())
+
+    # --- transact -------------------------------------------------------------------------
+
+    async def transact(self, packet: bytes, timeout: float) -> bytes:
+        """Send one SMP packet; return the response with its sequence number (others are stale)."""
+        if len(packet) < HEADER_SIZE:
+            raise ValueError(f"{len(packet)}-byte packet is shorter than the SMP header")
+        async with self._lock:
+            await self.open()
+            client, char, size = self._client, self._char, self._write_size
+            assert client is not None and size is not None
+            if not self.reassembly and len(packet) > size:
+                raise ValueError(
+                    f"{self.name}: a {len(packet)}-byte packet needs {math.ceil(len(packet) / size)} writes "
+                    f"of {size} bytes, but the device is not known to reassemble (reassembly={self.reassembly})"
+                )
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._pending = (packet[6], future)
+            self._rx.clear()  # whatever is left of an earlier answer is stale
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    for start in range(0, len(packet), size):
+                        if self._client is not client:
+                            break  # dropped meanwhile: the future holds the LinkError
+                        await client.write_gatt_char(char, packet[start : start + size], response=False)
+                    return await future
+            except LinkError:
+                raise
+            except TimeoutError as e:
+                if deadline.expired():
+                    raise LinkTimeout(f"{self.name}: no answer within {timeout:g} s") from None
+                raise await self._lost(client, f"write timed out: {e!r}") from e
+            except asyncio.CancelledError:
+                if _cancelled_by_caller():
+                    raise
+                raise await self._lost(client, "the BLE stack cancelled the request (link lost)") from None
+            except Exception as e:
+                raise await self._lost(client, f"write failed: {e!r}") from e
+            finally:
+                self._pending = None
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: no "exception was never retrieved" noise
+                else:
+                    future.cancel()
+
+    # --- callbacks ------------------------------------------------------------------------
+
+    def _on_notify(self, client: Any, _sender: Any, data: bytearray) -> None:
+        if client is not self._client:
+            return
+        rx = self._rx
+        if not rx and not _looks_like_response_start(data):
+            self.stale_discarded += 1  # tail of an answer we stopped waiting for
+            return
+        rx += data
+        while len(rx) >= HEADER_SIZE:
+            need = HEADER_SIZE + int.from_bytes(rx[2:4], "big")
+            if len(rx) < need:
+                return
+            packet = bytes(rx[:need])
+            del rx[:need]
+            self._deliver(packet)
+            if rx and not _looks_like_response_start(rx):
+                self.stale_discarded += 1
+                rx.clear()
+
+    def _deliver(self, packet: bytes) -> None:
+        pending = self._pending
+        if pending is not None and packet[0] & 0x7 in (1, 3) and packet[6] == pending[0]:
+            if not pending[1].done():
+                pending[1].set_result(packet)
+                return
+        self.stale_discarded += 1
+        log.debug("%s: discarded stale response seq %d", self.name, packet[6])
+
+    def _on_disconnected(self, client: Any) -> None:
+        if client is self._client:
+            log.info("%s: disconnected", self.name)
+            self._detach(LinkError(f"{self.name}: link dropped: disconnected"))
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _detach(self, error: LinkError) -> None:
+        had_client = self._client is not None
+        self._client, self._char = None, None
+        self._rx.clear()
+        if had_client:
+            self._release_slot()
+        if self._pending and not self._pending[1].done():
+            self._pending[1].set_exception(error)
+
+    def _release_slot(self) -> None:
+        if self._slot_held and self._slots is not None:
+            self._slot_held = False
+            self._slots.release()
+
+    async def _lost(self, client: Any, reason: str) -> LinkError:
+        """The client failed while we used it: forget it, tear it down, return the error."""
+        error = LinkError(f"{self.name}: link dropped: {reason}")
+        if client is self._client:
+            self._detach(error)
+        await self._quietly(client.disconnect())
+        return error
+
+    async def _guard(self, awaitable: Awaitable[Any], what: str) -> Any:
+        """Await a client call; the stack's own CancelledError becomes LinkError."""
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise LinkError(f"{what} {self.name}: the BLE stack cancelled the request (link lost)") from None
+
+    async def _quietly(self, awaitable: Awaitable[Any]) -> None:
+        """Tear-down call on a link that may be dead: errors and the stack's cancellations ignored."""
+        try:
+            async with asyncio.timeout(CLEANUP_TIMEOUT):
+                await awaitable
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+        except Exception as e:  # noqa: BLE001 - the link is being discarded anyway
+            log.debug("%s: cleanup: %r", self.name, e)
