@@ -267,6 +267,8 @@ def format_devices(answer: dict[str, Any]) -> list[str]:
         head = f"{dev.get('name', '?')}"
         if dev.get("transport"):
             head += f" ({dev['transport']}{' ' + where if where else ''})"
+        if dev.get("busy"):
+            head += f": busy with an update ({dev.get('phase') or 'working'}); see `status`"
         if dev.get("reachable") is False:
             head += ": not reachable"
         if dev.get("error"):
@@ -281,7 +283,7 @@ def format_devices(answer: dict[str, Any]) -> list[str]:
                              _flags(img), digest[:16] + ("..." if len(digest) > 16 else "")])
             lines += ["  " + line for line in table(rows, ["IMAGE", "SLOT", "VERSION", "FLAGS",
                                                            "HASH"])]
-        elif dev.get("reachable") is not False and not dev.get("error"):
+        elif dev.get("reachable") is not False and not dev.get("error") and not dev.get("busy"):
             lines.append("  no image list")
     return lines
 

@@ -51,6 +51,10 @@ class Daemon:
     async def _devices(self, _request: dict) -> dict:
         out = []
         for name, relay in self.manager.relay.devices.items():
+            if relay.busy:  # asking would wait for the transfer; say what it is doing instead
+                row = next((d for d in self.manager.status()["devices"] if d["name"] == name), {})
+                out.append({"name": name, "reachable": None, "busy": True, "phase": row.get("phase")})
+                continue
             try:
                 slots = await asyncio.wait_for(relay.image_list(), 10)
                 out.append({"name": name, "reachable": True, "images": [
@@ -118,11 +122,10 @@ class Daemon:
         return f"{conn}, {len(active)} open jobs, {len(self.config.devices)} devices"
 
     async def _shutdown(self) -> None:
-        try:
-            await asyncio.wait_for(self.manager.reporter.flush(2.0), STOP_GRACE / 2)
-        except asyncio.TimeoutError:
-            pass
-        await self.manager.close()
+        # work first: no device may get another request (a test mark, a reset) while we stop
+        await self.manager.stop_jobs()
+        await self.manager.reporter.flush(2.0)
+        await self.manager.reporter.close()
         await self.control.close()
         try:
             await asyncio.wait_for(self.mqtt.stop(), STOP_GRACE / 2)

@@ -483,11 +483,11 @@ class JobManager:
             if path.name not in in_use:
                 path.unlink(missing_ok=True)
 
-    async def close(self) -> None:
+    async def stop_jobs(self) -> None:
+        """Stop every job's work (downloads, relays); their state stays in the database."""
         for running in list(self._running.values()):
             running.task.cancel()
-        await asyncio.gather(*(r.task for r in self._running.values()), return_exceptions=True)
-        await self.reporter.close()
+        await asyncio.gather(*(r.task for r in list(self._running.values())), return_exceptions=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ once when its port appears), and failed once it has made no progress for
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -26,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from transports.ble import BleLink
 from transports.link import Link, LinkError
 from transports.smp import ImageSlot, SmpClient, SmpError, SmpMalformed
 from transports.uart import UartLink
 
-from .config import Config, DeviceConfig
+from .config import BleConfig, Config, DeviceConfig
 from .logs import log_fields
 from .mcuboot import compare_versions, parse_version
 from .state import StateDB, TransferRecord
@@ -83,9 +85,13 @@ def word_of(phase: str) -> str:
     return "testing" if phase == "rebooting" else phase
 
 
-def default_link_factory(device: DeviceConfig) -> Link:
-    if device.transport == "uart":
+def default_link_factory(device: DeviceConfig, *, ble: BleConfig | None = None,
+                         ble_slots: asyncio.Semaphore | None = None) -> Link:
+    """The link for a configured device; BLE links share `ble_slots` ([ble] max_connections)."""
+    if device.transport == "uart" and device.port:
         return UartLink(device.port, device.baudrate, line_delay=device.line_delay)
+    if device.transport == "ble" and device.address:
+        return BleLink(device.address, adapter=(ble or BleConfig()).adapter, connection_slots=ble_slots)
     raise LinkError(f"{device.name}: transport {device.transport!r} is not supported by this build")
 
 
@@ -139,6 +145,11 @@ class DeviceRelay:
             except Exception:  # closing a dead port must not hide the real problem
                 log.debug("closing %s failed", self.device.name, exc_info=True)
 
+    @property
+    def busy(self) -> bool:
+        """A transfer holds the device (its link is in use or it is being waited for)."""
+        return self._lock.locked()
+
     async def image_list(self) -> list[ImageSlot]:
         """The device's image list, for `ota-gatewayctl devices` (raises LinkError/SmpError)."""
         async with self._lock:
@@ -178,6 +189,8 @@ class DeviceRelay:
             finally:
                 self._work = None
                 self.live_progress = None
+                if self.device.transport == "ble":
+                    await self.disconnect()  # frees its [ble] max_connections slot for the next device
             return self._record(key)
 
     async def _stop_work(self, work: asyncio.Future[None]) -> None:
@@ -485,6 +498,9 @@ class RelayManager:
         self._config = config
         self._state = state
         self._on_change = on_change
+        if link_factory is default_link_factory:
+            link_factory = functools.partial(default_link_factory, ble=config.ble,
+                                             ble_slots=asyncio.Semaphore(config.ble.max_connections))
         self._link_factory = link_factory
         self._slots = asyncio.Semaphore(config.relay.max_parallel)
         self.devices: dict[str, DeviceRelay] = {}

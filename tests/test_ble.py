@@ -462,3 +462,43 @@ def test_runtime_module_imports_neither_bleak_nor_bumble() -> None:
     code = "import sys, transports.ble; assert 'bleak' not in sys.modules and 'bumble' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     assert ble_module.BleLink.framing_overhead == 0
+
+
+def test_the_relay_builds_ble_links_that_share_the_max_connections_slots(tmp_path):
+    """Configured BLE devices get a BleLink; all of them share one [ble] max_connections semaphore."""
+    from gatewayd.config import load_config
+    from gatewayd.relay import RelayManager
+    from gatewayd.state import StateDB
+
+    for name in ("ca.pem", "c.pem", "k.pem"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "k.pem").chmod(0o600)
+    (tmp_path / "gateway.toml").write_text(f"""
+[gateway]
+thing_name = "gw"
+state_dir = "{tmp_path}/state"
+[mqtt]
+endpoint = "localhost"
+ca_file = "ca.pem"
+cert_file = "c.pem"
+key_file = "k.pem"
+[ble]
+max_connections = 2
+[[device]]
+name = "a"
+transport = "ble"
+address = "C4:3B:21:9A:00:17"
+[[device]]
+name = "b"
+transport = "ble"
+address = "C4:3B:21:9A:00:18"
+""")
+    config = load_config(tmp_path / "gateway.toml")
+
+    async def links():
+        manager = RelayManager(config, StateDB(tmp_path / "s.db"), lambda key: None)
+        return [manager._link_factory(d) for d in config.devices]
+
+    a, b = asyncio.run(links())
+    assert isinstance(a, BleLink) and a.name == "ble:C4:3B:21:9A:00:17"
+    assert a._slots is b._slots and a._slots._value == 2

@@ -61,3 +61,25 @@ def test_ready_watchdog_status_and_a_clean_sigterm(tmp_path, notify_socket):
         assert code == 0, lab.daemon_log()[-2000:]
         assert time.monotonic() - started < 10
         assert any("STOPPING=1" in m for m in _messages(sock, "STOPPING=1", 2) + got)
+
+
+def test_ctl_status_and_devices_talk_to_the_running_daemon(tmp_path):
+    import json
+
+    with Lab(tmp_path / "lab") as lab:
+        dev = lab.add_device("pump", thing_name="pump")
+        lab.start()
+        ctl = [sys.executable, "-m", "gatewayd.ctl", "--config", str(lab.config_path)]
+        deadline = time.monotonic() + 20
+        while True:
+            status = subprocess.run(ctl + ["status", "--json"], capture_output=True, text=True, timeout=30)
+            if status.returncode == 0 and json.loads(status.stdout)["connected"]:
+                break
+            assert time.monotonic() < deadline, status.stderr
+            time.sleep(0.2)
+        assert [d["name"] for d in json.loads(status.stdout)["devices"]] == ["pump"]
+        devices = subprocess.run(ctl + ["devices", "--json"], capture_output=True, text=True, timeout=30)
+        assert devices.returncode == 0, devices.stderr
+        images = json.loads(devices.stdout)["devices"][0]["images"]
+        active = next(i for i in images if i["active"])
+        assert bytes.fromhex(active["hash"]) == next(s.hash for s in dev.slots if s.active)

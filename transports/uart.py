@@ -66,9 +66,12 @@ class UartLink:
 
     def _open_port(self) -> serial.SerialBase:
         if "://" in self.name:
-            return serial.serial_for_url(self.name, baudrate=self.baudrate, timeout=THREAD_READ_TIMEOUT)
-        # exclusive: a second process writing to the same console would corrupt both.
-        return serial.Serial(self.name, self.baudrate, timeout=0, exclusive=True)
+            ser = serial.serial_for_url(self.name, baudrate=self.baudrate, timeout=THREAD_READ_TIMEOUT)
+        else:
+            # exclusive: a second process writing to the same console would corrupt both.
+            ser = serial.Serial(self.name, self.baudrate, timeout=0, exclusive=True)
+        ser.reset_input_buffer()  # answers meant for an earlier owner of the port are stale
+        return ser
 
     async def close(self) -> None:
         thread = self._thread
@@ -86,7 +89,9 @@ class UartLink:
             self._pending = (packet[6], future)
             try:
                 await self._write(ser, encode_frame(packet))
-                return await asyncio.wait_for(future, timeout)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel racing the answer
+                async with asyncio.timeout(timeout):
+                    return await future
             except TimeoutError:
                 raise LinkTimeout(f"{self.name}: no answer within {timeout:g} s") from None
             finally:
