@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .download import DownloadError
+
 log = logging.getLogger("gatewayd.http_download")
 
 SAVE_INTERVAL = 256 * 1024  # bytes between fsync + save_progress
@@ -45,12 +47,8 @@ _S3_MESSAGE = re.compile(rb"<Message>([^<]{1,300})</Message>")
 T = TypeVar("T")
 
 
-class HttpDownloadError(Exception):
-    """The download cannot complete; `reason` is one readable sentence."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class HttpDownloadError(DownloadError):
+    """An HTTP download cannot complete; `reason` is one readable sentence."""
 
 
 @dataclass

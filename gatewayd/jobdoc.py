@@ -21,7 +21,7 @@ import binascii
 import json
 import re
 import unicodedata
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,18 +38,6 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 class JobDocumentError(Exception):
     """The job document is not a usable OTA job: reject the job with `str(self)` as reason."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(reason)
-        self.field = field
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
-
-
-class JobMessageError(Exception):
-    """A Jobs message that is not valid (bad JSON, bad execution): log it and ignore it."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(reason)
@@ -90,17 +78,6 @@ class DocumentLimits:
     trusted_certfiles: frozenset[str]
 
 
-@dataclass(frozen=True)
-class Execution:
-    job_id: str
-    thing_name: str | None
-    status: str | None
-    version_number: int | None
-    execution_number: int | None
-    document: object | None  # the jobDocument (normally a dict); None when not included
-    status_details: dict[str, str] = field(default_factory=dict)
-
-
 def valid_job_id(job_id: object) -> bool:
     return isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) is not None
 
@@ -137,53 +114,6 @@ def _get(obj: dict[Any, Any], key: str) -> object:
 
 
 # --- Jobs messages --------------------------------------------------------------------------
-
-
-def parse_execution_message(payload: bytes) -> Execution | None:
-    """Decode a `$next/get/accepted`, `notify-next`, `start-next/accepted` or `J/get/accepted`
-    payload. None means "no job" (`{"clientToken","timestamp"}` or `{"timestamp"}`: cases 1-2);
-    `JobMessageError` means the message is unusable (case 3 invalid JSON, case 13 bad job id)."""
-    try:
-        message = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise JobMessageError("payload", f"job message is not valid JSON: {exc}") from None
-    if not isinstance(message, dict):
-        raise JobMessageError("payload", "job message is not a JSON object")
-    execution = message.get("execution")
-    if execution is None:
-        return None
-    if not isinstance(execution, dict):
-        raise JobMessageError("execution", "execution in the job message is not an object")
-    job_id = execution.get("jobId")
-    if job_id is None:
-        raise JobMessageError("execution.jobId", "execution.jobId is missing")
-    if not valid_job_id(job_id):
-        raise JobMessageError(
-            "execution.jobId",
-            f"execution.jobId {_show(job_id)} is not a valid job id (1-64 of A-Z a-z 0-9 _ -)",
-        )
-    thing = execution.get("thingName")
-    status = execution.get("status")
-    details = execution.get("statusDetails")
-    document = execution.get("jobDocument")
-    if isinstance(document, str):  # some clients deliver the document as a JSON string
-        try:
-            document = json.loads(document)
-        except (ValueError, RecursionError):
-            pass
-    return Execution(
-        job_id=job_id,
-        thing_name=thing if isinstance(thing, str) else None,
-        status=status if isinstance(status, str) else None,
-        version_number=_opt_int(execution.get("versionNumber")),
-        execution_number=_opt_int(execution.get("executionNumber")),
-        document=document,
-        status_details={
-            k: v for k, v in details.items() if isinstance(k, str) and isinstance(v, str)
-        }
-        if isinstance(details, dict)
-        else {},
-    )
 
 
 def _opt_int(value: object) -> int | None:

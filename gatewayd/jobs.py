@@ -246,7 +246,7 @@ class JobManager:
             try:
                 await self._download(job, ota, f, protocol, part)
                 break
-            except (DownloadError, HttpDownloadError) as e:
+            except DownloadError as e:  # HttpDownloadError too
                 failures.append(f"{protocol}: {e}")
                 log.warning("download of files[%d] over %s failed: %s", f.index, protocol, e,
                             extra=log_fields(job_id=job.job_id, thing=job.thing, phase="downloading"))

@@ -10,14 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gatewayd.cloud import parse_execution
 from gatewayd.jobdoc import (
     DocumentLimits,
-    Execution,
     JobDocumentError,
-    JobMessageError,
     OtaFile,
     is_ota_document,
-    parse_execution_message,
     parse_job_document,
     safe_label,
     valid_job_id,
@@ -146,58 +144,20 @@ def test_is_ota_document() -> None:
     assert e.field == "afr_ota"
 
 
-# --- conformance cases 1-3: Jobs messages ------------------------------------------------------
+# Conformance cases 1-3 (empty and invalid Jobs messages) are the Jobs client's: tests/test_cloud.py
+# and tests/test_e2e_conformance.py.
 
 
-def test_case01_next_get_accepted_with_only_client_token_is_no_job() -> None:
-    assert parse_execution_message(b'{"clientToken":"0:gw-01","timestamp":1700000000}') is None
-
-
-def test_case02_notify_next_with_only_timestamp_is_no_job() -> None:
-    assert parse_execution_message(b'{"timestamp":1700000000}') is None
-
-
-@pytest.mark.parametrize("payload", [b'{"execution": {', b"", b"\xff\xfe", b"not json"])
-def test_case03_invalid_json_is_a_message_error(payload: bytes) -> None:
-    with pytest.raises(JobMessageError) as info:
-        parse_execution_message(payload)
-    assert "not valid JSON" in str(info.value)
-
-
-def test_execution_message_fields() -> None:
-    ex = parse_execution_message(
-        message(dict(execution(), statusDetails={"self_test": "ready", "n": 5}), clientToken="1:x")
-    )
-    assert ex == Execution(
-        job_id=JOB,
-        thing_name="pump",
-        status="QUEUED",
-        version_number=1,
-        execution_number=1,
-        document=doc(),
-        status_details={"self_test": "ready"},
-    )
-
-
-def test_execution_document_given_as_json_string() -> None:
-    ex = parse_execution_message(message(dict(execution(), jobDocument=json.dumps(doc()))))
-    assert ex is not None and ex.document == doc()
-
-
-def test_execution_without_job_id_or_not_an_object() -> None:
-    with pytest.raises(JobMessageError):
-        parse_execution_message(message({"thingName": "pump"}))
-    with pytest.raises(JobMessageError):
-        parse_execution_message(message("x"))  # type: ignore[arg-type]
-    with pytest.raises(JobMessageError):
-        parse_execution_message(b"[1, 2]")
+def _from_message(payload: bytes):
+    """The execution a Jobs message carries, parsed as the daemon parses it."""
+    return parse_execution("pump", json.loads(payload)["execution"])
 
 
 # --- conformance cases 4-15: the document ------------------------------------------------------
 
 
 def test_case04_missing_filesize_with_job_id_is_refused_by_name() -> None:
-    ex = parse_execution_message(message(execution(document=doc(filesize=_DROP))))
+    ex = _from_message(message(execution(document=doc(filesize=_DROP))))
     assert ex is not None and ex.job_id == JOB  # the job can still be rejected by id
     e = refused(ex.document)
     assert (e.field, str(e)) == ("files[0].filesize", "files[0].filesize is missing")
@@ -315,11 +275,11 @@ def test_case13_job_id_limits() -> None:
         assert not valid_job_id(bad)
         with pytest.raises(JobDocumentError):
             parse_job_document(bad, doc(), LIMITS)  # type: ignore[arg-type]
-    with pytest.raises(JobMessageError, match="not a valid job id"):
-        parse_execution_message(message(execution(job_id="j" * 73)))
-    with pytest.raises(JobMessageError):
-        parse_execution_message(message(execution(job_id="a/+/#")))
-    assert parse_execution_message(message(execution(job_id="j" * 64))) is not None
+    with pytest.raises(ValueError):
+        _from_message(message(execution(job_id="j" * 73)))
+    with pytest.raises(ValueError):
+        _from_message(message(execution(job_id="a/+/#")))
+    assert _from_message(message(execution(job_id="j" * 64))) is not None
 
 
 def test_thing_names() -> None:
@@ -429,20 +389,3 @@ def test_mutated_documents_only_raise_job_document_error(file_edits, ota_edits, 
     else:
         assert all(0 < x.filesize <= LIMITS.max_file_size for x in job.files)
         assert job.protocols
-
-
-@given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
-def test_random_messages_only_raise_job_message_error(payload: bytes) -> None:
-    try:
-        parse_execution_message(payload)
-    except JobMessageError as e:
-        assert str(e)
-
-
-@given(json_values)
-def test_random_executions_only_raise_job_message_error(value: object) -> None:
-    try:
-        parse_execution_message(message({"jobId": "j1", "statusDetails": value, "versionNumber": value}))
-        parse_execution_message(message(value))  # type: ignore[arg-type]
-    except JobMessageError as e:
-        assert str(e)
