@@ -182,6 +182,7 @@ class JobManager:
 
     async def resume(self) -> None:
         """Pick up every job that was open when the daemon stopped."""
+        self._collect_images()
         for job in self._state.open_jobs():
             if job.final_status:
                 self._report(job, final=True)
@@ -385,6 +386,7 @@ class JobManager:
         self._report(fresh, final=True)
         for f in self._state.files(job.thing, job.job_id):
             self._part_path(job.thing, job.job_id, f.idx).unlink(missing_ok=True)
+        self._collect_images()  # a decided job needs no image any more
 
     # status
 

@@ -236,7 +236,7 @@ class StateDB:
     def images_in_use(self) -> set[str]:
         rows = self._db.execute(
             "SELECT DISTINCT f.sha256 FROM files f JOIN jobs j USING (thing, job_id)"
-            " WHERE j.final_sent=0 AND f.sha256 IS NOT NULL").fetchall()
+            " WHERE j.final_status IS NULL AND j.final_sent=0 AND f.sha256 IS NOT NULL").fetchall()
         return {r[0] for r in rows}
 
     # transfers

@@ -45,6 +45,9 @@ def test_gateway_job_and_proxied_thing_job_both_succeed(lab):
     assert done.status_details["version"] == "1.2.0"
     _assert_running(lab, "pump", second)
 
+    assert list((lab.root / "state" / "images").iterdir()) == []  # no open work needs them
+    assert list((lab.root / "state" / "partial").iterdir()) == []
+
     in_progress = [u for u in lab.aws.all_updates("pump", "pump-job-1") if u["status"] == "IN_PROGRESS"]
     assert {"uploading", "testing"} <= {u["statusDetails"]["phase"] for u in in_progress}
 

@@ -42,6 +42,8 @@ def test_images_in_use_are_those_of_open_jobs(tmp_path):
         db.set_file("gw", job, 0, phase="verified", sha256=sha)
     db.close_job("gw", "a")
     assert db.images_in_use() == {"bb"}
+    db.decide_job("gw", "b", "SUCCEEDED", "succeeded", None)  # decided: the relay is done with it
+    assert db.images_in_use() == set()
 
 
 def test_database_is_in_wal_mode_with_full_sync(tmp_path):
