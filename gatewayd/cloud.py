@@ -4,6 +4,16 @@ Knows nothing of OTA documents: it hands each job execution (with its raw jobDoc
 `on_execution`. A plain broker delivers replies only to subscribers, so `serve()`
 subscribes to the reply topics (AWS would deliver them anyway); replies are correlated by
 clientToken and checked against the thing, job and operation they answer.
+
+Subscription budget (aws-iot-ota.md §1.6, §1.8: 50 subscriptions per connection): with
+`max_thing_subscriptions=N` the first N things served get their own notify-next
+subscription; the replies of every thing are received through two shared wildcard filters
+(`$aws/things/+/jobs/+/get/+` and `.../+/update/+`, which cover `$next/get` too), so at most
+N + 2 filters are subscribed however many things are served. Things beyond N are *polled*:
+a background task asks `$next/get` for each of them once per `poll_interval`, spread over
+the interval, and the answer reaches on_execution exactly as for a subscribed thing.
+When a subscribed thing is unserved, the polled thing served earliest is promoted to a
+notify-next subscription (and asked for its next job at once).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", 
 MAX_STATUS_DETAILS = 10
 _GONE = ("ResourceNotFound", "TerminalStateReached")
 _STOP = object()
+MIN_POLL_GAP = 0.02  # s between two poll requests: AWS IoT allows ~100 publishes/s per connection
 
 
 class JobsError(Exception):
@@ -162,10 +173,20 @@ class JobsClient:
         retry_backoff: float = 1.0,
         max_retry_backoff: float = 60.0,
         subscribe_replies: bool = True,
+        max_thing_subscriptions: int | None = None,
+        poll_interval: float = 60.0,
     ) -> None:
         """`subscribe_replies=False` suits AWS IoT itself, which delivers accepted/rejected
         replies to the requesting client unasked: one subscription per thing
-        (notify-next) instead of three, against the 50-per-connection quota."""
+        (notify-next) instead of three, against the 50-per-connection quota.
+
+        `max_thing_subscriptions=None` subscribes every thing (3 filters each, or 1 without
+        reply subscriptions); a number N caps the notify-next subscriptions at N, uses shared
+        wildcard filters for the replies and polls the other things every `poll_interval`."""
+        if max_thing_subscriptions is not None and max_thing_subscriptions < 1:
+            raise ValueError("max_thing_subscriptions must be at least 1")
+        if not poll_interval > 0:
+            raise ValueError("poll_interval must be greater than 0")
         self._mqtt = mqtt
         self._subscribe_replies = subscribe_replies
         self._on_execution = on_execution
@@ -180,11 +201,23 @@ class JobsClient:
         self._calls: dict[str, _Call] = {}
         self._prefix = secrets.token_hex(3)
         self._counter = itertools.count(1)
+        self._max_subs = max_thing_subscriptions
+        self._poll_interval = poll_interval
+        self._polled: list[str] = []  # served things without a notify-next subscription, in serve order
+        self._polling: set[str] = set()  # polled things with a $next/get in flight
+        self._poller: asyncio.Task[None] | None = None
+        self._shared: list[tuple[str, Callable[[str, bytes], None], bool]] = []  # wildcard reply filters
+        self._closing = False
         mqtt.add_connect_listener(self._on_connect)
 
     @property
     def served(self) -> list[str]:
         return list(self._served)
+
+    @property
+    def polled(self) -> list[str]:
+        """Served things asked with `$next/get` every poll_interval instead of notify-next."""
+        return list(self._polled)
 
     # -- serving --
 
@@ -198,27 +231,79 @@ class JobsClient:
         if thing_name in self._served:
             return
         base = f"$aws/things/{thing_name}/jobs"
-        subs = [
-            (f"{base}/notify-next", self._handle_notify_next, False),
-            (f"{base}/+/get/+", self._handle_reply, not self._subscribe_replies),
-            (f"{base}/+/update/+", self._handle_reply, not self._subscribe_replies),
-        ]
+        if self._max_subs is None:
+            subs = [
+                (f"{base}/notify-next", self._handle_notify_next, False),
+                (f"{base}/+/get/+", self._handle_reply, not self._subscribe_replies),
+                (f"{base}/+/update/+", self._handle_reply, not self._subscribe_replies),
+            ]
+        elif len(self._served) - len(self._polled) < self._max_subs:
+            subs = [(f"{base}/notify-next", self._handle_notify_next, False)]
+        else:
+            subs = []
+            self._polled.append(thing_name)
         self._served[thing_name] = subs
         self._queues[thing_name] = asyncio.Queue()
         self._workers[thing_name] = asyncio.get_running_loop().create_task(self._worker(thing_name))
         try:
+            await self._subscribe_shared()
             for flt, handler, local_only in subs:
                 await self._mqtt.subscribe(flt, handler, qos=1, local_only=local_only)
         except BaseException:
             await self.unserve(thing_name)
             raise
+        if not subs:
+            log.info("%s is polled with $next/get every %.1f s (%d notify-next subscriptions in use)",
+                     thing_name, self._poll_interval, len(self._served) - len(self._polled))
+        if not subs and self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
         if self._mqtt.connected:
             self._spawn(self._refresh(thing_name))
+
+    async def _subscribe_shared(self) -> None:
+        """With a subscription cap: the wildcard reply filters shared by every thing."""
+        if self._max_subs is None or self._shared:
+            return
+        shared = [("$aws/things/+/jobs/+/get/+", self._handle_reply, not self._subscribe_replies),
+                  ("$aws/things/+/jobs/+/update/+", self._handle_reply, not self._subscribe_replies)]
+        done = []
+        try:
+            for flt, handler, local_only in shared:
+                await self._mqtt.subscribe(flt, handler, qos=1, local_only=local_only)
+                done.append((flt, handler, local_only))
+        except BaseException:
+            for flt, handler, _ in done:
+                await self._mqtt.unsubscribe(flt, handler)
+            raise
+        self._shared = shared
+
+    async def _poll_loop(self) -> None:
+        """Ask `$next/get` for every polled thing once per poll_interval, spread over it."""
+        while True:
+            things = list(self._polled)
+            if not things:
+                await asyncio.sleep(self._poll_interval)
+                continue
+            gap = max(self._poll_interval / len(things), MIN_POLL_GAP)
+            for thing in things:
+                await asyncio.sleep(gap)
+                if thing in self._polled and thing not in self._polling and self._mqtt.connected:
+                    self._polling.add(thing)
+                    self._spawn(self._poll(thing))
+
+    async def _poll(self, thing: str) -> None:
+        try:
+            await self._refresh(thing)
+        finally:
+            self._polling.discard(thing)
 
     async def unserve(self, thing_name: str) -> None:
         subs = self._served.pop(thing_name, None)
         if subs is None:
             return
+        was_polled = thing_name in self._polled
+        if was_polled:
+            self._polled.remove(thing_name)
         self._workers.pop(thing_name, None)
         queue = self._queues.pop(thing_name, None)
         if queue is not None:
@@ -232,10 +317,36 @@ class JobsClient:
         for token, call in list(self._calls.items()):
             if call.thing == thing_name and not call.future.done():
                 call.future.set_exception(JobsError("NotServed", f"{thing_name} is no longer served"))
+        if not was_polled and self._polled and not self._closing:
+            await self._promote()
+
+    async def _promote(self) -> None:
+        """Give the polled thing served earliest the notify-next subscription freed by unserve."""
+        thing = self._polled.pop(0)
+        flt = f"$aws/things/{thing}/jobs/notify-next"
+        self._served[thing] = [(flt, self._handle_notify_next, False)]
+        try:
+            await self._mqtt.subscribe(flt, self._handle_notify_next, qos=1)
+        except MqttError as e:
+            log.warning("subscribing to %s failed, polling %s again: %s", flt, thing, e)
+            if thing in self._served:
+                self._served[thing] = []
+                self._polled.insert(0, thing)
+            return
+        log.info("%s now has its own notify-next subscription", thing)
+        if self._mqtt.connected:  # a change between the last poll and the SUBACK is not notified
+            self._spawn(self._refresh(thing))
 
     async def close(self) -> None:
+        self._closing = True
         for thing in list(self._served):
             await self.unserve(thing)
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        for flt, handler, _ in self._shared:
+            await self._mqtt.unsubscribe(flt, handler)
+        self._shared = []
         for task in list(self._tasks):
             task.cancel()
         self._mqtt.remove_connect_listener(self._on_connect)
@@ -257,7 +368,7 @@ class JobsClient:
     async def _refresh(self, thing: str) -> None:
         try:
             await self.get_next(thing)
-        except (MqttError, JobsError) as e:
+        except (MqttError, JobsError, ValueError) as e:
             log.warning("asking for the next job of %s failed: %s", thing, e)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:

@@ -81,6 +81,10 @@ class MqttConfig:
     client_id: str
     port: int = 8883
     keepalive: int = 60
+    # things given their own notify-next subscription; the rest are polled with $next/get
+    # every poll_interval seconds (AWS IoT allows 50 subscriptions per connection)
+    max_thing_subscriptions: int = 40
+    poll_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,8 @@ def _mqtt(file: Path, base: Path, sec: dict, thing: str, problems: list[Problem]
         cert_file=t.path("cert_file", None, required=True) or Path(),
         key_file=t.path("key_file", None, required=True) or Path(),
         keepalive=t.integer("keepalive", 60, minimum=1, maximum=65535),
+        max_thing_subscriptions=t.integer("max_thing_subscriptions", 40, minimum=1),
+        poll_interval=t.number("poll_interval", 60.0, positive=True),
     )
     t.finish()
     return config

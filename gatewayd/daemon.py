@@ -32,7 +32,8 @@ class Daemon:
         m = config.mqtt
         self.mqtt = MqttClient(host=m.endpoint, port=m.port, client_id=m.client_id, ca_file=m.ca_file,
                                cert_file=m.cert_file, key_file=m.key_file, keepalive=m.keepalive)
-        self.jobs = JobsClient(self.mqtt, self._on_execution)
+        self.jobs = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
+                               poll_interval=m.poll_interval)
         self.manager = JobManager(config, self.state, self.jobs, self.mqtt,
                                   lambda on_change: RelayManager(config, self.state, on_change))
         self.control = ControlServer(config.gateway.control_socket, {
@@ -67,7 +68,7 @@ class Daemon:
 
     async def _serve_things(self) -> None:
         wanted = set(self.manager.served_things())
-        for thing in sorted(wanted - self._served):
+        for thing in [t for t in self.manager.served_things() if t not in self._served]:  # gateway first
             await self.jobs.serve(thing)
         for thing in sorted(self._served - wanted):
             await self.jobs.unserve(thing)

@@ -48,15 +48,23 @@ class FakeJobs:
         in_progress = [e for e in pending if e["status"] == "IN_PROGRESS"]
         return (in_progress or pending or [None])[0]
 
-    def _notify_if_head_changed(self, thing: str, before: dict[str, Any] | None) -> None:
+    def _notify_if_head_changed(self, thing: str, before: dict[str, Any] | None,
+                                later: list[tuple[str, str]] | None = None) -> None:
+        """Publish notify-next now, or append it to `later` to publish once the lock is free
+        (from a test thread: waiting for the PUBACK under the lock would block the responder)."""
         after = self._next(thing)
         if (before or {}).get("jobId") != (after or {}).get("jobId"):
             doc: dict[str, Any] = {"timestamp": int(time.time())}
             if after:
                 doc["execution"] = dict(after)
-            self.peer.publish(f"$aws/things/{thing}/jobs/notify-next", json.dumps(doc), qos=1)
+            message = (f"$aws/things/{thing}/jobs/notify-next", json.dumps(doc))
+            if later is None:
+                self.peer.publish(*message, qos=1)
+            else:
+                later.append(message)
 
     def create_job(self, thing: str, job_id: str, document: Any) -> None:
+        later: list[tuple[str, str]] = []
         with self.lock:
             before = self._next(thing)
             self.executions[(thing, job_id)] = {
@@ -65,13 +73,18 @@ class FakeJobs:
                 "queuedAt": int(time.time()),
             }
             self.order.append((thing, job_id))
-            self._notify_if_head_changed(thing, before)
+            self._notify_if_head_changed(thing, before, later)
+        for message in later:
+            self.peer.publish(*message, qos=1)
 
     def cancel_job(self, thing: str, job_id: str) -> None:
+        later: list[tuple[str, str]] = []
         with self.lock:
             before = self._next(thing)
             self.executions[(thing, job_id)]["status"] = "CANCELED"
-            self._notify_if_head_changed(thing, before)
+            self._notify_if_head_changed(thing, before, later)
+        for message in later:
+            self.peer.publish(*message, qos=1)
 
     def respond(self, peer: Peer, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
@@ -406,3 +419,84 @@ def test_unserve_from_inside_on_execution(jobs_env):
         await mc.stop()
 
     asyncio.run(main())
+
+
+def test_subscription_cap_polls_the_other_things(broker_factory, pki):
+    things = ["gw-01", "t1", "t2", "t3", "t4"]
+    broker = broker_factory({"gw-01": things[1:]})
+    fake = FakeJobs().start(broker, pki)
+
+    def polls(thing: str) -> list[float]:
+        with fake.lock:
+            return [r["t"] for t, r in fake.requests if t == f"$aws/things/{thing}/jobs/$next/get"]
+
+    orig_respond = fake.respond
+
+    def respond(peer, topic, payload):  # stamp each request with its arrival time
+        req = json.loads(payload)
+        req["t"] = time.monotonic()
+        orig_respond(peer, topic, json.dumps(req).encode())
+
+    fake.peer.responder = respond
+
+    async def main():
+        mc = make_client(broker, pki)
+        rec = Recorder()
+        jobs = JobsClient(mc, rec, request_timeout=2, max_thing_subscriptions=2, poll_interval=0.3)
+        await mc.start()
+        await mc.wait_connected(10)
+        for thing in things:
+            await jobs.serve(thing)
+        assert jobs.served == things and jobs.polled == ["t2", "t3", "t4"]
+        assert sorted(mc._qos) == sorted([
+            "$aws/things/gw-01/jobs/notify-next", "$aws/things/t1/jobs/notify-next",
+            "$aws/things/+/jobs/+/get/+", "$aws/things/+/jobs/+/update/+"])
+        assert len(mc._qos) <= 2 + 3
+        await eventually(lambda: all(rec.ids(t) == [None] for t in ["gw-01", "t1"]), what="first answers")
+
+        # polled things are asked again every interval, spread over it
+        start = time.monotonic()
+        await eventually(lambda: all(len(polls(t)) >= 5 for t in ["t2", "t3", "t4"]), timeout=5,
+                         what="periodic polls")
+        assert time.monotonic() - start >= 0.3 * 3  # not a tight loop
+        for thing in ["t2", "t3", "t4"]:
+            gaps = [b - a for a, b in zip(polls(thing)[1:], polls(thing)[2:])]
+            assert all(0.2 < g < 0.6 for g in gaps), (thing, gaps)
+        ticks = sorted(t for thing in ["t2", "t3", "t4"] for t in polls(thing)[1:4])
+        assert min(b - a for a, b in zip(ticks, ticks[1:])) > 0.05  # spread, not all at once
+        # subscribed things are not polled
+        assert len(polls("gw-01")) == 1 and len(polls("t1")) == 1
+
+        # a new job for a polled thing (its notify-next reaches nobody) arrives by polling;
+        # one for a subscribed thing by notify-next; both only for their thing
+        await asyncio.to_thread(fake.create_job, "t4", "poll-job", DOC)
+        await asyncio.to_thread(fake.create_job, "t1", "push-job", DOC)
+        await eventually(lambda: "poll-job" in rec.ids("t4") and "push-job" in rec.ids("t1"),
+                         timeout=3, what="polled job reaches on_execution")
+        exe = next(e for t, e in rec.calls if t == "t4" and e)
+        assert exe.thing_name == "t4" and exe.document == DOC and exe.status == "QUEUED"
+        assert all(e is None for t, e in rec.calls if t in ("t2", "t3"))
+        assert rec.ids("t1") == [None, "push-job"]  # no polling: exactly the notify
+        res = await jobs.update("t4", "poll-job", "SUCCEEDED", None)
+        assert res.accepted and res.status == "SUCCEEDED"
+        await eventually(lambda: rec.ids("t4")[-1] is None, timeout=3, what="empty queue seen by polling")
+
+        # unserving a subscribed thing promotes the polled thing served first
+        await jobs.unserve("t1")
+        assert jobs.polled == ["t3", "t4"]
+        assert "$aws/things/t2/jobs/notify-next" in mc._qos and len(mc._qos) == 4
+        n = len(polls("t2"))
+        await asyncio.to_thread(fake.create_job, "t2", "t2-job", DOC)
+        await eventually(lambda: "t2-job" in rec.ids("t2"), timeout=3, what="notify after promotion")
+        await asyncio.sleep(0.7)
+        assert len(polls("t2")) <= n + 1  # at most the refresh after promotion: no more polling
+
+        await jobs.close()
+        assert mc._qos == {} and mc._handlers == {}
+        await mc.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        fake.stop()
+    assert not fake.peer.errors

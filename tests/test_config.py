@@ -76,6 +76,7 @@ def test_minimal_config_has_design_defaults(tmp_path: Path) -> None:
     assert config.mqtt.port == 8883
     assert config.mqtt.client_id == "gw-01"
     assert config.mqtt.keepalive == 60
+    assert config.mqtt.max_thing_subscriptions == 40 and config.mqtt.poll_interval == 60.0
     assert (config.ota.block_size, config.ota.blocks_per_request) == (4096, 32)
     assert config.ota.max_file_size == 16777216
     assert config.ota.prefer == "mqtt"
@@ -157,7 +158,8 @@ def test_shipped_examples_load(tmp_path: Path) -> None:
 def test_shipped_example_documents_every_key() -> None:
     text = (REPO / "config" / "gateway.toml").read_text()
     for key in ("thing_name", "state_dir", "control_socket", "log_level", "endpoint", "port",
-                "client_id", "ca_file", "cert_file", "key_file", "keepalive", "block_size",
+                "client_id", "ca_file", "cert_file", "key_file", "keepalive",
+                "max_thing_subscriptions", "poll_interval", "block_size",
                 "blocks_per_request", "max_file_size", "prefer", "https_ca_file",
                 "request_timeout", "max_idle_requests", "certificates", "max_parallel",
                 "device_timeout", "reset_timeout", "retry_interval", "adapter",
@@ -208,6 +210,22 @@ def test_wrong_types_bool_is_not_an_integer(tmp_path: Path) -> None:
         f'{path}: [mqtt] port: expected an integer, got string "x"',
         f"{path}: [mqtt] keepalive: expected an integer, got boolean true",
         f'{path}: [relay] reset_timeout: expected a number, got string "1"',
+    ]
+
+
+def test_subscription_budget_and_poll_interval(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + "max_thing_subscriptions = 2\npoll_interval = 0.5\n")
+    config = load_config(path)
+    assert config.mqtt.max_thing_subscriptions == 2 and config.mqtt.poll_interval == 0.5
+    path = write_config(tmp_path, MINIMAL + "max_thing_subscriptions = 0\npoll_interval = 0\n")
+    lines = [str(p) for p in problems_of(path)]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{path}: [mqtt] max_thing_subscriptions: ") and "0" in lines[0]
+    assert lines[1] == f"{path}: [mqtt] poll_interval: must be greater than 0, got 0"
+    path = write_config(tmp_path, MINIMAL + 'max_thing_subscriptions = 2.5\npoll_interval = "1"\n')
+    assert [str(p) for p in problems_of(path)] == [
+        f"{path}: [mqtt] max_thing_subscriptions: expected an integer, got float 2.5",
+        f'{path}: [mqtt] poll_interval: expected a number, got string "1"',
     ]
 
 
