@@ -7,15 +7,13 @@ mistake in our adapter cannot hide on both sides.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import paho.mqtt.client as paho
 
-from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, Pki
+from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, Pki, tls_client
 from gatewayd.mqtt import MqttClient
 
 
@@ -49,14 +47,7 @@ class Peer:
         self.errors: list[BaseException] = []
         self._cond = threading.Condition()
         self._subacks: dict[int, threading.Event] = {}
-        ident = pki.client(name)
-        if hasattr(paho, "CallbackAPIVersion"):
-            self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=name)
-        else:
-            self.client = paho.Client(client_id=name)
-        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx.load_cert_chain(str(ident.cert_file), str(ident.key_file))
-        self.client.tls_set_context(ctx)
+        self.client = tls_client(pki.ca_file, pki.client(name))
         self._connected = threading.Event()
         self._net_thread: int | None = None
         self._filters: list[str] = []

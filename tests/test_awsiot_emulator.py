@@ -9,14 +9,12 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import ssl
 import threading
 import time
 from collections import defaultdict
 from typing import Any
 
 import cbor2
-import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -24,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gatewayd.emulators.awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec
-from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki
+from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki, tls_client
 from gatewayd.emulators.signing import make_signer
 
 THING = "pump-01"
@@ -36,14 +34,7 @@ class Device:
 
     def __init__(self, pki, broker, thing: str) -> None:
         self.thing = thing
-        ident = pki.client(thing)
-        if hasattr(mqtt, "CallbackAPIVersion"):
-            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=thing)
-        else:
-            self.client = mqtt.Client(client_id=thing)
-        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx.load_cert_chain(str(ident.cert_file), str(ident.key_file))
-        self.client.tls_set_context(ctx)
+        self.client = tls_client(pki.ca_file, pki.client(thing))
         self.client.reconnect_delay_set(0.1, 1)
         self._cond = threading.Condition()
         self._messages: dict[str, list[bytes]] = defaultdict(list)

@@ -1,22 +1,12 @@
 """The test broker enforces mutual TLS and per-thing ACLs like AWS IoT's policies would."""
 
-import ssl
 import threading
 
-import paho.mqtt.client as mqtt
+from gatewayd.emulators.broker import tls_client
 
 
 def _client(pki, name):
-    ident = pki.client(name)
-    kwargs = {"client_id": name}
-    if hasattr(mqtt, "CallbackAPIVersion"):
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kwargs)
-    else:
-        c = mqtt.Client(**kwargs)
-    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-    ctx.load_cert_chain(str(ident.cert_file), str(ident.key_file))
-    c.tls_set_context(ctx)
-    return c
+    return tls_client(pki.ca_file, pki.client(name))
 
 
 def test_acl_lets_a_thing_use_only_its_topics_and_granted_ones(pki, broker_factory):

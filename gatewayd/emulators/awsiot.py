@@ -31,7 +31,6 @@ import json
 import logging
 import random
 import re
-import ssl
 import threading
 import time
 import unicodedata
@@ -41,6 +40,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 import cbor2
 import paho.mqtt.client as mqtt
+
+from .broker import tls_client
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +217,6 @@ def _bool_field(request: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _make_client(client_id: str) -> mqtt.Client:
-    if hasattr(mqtt, "CallbackAPIVersion"):
-        return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-    return mqtt.Client(client_id=client_id, protocol=mqtt.MQTTv311)
-
-
 def _failed(rc: Any) -> bool:
     flag = getattr(rc, "is_failure", None)
     return bool(flag) if flag is not None else rc != 0
@@ -280,11 +275,7 @@ class AwsIotEmulator:
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect, subscribe and return once the broker has acknowledged the subscriptions."""
-        client = _make_client(f"{self.identity.name}-{uuid.uuid4().hex[:8]}")
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(str(self.identity.cert_file), str(self.identity.key_file))
-        client.tls_set_context(ctx)
+        client = tls_client(self.ca_file, self.identity, f"{self.identity.name}-{uuid.uuid4().hex[:8]}")
         client.reconnect_delay_set(min_delay=0.02, max_delay=0.1)  # AWS IoT is never away for long
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe

@@ -14,11 +14,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -109,6 +111,20 @@ def make_pki(directory: Path) -> Pki:
     server.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(server.key_file, server_key)
     return Pki(directory, ca_file, server, ca_key, ca_cert)
+
+
+def tls_client(ca_file: Path, identity: Identity, client_id: str | None = None) -> mqtt.Client:
+    """A paho client (1.6 or 2.x, MQTT 3.1.1) authenticating with `identity` over mutual TLS."""
+    client_id = client_id or identity.name
+    if hasattr(mqtt, "CallbackAPIVersion"):
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+    else:
+        client = mqtt.Client(client_id=client_id, protocol=mqtt.MQTTv311)
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(identity.cert_file), str(identity.key_file))
+    client.tls_set_context(ctx)
+    return client
 
 
 def free_port() -> int:
