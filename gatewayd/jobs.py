@@ -14,7 +14,7 @@ import asyncio
 import fnmatch
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cloud import JobExecution
@@ -48,8 +48,6 @@ class JobFailed(Exception):
 class _Running:
     task: asyncio.Task
     download_progress: tuple[int, int] | None = None
-    version: str | None = None
-    versions: dict[int, str] = field(default_factory=dict)
 
 
 class JobManager:
@@ -345,9 +343,6 @@ class JobManager:
             _fsync_dir(target.parent)
         self._state.set_file(job.thing, job.job_id, f.index, phase="verified", sha256=sha,
                              version=info.version_text, image_hash=info.hash.hex())
-        running = self._running.get((job.thing, job.job_id))
-        if running:
-            running.version = info.version_text
         log.info("files[%d] of %s verified: MCUboot image %s, sha256 %s", f.index, job.job_id,
                  info.version_text, sha, extra=log_fields(job_id=job.job_id, thing=job.thing, phase="verifying"))
         return RelayImage(target, sha, info.hash, info.version_text)
