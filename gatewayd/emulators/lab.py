@@ -191,8 +191,10 @@ class Lab:
         config = self.write_config()
         log = open(self.root / "daemon.log", "ab")
         with log:
+            # OTA_GATEWAYD runs another daemon, e.g. the installed /usr/bin/ota-gatewayd
+            command = os.environ.get("OTA_GATEWAYD", "").split() or [sys.executable, "-m", "gatewayd.daemon"]
             self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "gatewayd.daemon", "--config", str(config), *self.daemon_args],
+                [*command, "--config", str(config), *self.daemon_args],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         return self.daemon
 
