@@ -306,7 +306,7 @@ class StreamDownload:
         if self._bitmap.is_received(block.index):
             self.stats.duplicates += 1
             return False
-        _pwrite_all(fd, block.payload, block.index * self.block_size)
+        pwrite_all(fd, block.payload, block.index * self.block_size)
         self._bitmap.mark_received(block.index)
         self._unsaved = True
         self.stats.blocks += 1
@@ -370,7 +370,8 @@ def _check(thing_name: str, stream_name: str, file_id: int, file_size: int, bloc
     return None
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """os.pwrite until every byte is written (it may write less than asked)."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

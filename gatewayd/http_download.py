@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .download import DownloadError
+from .download import DownloadError, pwrite_all
 
 log = logging.getLogger("gatewayd.http_download")
 
@@ -385,7 +385,7 @@ class HttpDownload:
                                                 f"says filesize {self.file_size}")
                     result.error = f"{self._host} sent more bytes than its Content-Range announced"
                     break
-                _pwrite_all(fd, data, result.pos)
+                pwrite_all(fd, data, result.pos)
                 result.pos += len(data)
         finally:
             if result.pos > pos:
@@ -490,11 +490,3 @@ def _drain(future: asyncio.Future[Any]) -> None:
 def _truncate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
     os.fsync(fd)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
