@@ -7,6 +7,7 @@ mistake in our adapter cannot hide on both sides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,22 @@ from typing import Any
 
 
 from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, Pki, tls_client
+from gatewayd.cloud import JobsClient
 from gatewayd.mqtt import MqttClient
+
+
+@contextlib.asynccontextmanager
+async def connected_jobs(broker: Mosquitto, pki: Pki, on_execution: Any, **jobs_options: Any):
+    """A started, connected MqttClient for gw-01 and a JobsClient on it; both closed afterwards."""
+    mc = make_client(broker, pki)
+    jobs = JobsClient(mc, on_execution, **jobs_options)
+    await mc.start()
+    await mc.wait_connected(10)
+    try:
+        yield mc, jobs
+    finally:
+        await jobs.close()
+        await mc.stop()
 
 
 def make_client(broker: Mosquitto, pki: Pki, name: str = "gw-01", **kwargs: Any) -> MqttClient:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gatewayd.cloud import JobExecution, JobsClient, JobsError, parse_execution, validate_status_details
-from tests.fixtures_cloud import Peer, eventually, make_client
+from tests.fixtures_cloud import Peer, connected_jobs, eventually, make_client
 
 TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"}
 
@@ -172,37 +172,32 @@ def test_serve_get_next_and_notify_next(jobs_env):
     fake.create_job("gw-01", "job-1", DOC)
 
     async def main():
-        mc = make_client(broker, pki)
         rec = Recorder()
-        jobs = JobsClient(mc, rec, request_timeout=2)
-        await mc.start()
-        await mc.wait_connected(10)
-        await jobs.serve("gw-01")
-        await jobs.serve("pump")
-        await eventually(lambda: rec.ids("gw-01") == ["job-1"] and rec.ids("pump") == [None], what="first answers")
-        exe = rec.calls[[t for t, _ in rec.calls].index("gw-01")][1]
-        assert exe.document == DOC and exe.status == "QUEUED" and exe.version_number == 1
-        assert exe.execution_number == 1 and exe.thing_name == "gw-01"
+        async with connected_jobs(broker, pki, rec, request_timeout=2) as (mc, jobs):
+            await jobs.serve("gw-01")
+            await jobs.serve("pump")
+            await eventually(lambda: rec.ids("gw-01") == ["job-1"] and rec.ids("pump") == [None], what="first answers")
+            exe = rec.calls[[t for t, _ in rec.calls].index("gw-01")][1]
+            assert exe.document == DOC and exe.status == "QUEUED" and exe.version_number == 1
+            assert exe.execution_number == 1 and exe.thing_name == "gw-01"
 
-        got = await jobs.get_next("gw-01")
-        assert got.job_id == "job-1"
-        await eventually(lambda: rec.ids("gw-01") == ["job-1", "job-1"], what="get_next also delivered")
+            got = await jobs.get_next("gw-01")
+            assert got.job_id == "job-1"
+            await eventually(lambda: rec.ids("gw-01") == ["job-1", "job-1"], what="get_next also delivered")
 
-        # a job for the proxied thing arrives by notify-next
-        await asyncio.to_thread(fake.create_job, "pump", "pump-job", {"x": 1})
-        await eventually(lambda: rec.ids("pump") == [None, "pump-job"], what="notify-next")
-        # queue empties: notify-next {"timestamp"} means no job
-        await asyncio.to_thread(fake.cancel_job, "pump", "pump-job")
-        await eventually(lambda: rec.ids("pump") == [None, "pump-job", None], what="empty notify-next")
+            # a job for the proxied thing arrives by notify-next
+            await asyncio.to_thread(fake.create_job, "pump", "pump-job", {"x": 1})
+            await eventually(lambda: rec.ids("pump") == [None, "pump-job"], what="notify-next")
+            # queue empties: notify-next {"timestamp"} means no job
+            await asyncio.to_thread(fake.cancel_job, "pump", "pump-job")
+            await eventually(lambda: rec.ids("pump") == [None, "pump-job", None], what="empty notify-next")
 
-        assert await jobs.describe("gw-01", "job-1") is not None
-        assert await jobs.describe("gw-01", "nope") is None
-        await jobs.unserve("pump")
-        await asyncio.to_thread(fake.create_job, "pump", "pump-job-2", {})
-        await asyncio.sleep(0.2)
-        assert rec.ids("pump") == [None, "pump-job", None]
-        await jobs.close()
-        await mc.stop()
+            assert await jobs.describe("gw-01", "job-1") is not None
+            assert await jobs.describe("gw-01", "nope") is None
+            await jobs.unserve("pump")
+            await asyncio.to_thread(fake.create_job, "pump", "pump-job-2", {})
+            await asyncio.sleep(0.2)
+            assert rec.ids("pump") == [None, "pump-job", None]
 
     asyncio.run(main())
 
@@ -213,35 +208,30 @@ def test_update_accepted_and_rejections_are_mapped(jobs_env):
     fake.create_job("gw-01", "job-2", DOC)
 
     async def main():
-        mc = make_client(broker, pki)
-        jobs = JobsClient(mc, Recorder(), request_timeout=2)
-        await mc.start()
-        await mc.wait_connected(10)
-        await jobs.serve("gw-01")
-        res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "downloading", "progress": "0/10"},
-                                expected_version=1, execution_number=1)
-        assert res.accepted and res.code is None and res.status == "IN_PROGRESS" and res.version_number == 2
-        assert res.status_details == {"phase": "downloading", "progress": "0/10"}
-        updates = lambda: [r for t, r in fake.requests if t.endswith("/update")]  # noqa: E731
-        sent = updates()[-1]
-        assert sent["includeJobExecutionState"] is True and sent["expectedVersion"] == 1
-        assert sent["executionNumber"] == 1
+        async with connected_jobs(broker, pki, Recorder(), request_timeout=2) as (mc, jobs):
+            await jobs.serve("gw-01")
+            res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "downloading", "progress": "0/10"},
+                                    expected_version=1, execution_number=1)
+            assert res.accepted and res.code is None and res.status == "IN_PROGRESS" and res.version_number == 2
+            assert res.status_details == {"phase": "downloading", "progress": "0/10"}
+            updates = lambda: [r for t, r in fake.requests if t.endswith("/update")]  # noqa: E731
+            sent = updates()[-1]
+            assert sent["includeJobExecutionState"] is True and sent["expectedVersion"] == 1
+            assert sent["executionNumber"] == 1
 
-        stale = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "x"}, expected_version=1)
-        assert not stale.accepted and stale.code == "VersionMismatch"
-        assert stale.version_number == 2 and stale.status == "IN_PROGRESS"
+            stale = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "x"}, expected_version=1)
+            assert not stale.accepted and stale.code == "VersionMismatch"
+            assert stale.version_number == 2 and stale.status == "IN_PROGRESS"
 
-        # REJECTED after IN_PROGRESS is refused (case 39); terminal states stay terminal
-        res = await jobs.update("gw-01", "job-1", "REJECTED", {"reason": "bad"})
-        assert not res.accepted and res.code == "InvalidStateTransition" and res.status == "IN_PROGRESS"
-        assert (await jobs.update("gw-01", "job-1", "SUCCEEDED", None)).accepted
-        assert "statusDetails" not in updates()[-1]
-        res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "again"})
-        assert not res.accepted and res.code == "InvalidStateTransition" and res.status == "SUCCEEDED"
-        res = await jobs.update("gw-01", "missing", "IN_PROGRESS", None)
-        assert not res.accepted and res.code == "ResourceNotFound"
-        await jobs.close()
-        await mc.stop()
+            # REJECTED after IN_PROGRESS is refused (case 39); terminal states stay terminal
+            res = await jobs.update("gw-01", "job-1", "REJECTED", {"reason": "bad"})
+            assert not res.accepted and res.code == "InvalidStateTransition" and res.status == "IN_PROGRESS"
+            assert (await jobs.update("gw-01", "job-1", "SUCCEEDED", None)).accepted
+            assert "statusDetails" not in updates()[-1]
+            res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "again"})
+            assert not res.accepted and res.code == "InvalidStateTransition" and res.status == "SUCCEEDED"
+            res = await jobs.update("gw-01", "missing", "IN_PROGRESS", None)
+            assert not res.accepted and res.code == "ResourceNotFound"
 
     asyncio.run(main())
 
@@ -251,23 +241,18 @@ def test_lost_and_throttled_replies_are_retried(jobs_env):
     fake.create_job("gw-01", "job-1", DOC)
 
     async def main():
-        mc = make_client(broker, pki)
-        jobs = JobsClient(mc, Recorder(), request_timeout=0.5, retry_backoff=0.05)
-        await mc.start()
-        await mc.wait_connected(10)
-        await jobs.serve("gw-01")
-        await eventually(lambda: len(fake.requests) == 1, what="initial $next/get")
-        fake.drop = 1
-        res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "downloading"})
-        assert res.accepted
-        tokens = [r["clientToken"] for t, r in fake.requests if t.endswith("/update")]
-        assert len(tokens) == 2 and tokens[0] != tokens[1]
-        fake.throttle = 2
-        res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "verifying"})
-        assert res.accepted and res.version_number == 3
-        assert len([t for t, _ in fake.requests if t.endswith("/update")]) == 5
-        await jobs.close()
-        await mc.stop()
+        async with connected_jobs(broker, pki, Recorder(), request_timeout=0.5, retry_backoff=0.05) as (mc, jobs):
+            await jobs.serve("gw-01")
+            await eventually(lambda: len(fake.requests) == 1, what="initial $next/get")
+            fake.drop = 1
+            res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "downloading"})
+            assert res.accepted
+            tokens = [r["clientToken"] for t, r in fake.requests if t.endswith("/update")]
+            assert len(tokens) == 2 and tokens[0] != tokens[1]
+            fake.throttle = 2
+            res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "verifying"})
+            assert res.accepted and res.version_number == 3
+            assert len([t for t, _ in fake.requests if t.endswith("/update")]) == 5
 
     asyncio.run(main())
 
@@ -278,21 +263,16 @@ def test_reply_on_a_foreign_things_topic_does_not_answer_the_request(jobs_env):
     fake.create_job("pump", "pump-job", DOC)
 
     async def main():
-        mc = make_client(broker, pki)
         rec = Recorder()
-        jobs = JobsClient(mc, rec, request_timeout=0.5)
-        await mc.start()
-        await mc.wait_connected(10)
-        await jobs.serve("pump")
-        await jobs.serve("gw-01")
-        await eventually(lambda: rec.ids("gw-01") == ["gw-job"], what="initial answers")
-        n = len(fake.requests)
-        fake.misroute = "pump"  # gw-01's next request is answered on pump's topic
-        got = await jobs.get_next("gw-01")
-        assert got.job_id == "gw-job" and got.thing_name == "gw-01"
-        assert len(fake.requests) == n + 2  # the misrouted answer did not count; retried
-        await jobs.close()
-        await mc.stop()
+        async with connected_jobs(broker, pki, rec, request_timeout=0.5) as (mc, jobs):
+            await jobs.serve("pump")
+            await jobs.serve("gw-01")
+            await eventually(lambda: rec.ids("gw-01") == ["gw-job"], what="initial answers")
+            n = len(fake.requests)
+            fake.misroute = "pump"  # gw-01's next request is answered on pump's topic
+            got = await jobs.get_next("gw-01")
+            assert got.job_id == "gw-job" and got.thing_name == "gw-01"
+            assert len(fake.requests) == n + 2  # the misrouted answer did not count; retried
 
     asyncio.run(main())
 
@@ -301,22 +281,17 @@ def test_invalid_json_and_bad_executions_are_ignored(jobs_env, caplog):
     broker, pki, fake = jobs_env
 
     async def main():
-        mc = make_client(broker, pki)
         rec = Recorder()
-        jobs = JobsClient(mc, rec, request_timeout=2)
-        await mc.start()
-        await mc.wait_connected(10)
-        await jobs.serve("gw-01")
-        await eventually(lambda: rec.ids("gw-01") == [None], what="initial answer")
-        topic = "$aws/things/gw-01/jobs/notify-next"
-        fake.peer.publish(topic, b"{not json")
-        fake.peer.publish(topic, b"[1,2]")
-        fake.peer.publish(topic, json.dumps({"timestamp": 1, "execution": {"jobId": "bad id!", "status": "QUEUED",
-                                                                           "versionNumber": 1}}))
-        await asyncio.to_thread(fake.create_job, "gw-01", "job-ok", DOC)
-        await eventually(lambda: rec.ids("gw-01") == [None, "job-ok"], what="valid notify after garbage")
-        await jobs.close()
-        await mc.stop()
+        async with connected_jobs(broker, pki, rec, request_timeout=2) as (mc, jobs):
+            await jobs.serve("gw-01")
+            await eventually(lambda: rec.ids("gw-01") == [None], what="initial answer")
+            topic = "$aws/things/gw-01/jobs/notify-next"
+            fake.peer.publish(topic, b"{not json")
+            fake.peer.publish(topic, b"[1,2]")
+            fake.peer.publish(topic, json.dumps({"timestamp": 1, "execution": {"jobId": "bad id!", "status": "QUEUED",
+                                                                               "versionNumber": 1}}))
+            await asyncio.to_thread(fake.create_job, "gw-01", "job-ok", DOC)
+            await eventually(lambda: rec.ids("gw-01") == [None, "job-ok"], what="valid notify after garbage")
 
     asyncio.run(main())
     assert "invalid JSON" in caplog.text
@@ -397,7 +372,6 @@ def test_unserve_from_inside_on_execution(jobs_env):
     fake.create_job("pump", "pump-job", DOC)
 
     async def main():
-        mc = make_client(broker, pki)
         seen: list[str | None] = []
         finished = asyncio.Event()
 
@@ -407,16 +381,12 @@ def test_unserve_from_inside_on_execution(jobs_env):
             await asyncio.sleep(0.05)  # still running after unserve: not cancelled
             finished.set()
 
-        jobs = JobsClient(mc, on_execution, request_timeout=2)
-        await mc.start()
-        await mc.wait_connected(10)
-        await jobs.serve("pump")
-        await asyncio.wait_for(finished.wait(), 10)
-        assert seen == ["pump-job"] and jobs.served == []
-        with pytest.raises(JobsError, match="NotServed"):
-            await jobs.get_next("pump")
-        await jobs.close()
-        await mc.stop()
+        async with connected_jobs(broker, pki, on_execution, request_timeout=2) as (mc, jobs):
+            await jobs.serve("pump")
+            await asyncio.wait_for(finished.wait(), 10)
+            assert seen == ["pump-job"] and jobs.served == []
+            with pytest.raises(JobsError, match="NotServed"):
+                await jobs.get_next("pump")
 
     asyncio.run(main())
 
