@@ -83,7 +83,6 @@ def test_device_that_reverts_after_the_test_boot_fails_with_rollback_reason(lab)
 
 
 def test_device_already_running_the_image_succeeds_without_transfer(lab):
-    image = None
     lab.add_device("pump", thing_name="pump")
     image = lab.device("pump").active_image()
     lab.start()
