@@ -5,6 +5,11 @@ Protocol: one connection per command. The client sends one JSON object on one li
 closes the connection: one object for a plain command, several for a streaming one
 (progress events, the last one being the outcome). A line holding an `"error"` key means
 the command failed; the client functions raise ControlError for it.
+
+A command that carries a file (`push`) sends its bytes only when the daemon asks for them
+with `{"event": "send", "size": N}`: N raw bytes then follow the request line. So a refusal
+(unknown device, file too large) costs no transfer, and no file larger than the daemon
+accepts ever sits in a request line.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Union
+from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Mapping, Union
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
 SOCKET_MODE = 0o660
 
+UPLOAD_CHUNK = 64 * 1024
+SEND_EVENT = "send"
+
 Response = dict[str, Any]
-Handler = Callable[[dict[str, Any]], Union[Awaitable[Response], AsyncIterator[Response], Response]]
 
 
 class ControlError(Exception):
@@ -43,6 +50,22 @@ class ControlError(Exception):
 
 class DaemonNotRunning(ControlError):
     pass
+
+
+class Refused(Exception):
+    """A handler's answer to a request it will not carry out (the operator's mistake, not the
+    daemon's): sent as the error line and logged without a traceback."""
+
+
+class Request(dict):
+    """A command's JSON fields, plus who sent it (`peer`) and the rest of its connection
+    (`body`: bytes a command reads after asking for them with a "send" event)."""
+
+    peer: "PeerCredentials"
+    body: asyncio.StreamReader
+
+
+Handler = Callable[[Request], Union[Awaitable[Response], AsyncIterator[Response], Response]]
 
 
 @dataclass(frozen=True)
@@ -207,9 +230,11 @@ class ControlServer:
             known = ", ".join(sorted(self.handlers))
             await self._send(writer, {"error": f"unknown command {cmd!r} (known: {known})"})
             return
-        await self._run(cmd, handler, request, writer)
+        req = Request(request)
+        req.peer, req.body = creds, reader
+        await self._run(cmd, handler, req, writer)
 
-    async def _run(self, cmd: str, handler: Handler, request: dict[str, Any],
+    async def _run(self, cmd: str, handler: Handler, request: Request,
                    writer: asyncio.StreamWriter) -> None:
         try:
             result = handler(request)
@@ -228,6 +253,9 @@ class ControlServer:
                 await self._send(writer, {} if result is None else result)
         except (_ClientGone, asyncio.CancelledError):
             raise
+        except Refused as e:
+            log.info("control command %r refused: %s", cmd, e)
+            await self._send(writer, {"error": _error_text(e)})
         except Exception as e:
             log.exception("control command %r failed", cmd)
             await self._send(writer, {"error": _error_text(e)})
@@ -273,6 +301,38 @@ def _decode(line: bytes) -> Response:
     return obj
 
 
+async def _send_upload(writer: asyncio.StreamWriter, upload: BinaryIO | None, size: Any) -> None:
+    if upload is None or not isinstance(size, int) or size < 0:
+        raise ControlError("ota-gatewayd asked for a file this command does not send")
+    left = size
+    while left:
+        try:
+            chunk = upload.read(min(UPLOAD_CHUNK, left))
+        except OSError as e:
+            raise ControlError(f"cannot read the file: {e.strerror or e}") from None
+        if not chunk:
+            raise ControlError(f"the file ended {left} bytes early (it changed while being sent)")
+        try:
+            writer.write(chunk)
+            await writer.drain()
+        except (ConnectionError, RuntimeError) as e:
+            raise ControlError(f"lost the connection to ota-gatewayd while sending the file: {e}") from None
+        left -= len(chunk)
+
+
+async def _reason_for_closing(reader: asyncio.StreamReader) -> ControlError | None:
+    """The daemon's error line, when it refused the rest of an upload and hung up."""
+    try:
+        line = await asyncio.wait_for(reader.readline(), 2.0)
+        if line:
+            _decode(line)
+    except ControlError as e:
+        return e
+    except (ConnectionError, ValueError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+        pass
+    return None
+
+
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(Exception):
@@ -293,8 +353,13 @@ async def request(path: Path, cmd: str, /, **args: Any) -> Response:
     return _decode(line)
 
 
-async def stream(path: Path, cmd: str, /, **args: Any) -> AsyncIterator[Response]:
-    """Send one command and yield every line of its answer until the daemon closes."""
+async def stream(path: Path, cmd: str, /, *, upload: BinaryIO | None = None,
+                 **args: Any) -> AsyncIterator[Response]:
+    """Send one command and yield every line of its answer until the daemon closes.
+
+    `upload` is sent from its current position when the daemon asks for it (a "send"
+    event, which is yielded first); exactly the size the daemon names is sent.
+    """
     reader, writer = await _open(path, cmd, args)
     answered = False
     try:
@@ -306,7 +371,13 @@ async def stream(path: Path, cmd: str, /, **args: Any) -> AsyncIterator[Response
             if not line:
                 break
             answered = True
-            yield _decode(line)
+            event = _decode(line)
+            yield event
+            if event.get("event") == SEND_EVENT:
+                try:
+                    await _send_upload(writer, upload, event.get("size"))
+                except ControlError as failure:
+                    raise await _reason_for_closing(reader) or failure from None
     finally:
         await _close(writer)
     if not answered:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import json
+import os
+import string
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, TextIO
+from typing import Any, AsyncIterator, BinaryIO, Callable, Iterable, TextIO
 
 from gatewayd import control
 from gatewayd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, read_control_socket, summary
@@ -84,11 +88,12 @@ def daemon_request(args: argparse.Namespace, cmd: str, /, **fields: Any) -> dict
 
 
 def daemon_stream(args: argparse.Namespace, cmd: str, on_event: Callable[[dict[str, Any]], None],
-                  /, **fields: Any) -> dict[str, Any] | None:
-    """Run a streaming command, calling on_event for each line; returns the last line."""
+                  /, *, upload: BinaryIO | None = None, **fields: Any) -> dict[str, Any] | None:
+    """Run a streaming command, calling on_event for each line; returns the last line.
+    `upload` is sent when the daemon asks for it (see gatewayd.control)."""
     async def follow() -> dict[str, Any] | None:
         last = None
-        events: AsyncIterator[dict[str, Any]] = control.stream(socket_path(args), cmd, **fields)
+        events: AsyncIterator[dict[str, Any]] = control.stream(socket_path(args), cmd, upload=upload, **fields)
         async for event in events:
             on_event(event)
             last = event
@@ -209,7 +214,8 @@ def format_status(answer: dict[str, Any]) -> list[str]:
         rows = []
         for job in jobs:
             done, total = job.get("done"), job.get("total")
-            rows.append([job.get("job_id", "?"), job.get("thing", ""), job.get("phase", ""),
+            thing = job.get("thing") or ("(local)" if job.get("kind") == "local" else "")
+            rows.append([job.get("job_id", "?"), thing, job.get("phase", ""),
                          progress_bar(done, total), job.get("reason", "")])
         lines += ["  " + line for line in table(rows, ["JOB", "THING", "PHASE", "PROGRESS",
                                                        "REASON"])]
@@ -288,10 +294,6 @@ def format_devices(answer: dict[str, Any]) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ------------------------------------------------------------------ demo
 
 
@@ -306,3 +308,152 @@ def add_demo(sub: Any) -> None:
     demo.add_arguments(p)
     p.set_defaults(run=demo.run)
 
+
+
+# ------------------------------------------------------------------ push and cancel
+
+
+@subcommand
+def add_push(sub: Any) -> None:
+    p = sub.add_parser("push", help="update one device with a local image (no cloud)",
+                       description="Send an MCUboot image to the daemon, which verifies it, relays it to "
+                                   "the device, has it test-boot the image and confirms it, exactly as for "
+                                   "a job from AWS IoT. The image needs a code signature that one of the "
+                                   "[signing] certificates verifies, unless --unsigned (root only).")
+    p.add_argument("image", type=Path, metavar="IMAGE", help="the MCUboot image (imgtool sign output)")
+    p.add_argument("--device", required=True, metavar="NAME", help="the configured device to update")
+    p.add_argument("--signature", type=Path, metavar="FILE",
+                   help="the image's code signature: DER, raw r||s, or the base64 text AWS Signer gives")
+    p.add_argument("--certfile", metavar="NAME",
+                   help="which [signing] certificate verifies it (default: the only one configured)")
+    p.add_argument("--unsigned", action="store_true",
+                   help="push without a code signature, trusting the MCUboot hash alone (root only)")
+    p.add_argument("--json", action="store_true", help="print each event and the result as JSON lines")
+    p.set_defaults(run=run_push)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    if bool(args.signature) == bool(args.unsigned):
+        print(f"{PROG} push: give the image's code signature (--signature FILE) or --unsigned",
+              file=sys.stderr)
+        return EXIT_USAGE
+    from gatewayd.mcuboot import ImageError, inspect_image
+
+    try:
+        info = inspect_image(args.image)  # the daemon checks again; this answers before any transfer
+        signature = read_signature(args.signature) if args.signature else None
+        image = open(args.image, "rb")
+    except ImageError as e:
+        print(f"{PROG}: {args.image}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(f"{PROG}: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    view = PushView(sys.stdout, as_json=wants_json(args), device=args.device)
+    if not view.as_json:
+        print(f"pushing {args.image.name} (MCUboot image {info.version_text}) to {args.device}")
+    try:
+        with image:
+            result = daemon_stream(
+                args, "push", view.show, upload=image, device=args.device,
+                size=os.fstat(image.fileno()).st_size, name=args.image.name, certfile=args.certfile,
+                signature=base64.b64encode(signature).decode() if signature else None, unsigned=args.unsigned)
+    except KeyboardInterrupt:
+        view.interrupted()
+        raise
+    if result is None or result.get("event") != "result":
+        view.end_line()
+        print(f"{PROG}: ota-gatewayd closed the connection before the update ended; a stopped "
+              f"daemon goes on with it when it starts again (see `{PROG} status`)", file=sys.stderr)
+        return EXIT_FAILED
+    view.finish(result)
+    return EXIT_OK if result.get("status") == "SUCCEEDED" else EXIT_FAILED
+
+
+_BASE64_TEXT = frozenset((string.ascii_letters + string.digits + "+/=" + string.whitespace).encode())
+
+
+def read_signature(path: Path) -> bytes:
+    """A signature file as bytes: base64 text (what AWS Signer and job documents hold) is
+    decoded; anything else (DER, raw r||s) is taken as it is."""
+    data = path.read_bytes()
+    if data.strip() and all(b in _BASE64_TEXT for b in data):
+        try:
+            return base64.b64decode(b"".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return data
+
+
+class PushView:
+    """Shows a push as it goes: one redrawn line on a terminal, or one JSON object per event."""
+
+
+    def __init__(self, out: TextIO, *, as_json: bool, device: str) -> None:
+        self.out, self.as_json, self.device = out, as_json, device
+        self.sent = False  # the daemon holds the whole image: the update goes on without us
+        self._line = False
+
+    def show(self, event: dict[str, Any]) -> None:
+        if self.as_json:
+            print(json.dumps(event), file=self.out, flush=True)
+        if event.get("event") == control.SEND_EVENT:
+            return
+        self.sent = True
+        if self.as_json or event.get("event") != "progress":
+            return
+        dev = next(iter(event.get("devices") or []), {})
+        phase = dev.get("phase") if event.get("phase") not in ("receiving", "verifying") else event.get("phase")
+        done, total = dev.get("done"), dev.get("total")
+        bar = progress_bar(done, total) if phase == "uploading" else ""
+        amount = f" {human_bytes(done)}/{human_bytes(total)}" if bar else ""
+        self.out.write(f"\r\x1b[K{self.device}: {phase or 'queued'} {bar}{amount}".rstrip())
+        self.out.flush()
+        self._line = True
+
+    def end_line(self) -> None:
+        if self._line:
+            self.out.write("\n")
+            self._line = False
+
+    def finish(self, result: dict[str, Any] | None) -> None:
+        if self.as_json or result is None:
+            return
+        self.end_line()
+        dev = next(iter(result.get("devices") or []), {})
+        if result.get("status") == "SUCCEEDED":
+            print(f"{self.device}: succeeded, running {dev.get('version') or 'the new image'} "
+                  f"({result.get('job_id')})", file=self.out)
+        else:
+            word = dev.get("phase") or result.get("phase") or "failed"
+            print(f"{self.device}: {word}: {result.get('reason') or dev.get('reason') or word} "
+                  f"({result.get('job_id')})", file=self.out)
+
+    def interrupted(self) -> None:
+        self.end_line()
+        if self.sent:
+            print(f"{PROG}: the update goes on in ota-gatewayd; follow it with `{PROG} status --watch`, "
+                  f"stop it with `{PROG} cancel --device {self.device}`", file=sys.stderr)
+
+
+@subcommand
+def add_cancel(sub: Any) -> None:
+    p = sub.add_parser("cancel", help="stop a device's current local update (from push)",
+                       description="Stop the update that `push` started on the device. Updates from "
+                                   "AWS IoT jobs are cancelled in AWS IoT.")
+    p.add_argument("--device", required=True, metavar="NAME", help="the device whose update to stop")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p.set_defaults(run=run_cancel)
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    answer = daemon_request(args, "cancel", device=args.device)
+    if wants_json(args):
+        print_json(answer)
+    else:
+        print(f"cancelled {answer.get('job_id')} on {args.device}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

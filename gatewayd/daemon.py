@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any, AsyncIterator
 
 from . import notify
 from .cloud import JobsClient
 from .config import Config, ConfigError, load_config
-from .control import ControlServer
-from .jobs import JobManager
+from .control import SEND_EVENT, ControlServer, Request
+from .jobs import JobManager, PushRefused, PushRequest
 from .logs import setup_logging
 from .mqtt import MqttClient
 from .relay import RelayManager
@@ -39,6 +43,8 @@ class Daemon:
         self.control = ControlServer(config.gateway.control_socket, {
             "status": self._status,
             "devices": self._devices,
+            "push": self._push,
+            "cancel": self._cancel,
         })
         self._stop = asyncio.Event()
         self._served: set[str] = set()
@@ -65,6 +71,22 @@ class Daemon:
             except Exception as e:  # one unreachable device must not hide the others
                 out.append({"name": name, "reachable": False, "error": str(e) or type(e).__name__})
         return {"devices": out}
+
+    async def _push(self, request: Request) -> AsyncIterator[dict[str, Any]]:
+        """A local update: ask for the image, store and verify it, relay it, report progress."""
+        push = push_request(request)
+        job = self.manager.start_push(push)
+        yield {"event": SEND_EVENT, "size": push.size, "job_id": job.job_id}
+        await self.manager.receive_push(job, request.body)
+        async for event in self.manager.follow(job):
+            yield event
+
+    async def _cancel(self, request: Request) -> dict[str, Any]:
+        device = request.get("device")
+        if not isinstance(device, str) or not device:
+            raise PushRefused('cancel needs "device": the name of a configured device')
+        job = await self.manager.cancel_push(device, request.peer.uid)
+        return self.manager.job_view(job)
 
     async def _serve_things(self) -> None:
         wanted = set(self.manager.served_things())
@@ -135,6 +157,38 @@ class Daemon:
         for relay in self.manager.relay.devices.values():
             await relay.disconnect()
         self.state.close()
+
+
+def push_request(request: Request) -> PushRequest:
+    """Check a `push` request's fields; an unsigned image only from those who could change
+    what the daemon trusts anyway (root and the daemon's own user)."""
+    device, size, name = request.get("device"), request.get("size"), request.get("name") or "image"
+    if not isinstance(device, str) or not device:
+        raise PushRefused('push needs "device": the name of a configured device')
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise PushRefused('push needs "size": the image size in bytes')
+    if not isinstance(name, str):
+        raise PushRefused('"name" must be the image file name')
+    signature_text, certfile = request.get("signature"), request.get("certfile")
+    if certfile is not None and not isinstance(certfile, str):
+        raise PushRefused('"certfile" must be the name of one of the [signing] certificates')
+    signature = None
+    if signature_text is not None:
+        try:
+            signature = base64.b64decode(str(signature_text), validate=True)
+        except (binascii.Error, ValueError):
+            raise PushRefused('"signature" must be base64') from None
+        if not signature:
+            raise PushRefused('"signature" is empty')
+    elif not request.get("unsigned"):
+        raise PushRefused("the image has no code signature: give one (--signature FILE), "
+                          "or --unsigned to rely on the MCUboot hash alone")
+    elif request.peer.uid not in (0, os.getuid()):
+        raise PushRefused(f"uid {request.peer.uid} may push only signed images; only root and the "
+                          "daemon's own user may push unsigned ones (--unsigned)")
+    label = "".join(c if c.isprintable() else "?" for c in os.path.basename(name))[:120] or "image"
+    return PushRequest(device=device, size=size, name=label, signature=signature, certfile=certfile,
+                       requested_by=request.peer.uid)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,14 +11,18 @@ daemon last stopped.
 from __future__ import annotations
 
 import asyncio
+import base64
 import fnmatch
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator, Protocol
 
 from .cloud import JobExecution
 from .config import Config, DeviceConfig
+from .control import Refused
 from .download import DownloadError, StreamDownload
 from .http_download import HttpDownload, HttpDownloadError
 from .jobdoc import DocumentLimits, JobDocumentError, OtaFile, OtaJob, is_ota_document, parse_job_document, valid_job_id
@@ -27,12 +31,15 @@ from .mcuboot import ImageError, inspect_image
 from .relay import RelayImage, RelayManager, TransferKey, word_of
 from .report import DeviceStatus, Reporter, status_details
 from .state import JobRecord, StateDB, TransferRecord
-from .verify import VerificationError, load_signer, verify_file
+from .verify import VerificationError, key_algorithm, load_signer, sha256_file, verify_file
 
 log = logging.getLogger("gatewayd.jobs")
 
 # a job execution's word while devices work: the most advanced phase any device is in
 _ACTIVE_ORDER = ("uploading", "testing", "confirming", "waiting")
+
+LOCAL_THING = ""  # a local update (`ota-gatewayctl push`) belongs to no AWS IoT thing
+FOLLOW_INTERVAL = 0.25  # seconds between progress events sent to `push`
 
 
 class JobFailed(Exception):
@@ -42,6 +49,22 @@ class JobFailed(Exception):
         super().__init__(reason)
         self.word = word
         self.reason = reason
+
+
+class PushRefused(Refused):
+    """A local update cannot start; str says why, naming the device or the option."""
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    """What `ota-gatewayctl push` asks for; the image bytes follow on the connection."""
+
+    device: str
+    size: int
+    name: str  # the operator's file name: a label for logs and status, never a path
+    signature: bytes | None  # None: an unsigned push, which the caller allowed
+    certfile: str | None  # a key of [signing] certificates; None: the only one configured
+    requested_by: int  # uid of the operator
 
 
 @dataclass
@@ -59,6 +82,7 @@ class JobManager:
         self.reporter = Reporter(jobs, state, on_gone=self.job_gone, connection=mqtt)
         self.relay: RelayManager = relay_factory(self._transfer_changed)
         self._running: dict[tuple[str, str], _Running] = {}
+        self._followers: dict[tuple[str, str], list[asyncio.Queue[dict]]] = {}  # `push` connections
         self._state_dir = config.gateway.state_dir
         (self._state_dir / "partial").mkdir(parents=True, exist_ok=True)
         (self._state_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -185,36 +209,42 @@ class JobManager:
             if job.final_status:
                 self._report(job, final=True)
             else:
-                log.info("resuming job %s for %s", job.job_id, job.thing,
-                         extra=log_fields(job_id=job.job_id, thing=job.thing))
+                log.info("resuming %s", _job_label(job), extra=log_fields(job_id=job.job_id, thing=job.thing))
                 self._start(job)
 
     async def job_gone(self, thing: str, job_id: str) -> None:
         """Cancelled, removed or replaced in the cloud: stop its work and clean up."""
+        await self._stop(thing, job_id, "job cancelled in the cloud")
+        self._state.set_job_phase(thing, job_id, "cancelled", "job cancelled in the cloud")
+        self._state.close_job(thing, job_id)
+        self.reporter.forget(thing, job_id)
+        self._collect_images()
+
+    async def _stop(self, thing: str, job_id: str, reason: str) -> None:
+        """Stop a job's work; its unfinished transfers end `cancelled` with `reason`."""
         running = self._running.pop((thing, job_id), None)
         if running:
             running.task.cancel()
             await asyncio.gather(running.task, return_exceptions=True)
         for t in self._state.transfers(thing, job_id):
             if not t.final:
-                self._state.set_transfer(thing, job_id, t.idx, t.device, phase="cancelled",
-                                         reason="job cancelled in the cloud")
+                self._state.set_transfer(thing, job_id, t.idx, t.device, phase="cancelled", reason=reason)
         for f in self._state.files(thing, job_id):
             self._part_path(thing, job_id, f.idx).unlink(missing_ok=True)
-        self._state.set_job_phase(thing, job_id, "cancelled", "job cancelled in the cloud")
-        self._state.close_job(thing, job_id)
-        self.reporter.forget(thing, job_id)
-        self._collect_images()
 
     # the job itself
 
     async def _run(self, job: JobRecord) -> None:
         fields = log_fields(job_id=job.job_id, thing=job.thing)
         try:
-            ota = parse_job_document(job.job_id, job.document, self._limits(), protocols_supported=self._protocols())
-            images = {}
-            for f in ota.files:
-                images[f.index] = await self._fetch(job, ota, f)
+            if job.kind == "local":
+                images = {0: await self._local_image(job)}
+            else:
+                ota = parse_job_document(job.job_id, job.document, self._limits(),
+                                         protocols_supported=self._protocols())
+                images = {}
+                for f in ota.files:
+                    images[f.index] = await self._fetch(job, ota, f)
             await self._relay_all(job, images)
         except JobFailed as e:
             log.warning("job %s %s: %s", job.job_id, e.word, e.reason, extra=fields)
@@ -319,15 +349,21 @@ class JobManager:
 
     async def _verify(self, job: JobRecord, f: OtaFile, part: Path) -> RelayImage:
         loop = asyncio.get_running_loop()
-        certificate = self._config.signing.certificates[f.certfile]
+        unsigned = job.kind == "local" and not f.certfile  # a push the operator may make unsigned
+
+        def check_signature() -> bytes:
+            if unsigned:
+                return sha256_file(part)
+            return verify_file(part, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
+                               signature=f.signature, certificate=self._config.signing.certificates[f.certfile],
+                               certfile_label=f.certfile)
+
         try:
-            digest = await loop.run_in_executor(None, lambda: verify_file(
-                part, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
-                signature=f.signature, certificate=certificate, certfile_label=f.certfile))
+            digest = await loop.run_in_executor(None, check_signature)
             info = await loop.run_in_executor(None, inspect_image, part)
         except (VerificationError, ImageError) as e:
             part.unlink(missing_ok=True)
-            reason = f"files[{f.index}] rejected: {e}"
+            reason = f"{self._file_label(job, f)} rejected: {e}"
             self._state.set_file(job.thing, job.job_id, f.index, phase="failed", reason=reason)
             for t in self._state.transfers(job.thing, job.job_id):
                 if t.idx == f.index and not t.final:
@@ -343,9 +379,14 @@ class JobManager:
             _fsync_dir(target.parent)
         self._state.set_file(job.thing, job.job_id, f.index, phase="verified", sha256=sha,
                              version=info.version_text, image_hash=info.hash.hex())
-        log.info("files[%d] of %s verified: MCUboot image %s, sha256 %s", f.index, job.job_id,
-                 info.version_text, sha, extra=log_fields(job_id=job.job_id, thing=job.thing, phase="verifying"))
+        log.info("%s of %s verified%s: MCUboot image %s, sha256 %s", self._file_label(job, f), job.job_id,
+                 " (unsigned push: MCUboot hash only)" if unsigned else "", info.version_text, sha,
+                 extra=log_fields(job_id=job.job_id, thing=job.thing, phase="verifying"))
         return RelayImage(target, sha, info.hash, info.version_text)
+
+    @staticmethod
+    def _file_label(job: JobRecord, f: OtaFile) -> str:
+        return f"image {f.filepath}" if job.kind == "local" else f"files[{f.index}]"
 
     async def _relay_all(self, job: JobRecord, images: dict[int, RelayImage]) -> None:
         transfers = self._state.transfers(job.thing, job.job_id)
@@ -428,6 +469,12 @@ class JobManager:
 
     def _report(self, job: JobRecord, final: bool = False) -> None:
         job = self._state.job(job.thing, job.job_id) or job
+        if job.kind == "local":  # nothing to tell AWS IoT; `push` shows it instead
+            if final:
+                self._state.close_job(job.thing, job.job_id)
+            for queue in self._followers.get((job.thing, job.job_id), ()):
+                queue.put_nowait(self.job_view(job))
+            return
         devices = self._device_statuses(job)
         word = self._job_word(job, devices)
         version = next((f.version for f in self._state.files(job.thing, job.job_id) if f.version), None)
@@ -464,6 +511,178 @@ class JobManager:
             devices.append(row)
         return {"jobs": jobs, "devices": devices}
 
+    # local updates (ota-gatewayctl push / cancel)
+
+    def start_push(self, push: PushRequest) -> JobRecord:
+        """Record a local update of one device; the image is expected next (`receive_push`)."""
+        device = next((d for d in self._config.devices if d.name == push.device), None)
+        if device is None:
+            known = ", ".join(d.name for d in self._config.devices) or "none"
+            raise PushRefused(f"no device named {push.device!r} is configured (configured: {known})")
+        if not 0 < push.size <= self._config.ota.max_file_size:
+            raise PushRefused(f"the image has {push.size} bytes; this gateway takes 1 to "
+                              f"{self._config.ota.max_file_size} ([ota] max_file_size)")
+        certfile, algorithm = self._push_signer(push)
+        busy = self._device_job(push.device)
+        if busy is not None:
+            raise PushRefused(f"device {push.device} is busy with {_job_label(busy)}; wait for it to end"
+                              + (" or cancel it" if busy.kind == "local" else ""))
+        job_id = self._local_job_id(push.device)
+        document = {"local": {"device": push.device, "file": push.name, "size": push.size,
+                              "certfile": certfile, "signature_algorithm": algorithm,
+                              "signature": base64.b64encode(push.signature).decode() if push.signature else None,
+                              "requested_by": push.requested_by}}
+        job = self._state.add_job(LOCAL_THING, job_id, "local", document, None, None)
+        self._state.add_file(LOCAL_THING, job_id, 0, push.size)
+        self._state.set_file(LOCAL_THING, job_id, 0, phase="receiving")
+        self._state.add_transfer(LOCAL_THING, job_id, 0, push.device)
+        self._state.set_job_phase(LOCAL_THING, job_id, "receiving")
+        log.info("local update %s of %s by uid %d: %s, %d bytes, %s", job_id, push.device, push.requested_by,
+                 push.name, push.size, f"signed for {certfile}" if certfile else "unsigned",
+                 extra=log_fields(job_id=job_id, device=push.device, phase="queued"))
+        return job
+
+    def _push_signer(self, push: PushRequest) -> tuple[str | None, str | None]:
+        """The certfile label and algorithm that will check the pushed image's signature."""
+        if push.signature is None:
+            return None, None
+        certificates = self._config.signing.certificates
+        label = push.certfile
+        if label is None:
+            if len(certificates) != 1:
+                names = ", ".join(sorted(certificates)) or "none configured"
+                raise PushRefused(f"name the certificate that signed the image with --certfile "
+                                  f"(the [signing] certificates: {names})")
+            label = next(iter(certificates))
+        if label not in certificates:
+            names = ", ".join(sorted(certificates)) or "none"
+            raise PushRefused(f"certfile {label!r} is not one of the [signing] certificates ({names})")
+        try:
+            return label, key_algorithm(certificates[label])
+        except VerificationError as e:
+            raise PushRefused(str(e)) from None
+
+    def _device_job(self, device: str) -> JobRecord | None:
+        """The undecided job (any kind) that will still update `device`, if any."""
+        for job in self._state.open_jobs():
+            if job.final_status is None and any(
+                    t.device == device and not t.final for t in self._state.transfers(job.thing, job.job_id)):
+                return job
+        return None
+
+    def _local_job_id(self, device: str) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        job_id, n = f"push-{device}-{stamp}", 1
+        while self._state.job(LOCAL_THING, job_id) is not None:
+            n += 1
+            job_id = f"push-{device}-{stamp}-{n}"
+        return job_id
+
+    async def receive_push(self, job: JobRecord, read: AsyncReader) -> None:
+        """Write the pushed image to partial/ (fsynced), then start the update."""
+        size = self._state.files(job.thing, job.job_id)[0].size
+        part = self._part_path(job.thing, job.job_id, 0)
+        got = 0
+        try:
+            with open(part, "wb") as out:
+                while got < size:
+                    chunk = await read.read(min(64 * 1024, size - got))
+                    if not chunk:
+                        raise ConnectionError(f"the connection closed after {got} of {size} bytes")
+                    out.write(chunk)
+                    got += len(chunk)
+                out.flush()
+                await asyncio.get_running_loop().run_in_executor(None, os.fsync, out.fileno())
+        except (OSError, ConnectionError) as e:
+            part.unlink(missing_ok=True)
+            reason = (f"the image was not received: {e}" if isinstance(e, ConnectionError)
+                      else f"the image could not be stored on the gateway: {e.strerror or e}")
+            self._state.set_file(job.thing, job.job_id, 0, phase="failed", reason=reason)
+            self._finish(job, "FAILED", "failed", reason)
+            raise PushRefused(reason) from None
+        current = self._state.job(job.thing, job.job_id)
+        if current is None or current.final_status:  # cancelled while the bytes were arriving
+            part.unlink(missing_ok=True)
+            return
+        self._state.set_file(job.thing, job.job_id, 0, phase="verifying", done=size)
+        self._start(current)
+
+    async def _local_image(self, job: JobRecord) -> RelayImage:
+        """A pushed image, verified once; a push cut off while it was being received fails."""
+        record = self._state.file(job.thing, job.job_id, 0)
+        assert record is not None
+        f = _local_file(job.document, record.size)
+        stored = self._image_path(record.sha256) if record.sha256 else None
+        if stored is not None and stored.exists():
+            if record.phase == "verified":
+                return RelayImage(stored, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
+            return await self._verify(job, f, stored)
+        part = self._part_path(job.thing, job.job_id, 0)
+        if record.phase == "receiving" or not part.exists():
+            raise JobFailed("failed", "the gateway stopped before the whole image was received; push it again")
+        self._state.set_job_phase(job.thing, job.job_id, "verifying")
+        self._report(job)
+        return await self._verify(job, f, part)
+
+    async def cancel_push(self, device: str, requested_by: int) -> JobRecord:
+        """Stop the device's current local update; it ends CANCELED."""
+        job = self._device_job(device)
+        if job is None:
+            if not any(d.name == device for d in self._config.devices):
+                raise PushRefused(f"no device named {device!r} is configured")
+            raise PushRefused(f"device {device} has no update in progress")
+        if job.kind != "local":
+            raise PushRefused(f"device {device} is busy with {_job_label(job)}, which only AWS IoT can cancel "
+                              "(CancelJobExecution, or cancel the job)")
+        reason = f"cancelled by uid {requested_by} with ota-gatewayctl"
+        await self._stop(job.thing, job.job_id, reason)
+        self._finish(job, "CANCELED", "cancelled", reason)
+        fresh = self._state.job(job.thing, job.job_id)
+        assert fresh is not None
+        return fresh
+
+    async def follow(self, job: JobRecord) -> AsyncIterator[dict]:
+        """Progress events of a local update until it ends; the last one is its result.
+
+        Every change of phase is an event (`_report` queues a view of each); upload
+        progress, which changes too often to report each step, is sampled."""
+        key = (job.thing, job.job_id)
+        queue: asyncio.Queue[dict] = asyncio.Queue()
+        self._followers.setdefault(key, []).append(queue)
+        try:
+            current = self._state.job(*key)
+            view = self.job_view(current) if current else None
+            last = None
+            while view is not None:
+                if view["status"]:
+                    yield {"event": "result", **view}
+                    return
+                if view != last:
+                    yield {"event": "progress", **view}
+                    last = view
+                try:
+                    view = await asyncio.wait_for(queue.get(), FOLLOW_INTERVAL)
+                except asyncio.TimeoutError:
+                    current = self._state.job(*key)
+                    view = self.job_view(current) if current else None
+        finally:
+            followers = self._followers.get(key, [])
+            followers.remove(queue)
+            if not followers:
+                self._followers.pop(key, None)
+
+    def job_view(self, job: JobRecord) -> dict:
+        """One job with its devices, as `push` and `cancel` print it."""
+        devices = []
+        for t in self._state.transfers(job.thing, job.job_id):
+            live = self.relay.live_progress(t.device) if t.phase == "uploading" else None
+            done, total = live if live else (t.done, t.total)
+            devices.append({"name": t.device, "phase": word_of(t.phase), "done": done, "total": total,
+                            "version": t.version, "reason": t.reason})
+        word = self._job_word(job, [DeviceStatus(d["name"], d["phase"], "") for d in devices])
+        return {"job_id": job.job_id, "kind": job.kind, "phase": word, "status": job.final_status,
+                "reason": job.reason, "devices": devices}
+
     # files on disk
 
     def _part_path(self, thing: str, job_id: str, idx: int) -> Path:
@@ -485,6 +704,29 @@ class JobManager:
         for running in list(self._running.values()):
             running.task.cancel()
         await asyncio.gather(*(r.task for r in list(self._running.values())), return_exceptions=True)
+
+
+class AsyncReader(Protocol):
+    """What `receive_push` reads the image from (an asyncio.StreamReader)."""
+
+    async def read(self, n: int) -> bytes: ...
+
+
+def _local_file(document: object, size: int) -> OtaFile:
+    """The pushed image as an OtaFile, so it is verified exactly as a job's file is."""
+    local = document["local"] if isinstance(document, dict) else {}
+    signature = local.get("signature")
+    return OtaFile(index=0, filepath=local.get("file"), filesize=size, fileid=0,
+                   certfile=local.get("certfile") or "", signature_key="", hash_name="sha256",
+                   signature_algorithm=local.get("signature_algorithm") or "",
+                   signature=base64.b64decode(signature) if signature else b"", file_type=0,
+                   update_data_url=None, auth_scheme=None)
+
+
+def _job_label(job: JobRecord) -> str:
+    if job.kind == "local":
+        return f"local update {job.job_id}"
+    return f"job {job.job_id} of AWS IoT thing {job.thing}"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -43,9 +43,10 @@ def syslog_priority(levelno: int) -> int:
 
 def log_fields(job_id: str | None = None, thing: str | None = None, device: str | None = None,
                phase: str | None = None) -> dict[str, str]:
-    """The `extra=` dict for a record about a job/device; fields left None are omitted."""
+    """The `extra=` dict for a record about a job/device; fields left None or empty are omitted
+    (a local update has no thing)."""
     values = {"OTA_JOB_ID": job_id, "OTA_THING": thing, "OTA_DEVICE": device, "OTA_PHASE": phase}
-    return {k: str(v) for k, v in values.items() if v is not None}
+    return {k: str(v) for k, v in values.items() if v is not None and v != ""}
 
 
 class ContextAdapter(logging.LoggerAdapter):

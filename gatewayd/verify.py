@@ -58,6 +58,18 @@ def load_signer(
     return key  # type: ignore[return-value]
 
 
+def key_algorithm(cert_path: Path) -> str:
+    """The signature algorithm ("ecdsa" or "rsa") that a trusted certificate's key verifies."""
+    try:
+        key = _public_key(Path(cert_path).read_bytes())
+    except OSError as exc:
+        raise VerificationError(f"certificate {cert_path} could not be read: {exc.strerror or exc}") from None
+    for name, (key_type, _, _) in _KEY_TYPES.items():
+        if isinstance(key, key_type):
+            return name
+    raise VerificationError(f"certificate {cert_path} holds no EC or RSA public key")
+
+
 def _public_key(data: bytes) -> object | None:
     loaders = (
         lambda: x509.load_pem_x509_certificate(data).public_key(),

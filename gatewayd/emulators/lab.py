@@ -22,6 +22,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,27 @@ class Lab:
 
     def kill_daemon(self) -> None:
         self.stop_daemon(signal.SIGKILL)
+
+    def ctl_command(self, *args: str) -> list[str]:
+        """An ota-gatewayctl command line for this lab's config (OTA_GATEWAYCTL runs another one)."""
+        assert self.config_path is not None, "start_daemon() first"
+        command = os.environ.get("OTA_GATEWAYCTL", "").split() or [sys.executable, "-m", "gatewayd.ctl"]
+        return [*command, "--config", str(self.config_path), *args]
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.ctl_command(*args), capture_output=True, text=True, timeout=timeout)
+
+    def wait_control(self, timeout: float = 20.0) -> None:
+        """Wait until the daemon answers on its control socket."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.ctl("status", "--json")
+            if status.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ota-gatewayd did not answer `status`: {status.stderr}\n"
+                                   f"--- daemon log (tail) ---\n{self.daemon_log()[-4000:]}")
+            time.sleep(0.2)
 
     def daemon_log(self) -> str:
         path = self.root / "daemon.log"
