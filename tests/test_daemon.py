@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from conftest import journal_stream
 from gatewayd.emulators.lab import Lab
 
 
@@ -69,17 +72,65 @@ def test_ctl_status_and_devices_talk_to_the_running_daemon(tmp_path):
     with Lab(tmp_path / "lab") as lab:
         dev = lab.add_device("pump", thing_name="pump")
         lab.start()
-        ctl = [sys.executable, "-m", "gatewayd.ctl", "--config", str(lab.config_path)]
         deadline = time.monotonic() + 20
         while True:
-            status = subprocess.run(ctl + ["status", "--json"], capture_output=True, text=True, timeout=30)
+            status = lab.ctl("status", "--json")
             if status.returncode == 0 and json.loads(status.stdout)["connected"]:
                 break
             assert time.monotonic() < deadline, status.stderr
             time.sleep(0.2)
         assert [d["name"] for d in json.loads(status.stdout)["devices"]] == ["pump"]
-        devices = subprocess.run(ctl + ["devices", "--json"], capture_output=True, text=True, timeout=30)
+        devices = lab.ctl("devices", "--json")
         assert devices.returncode == 0, devices.stderr
         images = json.loads(devices.stdout)["devices"][0]["images"]
         active = next(i for i in images if i["active"])
         assert bytes.fromhex(active["hash"]) == next(s.hash for s in dev.slots if s.active)
+
+
+DEFAULT_JOURNAL = Path("/run/systemd/journal")
+
+
+def test_the_daemons_journal_records_filter_by_device(tmp_path, journald_namespace):
+    """`journalctl OTA_DEVICE=pump` tells one device's story, from the daemon process itself.
+
+    The daemon runs as systemd runs a unit with StandardError=journal and LogNamespace=:
+    stderr is a journal stream named by $JOURNAL_STREAM, and in the daemon's own mount
+    namespace the private journald's sockets sit at the default /run/systemd/journal.
+    """
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) for a private mount namespace")
+    made_target = not DEFAULT_JOURNAL.exists()
+    DEFAULT_JOURNAL.mkdir(parents=True, exist_ok=True)
+    stream = journald_namespace.stdout_stream("ota-gatewayd")
+    try:
+        with Lab(tmp_path / "lab") as lab:
+            lab.add_device("pump", thing_name="pump")
+            lab.add_device("valve", thing_name="valve")
+            lab.start_cloud()
+            wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       f'mount --bind {journald_namespace.runtime} {DEFAULT_JOURNAL} && exec "$@"', "sh"]
+            daemon = lab.start_daemon(env={"JOURNAL_STREAM": journal_stream(stream)}, stderr=stream,
+                                      wrapper=wrapper)
+            lab.ota_update("job-pump", "pump", lab.make_image((1, 1, 0)))
+            lab.ota_update("job-valve", "valve", lab.make_image((2, 1, 0)))
+            assert lab.wait("pump", "job-pump").status == "SUCCEEDED"
+            assert lab.wait("valve", "job-valve").status == "SUCCEEDED"
+            pid = str(daemon.pid)
+            assert lab.stop_daemon() == 0
+    finally:
+        stream.close()
+        if made_target:
+            DEFAULT_JOURNAL.rmdir()
+
+    pump = journald_namespace.query("OTA_DEVICE=pump", f"_PID={pid}")
+    valve = journald_namespace.query("OTA_DEVICE=valve", f"_PID={pid}")
+    assert pump and valve, journald_namespace.query(f"_PID={pid}")[-20:]
+    for entry in pump:
+        assert entry["OTA_DEVICE"] == "pump" and entry["SYSLOG_IDENTIFIER"] == "ota-gatewayd"
+        assert entry["_TRANSPORT"] == "journal"  # native fields, not parsed text lines
+        assert entry.get("OTA_JOB_ID", "job-pump") == "job-pump" and entry.get("OTA_THING", "pump") == "pump"
+    phases = {entry.get("OTA_PHASE") for entry in pump}
+    assert {"uploading", "testing", "succeeded"} <= phases, phases
+    assert all("valve" not in entry["MESSAGE"] for entry in pump)
+    # the job's own records carry the job fields too
+    assert journald_namespace.query("OTA_JOB_ID=job-pump", "OTA_PHASE=succeeded", f"_PID={pid}")

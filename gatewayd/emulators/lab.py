@@ -188,15 +188,19 @@ class Lab:
         self.config_path.write_text("\n".join(lines))
         return self.config_path
 
-    def start_daemon(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start_daemon(self, env: dict[str, str] | None = None, *, stderr: Any = None,
+                     wrapper: list[str] | None = None) -> subprocess.Popen:
+        """Start ota-gatewayd; its output goes to daemon.log unless `stderr` says otherwise.
+        `wrapper` is a command that execs the daemon's command line (e.g. in another namespace)."""
         config = self.write_config()
         log = open(self.root / "daemon.log", "ab")
         with log:
             # OTA_GATEWAYD runs another daemon, e.g. the installed /usr/bin/ota-gatewayd
             command = os.environ.get("OTA_GATEWAYD", "").split() or [sys.executable, "-m", "gatewayd.daemon"]
             self.daemon = subprocess.Popen(
-                [*command, "--config", str(config), *self.daemon_args],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                [*(wrapper or []), *command, "--config", str(config), *self.daemon_args],
+                stdout=log, stderr=subprocess.STDOUT if stderr is None else stderr,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         return self.daemon
 
     def stop_daemon(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
