@@ -18,25 +18,16 @@ def lab(tmp_path):
         yield lab
 
 
-def _wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(what)
-
-
 def test_force_cancel_mid_upload_stops_work_and_cleans_up(lab):
     dev = lab.add_device("pump", thing_name="pump", response_delay=0.01)
     lab.start()
     image = lab.make_image((1, 1, 0), size=96 * 1024)
     lab.ota_update("cancel-me", "pump", image)
-    _wait_until(lambda: (dev.upload_offset or 0) > 16 * 1024, 30, "upload did not start")
+    lab.wait_until("the upload to start", lambda: (dev.upload_offset or 0) > 16 * 1024, 30)
 
     lab.aws.cancel_job("cancel-me", force=True)
-    _wait_until(lambda: "gone in the cloud" in lab.daemon_log() or "no longer pending" in lab.daemon_log(),
-                10, "daemon did not notice the cancellation")
+    lab.wait_until("the daemon to notice the cancellation",
+                   lambda: "gone in the cloud" in lab.daemon_log() or "no longer pending" in lab.daemon_log(), 10)
     received = dev.upload_bytes_received
     updates = len(lab.aws.all_updates("pump", "cancel-me"))
     time.sleep(2.5)
@@ -63,10 +54,10 @@ def test_notify_next_without_execution_during_download_aborts_it(lab):
     doc = lab.ota_update("vanishes", "pump", image)
     stream = doc["afr_ota"]["streamname"]
     lab.aws.pause_streams(True)
-    _wait_until(lambda: lab.aws.requests(stream) > 0, 20, "no stream request")
+    lab.wait_until("a stream request", lambda: lab.aws.requests(stream) > 0, 20)
     updates = len(lab.aws.all_updates("pump", "vanishes"))
     lab.aws.publish_raw("$aws/things/pump/jobs/notify-next", b'{"timestamp": 1}')
-    _wait_until(lambda: "no longer pending" in lab.daemon_log(), 10, "daemon did not abort")
+    lab.wait_until("the daemon to abort", lambda: "no longer pending" in lab.daemon_log(), 10)
     time.sleep(1)
     assert len(lab.aws.all_updates("pump", "vanishes")) == updates
     assert list((lab.root / "state" / "partial").iterdir()) == []
@@ -83,7 +74,7 @@ def test_sighup_reload_serves_a_new_device(lab):
     lab.add_device("fan", files="fan-*.bin")
     lab.write_config()
     lab.daemon.send_signal(signal.SIGHUP)
-    _wait_until(lambda: "reloaded configuration: 2 devices" in lab.daemon_log(), 10, "no reload")
+    lab.wait_until("the reload", lambda: "reloaded configuration: 2 devices" in lab.daemon_log(), 10)
     lab.ota_update("fan-after", "gw-01", fan_image, filepath="fan-3.0.0.bin")
     assert lab.wait("gw-01", "fan-after").status == "SUCCEEDED"
     assert lab.device("fan").active_image() == fan_image

@@ -27,15 +27,6 @@ def lab(tmp_path):
         yield lab
 
 
-def _wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(what)
-
-
 def _files(lab: Lab, image: bytes, name: str = "pump-1.1.0.bin") -> tuple[Path, Path]:
     """The image and its AWS-Signer-style (base64 text) signature, as an operator has them."""
     folder = lab.root / "operator"
@@ -198,7 +189,7 @@ def test_cancel_stops_a_push_mid_upload_and_a_second_push_is_refused_meanwhile(l
                                             "--signature", str(signature_path), "--json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_until(lambda: (dev.upload_offset or 0) > 16 * 1024, 30, "upload did not start")
+        lab.wait_until("the upload to start", lambda: (dev.upload_offset or 0) > 16 * 1024, 30)
 
         second = lab.ctl("push", str(image_path), "--device", "pump", "--signature", str(signature_path))
         assert second.returncode == 1
@@ -234,7 +225,7 @@ def test_cancel_does_not_touch_a_cloud_job(lab):
     lab.wait_control()
     image = lab.make_image((1, 1, 0), size=64 * 1024)
     lab.ota_update("cloud-job", "pump", image)
-    _wait_until(lambda: (dev.upload_offset or 0) > 8 * 1024, 30, "upload did not start")
+    lab.wait_until("the upload to start", lambda: (dev.upload_offset or 0) > 8 * 1024, 30)
 
     cancel = lab.ctl("cancel", "--device", "pump")
 
@@ -253,7 +244,7 @@ def test_a_push_survives_a_daemon_crash_mid_upload(lab):
                                             "--signature", str(signature_path), "--json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_until(lambda: (dev.upload_offset or 0) > len(image) // 2, 30, "upload did not get halfway")
+        lab.wait_until("half the upload", lambda: (dev.upload_offset or 0) > len(image) // 2, 30)
         lab.kill_daemon()
         out, err = push.communicate(timeout=15)
     finally:
@@ -264,7 +255,7 @@ def test_a_push_survives_a_daemon_crash_mid_upload(lab):
 
     lab.start_daemon()
     lab.wait_control()
-    _wait_until(lambda: _local_job(lab, job_id)["status"] == "SUCCEEDED", 30, "the push did not finish")
+    lab.wait_until("the push to finish", lambda: _local_job(lab, job_id)["status"] == "SUCCEEDED", 30)
     assert dev.active_image() == image
     # it went on from where the device was: the remaining half, plus at most a chunk or two
     assert dev.upload_bytes_received - received <= len(image) - len(image) // 2 + 1024, "the upload started over"

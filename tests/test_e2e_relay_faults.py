@@ -15,7 +15,6 @@ import hashlib
 import re
 import signal
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -32,16 +31,8 @@ def lab(tmp_path):
         yield lab
 
 
-def _wait_until(what: str, condition: Callable[[], object], timeout: float, lab: Lab) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n--- daemon log (tail) ---\n{lab.daemon_log()[-4000:]}")
-        time.sleep(0.02)
-
-
 def _wait_for_upload(lab: Lab, dev: EmulatedDevice, image: bytes, fraction: float = 0.5) -> int:
-    _wait_until(f"{fraction:.0%} of the upload", lambda: (dev.upload_offset or 0) >= len(image) * fraction, 30, lab)
+    lab.wait_until(f"{fraction:.0%} of the upload", lambda: (dev.upload_offset or 0) >= len(image) * fraction, 30)
     return dev.upload_offset or 0
 
 
@@ -142,11 +133,11 @@ def test_device_absent_at_the_start_is_waiting_then_updated_when_it_appears(lab)
     def phases() -> list[str]:
         return _phases(lab, "pump", "absent")
 
-    _wait_until("a waiting status", lambda: "waiting" in phases(), 15, lab)
+    lab.wait_until("a waiting status", lambda: "waiting" in phases(), 15)
     time.sleep(max(0.0, started + 15 - time.monotonic()))
     appeared = time.monotonic()
     lab.on_device_loop(dev.set_absent(False))
-    _wait_until("the first upload request", lambda: dev.upload_requests > 0, 30, lab)
+    lab.wait_until("the first upload request", lambda: dev.upload_requests > 0, 30)
     first_request = time.monotonic() - appeared
 
     _assert_succeeded(lab, "pump", "absent", dev, image)
@@ -173,7 +164,7 @@ def test_device_absent_past_device_timeout_fails_saying_since_when(lab):
     lab.ota_update("gone", "pump", image)
 
     # a restart while waiting does not start the clock again: unreachable_since is in the database
-    _wait_until("a waiting status", lambda: "waiting" in _phases(lab, "pump", "gone"), 15, lab)
+    lab.wait_until("a waiting status", lambda: "waiting" in _phases(lab, "pump", "gone"), 15)
     time.sleep(max(0.0, before + 3 - time.time()))
     lab.kill_daemon()
     lab.start_daemon()

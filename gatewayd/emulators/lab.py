@@ -161,6 +161,15 @@ class Lab:
         except TimeoutError as e:
             raise TimeoutError(f"{e}\n--- daemon log (tail) ---\n{self.daemon_log()[-6000:]}") from None
 
+    def wait_until(self, what: str, condition: Any, timeout: float = 30.0, poll: float = 0.02) -> None:
+        """Poll `condition()` until true; on timeout fail naming `what`, with the daemon's log tail."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n--- daemon log (tail) ---\n"
+                                     f"{self.daemon_log()[-4000:]}")
+            time.sleep(poll)
+
     # the daemon
 
     def write_config(self) -> Path:
