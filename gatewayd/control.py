@@ -35,6 +35,7 @@ MAX_LINE = 1 << 20
 SOCKET_MODE = 0o660
 
 UPLOAD_CHUNK = 64 * 1024
+HANG_UP_TIMEOUT = 5.0  # seconds a client may take to close after our last line
 SEND_EVENT = "send"
 
 Response = dict[str, Any]
@@ -193,6 +194,7 @@ class ControlServer:
         self._connections.add(task)
         try:
             await self._serve(reader, writer)
+            await _hang_up(reader, writer)
         except (_ClientGone, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -270,6 +272,19 @@ class ControlServer:
             raise _ClientGone() from e
 
 
+async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End our side, then read what the client still sends until it closes: closing with
+    unread bytes (the rest of a refused upload) resets the connection, and the client may
+    then never read our last line, the refusal."""
+    if not writer.can_write_eof():
+        return
+    writer.write_eof()
+    with contextlib.suppress(asyncio.TimeoutError):
+        async with asyncio.timeout(HANG_UP_TIMEOUT):
+            while await reader.read(UPLOAD_CHUNK):
+                pass
+
+
 # ------------------------------------------------------------------ client side
 
 
@@ -316,21 +331,42 @@ async def _send_upload(writer: asyncio.StreamWriter, upload: BinaryIO | None, si
             writer.write(chunk)
             await writer.drain()
         except (ConnectionError, RuntimeError) as e:
-            raise ControlError(f"lost the connection to ota-gatewayd while sending the file: {e}") from None
+            raise _SendingCutOff(f"lost the connection to ota-gatewayd while sending the file: {e}") from None
         left -= len(chunk)
 
 
-async def _reason_for_closing(reader: asyncio.StreamReader) -> ControlError | None:
-    """The daemon's error line, when it refused the rest of an upload and hung up."""
+async def _readline(reader: asyncio.StreamReader) -> bytes:
     try:
-        line = await asyncio.wait_for(reader.readline(), 2.0)
-        if line:
-            _decode(line)
-    except ControlError as e:
-        return e
-    except (ConnectionError, ValueError, asyncio.LimitOverrunError, asyncio.TimeoutError):
-        pass
-    return None
+        return await reader.readline()
+    except (ConnectionError, ValueError, asyncio.LimitOverrunError) as e:
+        raise ControlError(f"lost the connection to ota-gatewayd: {e}") from None
+
+
+async def _upload(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upload: BinaryIO | None,
+                  size: Any) -> asyncio.Future[bytes]:
+    """Send the file while listening: a line the daemon sends before the file is all sent is
+    its refusal, and ends the sending. Returns the read of the daemon's next line."""
+    next_line = asyncio.ensure_future(_readline(reader))
+    sending = asyncio.ensure_future(_send_upload(writer, upload, size))
+    await asyncio.wait({sending, next_line}, return_when=asyncio.FIRST_COMPLETED)
+    if not sending.done():
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        return next_line
+    failure = sending.exception()
+    if failure is None:
+        return next_line
+    if isinstance(failure, _SendingCutOff):
+        # the daemon hung up while we sent: its last line, if it got through, says why
+        await asyncio.wait({next_line}, timeout=2.0)
+    if next_line.done() and next_line.exception() is None and next_line.result():
+        _decode(next_line.result())  # raises the daemon's error
+    next_line.cancel()
+    raise failure
+
+
+class _SendingCutOff(ControlError):
+    pass
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -362,23 +398,21 @@ async def stream(path: Path, cmd: str, /, *, upload: BinaryIO | None = None,
     """
     reader, writer = await _open(path, cmd, args)
     answered = False
+    next_line: asyncio.Future[bytes] | None = None
     try:
         while True:
-            try:
-                line = await reader.readline()
-            except (ConnectionError, ValueError, asyncio.LimitOverrunError) as e:
-                raise ControlError(f"lost the connection to ota-gatewayd: {e}") from None
+            line = await (next_line or _readline(reader))
+            next_line = None
             if not line:
                 break
             answered = True
             event = _decode(line)
             yield event
             if event.get("event") == SEND_EVENT:
-                try:
-                    await _send_upload(writer, upload, event.get("size"))
-                except ControlError as failure:
-                    raise await _reason_for_closing(reader) or failure from None
+                next_line = await _upload(reader, writer, upload, event.get("size"))
     finally:
+        if next_line is not None:
+            next_line.cancel()
         await _close(writer)
     if not answered:
         raise ControlError("ota-gatewayd closed the connection without answering")
