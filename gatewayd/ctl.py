@@ -154,6 +154,8 @@ def add_check_config(sub: Any) -> None:
                                    "every problem, or a one-line summary when there is none.")
     p.add_argument("path", nargs="?", type=Path, metavar="PATH",
                    help="main configuration file (default: --config)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"ok", "path", "problems": [{"file", "key", "message"}], ...}')
     p.set_defaults(run=run_check_config)
 
 
@@ -162,10 +164,20 @@ def run_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(path)
     except ConfigError as e:
-        for problem in e.problems:
-            print(problem)
+        if args.json:
+            print_json({"ok": False, "path": str(path), "problems": [
+                {"file": str(p.file), "key": p.key, "message": p.message} for p in e.problems]})
+        else:
+            for problem in e.problems:
+                print(problem)
         return EXIT_FAILED
-    print(summary(config))
+    if args.json:
+        print_json({"ok": True, "path": str(path), "problems": [], "thing": config.gateway.thing_name,
+                    "endpoint": f"{config.mqtt.endpoint}:{config.mqtt.port}",
+                    "devices": [{"name": d.name, "transport": d.transport} for d in config.devices],
+                    "signing_certificates": sorted(config.signing.certificates)})
+    else:
+        print(summary(config))
     return EXIT_OK
 
 

@@ -127,6 +127,22 @@ def test_check_config_prints_every_problem(tmp_path: Path, capsys) -> None:
     ]
 
 
+def test_check_config_json(tmp_path: Path, capsys) -> None:
+    good = write_valid_config(tmp_path / "good")
+    assert main(["check-config", "--json", str(good)]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["ok"] is True and answer["problems"] == []
+    assert answer["devices"] == [{"name": "pump", "transport": "uart"}]
+    assert answer["endpoint"] == "example.iot:8883"
+    bad = write_bad_config(tmp_path / "bad")
+    assert main(["check-config", "--json", str(bad)]) == 1
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["ok"] is False
+    assert [(p["file"], p["key"]) for p in answer["problems"]] == [(str(bad), "[mqtt] endpoint"),
+                                                                    (str(bad), "[ota] block_size")]
+    assert answer["problems"][0]["message"] == "expected a string, got integer 3"
+
+
 def test_check_config_console_script(tmp_path: Path) -> None:
     good = write_valid_config(tmp_path / "good")
     bad = write_bad_config(tmp_path / "bad")
