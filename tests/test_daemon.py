@@ -111,11 +111,15 @@ def test_the_daemons_journal_records_filter_by_device(tmp_path, journald_namespa
                        f'mount --bind {journald_namespace.runtime} {DEFAULT_JOURNAL} && exec "$@"', "sh"]
             daemon = lab.start_daemon(env={"JOURNAL_STREAM": journal_stream(stream)}, stderr=stream,
                                       wrapper=wrapper)
+            pid = str(daemon.pid)
             lab.ota_update("job-pump", "pump", lab.make_image((1, 1, 0)))
             lab.ota_update("job-valve", "valve", lab.make_image((2, 1, 0)))
-            assert lab.wait("pump", "job-pump").status == "SUCCEEDED"
-            assert lab.wait("valve", "job-valve").status == "SUCCEEDED"
-            pid = str(daemon.pid)
+            try:
+                assert lab.wait("pump", "job-pump").status == "SUCCEEDED"
+                assert lab.wait("valve", "job-valve").status == "SUCCEEDED"
+            except (TimeoutError, AssertionError) as e:  # the daemon's story is in the journal, not its log
+                told = "\n".join(entry["MESSAGE"] for entry in journald_namespace.query(f"_PID={pid}", until=0))
+                raise AssertionError(f"{e}\n--- the daemon's journal ---\n{told[-4000:]}") from None
             assert lab.stop_daemon() == 0
     finally:
         stream.close()
