@@ -27,6 +27,8 @@ log = logging.getLogger("gatewayd")
 
 DEFAULT_CONFIG = Path("/etc/ota-gateway/gateway.toml")
 STOP_GRACE = 8.0  # seconds; systemd's default TimeoutStopSec is 90, our promise is 10
+STATUS_INTERVAL = 1.0  # seconds between checks of the STATUS= line
+_WORKING = ("waiting", "uploading", "testing", "confirming")
 
 
 class Daemon:
@@ -100,15 +102,19 @@ class Daemon:
         self._stop.set()
 
     async def reload(self, path: Path) -> None:
+        notify.reloading()
         try:
-            config = load_config(path)
-        except ConfigError as e:
-            log.error("reload refused, keeping the running configuration:\n%s", e)
-            return
-        self.config = config
-        self.manager.update_config(config)
-        await self._serve_things()
-        log.info("reloaded configuration: %d devices", len(config.devices))
+            try:
+                config = load_config(path)
+            except ConfigError as e:
+                log.error("reload refused, keeping the running configuration:\n%s", e)
+                return
+            self.config = config
+            self.manager.update_config(config)
+            await self._serve_things()
+            log.info("reloaded configuration: %d devices", len(config.devices))
+        finally:
+            notify.ready(self._status_line())  # the reload is over for systemd, refused or not
 
     async def run(self, config_path: Path) -> int:
         loop = asyncio.get_running_loop()
@@ -133,16 +139,33 @@ class Daemon:
         return 0
 
     async def _watchdog(self) -> None:
-        interval = notify.watchdog_interval() or 5.0
+        """WATCHDOG=1 from the event loop at half of WatchdogSec=; STATUS= whenever it changes."""
+        interval = notify.watchdog_interval()
+        shown, pinged = None, 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            notify.notify("WATCHDOG=1\nSTATUS=" + self._status_line())
-            await asyncio.sleep(interval)
+            line = self._status_line()
+            if line != shown:
+                notify.status(line)
+                shown = line
+            if interval is not None and loop.time() - pinged >= interval:
+                notify.watchdog()
+                pinged = loop.time()
+            await asyncio.sleep(min(STATUS_INTERVAL, interval or STATUS_INTERVAL))
 
     def _status_line(self) -> str:
+        """`systemctl status`'s one line: `connected, 1 open job, 3 devices; pump uploading 45%`."""
         status = self.manager.status()
         active = [j for j in status["jobs"] if j["open"]]
         conn = "connected" if self.mqtt.connected else "disconnected"
-        return f"{conn}, {len(active)} open jobs, {len(self.config.devices)} devices"
+        line = (f"{conn}, {len(active)} open job{'' if len(active) == 1 else 's'}, "
+                f"{len(self.config.devices)} device{'' if len(self.config.devices) == 1 else 's'}")
+        working = [f"{d['name']} {d['phase']}" + (f" {100 * d['done'] // d['total']}%" if d["total"] and
+                                                  d["phase"] == "uploading" else "")
+                   for d in status["devices"] if d["phase"] in _WORKING]
+        if working:
+            line += "; " + ", ".join(working[:3]) + (f" and {len(working) - 3} more" if len(working) > 3 else "")
+        return line
 
     async def _shutdown(self) -> None:
         # work first: no device may get another request (a test mark, a reset) while we stop

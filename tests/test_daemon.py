@@ -58,7 +58,15 @@ def test_ready_watchdog_status_and_a_clean_sigterm(tmp_path, notify_socket):
         got = _messages(sock, "WATCHDOG=1", 20)
         assert any("READY=1" in m for m in got), got
         assert any("WATCHDOG=1" in m for m in got), got
-        assert any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in got), got
+        # STATUS= follows the connection at once, not at the next watchdog ping
+        got += _messages(sock, "STATUS=connected", 5)
+        assert "STATUS=connected, 0 open jobs, 1 device" in got, got
+
+        lab.daemon.send_signal(signal.SIGHUP)  # systemctl reload: RELOADING=1, then READY=1 when done
+        reload = _messages(sock, "READY=1", 10)
+        reloading = next(i for i, m in enumerate(reload) if m.startswith("RELOADING=1\nMONOTONIC_USEC="))
+        assert any(m.startswith("READY=1") for m in reload[reloading:]), reload
+
         started = time.monotonic()
         code = lab.stop_daemon(signal.SIGTERM, timeout=10)
         assert code == 0, lab.daemon_log()[-2000:]
