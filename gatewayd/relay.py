@@ -44,6 +44,7 @@ RETURN_PROBE_TIMEOUT = 1.0
 RETRY_INTERVAL_MAX = 30.0  # backoff ceiling while a device is unreachable
 PRESENCE_POLL = 0.25  # how often a missing port is looked for between attempts
 MAX_RESETS = 3  # resets per run to get one test boot (or recovery boot) done
+MAX_SETTLE_RESETS = 2  # resets per run to clear another update's test mark: boot it, then revert it
 BEFORE_UPLOAD = ("queued", "waiting", "uploading")
 AFTER_TEST_BOOT = ("rebooting", "confirming")
 
@@ -120,6 +121,7 @@ class DeviceRelay:
         self._retired = False
         self._stopping = False
         self._resets = 0
+        self._settle_resets = 0
         self.live_progress: tuple[int, int] | None = None
 
     # link handling
@@ -172,7 +174,7 @@ class DeviceRelay:
         async with self._lock:
             if self._retired:
                 raise Retired
-            self._resets, self._stopping = 0, False
+            self._resets, self._settle_resets, self._stopping = 0, 0, False
             # its own task, shielded: retire() stops it without cancelling the caller, and a
             # cancelled caller stops it even when a lower layer swallowed the cancellation
             self._work = asyncio.ensure_future(self._run(key, image))
@@ -309,8 +311,24 @@ class DeviceRelay:
             return
         if staged is None:
             self._refuse_downgrade(image, active)
+            left = _left_half_way(slots)
+            if left is not None:
+                await self._settle_left_image(key, client, image, left)
+                return
             await self._upload(key, image, client)
         await self._test_boot(key, image, client)
+
+    async def _settle_left_image(self, key: TransferKey, client: SmpClient, image: RelayImage,
+                                 left: ImageSlot) -> None:
+        """Another update ended half-way (cancelled, or failed after the test mark): its image is
+        marked for a test boot, or runs on test without being confirmed. Zephyr refuses every
+        upload until MCUboot settles that at a reset (it boots the marked image; the next reset
+        reverts an unconfirmed one), and SMP has no other way to clear it."""
+        what = "marked for a test boot" if not left.active else "test-booted and not confirmed"
+        self._log(key, "uploading", "%s: slot %d holds %s %s, left by an update that ended half-way; "
+                  "resetting so that MCUboot settles it before the upload", self.device.name, left.slot,
+                  left.version or "an image", what, level=logging.WARNING)
+        await self._reset(key, client, image, because=f"{left.version or 'an image'} {what}")
 
     async def _confirm(self, key: TransferKey, image: RelayImage, client: SmpClient, active: ImageSlot,
                        already: bool) -> None:
@@ -404,12 +422,19 @@ class DeviceRelay:
         self.live_progress = None
         self._set(key, done=len(data), total=len(data), unreachable_since=None)
 
-    async def _reset(self, key: TransferKey, client: SmpClient, image: RelayImage) -> None:
+    async def _reset(self, key: TransferKey, client: SmpClient, image: RelayImage, because: str | None = None) -> None:
         """Reset the device and wait until it answers again (the caller reads its image list)."""
-        self._resets += 1
-        if self._resets > MAX_RESETS:
-            raise TransferEnded("failed", f"{self.device.name} did not boot {image.version} after {MAX_RESETS} resets")
-        self._log(key, "testing", "resetting %s to boot %s", self.device.name, image.version)
+        if because:  # settling another update's image has a budget of its own
+            self._settle_resets += 1
+            if self._settle_resets > MAX_SETTLE_RESETS:
+                raise TransferEnded("failed", f"{self.device.name} still holds {because} after "
+                                              f"{MAX_SETTLE_RESETS} resets")
+        else:
+            self._resets += 1
+            if self._resets > MAX_RESETS:
+                raise TransferEnded("failed", f"{self.device.name} did not boot {image.version} after "
+                                              f"{MAX_RESETS} resets")
+            self._log(key, "testing", "resetting %s to boot %s", self.device.name, image.version)
         try:
             await client.reset()
         except (LinkError, SmpMalformed) as e:
@@ -463,6 +488,13 @@ class DeviceRelay:
     def _log(self, key: TransferKey, phase: str, msg: str, *args: object, level: int = logging.INFO) -> None:
         log.log(level, msg, *args, extra=log_fields(job_id=key.job_id, thing=key.thing, device=key.device,
                                                     phase=word_of(phase)))
+
+
+def _left_half_way(slots: list[ImageSlot]) -> ImageSlot | None:
+    """An image another update left marked for a test boot (pending, not running), or running
+    on test (active, not confirmed: the next reset reverts it). Called once our image is in
+    neither place, so the image is never ours."""
+    return next((s for s in slots if (s.pending and not s.active) or (s.active and not s.confirmed)), None)
 
 
 def _port_present(device: DeviceConfig) -> bool:

@@ -416,3 +416,25 @@ def test_a_stopped_transfer_sends_nothing_more_even_if_the_cancel_is_swallowed(t
     assert link.swallowed >= 1
     assert stopped_at - asked_at <= 1, "the transfer went on after it was asked to stop"
     assert later == stopped_at, "requests went on after the transfer was stopped"
+
+
+@pytest.mark.parametrize("confirm_policy", ["gateway", "self"])
+def test_an_image_left_pending_by_an_ended_update_does_not_block_the_next(lab, confirm_policy):
+    """A job that ends after the test mark (here: the device ignores resets) leaves slot 1 pending;
+    Zephyr then refuses every upload (NO_FREE_SLOT). The next update has MCUboot settle it first."""
+    dev = lab.add_device("pump", thing_name="pump", reset_veto="silent", confirm_policy=confirm_policy)
+    lab.start()
+    stuck = lab.make_image((1, 1, 0))
+    lab.ota_update("stuck", "pump", stuck)
+    record = lab.wait("pump", "stuck")
+    assert record.status == "FAILED" and "did not boot 1.1.0" in record.status_details["reason"]
+    assert any(s.pending and not s.active for s in dev.slots), "the failed update should leave slot 1 pending"
+
+    dev.reset_veto = None
+    image = lab.make_image((1, 2, 0))
+    lab.ota_update("next", "pump", image)
+
+    record = lab.wait("pump", "next")
+    assert record.status == "SUCCEEDED", record.status_details
+    assert dev.active_image() == image and next(s for s in dev.slots if s.active).confirmed
+    assert "slot 1 holds 1.1.0 marked for a test boot" in lab.daemon_log()
