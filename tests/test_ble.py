@@ -9,6 +9,7 @@ uses a scripted client to raise the stack's CancelledError at chosen points.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import contextlib
 import functools
 import math
@@ -344,8 +345,8 @@ async def test_writes_are_sized_to_the_negotiated_mtu(mtu: int) -> None:
 
 @async_test
 async def test_device_without_reassembly_gets_whole_packets_within_mtu() -> None:
-    # The first upload chunk (len, sha, image, upgrade and at least 32 bytes of data) is a
-    # 114-byte packet: without reassembly an upload needs ATT MTU >= 117.
+    # The full first upload chunk (len, sha, image, upgrade and at least 32 bytes of data) is a
+    # 114-byte packet; smaller MTUs get fewer fields (see the next test).
     device = make_device(buf_size=384)
     async with served(device, mtu=131, device_reassembly=False) as (link, smp, peripheral, _):
         assert await smp.params() == (384, 4)  # params supported says nothing about reassembly
@@ -355,6 +356,22 @@ async def test_device_without_reassembly_gets_whole_packets_within_mtu() -> None
         assert max(peripheral.packets) == 128
         assert len(peripheral.write_sizes) == len(peripheral.packets)  # one write, one packet
         assert peripheral.packets_dropped == device.frames_dropped == 0
+
+
+@pytest.mark.parametrize("mtu, sha_length", [(117, 32), (100, 16), (85, 8), (65, 0)])
+@async_test
+async def test_small_mtus_without_reassembly_get_a_first_chunk_that_fits(mtu: int, sha_length: int) -> None:
+    # 65 is Zephyr's default ATT MTU (CONFIG_BT_L2CAP_TX_MTU): the first chunk sheds the default
+    # fields, then shortens the sha (matched over the length sent), then drops it
+    device = make_device(buf_size=384)
+    async with served(device, mtu=mtu, device_reassembly=False) as (link, smp, peripheral, _):
+        await smp.upload(IMAGE_16K)
+        assert device.slot_image(1) == IMAGE_16K
+        assert max(peripheral.packets) <= mtu - 3
+        assert len(peripheral.write_sizes) == len(peripheral.packets)
+        session = next(e for e in device.events if e.startswith("upload: new session"))
+        sha = session.split("sha=")[1]
+        assert sha == (hashlib.sha256(IMAGE_16K).hexdigest()[:min(16, 2 * sha_length)] if sha_length else "-")
 
 
 @async_test

@@ -310,7 +310,7 @@ async def test_link_max_packet_limits_chunks() -> None:
 async def test_limit_too_small_for_the_first_chunk() -> None:
     device = FakeDevice()
     with pytest.raises(ValueError, match="leaves only"):
-        await SmpClient(device, buf_size_override=90).upload(IMAGE)
+        await SmpClient(device, buf_size_override=50).upload(IMAGE)
     assert device.uploads() == []
 
 

@@ -224,6 +224,25 @@ def chunk_size(fields: dict[str, Any], limit: int, remaining: int) -> int:
     return max(n, 0)
 
 
+def first_chunk_fields(total: int, sha: bytes, image: int, limit: int) -> dict[str, Any]:
+    """The fields of a request at offset 0, cut down only as far as a small packet limit needs.
+
+    A BLE device without SMP reassembly takes one write per request: with Zephyr's default
+    ATT MTU of 65 the full fields leave no room for the 32 header bytes of the first chunk.
+    In order: `upgrade: false` and `image: 0` are the defaults and can go; Zephyr matches a
+    shortened `sha` over the length sent (smp.md §1.4); without `sha` an interrupted upload
+    starts again from 0 instead of resuming.
+    """
+    candidates = [{"len": total, "sha": sha, "image": image, "upgrade": False},
+                  {"len": total, "sha": sha, "image": image},
+                  {"len": total, "sha": sha[:16], "image": image},
+                  {"len": total, "sha": sha[:8], "image": image}]
+    if image == 0:
+        candidates += [{"len": total, "sha": sha[:8]}, {"len": total}]
+    need = min(MIN_FIRST_CHUNK, total)
+    return next((c for c in candidates if chunk_size({"off": 0, **c}, limit, total) >= need), candidates[0])
+
+
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -330,7 +349,8 @@ class SmpClient:
         """Upload an image, always continuing from the offset the device reports.
 
         Every request at offset 0 carries len, sha (sha256 of `data`, the resume session id),
-        image and upgrade, also when the device restarts the upload with `off: 0`.
+        image and upgrade, also when the device restarts the upload with `off: 0` (fewer of
+        them only when the packet limit is too small, see `first_chunk_fields`).
         `probe_offset` (MCUboot serial recovery resume) sends the first chunk at that offset;
         the device accepts it or answers the offset it expects. `progress(off, len)` is called
         after each answer; an exception raised from it aborts the upload.
@@ -341,7 +361,7 @@ class SmpClient:
         if probe_offset is not None and not 0 <= probe_offset < total:
             raise ValueError(f"probe_offset {probe_offset} is outside the {total}-byte image")
         limit = await self.packet_limit()
-        first = {"len": total, "sha": hashlib.sha256(data).digest(), "image": image, "upgrade": False}
+        first = first_chunk_fields(total, hashlib.sha256(data).digest(), image, limit)
         view = memoryview(data)
         off = probe_offset or 0
         stalls = 0
