@@ -40,6 +40,7 @@ _ACTIVE_ORDER = ("uploading", "testing", "confirming", "waiting")
 
 LOCAL_THING = ""  # a local update (`ota-gatewayctl push`) belongs to no AWS IoT thing
 FOLLOW_INTERVAL = 0.25  # seconds between progress events sent to `push`
+RECEIVE_IDLE_TIMEOUT = 30.0  # seconds a pushed image may stall before the push fails (and frees the device)
 
 
 class JobFailed(Exception):
@@ -586,7 +587,11 @@ class JobManager:
         try:
             with open(part, "wb") as out:
                 while got < size:
-                    chunk = await read.read(min(64 * 1024, size - got))
+                    try:
+                        chunk = await asyncio.wait_for(read.read(min(64 * 1024, size - got)), RECEIVE_IDLE_TIMEOUT)
+                    except asyncio.TimeoutError:
+                        raise ConnectionError(f"nothing arrived for {RECEIVE_IDLE_TIMEOUT:g} s after {got} of "
+                                              f"{size} bytes") from None
                     if not chunk:
                         raise ConnectionError(f"the connection closed after {got} of {size} bytes")
                     out.write(chunk)
