@@ -197,6 +197,8 @@ class ControlServer:
             await _hang_up(reader, writer)
         except (_ClientGone, ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # close() ends the connections; nothing waits for this task
+            pass
         finally:
             self._connections.discard(task)
             writer.close()

@@ -375,8 +375,12 @@ def run_push(args: argparse.Namespace) -> int:
         raise
     if result is None or result.get("event") != "result":
         view.end_line()
-        print(f"{PROG}: ota-gatewayd closed the connection before the update ended; a stopped "
-              f"daemon goes on with it when it starts again (see `{PROG} status`)", file=sys.stderr)
+        if view.sent:
+            print(f"{PROG}: ota-gatewayd closed the connection before the update ended; a stopped "
+                  f"daemon goes on with it when it starts again (see `{PROG} status`)", file=sys.stderr)
+        else:
+            print(f"{PROG}: ota-gatewayd closed the connection before it had the whole image; "
+                  "push it again", file=sys.stderr)
         return EXIT_FAILED
     view.finish(result)
     return EXIT_OK if result.get("status") == "SUCCEEDED" else EXIT_FAILED

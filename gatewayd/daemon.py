@@ -17,7 +17,7 @@ from . import notify
 from .cloud import JobsClient
 from .config import Config, ConfigError, load_config
 from .control import SEND_EVENT, ControlServer, Request
-from .jobs import JobManager, PushRefused, PushRequest
+from .jobs import ACTIVE_WORDS, JobManager, PushRefused, PushRequest
 from .logs import setup_logging
 from .mqtt import MqttClient
 from .relay import RelayManager
@@ -28,7 +28,6 @@ log = logging.getLogger("gatewayd")
 DEFAULT_CONFIG = Path("/etc/ota-gateway/gateway.toml")
 STOP_GRACE = 8.0  # seconds; systemd's default TimeoutStopSec is 90, our promise is 10
 STATUS_INTERVAL = 1.0  # seconds between checks of the STATUS= line
-_WORKING = ("waiting", "uploading", "testing", "confirming")
 
 
 class Daemon:
@@ -78,8 +77,11 @@ class Daemon:
         """A local update: ask for the image, store and verify it, relay it, report progress."""
         push = push_request(request)
         job = self.manager.start_push(push)
-        yield {"event": SEND_EVENT, "size": push.size, "job_id": job.job_id}
-        await self.manager.receive_push(job, request.body)
+        try:
+            yield {"event": SEND_EVENT, "size": push.size, "job_id": job.job_id}
+            await self.manager.receive_push(job, request.body)
+        finally:  # the client left (or the daemon stops) before the whole image was here
+            self.manager.abandon_push(job, "the image was not received: the client went away")
         async for event in self.manager.follow(job):
             yield event
 
@@ -162,17 +164,18 @@ class Daemon:
                 f"{len(self.config.devices)} device{'' if len(self.config.devices) == 1 else 's'}")
         working = [f"{d['name']} {d['phase']}" + (f" {100 * d['done'] // d['total']}%" if d["total"] and
                                                   d["phase"] == "uploading" else "")
-                   for d in status["devices"] if d["phase"] in _WORKING]
+                   for d in status["devices"] if d["phase"] in ACTIVE_WORDS]
         if working:
             line += "; " + ", ".join(working[:3]) + (f" and {len(working) - 3} more" if len(working) > 3 else "")
         return line
 
     async def _shutdown(self) -> None:
-        # work first: no device may get another request (a test mark, a reset) while we stop
+        # commands first (no push may start work), then the work: no device may get another
+        # request (a test mark, a reset) while we stop
+        await self.control.close()
         await self.manager.stop_jobs()
         await self.manager.reporter.flush(2.0)
         await self.manager.reporter.close()
-        await self.control.close()
         try:
             await asyncio.wait_for(self.mqtt.stop(), STOP_GRACE / 2)
         except asyncio.TimeoutError:

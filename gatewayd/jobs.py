@@ -35,12 +35,13 @@ from .verify import VerificationError, key_algorithm, load_signer, sha256_file, 
 
 log = logging.getLogger("gatewayd.jobs")
 
-# a job execution's word while devices work: the most advanced phase any device is in
-_ACTIVE_ORDER = ("uploading", "testing", "confirming", "waiting")
+# the words of a device at work; a job execution's word is the first of them any device is in
+ACTIVE_WORDS = ("uploading", "testing", "confirming", "waiting")
 
 LOCAL_THING = ""  # a local update (`ota-gatewayctl push`) belongs to no AWS IoT thing
 FOLLOW_INTERVAL = 0.25  # seconds between progress events sent to `push`
 RECEIVE_IDLE_TIMEOUT = 30.0  # seconds a pushed image may stall before the push fails (and frees the device)
+RECEIVE_CHUNK = 64 * 1024
 
 
 class JobFailed(Exception):
@@ -84,6 +85,7 @@ class JobManager:
         self.relay: RelayManager = relay_factory(self._transfer_changed)
         self._running: dict[tuple[str, str], _Running] = {}
         self._followers: dict[tuple[str, str], list[asyncio.Queue[dict]]] = {}  # `push` connections
+        self._stopping = False
         self._state_dir = config.gateway.state_dir
         (self._state_dir / "partial").mkdir(parents=True, exist_ok=True)
         (self._state_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -197,7 +199,7 @@ class JobManager:
     def _start(self, job: JobRecord | None) -> None:
         assert job is not None
         key = (job.thing, job.job_id)
-        if key in self._running:
+        if key in self._running or self._stopping:  # a stopping daemon starts no work; resume() will
             return
         task = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.thing}/{job.job_id}")
         self._running[key] = _Running(task)
@@ -418,7 +420,7 @@ class JobManager:
         fresh = self._state.job(job.thing, job.job_id)
         assert fresh is not None
         log.log(logging.INFO if status == "SUCCEEDED" else logging.WARNING,
-                "job %s for %s ends %s%s", job.job_id, job.thing, status, f": {reason}" if reason else "",
+                "%s ends %s%s", _job_label(job), status, f": {reason}" if reason else "",
                 extra=log_fields(job_id=job.job_id, thing=job.thing, phase=word))
         self._report(fresh, final=True)
         for f in self._state.files(job.thing, job.job_id):
@@ -435,13 +437,17 @@ class JobManager:
             return  # the job's final update follows at once
         self._report(job)
 
+    def _transfer_progress(self, t: TransferRecord) -> tuple[int, int]:
+        """Bytes on the device and the image size: live while uploading, else as last saved."""
+        live = self.relay.live_progress(t.device) if t.phase == "uploading" else None
+        return live if live else (t.done, t.total)
+
     def _device_statuses(self, job: JobRecord) -> list[DeviceStatus]:
         out = []
         for t in self._state.transfers(job.thing, job.job_id):
             word = word_of(t.phase)
             detail = ""
-            live = self.relay.live_progress(t.device) if word == "uploading" else None
-            done, total = live if live else (t.done, t.total)
+            done, total = self._transfer_progress(t)
             if word == "uploading" and total:
                 detail = f"{100 * done // total}%"
             elif word == "succeeded" and t.version:
@@ -455,7 +461,7 @@ class JobManager:
         if job.final_status or job.phase in ("queued", "downloading", "verifying"):
             return job.phase
         words = {d.word for d in devices}
-        return next((w for w in _ACTIVE_ORDER if w in words), job.phase)
+        return next((w for w in ACTIVE_WORDS if w in words), job.phase)
 
     def _progress(self, job: JobRecord) -> tuple[int, int] | None:
         running = self._running.get((job.thing, job.job_id))
@@ -463,8 +469,7 @@ class JobManager:
             return running.download_progress
         done = total = 0
         for t in self._state.transfers(job.thing, job.job_id):
-            live = self.relay.live_progress(t.device) if t.phase == "uploading" else None
-            d, n = live if live else (t.done, t.total)
+            d, n = self._transfer_progress(t)
             done, total = done + d, total + n
         return (done, total) if total else None
 
@@ -505,8 +510,7 @@ class JobManager:
                    "version": None, "reason": None, "job_id": None}
             if latest:
                 t = latest[0]
-                live = self.relay.live_progress(d.name) if t.phase == "uploading" else None
-                done, total = live if live else (t.done, t.total)
+                done, total = self._transfer_progress(t)
                 row.update(phase=word_of(t.phase), done=done, total=total, version=t.version, reason=t.reason,
                            job_id=t.job_id)
             devices.append(row)
@@ -516,6 +520,8 @@ class JobManager:
 
     def start_push(self, push: PushRequest) -> JobRecord:
         """Record a local update of one device; the image is expected next (`receive_push`)."""
+        if self._stopping:
+            raise PushRefused("ota-gatewayd is stopping; push again once it runs")
         device = next((d for d in self._config.devices if d.name == push.device), None)
         if device is None:
             known = ", ".join(d.name for d in self._config.devices) or "none"
@@ -588,7 +594,7 @@ class JobManager:
             with open(part, "wb") as out:
                 while got < size:
                     try:
-                        chunk = await asyncio.wait_for(read.read(min(64 * 1024, size - got)), RECEIVE_IDLE_TIMEOUT)
+                        chunk = await asyncio.wait_for(read.read(min(RECEIVE_CHUNK, size - got)), RECEIVE_IDLE_TIMEOUT)
                     except asyncio.TimeoutError:
                         raise ConnectionError(f"nothing arrived for {RECEIVE_IDLE_TIMEOUT:g} s after {got} of "
                                               f"{size} bytes") from None
@@ -599,11 +605,9 @@ class JobManager:
                 out.flush()
                 await asyncio.get_running_loop().run_in_executor(None, os.fsync, out.fileno())
         except (OSError, ConnectionError) as e:
-            part.unlink(missing_ok=True)
             reason = (f"the image was not received: {e}" if isinstance(e, ConnectionError)
                       else f"the image could not be stored on the gateway: {e.strerror or e}")
-            self._state.set_file(job.thing, job.job_id, 0, phase="failed", reason=reason)
-            self._finish(job, "FAILED", "failed", reason)
+            self.abandon_push(job, reason)
             raise PushRefused(reason) from None
         current = self._state.job(job.thing, job.job_id)
         if current is None or current.final_status:  # cancelled while the bytes were arriving
@@ -611,6 +615,17 @@ class JobManager:
             return
         self._state.set_file(job.thing, job.job_id, 0, phase="verifying", done=size)
         self._start(current)
+
+    def abandon_push(self, job: JobRecord, reason: str) -> None:
+        """The image will not arrive (client gone, stalled, disk): a push still receiving fails.
+        A decided one (cancelled meanwhile) and one whose image arrived are left as they are."""
+        record = self._state.file(job.thing, job.job_id, 0)
+        current = self._state.job(job.thing, job.job_id)
+        if record is None or record.phase != "receiving" or current is None or current.final_status:
+            return
+        self._part_path(job.thing, job.job_id, 0).unlink(missing_ok=True)
+        self._state.set_file(job.thing, job.job_id, 0, phase="failed", reason=reason)
+        self._finish(current, "FAILED", "failed", reason)
 
     async def _local_image(self, job: JobRecord) -> RelayImage:
         """A pushed image, verified once; a push cut off while it was being received fails."""
@@ -680,8 +695,7 @@ class JobManager:
         """One job with its devices, as `push` and `cancel` print it."""
         devices = []
         for t in self._state.transfers(job.thing, job.job_id):
-            live = self.relay.live_progress(t.device) if t.phase == "uploading" else None
-            done, total = live if live else (t.done, t.total)
+            done, total = self._transfer_progress(t)
             devices.append({"name": t.device, "phase": word_of(t.phase), "done": done, "total": total,
                             "version": t.version, "reason": t.reason})
         word = self._job_word(job, [DeviceStatus(d["name"], d["phase"], "") for d in devices])
@@ -705,7 +719,8 @@ class JobManager:
                 path.unlink(missing_ok=True)
 
     async def stop_jobs(self) -> None:
-        """Stop every job's work (downloads, relays); their state stays in the database."""
+        """Stop every job's work (downloads, relays) and start no more; their state stays in the database."""
+        self._stopping = True
         for running in list(self._running.values()):
             running.task.cancel()
         await asyncio.gather(*(r.task for r in list(self._running.values())), return_exceptions=True)

@@ -310,11 +310,11 @@ class DeviceRelay:
             await self._settle_test_boot(key, image, client, active, staged, phase)
             return
         if staged is None:
-            self._refuse_downgrade(image, active)
-            left = _left_half_way(slots)
-            if left is not None:
+            left = _left_half_way(slots, self.device.image)
+            if left is not None:  # before the downgrade check: it may be what runs, and it goes
                 await self._settle_left_image(key, client, image, left)
                 return
+            self._refuse_downgrade(image, active)
             await self._upload(key, image, client)
         await self._test_boot(key, image, client)
 
@@ -325,6 +325,10 @@ class DeviceRelay:
         upload until MCUboot settles that at a reset (it boots the marked image; the next reset
         reverts an unconfirmed one), and SMP has no other way to clear it."""
         what = "marked for a test boot" if not left.active else "test-booted and not confirmed"
+        if left.hash is None or left.hash.hex() not in self._state.images_sent_to(self.device.name):
+            raise TransferEnded("failed", f"{self.device.name}: slot {left.slot} holds {left.version or 'an image'} "
+                                          f"{what}, which this gateway did not send; it is left alone: confirm "
+                                          "it or reset the device, then retry")
         self._log(key, "uploading", "%s: slot %d holds %s %s, left by an update that ended half-way; "
                   "resetting so that MCUboot settles it before the upload", self.device.name, left.slot,
                   left.version or "an image", what, level=logging.WARNING)
@@ -490,11 +494,12 @@ class DeviceRelay:
                                                     phase=word_of(phase)))
 
 
-def _left_half_way(slots: list[ImageSlot]) -> ImageSlot | None:
-    """An image another update left marked for a test boot (pending, not running), or running
-    on test (active, not confirmed: the next reset reverts it). Called once our image is in
-    neither place, so the image is never ours."""
-    return next((s for s in slots if (s.pending and not s.active) or (s.active and not s.confirmed)), None)
+def _left_half_way(slots: list[ImageSlot], image: int) -> ImageSlot | None:
+    """An image of `image` that an earlier update left marked for a test boot (pending, not
+    running), or running on test (active, not confirmed: the next reset reverts it). Called
+    once our image is in neither place, so it is never the image of this transfer."""
+    return next((s for s in slots if s.image == image
+                 and ((s.pending and not s.active) or (s.active and not s.confirmed))), None)
 
 
 def _port_present(device: DeviceConfig) -> bool:

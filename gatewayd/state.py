@@ -233,6 +233,13 @@ class StateDB:
             self._db.execute(f"UPDATE files SET {cols} WHERE thing=? AND job_id=? AND idx=?",
                              (*values.values(), thing, job_id, idx))
 
+    def images_sent_to(self, device: str) -> set[str]:
+        """MCUboot hashes (hex) of every image a transfer of ours took to `device`."""
+        rows = self._db.execute(
+            "SELECT DISTINCT f.image_hash FROM transfers t JOIN files f USING (thing, job_id, idx)"
+            " WHERE t.device=? AND f.image_hash IS NOT NULL", (device,)).fetchall()
+        return {r[0] for r in rows}
+
     def images_in_use(self) -> set[str]:
         rows = self._db.execute(
             "SELECT DISTINCT f.sha256 FROM files f JOIN jobs j USING (thing, job_id)"

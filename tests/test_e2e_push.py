@@ -11,6 +11,8 @@ import json
 import os
 import pty
 import select
+import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -259,3 +261,57 @@ def test_a_push_survives_a_daemon_crash_mid_upload(lab):
     assert dev.active_image() == image
     # it went on from where the device was: the remaining half, plus at most a chunk or two
     assert dev.upload_bytes_received - received <= len(image) - len(image) // 2 + 1024, "the upload started over"
+
+
+def _raw_push(lab: Lab, image: bytes) -> tuple[socket.socket, dict]:
+    """A client that speaks the control protocol by hand, to misbehave with it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(lab.root / "control.sock"))
+    request = {"cmd": "push", "device": "pump", "size": len(image), "name": "raw.bin",
+               "signature": lab.signer.sign(image)}
+    sock.sendall(json.dumps(request).encode() + b"\n")
+    answer = json.loads(sock.makefile("rb").readline())
+    return sock, answer
+
+
+def test_a_client_that_leaves_before_sending_the_image_frees_the_device(lab):
+    dev = lab.add_device("pump")
+    lab.start()
+    lab.wait_control()
+    image = lab.make_image((1, 1, 0))
+    sock, answer = _raw_push(lab, image)
+    assert answer["event"] == "send"
+    sock.close()
+    lab.wait_until("the abandoned push to fail", lambda: _local_job(lab, answer["job_id"])["status"] == "FAILED", 10)
+    assert "the image was not received" in _local_job(lab, answer["job_id"])["reason"]
+
+    image_path, signature_path = _files(lab, image)
+    push = lab.ctl("push", str(image_path), "--device", "pump", "--signature", str(signature_path))
+    assert push.returncode == 0, push.stdout + push.stderr
+    assert dev.active_image() == image
+
+
+def test_sigterm_while_a_push_arrives_starts_no_device_work(lab):
+    dev = lab.add_device("pump")
+    lab.start()
+    lab.wait_control()
+    before = dev.active_image()
+    image = lab.make_image((1, 2, 0), size=32 * 1024)
+    sock, answer = _raw_push(lab, image)
+    sock.sendall(image[:-1])
+    time.sleep(0.3)
+    lab.daemon.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    try:
+        sock.sendall(image[-1:])  # the last byte, once the daemon is stopping
+    except OSError:
+        pass
+    assert lab.daemon.wait(15) == 0
+    sock.close()
+    assert dev.upload_requests == 0 and dev.active_image() == before
+
+    lab.start_daemon()
+    lab.wait_control()
+    job = _local_job(lab, answer["job_id"])
+    assert job["status"] == "FAILED" and "not received" in job["reason"]
+    assert dev.upload_requests == 0

@@ -438,3 +438,17 @@ def test_an_image_left_pending_by_an_ended_update_does_not_block_the_next(lab, c
     assert record.status == "SUCCEEDED", record.status_details
     assert dev.active_image() == image and next(s for s in dev.slots if s.active).confirmed
     assert "slot 1 holds 1.1.0 marked for a test boot" in lab.daemon_log()
+
+
+def test_the_downgrade_check_looks_past_an_image_left_pending(lab):
+    """1.1.0 is left pending by a failed update; 1.0.5 is newer than the 1.0.0 that really runs."""
+    dev = lab.add_device("pump", thing_name="pump", reset_veto="silent")
+    lab.start()
+    lab.ota_update("stuck", "pump", lab.make_image((1, 1, 0)))
+    assert lab.wait("pump", "stuck").status == "FAILED"
+    dev.reset_veto = None
+    image = lab.make_image((1, 0, 5))
+    lab.ota_update("next", "pump", image)
+    record = lab.wait("pump", "next")
+    assert record.status == "SUCCEEDED", record.status_details
+    assert dev.active_image() == image

@@ -1011,9 +1011,9 @@ class EmulatedDevice:
         if session.off < session.size:
             return self._upload_ok(session.off)
         self._session = None
-        match = None
-        if len(session.sha) == 32:  # Zephyr checks only a full SHA-256; a shortened one is a session id
-            match = hashlib.sha256(bytes(self._flash[1])).digest() == session.sha
+        # CONFIG_IMG_ENABLE_IMAGE_CHECK: Zephyr compares with the stored sha padded with zeros to
+        # 32 bytes, so a shortened or missing sha always gets `match: false` (img_mgmt.c)
+        match = hashlib.sha256(bytes(self._flash[1])).digest() == session.sha.ljust(32, b"\0")
         self._event(f"upload: complete, {session.size} bytes, match={match}")
         return self._upload_ok(session.size, match=match)
 
