@@ -18,14 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gatewayd.emulators.signing import (
-    TLV_SEC_CNT,
-    build_mcuboot_image,
-    image_hash,
-    make_signer,
-    parse_mcuboot_image,
-    tlv,
-)
+from gatewayd.emulators.signing import TLV_SEC_CNT, build_mcuboot_image, image_hash, make_signer, tlv
+from gatewayd.emulators.smp_device import parse_mcuboot_image
 
 IMGTOOL = Path(sys.executable).with_name("imgtool")
 FIRMWARE = bytes((i * 131 + 17) & 0xFF for i in range(20_000))
@@ -121,7 +115,7 @@ def test_image_is_byte_identical_to_imgtool(tmp_path):
 def test_protected_tlvs_match_imgtool(tmp_path):
     ours = build_mcuboot_image(FIRMWARE, version=(1, 2, 3, 4), protected_tlvs=tlv(TLV_SEC_CNT, struct.pack("<I", 5)))
     assert ours == _imgtool_sign(tmp_path, FIRMWARE, "--security-counter", "5")
-    assert parse_mcuboot_image(ours).protected_tlv_size == 12
+    assert parse_mcuboot_image(ours).protect_tlv_size == 12
 
 
 def test_imgtool_verify_cli_and_python_api(tmp_path):
