@@ -452,3 +452,33 @@ def test_the_downgrade_check_looks_past_an_image_left_pending(lab):
     record = lab.wait("pump", "next")
     assert record.status == "SUCCEEDED", record.status_details
     assert dev.active_image() == image
+
+
+def test_an_image_someone_else_marked_for_a_test_boot_is_left_alone(lab):
+    """Settling resets the device: done only for images this gateway sent, never for another tool's."""
+    from transports.smp import SmpClient
+    from transports.uart import UartLink
+
+    foreign = lab.make_image((1, 5, 0), seed="someone else")
+    dev = lab.add_device("pump", thing_name="pump", slot1=foreign)
+    mark = SmpClient(UartLink(str(lab.devices["pump"].link), 115200))
+
+    async def mark_for_test() -> None:
+        await mark.link.open()
+        try:
+            slot = next(s for s in await mark.image_list() if not s.active)
+            await mark.test_image(slot.hash)
+        finally:
+            await mark.link.close()
+
+    asyncio.run(mark_for_test())
+    assert any(s.pending and not s.active for s in dev.slots)
+    boots = dev.boot_count
+    lab.start()
+    lab.ota_update("next", "pump", lab.make_image((1, 2, 0)))
+
+    record = lab.wait("pump", "next")
+    assert record.status == "FAILED"
+    assert "holds 1.5.0 marked for a test boot, which this gateway did not send" in record.status_details["reason"]
+    assert dev.boot_count == boots and dev.upload_requests == 0
+    assert any(s.pending and not s.active for s in dev.slots)  # still there for its owner
