@@ -122,6 +122,7 @@ class DeviceRelay:
         self._stopping = False
         self._resets = 0
         self._settle_resets = 0
+        self._asked_for_recovery = False
         self.live_progress: tuple[int, int] | None = None
 
     # link handling
@@ -175,6 +176,7 @@ class DeviceRelay:
             if self._retired:
                 raise Retired
             self._resets, self._settle_resets, self._stopping = 0, 0, False
+            self._asked_for_recovery = False
             # its own task, shielded: retire() stops it without cancelling the caller, and a
             # cancelled caller stops it even when a lower layer swallowed the cancellation
             self._work = asyncio.ensure_future(self._run(key, image))
@@ -377,10 +379,26 @@ class DeviceRelay:
         if not holds:
             if self._resets:
                 raise TransferEnded("failed", f"{self.device.name} does not hold {image.version} after the reset")
+            if any(s.active for s in slots):  # its application answers, not the bootloader
+                await self._enter_recovery(key, client, image)
+                return
             self._refuse_downgrade(image, primary)
             await self._upload(key, image, client, probe_offset=self._probe_offset(key))
         self._advance(key, "rebooting")
         await self._reset(key, client, image)
+
+    async def _enter_recovery(self, key: TransferKey, client: SmpClient, image: RelayImage) -> None:
+        """The device runs its application (after an earlier update, say): reset it into MCUboot
+        serial recovery, as Zephyr >= 4.2 does with boot_mode 1 (CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE)."""
+        if self._asked_for_recovery:
+            raise TransferEnded("failed", f"{self.device.name} runs its application and did not enter MCUboot "
+                                          "serial recovery on a reset with boot_mode 1 (it needs Zephyr >= 4.2 "
+                                          "with CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE); start it in recovery "
+                                          "by hand, then retry")
+        self._asked_for_recovery = True
+        self._log(key, "uploading", "%s runs its application; resetting it into MCUboot serial recovery",
+                  self.device.name)
+        await self._reset(key, client, image, because="its application", boot_mode=1)
 
     def _probe_offset(self, key: TransferKey) -> int | None:
         """Where to ask a recovery bootloader to continue; None for a first upload (off 0 erases the slot)."""
@@ -426,7 +444,8 @@ class DeviceRelay:
         self.live_progress = None
         self._set(key, done=len(data), total=len(data), unreachable_since=None)
 
-    async def _reset(self, key: TransferKey, client: SmpClient, image: RelayImage, because: str | None = None) -> None:
+    async def _reset(self, key: TransferKey, client: SmpClient, image: RelayImage, because: str | None = None,
+                     boot_mode: int | None = None) -> None:
         """Reset the device and wait until it answers again (the caller reads its image list)."""
         if because:  # settling another update's image has a budget of its own
             self._settle_resets += 1
@@ -440,7 +459,7 @@ class DeviceRelay:
                                               f"{MAX_RESETS} resets")
             self._log(key, "testing", "resetting %s to boot %s", self.device.name, image.version)
         try:
-            await client.reset()
+            await client.reset(boot_mode=boot_mode)
         except (LinkError, SmpMalformed) as e:
             # devices often reset before the answer leaves them
             log.debug("reset of %s answered with %s; assuming it reset", self.device.name, e)

@@ -482,3 +482,39 @@ def test_an_image_someone_else_marked_for_a_test_boot_is_left_alone(lab):
     assert "holds 1.5.0 marked for a test boot, which this gateway did not send" in record.status_details["reason"]
     assert dev.boot_count == boots and dev.upload_requests == 0
     assert any(s.pending and not s.active for s in dev.slots)  # still there for its owner
+
+
+def test_a_recovery_device_running_its_application_is_reset_into_serial_recovery(lab):
+    """After one update the device runs its application; the next one needs MCUboot serial
+    recovery again, which Zephyr >= 4.2 enters on a reset with boot_mode 1."""
+    dev = lab.add_device("boot", thing_name="boot", mode="recovery")
+    lab.devices["boot"].settings["mode"] = "recovery"
+    lab.start()
+    first = lab.make_image((2, 0, 0))
+    lab.ota_update("first", "boot", first)
+    _assert_succeeded(lab, "boot", "first", dev, first)
+    assert dev.mode == "zephyr"  # its application runs
+
+    second = lab.make_image((2, 1, 0))
+    lab.ota_update("second", "boot", second)
+
+    _assert_succeeded(lab, "boot", "second", dev, second)
+    assert "reset requested into serial recovery" in dev.events
+    assert dev.mode == "zephyr"
+
+
+def test_a_recovery_device_that_cannot_enter_recovery_fails_with_a_reason(lab):
+    dev = lab.add_device("boot", thing_name="boot", mode="recovery")
+    lab.devices["boot"].settings["mode"] = "recovery"
+    lab.start()
+    first = lab.make_image((2, 0, 0))
+    lab.ota_update("first", "boot", first)
+    _assert_succeeded(lab, "boot", "first", dev, first)
+    dev.reset_veto = "silent"  # answers the reset and stays in its application
+
+    lab.ota_update("second", "boot", lab.make_image((2, 1, 0)))
+
+    record = lab.wait("boot", "second")
+    assert record.status == "FAILED"
+    assert "did not enter MCUboot serial recovery" in record.status_details["reason"]
+    assert dev.active_image() == first

@@ -309,10 +309,14 @@ class SmpClient:
         rsp = await self.request(Op.WRITE, Group.IMAGE, ImageCmd.STATE, body)
         return parse_image_list(rsp) if "images" in rsp else []
 
-    async def reset(self, *, force: bool = False) -> bool:
-        """Ask the device to reset. False if it did not answer: it often resets before it does."""
+    async def reset(self, *, force: bool = False, boot_mode: int | None = None) -> bool:
+        """Ask the device to reset. False if it did not answer: it often resets before it does.
+        `boot_mode=1` asks Zephyr >= 4.2 to start MCUboot serial recovery (smp.md §1)."""
+        body: dict[str, Any] = {"force": 1} if force else {}
+        if boot_mode is not None:
+            body["boot_mode"] = boot_mode
         try:
-            await self.request(Op.WRITE, Group.OS, OsCmd.RESET, {"force": 1} if force else {})
+            await self.request(Op.WRITE, Group.OS, OsCmd.RESET, body)
         except LinkTimeout:
             return False
         return True
