@@ -30,7 +30,7 @@ from .logs import log_fields
 from .mcuboot import ImageError, inspect_image
 from .relay import RelayImage, RelayManager, TransferKey, word_of
 from .report import DeviceStatus, Reporter, status_details
-from .state import JobRecord, StateDB, TransferRecord
+from .state import FileRecord, JobRecord, StateDB, TransferRecord
 from .verify import VerificationError, key_algorithm, load_signer, sha256_file, verify_file
 
 log = logging.getLogger("gatewayd.jobs")
@@ -264,11 +264,9 @@ class JobManager:
         """Download and verify one file (once), returning the image in the store."""
         record = self._state.file(job.thing, job.job_id, f.index)
         assert record is not None
-        stored = self._image_path(record.sha256) if record.sha256 else None
-        if stored is not None and stored.exists():
-            if record.phase == "verified":
-                return RelayImage(stored, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
-            return await self._verify(job, f, stored)  # cut off between the rename and "verified"
+        image = await self._image_in_store(job, f, record)
+        if image is not None:
+            return image
         part = self._part_path(job.thing, job.job_id, f.index)
         self._state.set_job_phase(job.thing, job.job_id, "downloading")
         self._state.set_file(job.thing, job.job_id, f.index, phase="downloading")
@@ -296,6 +294,16 @@ class JobManager:
         self._state.set_file(job.thing, job.job_id, f.index, phase="verifying")
         self._report(job)
         return await self._verify(job, f, part)
+
+    async def _image_in_store(self, job: JobRecord, f: OtaFile, record: FileRecord) -> RelayImage | None:
+        """The file's image if it already reached images/ (verified, or cut off between the rename
+        and "verified", then checked again); None while it still has to be fetched or received."""
+        stored = self._image_path(record.sha256) if record.sha256 else None
+        if stored is None or not stored.exists():
+            return None
+        if record.phase == "verified":
+            return RelayImage(stored, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
+        return await self._verify(job, f, stored)
 
     async def _download(self, job: JobRecord, ota: OtaJob, f: OtaFile, protocol: str, part: Path) -> None:
         record = self._state.file(job.thing, job.job_id, f.index)
@@ -632,11 +640,9 @@ class JobManager:
         record = self._state.file(job.thing, job.job_id, 0)
         assert record is not None
         f = _local_file(job.document, record.size)
-        stored = self._image_path(record.sha256) if record.sha256 else None
-        if stored is not None and stored.exists():
-            if record.phase == "verified":
-                return RelayImage(stored, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
-            return await self._verify(job, f, stored)
+        image = await self._image_in_store(job, f, record)
+        if image is not None:
+            return image
         part = self._part_path(job.thing, job.job_id, 0)
         if record.phase == "receiving" or not part.exists():
             raise JobFailed("failed", "the gateway stopped before the whole image was received; push it again")
