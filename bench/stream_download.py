@@ -7,7 +7,7 @@ RSS peak during it (VmHWM, reset at the start), ru_maxrss (the child's whole lif
 second untimed run under tracemalloc, the peak of Python allocations during the download.
 Downloads are checked byte for byte (sha256).
 
-- ours: gatewayd.download.StreamDownload on gatewayd.mqtt.MqttClient, 32 blocks per request
+- ours: gatewayd.stream_download.StreamDownload on gatewayd.mqtt.MqttClient, 32 blocks per request
   (the 128 KiB per-request maximum at 4 KiB), progress fsynced and saved to a real StateDB
   after every window, as the daemon does.
 - freertos: written here from aws-iot-ota.md §3.4: raw paho, request on get/cbor at QoS 0 with
@@ -41,11 +41,12 @@ from typing import Any
 import cbor2
 import paho.mqtt.client as paho
 
-from gatewayd.download import StreamDownload
+from gatewayd.stream_download import StreamDownload
 from gatewayd.emulators.awsiot import AwsIotEmulator
 from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki
 from gatewayd.mqtt import MqttClient
-from gatewayd.state import StateDB
+from gatewayd.state import FileKey, StateDB
+from gatewayd.vocab import JobKind
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE_SIZE = 4 * 1024 * 1024
@@ -65,11 +66,12 @@ async def ours(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     await mqtt.start()
     await mqtt.wait_connected(10)
     db = StateDB(out.with_name("state.db"))
-    db.add_job(THING, "bench", "ota", {}, 1, 1)
-    db.add_file(THING, "bench", 0, args.size)
+    file_key = FileKey(THING, "bench", 0)
+    db.add_job(file_key.job, JobKind.GATEWAY, {}, 1, 1)
+    db.add_file(file_key, args.size)
 
     async def save(received: bytes, done: int) -> None:
-        db.save_download(THING, "bench", 0, received, done)
+        db.save_download(file_key, received, done)
 
     download = StreamDownload(mqtt, thing_name=THING, stream_name=STREAM, file_id=0, file_size=args.size,
                               block_size=BLOCK, blocks_per_request=args.n, part_path=out, received=None,

@@ -23,23 +23,16 @@ import itertools
 import json
 import logging
 import random
-import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gatewayd.mqtt import MqttClient, MqttError
+from .aws import DEVICE_STATUSES, check_job_id, check_status_details, check_thing_name
+from .mqtt import MqttClient, MqttError
 
 log = logging.getLogger("gatewayd.cloud")
 
-THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
-JOB_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-_DETAIL_KEY = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-DEVICE_STATUSES = ("IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
-TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED")
-MAX_STATUS_DETAILS = 10
 _GONE = ("ResourceNotFound", "TerminalStateReached")
 _STOP = object()
 MIN_POLL_GAP = 0.02  # s between two poll requests: AWS IoT allows ~100 publishes/s per connection
@@ -78,27 +71,6 @@ class UpdateResult:
 OnExecution = Callable[[str, "JobExecution | None"], Awaitable[None]]
 
 
-def validate_thing_name(thing: str) -> None:
-    if not isinstance(thing, str) or not THING_NAME.fullmatch(thing):
-        raise ValueError(f"invalid thing name {thing!r}")
-
-
-def validate_job_id(job_id: str) -> None:
-    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
-        raise ValueError(f"invalid job id {job_id!r}")
-
-
-def validate_status_details(details: dict[str, str]) -> None:
-    """AWS limits: <= 10 pairs, keys [a-zA-Z0-9:_-]{1,128}, values 1..1024 chars, no controls."""
-    if len(details) > MAX_STATUS_DETAILS:
-        raise ValueError(f"{len(details)} statusDetails pairs (at most {MAX_STATUS_DETAILS})")
-    for key, value in details.items():
-        if not isinstance(key, str) or not _DETAIL_KEY.fullmatch(key):
-            raise ValueError(f"invalid statusDetails key {key!r}")
-        if not isinstance(value, str) or not 1 <= len(value) <= 1024 or _CONTROL.search(value):
-            raise ValueError(f"invalid statusDetails value for {key!r}: {value!r}")
-
-
 def _int_or_none(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -114,7 +86,7 @@ def parse_execution(thing: str, obj: Any) -> JobExecution:
     if not isinstance(obj, dict):
         raise ValueError("execution is not an object")
     job_id = obj.get("jobId")
-    validate_job_id(job_id)
+    check_job_id(job_id)
     if "thingName" in obj and obj["thingName"] != thing:
         raise ValueError(f"execution is for thing {obj['thingName']!r}, not {thing!r}")
     status = obj.get("status")
@@ -161,6 +133,113 @@ class _Call:
     future: asyncio.Future[tuple[str, dict[str, Any]]]
 
 
+class _Requests:
+    """Jobs requests in flight, correlated with their replies by clientToken.
+
+    A request whose reply is lost is asked again: at once after a reconnect (the reply was
+    lost with the connection), after `timeout` otherwise, with a backoff when the broker
+    refused the publish or AWS answered RequestThrottled."""
+
+    def __init__(self, mqtt: MqttClient, timeout: float, backoff: float, max_backoff: float) -> None:
+        self._mqtt = mqtt
+        self._timeout = timeout
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._calls: dict[str, _Call] = {}
+        self._prefix = secrets.token_hex(3)
+        self._counter = itertools.count(1)
+        self._reconnected: asyncio.Future[None] | None = None  # resolved at the next (re)connect
+
+    def token(self, thing: str) -> str:
+        head = f"{self._prefix}{next(self._counter)}:"
+        return head + thing[: 64 - len(head)]
+
+    def reconnected(self) -> None:
+        """A reply to a request in flight when the connection dropped is lost with it: wake
+        those requests so that they ask again now, not after request_timeout."""
+        if self._reconnected is not None and not self._reconnected.done():
+            self._reconnected.set_result(None)
+
+    def abandon(self, thing: str) -> None:
+        for call in self._calls.values():
+            if call.thing == thing and not call.future.done():
+                call.future.set_exception(JobsError("NotServed", f"{thing} is no longer served"))
+
+    def answered(self, topic: str, thing: str, job: str, op: str, result: str, doc: dict[str, Any]) -> None:
+        token = doc.get("clientToken")
+        call = self._calls.get(token) if isinstance(token, str) else None
+        if call is None:
+            return
+        if (call.thing, call.job, call.op) != (thing, job, op):
+            log.warning("ignoring reply on %s: its clientToken belongs to %s/%s/%s", topic, call.thing,
+                        call.job, call.op)
+            return
+        if not call.future.done():
+            call.future.set_result((result, doc))
+
+    def _next_connect(self) -> asyncio.Future[None]:
+        if self._reconnected is None or self._reconnected.done():
+            self._reconnected = asyncio.get_running_loop().create_future()
+        return self._reconnected
+
+    def _retry_delay(self, attempt: int) -> float:
+        base = min(self._max_backoff, self._backoff * 2 ** min(attempt, 30))
+        return random.uniform(base / 2, base)
+
+    async def ask(self, thing: str, job: str, op: str, body: dict[str, Any],
+                  served: Callable[[str], bool]) -> tuple[str, dict[str, Any]]:
+        """Publish a request and wait for its reply, retrying lost ones while connected."""
+        topic = f"$aws/things/{thing}/jobs/{job}/{op}"
+        loop = asyncio.get_running_loop()
+        call = _Call(thing, job, op, loop.create_future())
+        tokens: list[str] = []
+        attempt = 0
+        try:
+            while True:
+                if not served(thing):
+                    raise JobsError("NotServed", f"thing {thing} is no longer served")
+                token = self.token(thing)
+                tokens.append(token)
+                self._calls[token] = call
+                payload = json.dumps(dict(body, clientToken=token), separators=(",", ":"))
+                reconnected = self._next_connect()
+                try:
+                    await self._mqtt.publish(topic, payload, qos=1)
+                    await asyncio.wait({call.future, reconnected}, timeout=self._timeout,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not call.future.done():
+                        if reconnected.done():
+                            log.info("no reply to %s before the connection was lost; asking again", topic)
+                            continue
+                        raise asyncio.TimeoutError
+                    result, doc = call.future.result()
+                except (asyncio.TimeoutError, MqttError) as e:
+                    if isinstance(e, MqttError) and e.code is not None:
+                        raise  # the broker refused it (e.g. not authorised): retrying won't help
+                    if not self._mqtt.connected:
+                        raise MqttError(f"{op} {topic}: not connected") from e
+                    attempt += 1
+                    log.warning("no reply to %s (attempt %d): %s; retrying", topic, attempt,
+                                str(e) or "timeout")
+                    await asyncio.sleep(self._retry_delay(attempt - 1) if isinstance(e, MqttError) else 0)
+                    continue
+                if result == "rejected" and doc.get("code") == "RequestThrottled":
+                    attempt += 1
+                    delay = self._retry_delay(attempt - 1)
+                    log.info("%s throttled; retrying in %.1f s", topic, delay)
+                    call.future = loop.create_future()
+                    await asyncio.sleep(delay)
+                    continue
+                return result, doc
+        finally:
+            for token in tokens:
+                self._calls.pop(token, None)
+            if not call.future.done():
+                call.future.cancel()
+            elif not call.future.cancelled():
+                call.future.exception()  # retrieved: no "never retrieved" noise
+
+
 class JobsClient:
     """Jobs MQTT API for the things served over one MQTT connection."""
 
@@ -190,17 +269,11 @@ class JobsClient:
         self._mqtt = mqtt
         self._subscribe_replies = subscribe_replies
         self._on_execution = on_execution
-        self._timeout = request_timeout
-        self._backoff = retry_backoff
-        self._max_backoff = max_retry_backoff
+        self._requests = _Requests(mqtt, request_timeout, retry_backoff, max_retry_backoff)
         self._served: dict[str, list[tuple[str, Callable[[str, bytes], None], bool]]] = {}
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._reconnected: asyncio.Future[None] | None = None  # resolved at the next (re)connect
-        self._calls: dict[str, _Call] = {}
-        self._prefix = secrets.token_hex(3)
-        self._counter = itertools.count(1)
         self._max_subs = max_thing_subscriptions
         self._poll_interval = poll_interval
         self._polled: list[str] = []  # served things without a notify-next subscription, in serve order
@@ -214,11 +287,6 @@ class JobsClient:
     def served(self) -> list[str]:
         return list(self._served)
 
-    @property
-    def polled(self) -> list[str]:
-        """Served things asked with `$next/get` every poll_interval instead of notify-next."""
-        return list(self._polled)
-
     # -- serving --
 
     async def serve(self, thing_name: str) -> None:
@@ -227,7 +295,7 @@ class JobsClient:
         on_execution is then awaited (in order, per thing) for every notify-next, every
         `$next/get` reply and after every reconnect.
         """
-        validate_thing_name(thing_name)
+        check_thing_name(thing_name)
         if thing_name in self._served:
             return
         base = f"$aws/things/{thing_name}/jobs"
@@ -314,9 +382,7 @@ class JobsClient:
             queue.put_nowait(_STOP)
         for flt, handler, _ in subs:
             await self._mqtt.unsubscribe(flt, handler)
-        for token, call in list(self._calls.items()):
-            if call.thing == thing_name and not call.future.done():
-                call.future.set_exception(JobsError("NotServed", f"{thing_name} is no longer served"))
+        self._requests.abandon(thing_name)
         if not was_polled and self._polled and not self._closing:
             await self._promote()
 
@@ -351,16 +417,8 @@ class JobsClient:
             task.cancel()
         self._mqtt.remove_connect_listener(self._on_connect)
 
-    def _next_connect(self) -> asyncio.Future[None]:
-        if self._reconnected is None or self._reconnected.done():
-            self._reconnected = asyncio.get_running_loop().create_future()
-        return self._reconnected
-
     async def _on_connect(self) -> None:
-        # A reply to a request in flight when the connection dropped is lost with it:
-        # wake those requests so that they ask again now, not after request_timeout.
-        if self._reconnected is not None and not self._reconnected.done():
-            self._reconnected.set_result(None)
+        self._requests.reconnected()
         # Case 47: after every (re)connect ask again, the job may have moved meanwhile.
         for thing in list(self._served):
             self._spawn(self._refresh(thing))
@@ -398,7 +456,7 @@ class JobsClient:
 
     async def get_next(self, thing_name: str) -> JobExecution | None:
         """DescribeJobExecution for `$next`; the reply also goes to on_execution."""
-        validate_thing_name(thing_name)
+        check_thing_name(thing_name)
         result, doc = await self._request(thing_name, "$next", "get", {"includeJobDocument": True})
         if result == "rejected":
             raise JobsError(str(doc.get("code", "Unknown")), str(doc.get("message", "")))
@@ -406,8 +464,8 @@ class JobsClient:
 
     async def describe(self, thing_name: str, job_id: str) -> JobExecution | None:
         """DescribeJobExecution; None when the execution is gone."""
-        validate_thing_name(thing_name)
-        validate_job_id(job_id)
+        check_thing_name(thing_name)
+        check_job_id(job_id)
         result, doc = await self._request(thing_name, job_id, "get", {"includeJobDocument": True})
         if result == "rejected":
             code = str(doc.get("code", "Unknown"))
@@ -432,13 +490,13 @@ class JobsClient:
         answered VersionMismatch/InvalidStateTransition: read `status`). Raises MqttError
         when the connection is down, ValueError on invalid arguments.
         """
-        validate_thing_name(thing_name)
-        validate_job_id(job_id)
+        check_thing_name(thing_name)
+        check_job_id(job_id)
         if status not in DEVICE_STATUSES:
             raise ValueError(f"a device may not set status {status!r}")
         body: dict[str, Any] = {"status": status}
         if status_details is not None:
-            validate_status_details(status_details)
+            check_status_details(status_details)
             body["statusDetails"] = dict(status_details)
         if expected_version is not None:
             body["expectedVersion"] = expected_version
@@ -452,67 +510,10 @@ class JobsClient:
         return UpdateResult(False, str(doc.get("code", "Unknown")), str(doc.get("message", "")),
                             state_status, version, details)
 
-    def _token(self, thing: str) -> str:
-        head = f"{self._prefix}{next(self._counter)}:"
-        return head + thing[: 64 - len(head)]
-
     async def _request(self, thing: str, job: str, op: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Publish a request and wait for its reply, retrying lost ones while connected."""
         if thing not in self._served:
             raise JobsError("NotServed", f"thing {thing} is not served")
-        topic = f"$aws/things/{thing}/jobs/{job}/{op}"
-        loop = asyncio.get_running_loop()
-        call = _Call(thing, job, op, loop.create_future())
-        tokens: list[str] = []
-        attempt = 0
-        try:
-            while True:
-                if thing not in self._served:
-                    raise JobsError("NotServed", f"thing {thing} is no longer served")
-                token = self._token(thing)
-                tokens.append(token)
-                self._calls[token] = call
-                payload = json.dumps(dict(body, clientToken=token), separators=(",", ":"))
-                reconnected = self._next_connect()
-                try:
-                    await self._mqtt.publish(topic, payload, qos=1)
-                    await asyncio.wait({call.future, reconnected}, timeout=self._timeout,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    if not call.future.done():
-                        if reconnected.done():
-                            log.info("no reply to %s before the connection was lost; asking again", topic)
-                            continue
-                        raise asyncio.TimeoutError
-                    result, doc = call.future.result()
-                except (asyncio.TimeoutError, MqttError) as e:
-                    if isinstance(e, MqttError) and e.code is not None:
-                        raise  # the broker refused it (e.g. not authorised): retrying won't help
-                    if not self._mqtt.connected:
-                        raise MqttError(f"{op} {topic}: not connected") from e
-                    attempt += 1
-                    log.warning("no reply to %s (attempt %d): %s; retrying", topic, attempt,
-                                str(e) or "timeout")
-                    await asyncio.sleep(self._retry_delay(attempt - 1) if isinstance(e, MqttError) else 0)
-                    continue
-                if result == "rejected" and doc.get("code") == "RequestThrottled":
-                    attempt += 1
-                    delay = self._retry_delay(attempt - 1)
-                    log.info("%s throttled; retrying in %.1f s", topic, delay)
-                    call.future = loop.create_future()
-                    await asyncio.sleep(delay)
-                    continue
-                return result, doc
-        finally:
-            for token in tokens:
-                self._calls.pop(token, None)
-            if not call.future.done():
-                call.future.cancel()
-            elif not call.future.cancelled():
-                call.future.exception()  # retrieved: no "never retrieved" noise
-
-    def _retry_delay(self, attempt: int) -> float:
-        base = min(self._max_backoff, self._backoff * 2 ** min(attempt, 30))
-        return random.uniform(base / 2, base)
+        return await self._requests.ask(thing, job, op, body, lambda t: t in self._served)
 
     # -- incoming --
 
@@ -568,13 +569,4 @@ class JobsClient:
                     log.warning("ignoring $next/get reply for %s: %s", thing, e)
             else:
                 log.warning("$next/get rejected for %s: %s %s", thing, doc.get("code"), doc.get("message", ""))
-        token = doc.get("clientToken")
-        call = self._calls.get(token) if isinstance(token, str) else None
-        if call is None:
-            return
-        if (call.thing, call.job, call.op) != (thing, job, op):
-            log.warning("ignoring reply on %s: its clientToken belongs to %s/%s/%s", topic, call.thing,
-                        call.job, call.op)
-            return
-        if not call.future.done():
-            call.future.set_result((result, doc))
+        self._requests.answered(topic, thing, job, op, result, doc)

@@ -18,28 +18,25 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
+from transports.link import DEFAULT_CONNECT_TIMEOUT, BleSettings, LinkSettings, UartSettings
+
+from .aws import DEVICE_NAME, MAX_BLOCK_SIZE, MAX_BYTES_PER_REQUEST, MIN_BLOCK_SIZE, THING_NAME
+
 DEFAULT_CONFIG_PATH = Path("/etc/ota-gateway/gateway.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/ota-gateway")
 DEFAULT_CONTROL_SOCKET = Path("/run/ota-gateway/control.sock")
 DEVICES_DIR_NAME = "devices.d"
 
-# AWS IoT GetStream accepts block sizes of 256..131072 bytes and returns at most 128 KiB
-# per request (aws-iot-ota.md §3, conformance case 45).
-MIN_BLOCK_SIZE = 256
-MAX_BLOCK_SIZE = 131072
-MAX_STREAM_REQUEST_BYTES = 131072
 # Smaller SMP buffers cannot carry an upload chunk with its CBOR envelope.
 MIN_BUF_SIZE = 64
 
-DEVICE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-THING_NAME_RE = re.compile(r"[A-Za-z0-9:_-]{1,128}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TRANSPORTS = ("uart", "ble")
 PREFER = ("mqtt", "http")
 DEVICE_MODES = ("zephyr", "recovery")
 
 UART_ONLY_KEYS = ("port", "baudrate", "line_delay")
-BLE_ONLY_KEYS = ("address",)
+BLE_ONLY_KEYS = ("address", "reassembly", "connect_timeout")
 SECTIONS = ("gateway", "mqtt", "ota", "signing", "relay", "ble", "device")
 
 
@@ -105,9 +102,6 @@ class SigningConfig:
         default_factory=lambda: MappingProxyType({}), hash=False
     )
 
-    def certificate_for(self, certfile: str) -> Path | None:
-        return self.certificates.get(certfile)
-
 
 @dataclass(frozen=True)
 class RelayConfig:
@@ -132,6 +126,8 @@ class DeviceConfig:
     baudrate: int = 115200
     line_delay: float = 0.0
     address: str | None = None
+    reassembly: bool | None = None  # ble: None = unknown, so every request fits one write
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # ble
     thing_name: str | None = None
     files: str = ""
     image: int = 0
@@ -154,12 +150,15 @@ class Config:
     ble: BleConfig
     devices: tuple[DeviceConfig, ...]
 
-    @property
-    def devices_dir(self) -> Path:
-        return self.path.parent / DEVICES_DIR_NAME
-
     def device(self, name: str) -> DeviceConfig | None:
         return next((d for d in self.devices if d.name == name), None)
+
+    def link_settings(self, device: DeviceConfig) -> LinkSettings:
+        """How `transports` reaches the device (a loaded config has port or address set)."""
+        if device.transport == "ble":
+            return BleSettings(device.address or "", adapter=self.ble.adapter, reassembly=device.reassembly,
+                               connect_timeout=device.connect_timeout)
+        return UartSettings(device.port or "", device.baudrate, device.line_delay)
 
 
 # --------------------------------------------------------------------------- loading
@@ -283,7 +282,7 @@ def _section(file: Path, data: dict[str, Any], name: str,
 
 def _gateway(file: Path, base: Path, sec: dict, problems: list[Problem]) -> GatewayConfig:
     t = _Table(file, base, "[gateway]", sec, problems)
-    thing = t.string("thing_name", required=True, pattern=THING_NAME_RE,
+    thing = t.string("thing_name", required=True, pattern=THING_NAME,
                      pattern_hint="1 to 128 characters of A-Z a-z 0-9 : _ -")
     config = GatewayConfig(
         thing_name=thing or "",
@@ -321,12 +320,12 @@ def _ota(file: Path, base: Path, sec: dict, problems: list[Problem]) -> OtaConfi
                            why="the AWS IoT stream block size limits")
     per_request = t.integer("blocks_per_request", 32, minimum=1)
     if t.valid("block_size") and t.valid("blocks_per_request"):
-        if block_size * per_request > MAX_STREAM_REQUEST_BYTES:
+        if block_size * per_request > MAX_BYTES_PER_REQUEST:
             t.problem("blocks_per_request",
                       f"block_size * blocks_per_request = {block_size} * {per_request} = "
-                      f"{block_size * per_request} bytes, more than the {MAX_STREAM_REQUEST_BYTES}"
+                      f"{block_size * per_request} bytes, more than the {MAX_BYTES_PER_REQUEST}"
                       f" one AWS IoT stream request may return; use at most "
-                      f"{MAX_STREAM_REQUEST_BYTES // block_size}")
+                      f"{MAX_BYTES_PER_REQUEST // block_size}")
     config = OtaConfig(
         block_size=block_size,
         blocks_per_request=per_request,
@@ -399,7 +398,7 @@ def _device_entries(file: Path, data: dict[str, Any], problems: list[Problem]) -
 
 def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> DeviceConfig | None:
     t = _Table(file, file.parent, f"device[{index}]", entry, problems)
-    name = t.string("name", required=True, pattern=DEVICE_NAME_RE,
+    name = t.string("name", required=True, pattern=DEVICE_NAME,
                     pattern_hint="1 to 64 characters of A-Z a-z 0-9 _ -")
     if name and t.valid("name"):
         t.label = f"device[{index}] ({name})"
@@ -417,7 +416,10 @@ def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> Dev
         baudrate=t.integer("baudrate", 115200, minimum=1) if transport != "ble" else 115200,
         line_delay=t.number("line_delay", 0.0, minimum=0.0) if transport != "ble" else 0.0,
         address=t.string("address", required=transport == "ble") if transport != "uart" else None,
-        thing_name=t.string("thing_name", None, pattern=THING_NAME_RE,
+        reassembly=t.boolean("reassembly", None) if transport != "uart" else None,
+        connect_timeout=(t.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True)
+                         if transport != "uart" else DEFAULT_CONNECT_TIMEOUT),
+        thing_name=t.string("thing_name", None, pattern=THING_NAME,
                             pattern_hint="1 to 128 characters of A-Z a-z 0-9 : _ -"),
         files=t.string("files", name) or name or "",
         image=t.integer("image", 0, minimum=0),
@@ -631,7 +633,7 @@ class _Table:
             self.problem(key, f"must be at most {maximum}{because}, got {value}")
         return False
 
-    def boolean(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str, default: bool | None) -> bool | None:
         value = self._get(key, False)
         if value is _MISSING:
             return default

@@ -4,43 +4,63 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from transports.factory import LinkFactory
+
 from . import notify
-from .cloud import JobsClient
-from .config import Config, ConfigError, load_config
+from .cloud import JobExecution, JobsClient
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .control import SEND_EVENT, ControlServer, Request
-from .jobs import ACTIVE_WORDS, JobManager, PushRefused, PushRequest
+from .lifecycle import JobManager, KindRules
+from .local import Followers, LocalUpdates, PushRefused, PushRequest
 from .logs import setup_logging
 from .mqtt import MqttClient
 from .relay import RelayManager
-from .state import StateDB
+from .report import ExecutionReports, Reporter
+from .sources import CloudFiles, PushedImage, Verifier
+from .state import JobKey, StateDB, TransferKey
+from .store import FileStore
+from .views import StatusViews
+from .vocab import ACTIVE_WORDS, JobKind, Word
 
 log = logging.getLogger("gatewayd")
 
-DEFAULT_CONFIG = Path("/etc/ota-gateway/gateway.toml")
 STOP_GRACE = 8.0  # seconds; systemd's default TimeoutStopSec is 90, our promise is 10
 STATUS_INTERVAL = 1.0  # seconds between checks of the STATUS= line
+DEVICES_TIMEOUT = 10.0  # seconds `devices` waits for one device's image list
 
 
 class Daemon:
+    """Builds every part from the configuration and wires them; owns the process's life."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state = StateDB(config.gateway.state_dir / "state.db")
+        store = FileStore(config.gateway.state_dir)
         m = config.mqtt
         self.mqtt = MqttClient(host=m.endpoint, port=m.port, client_id=m.client_id, ca_file=m.ca_file,
                                cert_file=m.cert_file, key_file=m.key_file, keepalive=m.keepalive)
-        self.jobs = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
-                               poll_interval=m.poll_interval)
-        self.manager = JobManager(config, self.state, self.jobs, self.mqtt,
-                                  lambda on_change: RelayManager(config, self.state, on_change))
+        self.cloud = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
+                                poll_interval=m.poll_interval)
+        self.relays = RelayManager(config, self.state, self._transfer_changed,
+                                   LinkFactory(config.ble.max_connections))
+        self.views = StatusViews(self.state, self.relays.live_progress)
+        self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt)
+        reports = ExecutionReports(self.reporter, self.views, self.state)
+        self.followers = Followers(self.state, self.views)
+        verifier = Verifier(self.state, store, lambda: self.config.signing.certificates)
+        cloud_files = CloudFiles(lambda: self.config, self.state, store, self.mqtt, self.cloud, verifier)
+        self.jobs = JobManager(config, self.state, store, self.relays, self.views, {
+            JobKind.GATEWAY: KindRules(cloud_files, reports),
+            JobKind.PROXIED: KindRules(cloud_files, reports, one_device=True),
+            JobKind.LOCAL: KindRules(PushedImage(self.state, store, verifier), self.followers),
+        })
+        self.local = LocalUpdates(self.jobs, self.state, store)
         self.control = ControlServer(config.gateway.control_socket, {
             "status": self._status,
             "devices": self._devices,
@@ -50,21 +70,33 @@ class Daemon:
         self._stop = asyncio.Event()
         self._served: set[str] = set()
 
-    async def _on_execution(self, thing: str, execution) -> None:
-        await self.manager.on_execution(thing, execution)
+    # callbacks of the parts built above (bound late: they reach parts built after them)
+
+    async def _on_execution(self, thing: str, execution: JobExecution | None) -> None:
+        await self.jobs.on_execution(thing, execution)
+
+    def _transfer_changed(self, key: TransferKey) -> None:
+        self.jobs.transfer_changed(key)
+
+    async def _job_gone(self, key: JobKey) -> None:
+        await self.jobs.job_gone(key)
+
+    # control commands
 
     async def _status(self, _request: dict) -> dict:
-        return {"connected": self.mqtt.connected, "thing": self.config.gateway.thing_name, **self.manager.status()}
+        return {"connected": self.mqtt.connected, "thing": self.config.gateway.thing_name,
+                **self.views.status(self.config.devices)}
 
     async def _devices(self, _request: dict) -> dict:
         out = []
-        for name, relay in self.manager.relay.devices.items():
+        for relay in self.relays.relays:
+            name = relay.device.name
             if relay.busy:  # asking would wait for the transfer; say what it is doing instead
-                row = next((d for d in self.manager.status()["devices"] if d["name"] == name), {})
+                row = next((d for d in self.views.status(self.config.devices)["devices"] if d["name"] == name), {})
                 out.append({"name": name, "reachable": None, "busy": True, "phase": row.get("phase")})
                 continue
             try:
-                slots = await asyncio.wait_for(relay.image_list(), 10)
+                slots = await asyncio.wait_for(relay.image_list(), DEVICES_TIMEOUT)
                 out.append({"name": name, "reachable": True, "images": [
                     {"image": s.image, "slot": s.slot, "version": s.version,
                      "hash": s.hash.hex() if s.hash else None, "active": s.active,
@@ -75,29 +107,31 @@ class Daemon:
 
     async def _push(self, request: Request) -> AsyncIterator[dict[str, Any]]:
         """A local update: ask for the image, store and verify it, relay it, report progress."""
-        push = push_request(request)
-        job = self.manager.start_push(push)
+        push = PushRequest.from_request(request)
+        job = self.local.start(push)
         try:
             yield {"event": SEND_EVENT, "size": push.size, "job_id": job.job_id}
-            await self.manager.receive_push(job, request.body)
+            await self.local.receive(job, request.body)
         finally:  # the client left (or the daemon stops) before the whole image was here
-            self.manager.abandon_push(job, "the image was not received: the client went away")
-        async for event in self.manager.follow(job):
+            self.local.abandon(job, "the image was not received: the client went away")
+        async for event in self.followers.follow(job):
             yield event
 
     async def _cancel(self, request: Request) -> dict[str, Any]:
         device = request.get("device")
         if not isinstance(device, str) or not device:
             raise PushRefused('cancel needs "device": the name of a configured device')
-        job = await self.manager.cancel_push(device, request.peer.uid)
-        return self.manager.job_view(job)
+        job = await self.local.cancel(device, request.peer.uid)
+        return self.views.job_view(job)
+
+    # life
 
     async def _serve_things(self) -> None:
-        wanted = set(self.manager.served_things())
-        for thing in [t for t in self.manager.served_things() if t not in self._served]:  # gateway first
-            await self.jobs.serve(thing)
+        wanted = set(self.jobs.served_things())
+        for thing in [t for t in self.jobs.served_things() if t not in self._served]:  # gateway first
+            await self.cloud.serve(thing)
         for thing in sorted(self._served - wanted):
-            await self.jobs.unserve(thing)
+            await self.cloud.unserve(thing)
         self._served = wanted
 
     def request_stop(self) -> None:
@@ -112,7 +146,7 @@ class Daemon:
                 log.error("reload refused, keeping the running configuration:\n%s", e)
                 return
             self.config = config
-            self.manager.update_config(config)
+            self.jobs.update_config(config)
             await self._serve_things()
             log.info("reloaded configuration: %d devices", len(config.devices))
         finally:
@@ -126,7 +160,7 @@ class Daemon:
         await self.control.start()
         await self.mqtt.start()
         await self._serve_things()
-        await self.manager.resume()
+        await self.jobs.resume()
         notify.ready(f"serving {len(self._served)} things, {len(self.config.devices)} devices")
         log.info("ota-gatewayd ready: thing %s, %d devices, state in %s", self.config.gateway.thing_name,
                  len(self.config.devices), self.config.gateway.state_dir)
@@ -157,13 +191,13 @@ class Daemon:
 
     def _status_line(self) -> str:
         """`systemctl status`'s one line: `connected, 1 open job, 3 devices; pump uploading 45%`."""
-        status = self.manager.status()
+        status = self.views.status(self.config.devices)
         active = [j for j in status["jobs"] if j["open"]]
         conn = "connected" if self.mqtt.connected else "disconnected"
         line = (f"{conn}, {len(active)} open job{'' if len(active) == 1 else 's'}, "
                 f"{len(self.config.devices)} device{'' if len(self.config.devices) == 1 else 's'}")
         working = [f"{d['name']} {d['phase']}" + (f" {100 * d['done'] // d['total']}%" if d["total"] and
-                                                  d["phase"] == "uploading" else "")
+                                                  d["phase"] == Word.UPLOADING else "")
                    for d in status["devices"] if d["phase"] in ACTIVE_WORDS]
         if working:
             line += "; " + ", ".join(working[:3]) + (f" and {len(working) - 3} more" if len(working) > 3 else "")
@@ -173,53 +207,20 @@ class Daemon:
         # commands first (no push may start work), then the work: no device may get another
         # request (a test mark, a reset) while we stop
         await self.control.close()
-        await self.manager.stop_jobs()
-        await self.manager.reporter.flush(2.0)
-        await self.manager.reporter.close()
+        await self.jobs.stop_jobs()
+        await self.reporter.flush(2.0)
+        await self.reporter.close()
         try:
             await asyncio.wait_for(self.mqtt.stop(), STOP_GRACE / 2)
         except asyncio.TimeoutError:
             log.warning("MQTT disconnect did not finish in time")
-        for relay in self.manager.relay.devices.values():
-            await relay.disconnect()
+        await self.relays.disconnect_all()
         self.state.close()
-
-
-def push_request(request: Request) -> PushRequest:
-    """Check a `push` request's fields; an unsigned image only from those who could change
-    what the daemon trusts anyway (root and the daemon's own user)."""
-    device, size, name = request.get("device"), request.get("size"), request.get("name") or "image"
-    if not isinstance(device, str) or not device:
-        raise PushRefused('push needs "device": the name of a configured device')
-    if not isinstance(size, int) or isinstance(size, bool):
-        raise PushRefused('push needs "size": the image size in bytes')
-    if not isinstance(name, str):
-        raise PushRefused('"name" must be the image file name')
-    signature_text, certfile = request.get("signature"), request.get("certfile")
-    if certfile is not None and not isinstance(certfile, str):
-        raise PushRefused('"certfile" must be the name of one of the [signing] certificates')
-    signature = None
-    if signature_text is not None:
-        try:
-            signature = base64.b64decode(str(signature_text), validate=True)
-        except (binascii.Error, ValueError):
-            raise PushRefused('"signature" must be base64') from None
-        if not signature:
-            raise PushRefused('"signature" is empty')
-    elif not request.get("unsigned"):
-        raise PushRefused("the image has no code signature: give one (--signature FILE), "
-                          "or --unsigned to rely on the MCUboot hash alone")
-    elif request.peer.uid not in (0, os.getuid()):
-        raise PushRefused(f"uid {request.peer.uid} may push only signed images; only root and the "
-                          "daemon's own user may push unsigned ones (--unsigned)")
-    label = "".join(c if c.isprintable() else "?" for c in os.path.basename(name))[:120] or "image"
-    return PushRequest(device=device, size=size, name=label, signature=signature, certfile=certfile,
-                       requested_by=request.peer.uid)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ota-gatewayd", description="AWS IoT OTA gateway daemon")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="main configuration file")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="main configuration file")
     parser.add_argument("--log-level", default=None, help="debug, info, warning or error")
     args = parser.parse_args(argv)
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .control import ControlError, request
+from .display import format_status, redraw
 
 FINAL = {"SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "REMOVED", "TIMED_OUT"}
 
@@ -65,8 +66,6 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def _watch(lab, jobs: list[tuple[str, str]], out: TextIO, tty: bool, timeout: float) -> None:
-    from .ctl import format_status, redraw
-
     socket = lab.root / "control.sock"
     deadline = time.monotonic() + timeout
     shown = 0

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .download import DownloadError, pwrite_all
+from .errors import DownloadError
+from .store import pwrite_all
 
 log = logging.getLogger("gatewayd.http_download")
 

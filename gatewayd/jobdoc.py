@@ -1,4 +1,4 @@
-"""AWS IoT Jobs execution messages and the strict `afr_ota` job-document parser.
+"""The strict `afr_ota` job-document parser: an OTA job as this gateway will run it, or why not.
 
 aws-iot-ota.md §1.2, §2 and §6 cases 1-15. Every refusal is a `JobDocumentError` whose str is
 one sentence naming the offending field, so it can go straight into the `reason` status detail.
@@ -25,13 +25,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from .aws import is_job_id, is_stream_id
+
 MAX_OTA_FILE_SIZE = 0xFFFFFFFF
 MAX_SIGNATURE_SIZE = 512
 SUPPORTED_SIGNATURES = ("sig-sha256-ecdsa", "sig-sha256-rsa")
 
-_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_THING_NAME = re.compile(r"[A-Za-z0-9:_-]{1,128}")
-_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _DIGITS = re.compile(r"[0-9]+")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
@@ -78,14 +77,6 @@ class DocumentLimits:
     trusted_certfiles: frozenset[str]
 
 
-def valid_job_id(job_id: object) -> bool:
-    return isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) is not None
-
-
-def valid_thing_name(thing_name: object) -> bool:
-    return isinstance(thing_name, str) and _THING_NAME.fullmatch(thing_name) is not None
-
-
 def is_ota_document(doc: object) -> bool:
     return isinstance(doc, dict) and isinstance(doc.get("afr_ota"), dict)
 
@@ -113,13 +104,6 @@ def _get(obj: dict[Any, Any], key: str) -> object:
     return obj.get(key)
 
 
-# --- Jobs messages --------------------------------------------------------------------------
-
-
-def _opt_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 # --- afr_ota document -----------------------------------------------------------------------
 
 
@@ -131,7 +115,7 @@ def parse_job_document(
     protocols_supported: tuple[str, ...] = ("MQTT", "HTTP"),
 ) -> OtaJob:
     """Validate an `afr_ota` job document completely, before anything is downloaded."""
-    if not valid_job_id(job_id):
+    if not is_job_id(job_id):
         raise JobDocumentError(
             "jobId", f"job id {_show(job_id)} is not a valid job id (1-64 of A-Z a-z 0-9 _ -)"
         )
@@ -190,7 +174,7 @@ def _parse_protocols(value: object, supported: tuple[str, ...]) -> list[str]:
 def _parse_stream_name(value: object) -> str:
     if value is None or value == "":
         raise JobDocumentError("streamname", "streamname is missing but the job uses MQTT")
-    if not isinstance(value, str) or _STREAM_NAME.fullmatch(value) is None:
+    if not is_stream_id(value):
         raise JobDocumentError(
             "streamname",
             f"streamname {_show(value)} is not a valid stream id (1-128 of A-Z a-z 0-9 _ -)",

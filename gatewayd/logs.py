@@ -15,7 +15,7 @@ import re
 import socket
 import struct
 import sys
-from typing import Any, Mapping, MutableMapping
+from typing import Mapping
 
 IDENTIFIER = "ota-gatewayd"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -47,26 +47,6 @@ def log_fields(job_id: str | None = None, thing: str | None = None, device: str 
     (a local update has no thing)."""
     values = {"OTA_JOB_ID": job_id, "OTA_THING": thing, "OTA_DEVICE": device, "OTA_PHASE": phase}
     return {k: str(v) for k, v in values.items() if v is not None and v != ""}
-
-
-class ContextAdapter(logging.LoggerAdapter):
-    """A logger that adds fixed OTA_* fields to every record; per-call `extra` wins."""
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-    def bind(self, **fields: str | None) -> "ContextAdapter":
-        """A new adapter with some fields added or changed (job_id=, thing=, device=, phase=)."""
-        return ContextAdapter(self.logger, {**(self.extra or {}), **log_fields(**fields)})
-
-
-def log_context(logger: logging.Logger | str, *, job_id: str | None = None,
-                thing: str | None = None, device: str | None = None,
-                phase: str | None = None) -> ContextAdapter:
-    if isinstance(logger, str):
-        logger = logging.getLogger(logger)
-    return ContextAdapter(logger, log_fields(job_id, thing, device, phase))
 
 
 def _fields_suffix(record: logging.LogRecord) -> str:

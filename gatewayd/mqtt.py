@@ -191,10 +191,170 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 # --- the client ---------------------------------------------------------------------------
 
 
+def tls_context(ca_file: str, cert_file: str, key_file: str, port: int) -> ssl.SSLContext:
+    """Mutual TLS as AWS IoT wants it (TLS 1.2+, and ALPN `x-amzn-mqtt-ca` on port 443)."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise MqttError(f"cannot load TLS files: {e}") from e
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if port == 443:
+        ctx.set_alpn_protocols(["x-amzn-mqtt-ca"])
+    return ctx
+
+
+@dataclass
+class _Backoff:
+    """The wait before each reconnect: `least` doubling to `most`, each drawn from [d/2, d]."""
+
+    least: float
+    most: float
+    attempt: int = 0
+
+    def next(self, count: bool = True) -> float:
+        """The wait before the next attempt; `count`: that attempt is one more that failed."""
+        base = min(self.most, self.least * (2 ** min(self.attempt, 30)))
+        self.attempt += count
+        return random.uniform(base / 2, base)
+
+
+def _subscribe_batches(client: paho.Client | None,
+                       filters: list[tuple[str, int]]) -> list[tuple[list[tuple[str, int]], int | None]]:
+    """SUBSCRIBE `filters` in batches AWS IoT accepts; returns (batch, mid or None if refused)."""
+    sent: list[tuple[list[tuple[str, int]], int | None]] = []
+    for i in range(0, len(filters), MAX_FILTERS_PER_SUBSCRIBE):
+        batch = filters[i : i + MAX_FILTERS_PER_SUBSCRIBE]
+        mid = None
+        if client is not None:
+            try:
+                rc, mid = client.subscribe(batch)
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch], paho.error_string(rc))
+                    mid = None
+            except Exception:  # noqa: BLE001 - reported like a refused batch
+                log.exception("restoring subscriptions %s failed", [f for f, _ in batch])
+                mid = None
+        sent.append((batch, mid))
+    return sent
+
+
 @dataclass
 class _Ack:
     kind: str  # "publish" | "subscribe" | "unsubscribe"
     future: asyncio.Future[Any] | None  # None: nobody waits, swallow the ack
+
+
+class _Acks:
+    """Who waits for which packet id. PUBLISH, SUBSCRIBE and UNSUBSCRIBE share paho's mids,
+    and an acknowledgement (network thread) may come before its waiter registers (loop)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, _Ack] = {}
+        self._early: dict[int, Any] = {}
+
+    def register(self, mid: int, ack: _Ack) -> Any:
+        """Remember who waits for `mid`; return the ack if it already came in (else None)."""
+        with self._lock:
+            if mid in self._early:
+                return self._early.pop(mid)
+            self._waiting[mid] = ack
+            return None
+
+    def forget(self, mid: int) -> None:
+        """Nobody waits any more; a late acknowledgement is swallowed."""
+        with self._lock:
+            if mid in self._waiting:
+                self._waiting[mid] = _Ack(self._waiting[mid].kind, None)
+
+    def arrived(self, mid: int, result: Any) -> _Ack | None:
+        """Network thread: the acknowledgement of `mid`; returns its waiter, if one registered."""
+        with self._lock:
+            ack = self._waiting.pop(mid, None)
+            if ack is None:
+                self._early[mid] = result
+            return ack
+
+    def lost(self, *, publishes_too: bool) -> list[_Ack]:
+        """The waiters that will hear nothing any more: SUBSCRIBE/UNSUBSCRIBE after a lost
+        connection (paho re-sends only QoS 1 PUBLISHes), every one when the client stops."""
+        with self._lock:
+            lost = [(m, a) for m, a in self._waiting.items() if publishes_too or a.kind != "publish"]
+            for mid, _ in lost:
+                del self._waiting[mid]
+            if publishes_too:
+                self._early.clear()
+        return [a for _, a in lost]
+
+    def settle_subscribes(self, mids: list[int], connection_gone: bool) -> None:
+        """After restoring subscriptions: SUBACKs of a dead connection will never come; a late
+        one of a live connection is swallowed."""
+        with self._lock:
+            for mid in mids:
+                ack = self._waiting.get(mid)
+                if ack is not None and ack.kind == "subscribe":
+                    if connection_gone:
+                        del self._waiting[mid]
+                    else:
+                        self._waiting[mid] = _Ack("subscribe", None)
+
+
+class _Subscriptions:
+    """The handlers per topic filter and the QoS each filter is subscribed with."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, list[Handler]] = {}
+        self.qos: dict[str, int] = {}
+
+    def add(self, topic_filter: str, handler: Handler, qos: int, local_only: bool) -> tuple[bool, int | None]:
+        """Add the handler; (whether the broker must be asked, the filter's QoS before)."""
+        self.handlers.setdefault(topic_filter, []).append(handler)
+        old = self.qos.get(topic_filter)
+        if local_only or (old is not None and qos <= old):
+            return False, old
+        self.qos[topic_filter] = qos
+        return True, old
+
+    def undo(self, topic_filter: str, handler: Handler, old_qos: int | None) -> None:
+        handlers = self.handlers.get(topic_filter, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers:
+            self.handlers.pop(topic_filter, None)
+        if old_qos is None:
+            self.qos.pop(topic_filter, None)
+        else:
+            self.qos[topic_filter] = old_qos
+
+    def remove(self, topic_filter: str, handler: Handler | None) -> bool:
+        """Remove `handler` (every one if None); True when the broker must be told to unsubscribe."""
+        handlers = self.handlers.get(topic_filter)
+        if handlers is None:
+            return False
+        if handler is None:
+            handlers.clear()
+        elif handler in handlers:
+            handlers.remove(handler)
+        if handlers:
+            return False
+        del self.handlers[topic_filter]
+        return self.qos.pop(topic_filter, None) is not None  # a local-only filter was never subscribed
+
+    def filters(self) -> list[tuple[str, int]]:
+        return list(dict(self.qos).items())
+
+    def dispatch(self, topic: str, payload: bytes, spawn: Callable[[Awaitable[Any]], None]) -> None:
+        for flt, handlers in list(self.handlers.items()):
+            if not topic_matches(flt, topic):
+                continue
+            for handler in list(handlers):
+                try:
+                    result = handler(topic, payload)
+                    if inspect.isawaitable(result):
+                        spawn(result)
+                except Exception:  # noqa: BLE001
+                    log.exception("handler for %s failed on %s", flt, topic)
 
 
 class MqttClient:
@@ -231,9 +391,7 @@ class MqttClient:
         self._cert_file = str(cert_file)
         self._key_file = str(key_file)
         self._keepalive = keepalive
-        self._min_delay = reconnect_min_delay
-        self._max_delay = reconnect_max_delay
-        self._attempt = 0
+        self._backoff = _Backoff(reconnect_min_delay, reconnect_max_delay)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
@@ -243,14 +401,10 @@ class MqttClient:
         self._generation = 0
         self._ready: asyncio.Event | None = None
 
-        self._handlers: dict[str, list[Handler]] = {}
-        self._qos: dict[str, int] = {}
+        self._subscriptions = _Subscriptions()
         self._listeners: list[ConnectListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-
-        self._ack_lock = threading.Lock()
-        self._acks: dict[int, _Ack] = {}
-        self._early: dict[int, Any] = {}
+        self._acks = _Acks()
 
     # -- lifecycle --
 
@@ -264,17 +418,6 @@ class MqttClient:
         """Connected and every remembered subscription restored (what wait_connected waits for)."""
         return self._connected and self._ready is not None and self._ready.is_set()
 
-    def _tls_context(self) -> ssl.SSLContext:
-        try:
-            ctx = ssl.create_default_context(cafile=self._ca_file)
-            ctx.load_cert_chain(self._cert_file, self._key_file)
-        except (OSError, ssl.SSLError) as e:
-            raise MqttError(f"cannot load TLS files: {e}") from e
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.port == 443:
-            ctx.set_alpn_protocols(["x-amzn-mqtt-ca"])
-        return ctx
-
     async def start(self) -> None:
         """Start connecting in the background and return at once."""
         if self._client is not None:
@@ -284,7 +427,7 @@ class MqttClient:
         self._stopping = False
         client = _new_paho(self.client_id, self.protocol)
         client.suppress_exceptions = True
-        client.tls_set_context(self._tls_context())
+        client.tls_set_context(tls_context(self._ca_file, self._cert_file, self._key_file, self.port))
         client.on_connect = _adapt_connect(self._cb_connect)
         client.on_disconnect = _adapt_disconnect(self._cb_disconnect)
         client.on_connect_fail = self._cb_connect_fail
@@ -295,7 +438,7 @@ class MqttClient:
         client.gw_lost = self._cb_loop_crashed
         client.gw_stop = self._stop_event = threading.Event()
         self._client = client
-        self._set_next_delay()
+        self._set_reconnect_delay(count=False)
         kwargs: dict[str, Any] = {}
         if self.protocol == "v5":
             kwargs["clean_start"] = True
@@ -322,11 +465,7 @@ class MqttClient:
             self._ready.clear()
         for task in list(self._tasks):
             task.cancel()
-        with self._ack_lock:
-            acks, self._acks, self._early = self._acks, {}, {}
-        for ack in acks.values():
-            if ack.future is not None and not ack.future.done():
-                ack.future.set_exception(MqttError("client stopped"))
+        _fail(self._acks.lost(publishes_too=True), "client stopped")
         log.info("stopped")
 
     async def wait_connected(self, timeout: float | None = None) -> None:
@@ -359,9 +498,9 @@ class MqttClient:
         fut = self._loop_fut() if qos == 1 else None
         info = client.publish(topic, payload, qos=qos)
         if info.rc != paho.MQTT_ERR_SUCCESS:
-            self._register(info.mid, _Ack("publish", None))  # paho may still send it later
+            self._acks.register(info.mid, _Ack("publish", None))  # paho may still send it later
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}", int(info.rc))
-        result = self._register(info.mid, _Ack("publish", fut))
+        result = self._acks.register(info.mid, _Ack("publish", fut))
         if fut is None:
             return
         if result is not None:
@@ -369,7 +508,7 @@ class MqttClient:
         try:
             res: Result = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            self._forget(info.mid)
+            self._acks.forget(info.mid)
             raise MqttError(f"no PUBACK for {topic} within {timeout} s") from None
         if not res.ok:
             raise MqttError(f"broker refused publish to {topic}: {res.reason}", res.code)
@@ -386,55 +525,28 @@ class MqttClient:
         validate_filter(topic_filter)
         if qos not in (0, 1):
             raise ValueError("AWS IoT supports QoS 0 and 1 only")
-        self._handlers.setdefault(topic_filter, []).append(handler)
-        if local_only:
-            return
-        old = self._qos.get(topic_filter)
-        if old is not None and qos <= old:
-            return
-        self._qos[topic_filter] = qos
-        if not self._connected:
+        ask, old = self._subscriptions.add(topic_filter, handler, qos, local_only)
+        if not ask or not self._connected:
             return
         try:
             results = await self._send_subscribe([(topic_filter, qos)])
         except MqttError:
             if not self._connected:
                 return  # lost the connection meanwhile: restored on reconnect
-            self._undo_subscribe(topic_filter, handler, old)
+            self._subscriptions.undo(topic_filter, handler, old)
             raise
         except BaseException:
-            self._undo_subscribe(topic_filter, handler, old)
+            self._subscriptions.undo(topic_filter, handler, old)
             raise
         if results is not None and not results[0].ok:
-            self._undo_subscribe(topic_filter, handler, old)
+            self._subscriptions.undo(topic_filter, handler, old)
             raise MqttError(f"broker refused subscription to {topic_filter}: {results[0].reason}",
                             results[0].code)
 
-    def _undo_subscribe(self, topic_filter: str, handler: Handler, old_qos: int | None) -> None:
-        handlers = self._handlers.get(topic_filter, [])
-        if handler in handlers:
-            handlers.remove(handler)
-        if not handlers:
-            self._handlers.pop(topic_filter, None)
-        if old_qos is None:
-            self._qos.pop(topic_filter, None)
-        else:
-            self._qos[topic_filter] = old_qos
-
     async def unsubscribe(self, topic_filter: str, handler: Handler | None = None) -> None:
         """Remove `handler` (all handlers if None); UNSUBSCRIBE when none is left."""
-        handlers = self._handlers.get(topic_filter)
-        if handlers is None:
+        if not self._subscriptions.remove(topic_filter, handler):
             return
-        if handler is None:
-            handlers.clear()
-        elif handler in handlers:
-            handlers.remove(handler)
-        if handlers:
-            return
-        del self._handlers[topic_filter]
-        if self._qos.pop(topic_filter, None) is None:
-            return  # local only
         client = self._client
         if client is None or not self._connected:
             return
@@ -442,12 +554,12 @@ class MqttClient:
         rc, mid = client.unsubscribe(topic_filter)
         if rc != paho.MQTT_ERR_SUCCESS:
             return
-        if self._register(mid, _Ack("unsubscribe", fut)) is not None:
+        if self._acks.register(mid, _Ack("unsubscribe", fut)) is not None:
             return
         try:
             await asyncio.wait_for(fut, _ACK_TIMEOUT)
         except (asyncio.TimeoutError, MqttError):
-            self._forget(mid)
+            self._acks.forget(mid)
             log.debug("no UNSUBACK for %s", topic_filter)
 
     async def _send_subscribe(self, filters: list[tuple[str, int]]) -> list[Result] | None:
@@ -459,42 +571,25 @@ class MqttClient:
         rc, mid = client.subscribe(filters)
         if rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"subscribe failed: {paho.error_string(rc)}", int(rc))
-        early = self._register(mid, _Ack("subscribe", fut))
+        early = self._acks.register(mid, _Ack("subscribe", fut))
         if early is not None:
             return early
         try:
             return await asyncio.wait_for(fut, _ACK_TIMEOUT)
         except asyncio.TimeoutError:
-            self._forget(mid)
+            self._acks.forget(mid)
             raise MqttError(f"no SUBACK for {[f for f, _ in filters]}") from None
 
-    # -- acknowledgement bookkeeping (mids are shared by PUBLISH, SUBSCRIBE, UNSUBSCRIBE) --
+    # -- acknowledgements --
 
     def _loop_fut(self) -> asyncio.Future[Any]:
         assert self._loop is not None
         return self._loop.create_future()
 
-    def _register(self, mid: int, ack: _Ack) -> Any:
-        """Remember who waits for `mid`; return the ack if it already came in (else None)."""
-        with self._ack_lock:
-            if mid in self._early:
-                return self._early.pop(mid)
-            self._acks[mid] = ack
-            return None
-
-    def _forget(self, mid: int) -> None:
-        with self._ack_lock:
-            if mid in self._acks:
-                self._acks[mid] = _Ack(self._acks[mid].kind, None)
-
     def _ack(self, mid: int, result: Any) -> None:
         """Network thread: a PUBACK/SUBACK/UNSUBACK (or QoS 0 send) for `mid`."""
-        with self._ack_lock:
-            ack = self._acks.pop(mid, None)
-            if ack is None:
-                self._early[mid] = result
-                return
-        if ack.future is not None:
+        ack = self._acks.arrived(mid, result)
+        if ack is not None and ack.future is not None:
             self._call(_resolve, ack.future, result)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -508,12 +603,9 @@ class MqttClient:
 
     # -- paho callbacks (network thread) --
 
-    def _next_delay(self) -> float:
-        base = min(self._max_delay, self._min_delay * (2 ** min(self._attempt, 30)))
-        return random.uniform(base / 2, base)
-
-    def _set_next_delay(self) -> float:
-        delay = self._next_delay()
+    def _set_reconnect_delay(self, count: bool = True) -> float:
+        """paho waits reconnect_delay before its next attempt: set it just before it waits."""
+        delay = self._backoff.next(count)
         if self._client is not None:
             self._client.reconnect_delay_set(delay, delay)
         return delay
@@ -523,7 +615,7 @@ class MqttClient:
             if not res.ok:
                 log.warning("connection to %s:%d refused: %s", self.host, self.port, res.reason)
                 return
-            self._attempt = 0
+            self._backoff.attempt = 0
             self._connected = True  # before the snapshot below: see _resubscribe
             self._generation += 1
             log.info("connected to %s:%d", self.host, self.port)
@@ -540,8 +632,7 @@ class MqttClient:
             if self._stopping:
                 log.info("disconnected")
                 return
-            delay = self._set_next_delay()
-            self._attempt += 1
+            delay = self._set_reconnect_delay()
             if was:
                 log.warning("connection lost (%s); reconnecting in %.1f s", res.reason, delay)
             else:
@@ -561,31 +652,13 @@ class MqttClient:
         `_connected`, then read the filters: a filter added meanwhile is sent by one side
         or both (a repeated SUBSCRIBE is harmless), never by neither.
         """
-        client = self._client
-        filters = list(dict(self._qos).items())
-        sent: list[tuple[list[tuple[str, int]], int | None]] = []
-        for i in range(0, len(filters), MAX_FILTERS_PER_SUBSCRIBE):
-            batch = filters[i : i + MAX_FILTERS_PER_SUBSCRIBE]
-            mid = None
-            if client is not None:
-                try:
-                    rc, mid = client.subscribe(batch)
-                    if rc != paho.MQTT_ERR_SUCCESS:
-                        log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch],
-                                  paho.error_string(rc))
-                        mid = None
-                except Exception:  # noqa: BLE001 - reported like a refused batch
-                    log.exception("restoring subscriptions %s failed", [f for f, _ in batch])
-                    mid = None
-            sent.append((batch, mid))
-        return sent
+        return _subscribe_batches(self._client, self._subscriptions.filters())
 
     def _cb_connect_fail(self, _client: Any, _userdata: Any) -> None:
         try:
             if self._stopping:
                 return
-            delay = self._set_next_delay()
-            self._attempt += 1
+            delay = self._set_reconnect_delay()
             log.warning("cannot connect to %s:%d; retrying in %.1f s", self.host, self.port, delay)
         except Exception:  # noqa: BLE001
             log.exception("on_connect_fail failed")
@@ -595,8 +668,7 @@ class MqttClient:
         if self._stopping:
             return None
         log.debug("paho network loop raised", exc_info=exc)
-        delay = self._next_delay()
-        self._attempt += 1
+        delay = self._backoff.next()
         if self._connected:
             self._connected = False
             self._call(self._on_disconnected)
@@ -628,14 +700,7 @@ class MqttClient:
     def _on_disconnected(self) -> None:
         if self._ready is not None:
             self._ready.clear()
-        # SUBSCRIBE/UNSUBSCRIBE are not resent by paho; QoS 1 PUBLISHes are.
-        with self._ack_lock:
-            lost = [(m, a) for m, a in self._acks.items() if a.kind != "publish"]
-            for mid, _ in lost:
-                del self._acks[mid]
-        for _, ack in lost:
-            if ack.future is not None and not ack.future.done():
-                ack.future.set_exception(MqttError("connection lost"))
+        _fail(self._acks.lost(publishes_too=False), "connection lost")
 
     def _after_connect_soon(self, generation: int, sent: list[tuple[list[tuple[str, int]], int | None]]) -> None:
         self._spawn(self._after_connect(generation, sent))
@@ -657,7 +722,7 @@ class MqttClient:
         for batch, mid in sent:  # register every mid first: none may linger in _early
             if mid is not None:
                 fut = self._loop_fut()
-                waits.append((batch, mid, fut, self._register(mid, _Ack("subscribe", fut))))
+                waits.append((batch, mid, fut, self._acks.register(mid, _Ack("subscribe", fut))))
         try:
             for batch, mid, fut, early in waits:
                 if generation != self._generation or not self._connected:
@@ -675,14 +740,7 @@ class MqttClient:
                         log.error("broker refused subscription to %s: %s", flt, res.reason)
         finally:
             gone = generation != self._generation or not self._connected
-            with self._ack_lock:
-                for _, mid, _, _ in waits:
-                    ack = self._acks.get(mid)
-                    if ack is not None and ack.kind == "subscribe":
-                        if gone:  # that connection's SUBACKs will never come
-                            del self._acks[mid]
-                        else:  # a late SUBACK is swallowed
-                            self._acks[mid] = _Ack("subscribe", None)
+            self._acks.settle_subscribes([mid for _, mid, _, _ in waits], connection_gone=gone)
         if generation != self._generation or not self._connected:
             return
         if sent:
@@ -696,18 +754,15 @@ class MqttClient:
                 log.exception("connect listener %r failed", cb)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
-        for flt, handlers in list(self._handlers.items()):
-            if not topic_matches(flt, topic):
-                continue
-            for handler in list(handlers):
-                try:
-                    result = handler(topic, payload)
-                    if inspect.isawaitable(result):
-                        self._spawn(result)
-                except Exception:  # noqa: BLE001
-                    log.exception("handler for %s failed on %s", flt, topic)
+        self._subscriptions.dispatch(topic, payload, self._spawn)
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
     if not fut.done():
         fut.set_result(result)
+
+
+def _fail(acks: list[_Ack], why: str) -> None:
+    for ack in acks:
+        if ack.future is not None and not ack.future.done():
+            ack.future.set_exception(MqttError(why))

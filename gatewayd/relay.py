@@ -7,9 +7,12 @@ never from the database alone: the upload continues from the offset the device a
 (Zephyr's sha session, or the offset probe of MCUboot serial recovery), and a transfer
 interrupted around the test boot is settled by reading the device's image list.
 
-Phases of a transfer (design.md status words, plus `rebooting` shown as `testing`):
-queued -> waiting -> uploading -> testing (test requested) -> rebooting (reset sent)
--> confirming -> succeeded | failed | rejected | cancelled.
+Phases of a transfer (`vocab.TransferPhase`: design.md status words, plus `rebooting`
+shown as `testing`): queued -> waiting -> uploading -> testing (test requested) -> rebooting
+(reset sent) -> confirming -> succeeded | failed | rejected | cancelled.
+
+The relay speaks only `Link` and `SmpClient`: which transport a device uses, whether its
+port is there and whether its link is released between transfers is the link's business.
 
 A device that cannot be opened or does not answer is `waiting`: retried with backoff (at
 once when its port appears), and failed once it has made no progress for
@@ -19,34 +22,32 @@ once when its port appears), and failed once it has made no progress for
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transports.ble import BleLink
-from transports.link import Link, LinkError
+from transports.link import Link, LinkError, LinkSettings
 from transports.smp import ImageSlot, SmpClient, SmpError, SmpMalformed
-from transports.uart import UartLink
 
-from .config import BleConfig, Config, DeviceConfig
+from .config import Config, DeviceConfig, RelayConfig
 from .logs import log_fields
 from .mcuboot import compare_versions, parse_version
-from .state import StateDB, TransferRecord
+from .state import StateDB, TransferKey, TransferRecord
+from .vocab import TransferPhase
 
 log = logging.getLogger("gatewayd.relay")
 
 PROGRESS_SAVE_INTERVAL = 1.0
-RETURN_PROBE_TIMEOUT = 1.0
+RETURN_PROBE_TIMEOUT = 1.0  # seconds per probe of a device coming back from a reset
+RETURN_POLL = 0.2  # seconds between those probes
 RETRY_INTERVAL_MAX = 30.0  # backoff ceiling while a device is unreachable
 PRESENCE_POLL = 0.25  # how often a missing port is looked for between attempts
 MAX_RESETS = 3  # resets per run to get one test boot (or recovery boot) done
 MAX_SETTLE_RESETS = 2  # resets per run to clear another update's test mark: boot it, then revert it
-BEFORE_UPLOAD = ("queued", "waiting", "uploading")
-AFTER_TEST_BOOT = ("rebooting", "confirming")
+
+LinkBuilder = Callable[[LinkSettings], Link]
 
 
 @dataclass(frozen=True)
@@ -59,20 +60,12 @@ class RelayImage:
     version: str
 
 
-@dataclass(frozen=True)
-class TransferKey:
-    thing: str
-    job_id: str
-    idx: int
-    device: str
-
-
 class TransferEnded(Exception):
-    """The transfer reached a final word; carries it and the reason."""
+    """The transfer reached a final phase; carries it and the reason."""
 
-    def __init__(self, word: str, reason: str | None = None, version: str | None = None) -> None:
-        super().__init__(reason or word)
-        self.word = word
+    def __init__(self, phase: TransferPhase, reason: str | None = None, version: str | None = None) -> None:
+        super().__init__(reason or phase)
+        self.phase = phase
         self.reason = reason
         self.version = version
 
@@ -81,19 +74,27 @@ class Retired(Exception):
     """The relay was retired (device removed or changed) while it ran this transfer."""
 
 
-def word_of(phase: str) -> str:
-    """The design.md status word for a stored transfer phase."""
-    return "testing" if phase == "rebooting" else phase
+@dataclass
+class ResetBudget:
+    """The resets one run of a transfer may spend: to get one test boot (or recovery boot)
+    done, and, separately, to let MCUboot settle an image another update left half-way."""
 
+    boots: int = 0
+    settles: int = 0
+    asked_for_recovery: bool = False
 
-def default_link_factory(device: DeviceConfig, *, ble: BleConfig | None = None,
-                         ble_slots: asyncio.Semaphore | None = None) -> Link:
-    """The link for a configured device; BLE links share `ble_slots` ([ble] max_connections)."""
-    if device.transport == "uart" and device.port:
-        return UartLink(device.port, device.baudrate, line_delay=device.line_delay)
-    if device.transport == "ble" and device.address:
-        return BleLink(device.address, adapter=(ble or BleConfig()).adapter, connection_slots=ble_slots)
-    raise LinkError(f"{device.name}: transport {device.transport!r} is not supported by this build")
+    def spend(self, device: str, image: RelayImage, because: str | None) -> None:
+        """Count one reset; the transfer fails once a budget is spent."""
+        if because:
+            self.settles += 1
+            if self.settles > MAX_SETTLE_RESETS:
+                raise TransferEnded(TransferPhase.FAILED, f"{device} still holds {because} after "
+                                                          f"{MAX_SETTLE_RESETS} resets")
+        else:
+            self.boots += 1
+            if self.boots > MAX_RESETS:
+                raise TransferEnded(TransferPhase.FAILED, f"{device} did not boot {image.version} after "
+                                                          f"{MAX_RESETS} resets")
 
 
 class DeviceRelay:
@@ -102,37 +103,32 @@ class DeviceRelay:
     def __init__(
         self,
         device: DeviceConfig,
-        config: Config,
+        link: Link,
+        relay_config: RelayConfig,
         state: StateDB,
         slots: asyncio.Semaphore,
         on_change: Callable[[TransferKey], None],
-        link_factory: Callable[[DeviceConfig], Link] = default_link_factory,
     ) -> None:
         self.device = device
-        self._relay_cfg = config.relay
+        self.link = link
+        self._relay_cfg = relay_config
         self._state = state
         self._slots = slots
         self._on_change = on_change
-        self._link_factory = link_factory
         self._lock = asyncio.Lock()
-        self._link: Link | None = None
-        self._client: SmpClient | None = None
+        self._client: SmpClient | None = None  # set while the link is open
         self._work: asyncio.Future[None] | None = None
         self._retired = False
         self._stopping = False
-        self._resets = 0
-        self._settle_resets = 0
-        self._asked_for_recovery = False
+        self._budget = ResetBudget()
         self.live_progress: tuple[int, int] | None = None
 
     # link handling
 
     async def _connect(self) -> SmpClient:
         if self._client is None:
-            link = self._link_factory(self.device)
-            await link.open()
-            self._link = link
-            self._client = SmpClient(link, buf_size_override=self.device.buf_size,
+            await self.link.open()
+            self._client = SmpClient(self.link, buf_size_override=self.device.buf_size,
                                      timeout=self._relay_cfg.request_timeout)
         return self._client
 
@@ -141,12 +137,11 @@ class DeviceRelay:
         return client, await client.image_list()
 
     async def disconnect(self) -> None:
-        link, self._link, self._client = self._link, None, None
-        if link is not None:
-            try:
-                await link.close()
-            except Exception:  # closing a dead port must not hide the real problem
-                log.debug("closing %s failed", self.device.name, exc_info=True)
+        self._client = None
+        try:
+            await self.link.close()
+        except Exception:  # closing a dead port must not hide the real problem
+            log.debug("closing %s failed", self.device.name, exc_info=True)
 
     @property
     def busy(self) -> bool:
@@ -175,8 +170,7 @@ class DeviceRelay:
         async with self._lock:
             if self._retired:
                 raise Retired
-            self._resets, self._settle_resets, self._stopping = 0, 0, False
-            self._asked_for_recovery = False
+            self._budget, self._stopping = ResetBudget(), False
             # its own task, shielded: retire() stops it without cancelling the caller, and a
             # cancelled caller stops it even when a lower layer swallowed the cancellation
             self._work = asyncio.ensure_future(self._run(key, image))
@@ -193,8 +187,8 @@ class DeviceRelay:
             finally:
                 self._work = None
                 self.live_progress = None
-                if self.device.transport == "ble":
-                    await self.disconnect()  # frees its [ble] max_connections slot for the next device
+                if self.link.release_when_idle:
+                    await self.disconnect()  # e.g. frees a BLE connection slot for the next device
             return self._record(key)
 
     async def _stop_work(self, work: asyncio.Future[None]) -> None:
@@ -211,10 +205,10 @@ class DeviceRelay:
             raise asyncio.CancelledError
 
     def _end(self, key: TransferKey, end: TransferEnded) -> None:
-        self._write(key, phase=end.word, reason=end.reason, **({"version": end.version} if end.version else {}))
-        level = logging.INFO if end.word == "succeeded" else logging.WARNING
-        self._log(key, end.word, "%s: %s%s", self.device.name, end.word, f" ({end.reason})" if end.reason else "",
-                  level=level)
+        self._write(key, phase=end.phase, reason=end.reason, **({"version": end.version} if end.version else {}))
+        level = logging.INFO if end.phase is TransferPhase.SUCCEEDED else logging.WARNING
+        self._log(key, end.phase, "%s: %s%s", self.device.name, end.phase.word,
+                  f" ({end.reason})" if end.reason else "", level=level)
 
     async def _run(self, key: TransferKey, image: RelayImage) -> None:
         """Reach the device and take steps until one of them ends the transfer (TransferEnded)."""
@@ -241,8 +235,8 @@ class DeviceRelay:
                 self._link_lost(key, e)
                 await asyncio.sleep(self._relay_cfg.retry_interval)
             except SmpError as e:
-                phase = word_of(self._record(key).phase)
-                raise TransferEnded("failed", f"device {self.device.name} refused {phase}: {e}") from e
+                word = self._record(key).word
+                raise TransferEnded(TransferPhase.FAILED, f"device {self.device.name} refused {word}: {e}") from e
 
     # reachability
 
@@ -250,13 +244,13 @@ class DeviceRelay:
         """The device cannot be opened or does not answer: `waiting` before the upload is done."""
         record = self._record(key)
         since = self._check_timeout(record, error)
-        if record.phase in ("queued", "uploading"):
-            self._set(key, phase="waiting", unreachable_since=since)
-            self._log(key, "waiting", "%s not reachable, waiting for it: %s", self.device.name, error)
+        if record.phase in (TransferPhase.QUEUED, TransferPhase.UPLOADING):
+            self._set(key, phase=TransferPhase.WAITING, unreachable_since=since)
+            self._log(key, TransferPhase.WAITING, "%s not reachable, waiting for it: %s", self.device.name, error)
         elif record.unreachable_since is None:
             self._set(key, unreachable_since=since)
             self._log(key, record.phase, "%s not reachable during %s: %s", self.device.name,
-                      word_of(record.phase), error, level=logging.WARNING)
+                      record.word, error, level=logging.WARNING)
         else:
             log.debug("%s still not reachable: %s", self.device.name, error)
         return since
@@ -266,7 +260,7 @@ class DeviceRelay:
         since = self._check_timeout(record, error)
         if record.unreachable_since is None:
             self._set(key, unreachable_since=since, notify=False)
-        self._log(key, record.phase, "%s: link lost during %s: %s", self.device.name, word_of(record.phase), error,
+        self._log(key, record.phase, "%s: link lost during %s: %s", self.device.name, record.word, error,
                   level=logging.WARNING)
 
     def _check_timeout(self, record: TransferRecord, error: Exception) -> float:
@@ -274,26 +268,26 @@ class DeviceRelay:
         since = record.unreachable_since or time.time()
         if time.time() - since >= self._relay_cfg.device_timeout:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
-            raise TransferEnded("failed", f"device {self.device.name} unreachable since {stamp}: {error}")
+            raise TransferEnded(TransferPhase.FAILED, f"device {self.device.name} unreachable since {stamp}: {error}")
         return since
 
     def _reached(self, key: TransferKey) -> None:
         # unreachable_since stays until the device makes progress: a device that answers
         # the image list but loses every upload must still time out
         record = self._record(key)
-        if record.phase in ("queued", "waiting"):
-            self._set(key, phase="uploading")
-            if record.phase == "waiting":
-                self._log(key, "uploading", "%s is reachable again", self.device.name)
+        if record.phase in (TransferPhase.QUEUED, TransferPhase.WAITING):
+            self._set(key, phase=TransferPhase.UPLOADING)
+            if record.phase is TransferPhase.WAITING:
+                self._log(key, TransferPhase.UPLOADING, "%s is reachable again", self.device.name)
 
     async def _pause(self, delay: float, since: float) -> None:
         """Wait before the next attempt: `delay`, less if the device's port appears or its time runs out."""
         left_until_timeout = since + self._relay_cfg.device_timeout - time.time()
         end = time.monotonic() + max(0.0, min(delay, left_until_timeout + 0.05))
-        missing = not _port_present(self.device)
+        missing = not self.link.present()
         while (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, PRESENCE_POLL) if missing else left)
-            if missing and _port_present(self.device):
+            if missing and self.link.present():
                 return
 
     # the phase machine
@@ -307,8 +301,8 @@ class DeviceRelay:
         active = _active(slots)
         staged = next((s for s in slots if s.hash == image.hash and not s.active), None)
         if active is not None and active.hash == image.hash:
-            await self._confirm(key, image, client, active, already=phase in BEFORE_UPLOAD)
-        if phase in AFTER_TEST_BOOT:
+            await self._confirm(key, image, client, active, already=phase.before_upload_done)
+        if phase.after_test_boot:
             await self._settle_test_boot(key, image, client, active, staged, phase)
             return
         if staged is None:
@@ -316,7 +310,7 @@ class DeviceRelay:
             if left is not None:  # before the downgrade check: it may be what runs, and it goes
                 await self._settle_left_image(key, client, image, left)
                 return
-            self._refuse_downgrade(image, active)
+            _refuse_downgrade(self.device, image, active)
             await self._upload(key, image, client)
         await self._test_boot(key, image, client)
 
@@ -328,10 +322,10 @@ class DeviceRelay:
         reverts an unconfirmed one), and SMP has no other way to clear it."""
         what = "marked for a test boot" if not left.active else "test-booted and not confirmed"
         if left.hash is None or left.hash.hex() not in self._state.images_sent_to(self.device.name):
-            raise TransferEnded("failed", f"{self.device.name}: slot {left.slot} holds {left.version or 'an image'} "
+            raise TransferEnded(TransferPhase.FAILED, f"{self.device.name}: slot {left.slot} holds {left.version or 'an image'} "
                                           f"{what}, which this gateway did not send; it is left alone: confirm "
                                           "it or reset the device, then retry")
-        self._log(key, "uploading", "%s: slot %d holds %s %s, left by an update that ended half-way; "
+        self._log(key, TransferPhase.UPLOADING, "%s: slot %d holds %s %s, left by an update that ended half-way; "
                   "resetting so that MCUboot settles it before the upload", self.device.name, left.slot,
                   left.version or "an image", what, level=logging.WARNING)
         await self._reset(key, client, image, because=f"{left.version or 'an image'} {what}")
@@ -341,30 +335,30 @@ class DeviceRelay:
         """The device runs the image: confirm it if needed. Always ends the transfer."""
         reason = f"already running {image.version}" if already else None
         if not active.confirmed:
-            self._advance(key, "confirming")
+            self._advance(key, TransferPhase.CONFIRMING)
             # no hash: confirm what runs; with a hash a reverted device would make our image permanent
             await client.confirm()
             active = _active(await client.image_list()) or active
             if active.hash != image.hash or not active.confirmed:
-                raise TransferEnded("failed", f"{self.device.name} did not confirm {image.version}")
-        raise TransferEnded("succeeded", reason, image.version)
+                raise TransferEnded(TransferPhase.FAILED, f"{self.device.name} did not confirm {image.version}")
+        raise TransferEnded(TransferPhase.SUCCEEDED, reason, image.version)
 
     async def _settle_test_boot(self, key: TransferKey, image: RelayImage, client: SmpClient,
-                                active: ImageSlot | None, staged: ImageSlot | None, phase: str) -> None:
+                                active: ImageSlot | None, staged: ImageSlot | None, phase: TransferPhase) -> None:
         """The test boot was started but the device does not run the image: reset again, or it rolled back."""
-        if staged is not None and staged.pending and phase == "rebooting":
+        if staged is not None and staged.pending and phase is TransferPhase.REBOOTING:
             # the test mark is set but the reset never happened (or its answer was lost)
             await self._reset(key, client, image)
             return
         running = active.version if active else "unknown"
-        when = "before" if phase == "confirming" else "after the test boot of"
-        tail = " was confirmed" if phase == "confirming" else ""
-        raise TransferEnded("failed", f"rolled back to {running} {when} {image.version}{tail}")
+        when = "before" if phase is TransferPhase.CONFIRMING else "after the test boot of"
+        tail = " was confirmed" if phase is TransferPhase.CONFIRMING else ""
+        raise TransferEnded(TransferPhase.FAILED, f"rolled back to {running} {when} {image.version}{tail}")
 
     async def _test_boot(self, key: TransferKey, image: RelayImage, client: SmpClient) -> None:
-        self._advance(key, "testing")
+        self._advance(key, TransferPhase.TESTING)
         await client.test_image(image.hash)
-        self._advance(key, "rebooting")
+        self._advance(key, TransferPhase.REBOOTING)
         await self._reset(key, client, image)
 
     async def _recovery_step(self, key: TransferKey, image: RelayImage, client: SmpClient,
@@ -374,54 +368,38 @@ class DeviceRelay:
         holds = primary is not None and primary.hash == image.hash
         # recovery lists no flags: `active` means the application runs it; after our own
         # reset a bootloader that stays in recovery still counts, it validated the image
-        if holds and (primary.active or self._resets):
-            raise TransferEnded("succeeded", None, image.version)
+        if holds and (primary.active or self._budget.boots):
+            raise TransferEnded(TransferPhase.SUCCEEDED, None, image.version)
         if not holds:
-            if self._resets:
-                raise TransferEnded("failed", f"{self.device.name} does not hold {image.version} after the reset")
+            if self._budget.boots:
+                raise TransferEnded(TransferPhase.FAILED, f"{self.device.name} does not hold {image.version} after the reset")
             if any(s.active for s in slots):  # its application answers, not the bootloader
                 await self._enter_recovery(key, client, image)
                 return
-            self._refuse_downgrade(image, primary)
-            await self._upload(key, image, client, probe_offset=self._probe_offset(key))
-        self._advance(key, "rebooting")
+            _refuse_downgrade(self.device, image, primary)
+            await self._upload(key, image, client, probe_offset=_probe_offset(self._record(key)))
+        self._advance(key, TransferPhase.REBOOTING)
         await self._reset(key, client, image)
 
     async def _enter_recovery(self, key: TransferKey, client: SmpClient, image: RelayImage) -> None:
         """The device runs its application (after an earlier update, say): reset it into MCUboot
         serial recovery, as Zephyr >= 4.2 does with boot_mode 1 (CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE)."""
-        if self._asked_for_recovery:
-            raise TransferEnded("failed", f"{self.device.name} runs its application and did not enter MCUboot "
+        if self._budget.asked_for_recovery:
+            raise TransferEnded(TransferPhase.FAILED, f"{self.device.name} runs its application and did not enter MCUboot "
                                           "serial recovery on a reset with boot_mode 1 (it needs Zephyr >= 4.2 "
                                           "with CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE); start it in recovery "
                                           "by hand, then retry")
-        self._asked_for_recovery = True
-        self._log(key, "uploading", "%s runs its application; resetting it into MCUboot serial recovery",
+        self._budget.asked_for_recovery = True
+        self._log(key, TransferPhase.UPLOADING, "%s runs its application; resetting it into MCUboot serial recovery",
                   self.device.name)
         await self._reset(key, client, image, because="its application", boot_mode=1)
-
-    def _probe_offset(self, key: TransferKey) -> int | None:
-        """Where to ask a recovery bootloader to continue; None for a first upload (off 0 erases the slot)."""
-        record = self._record(key)
-        if not record.total:
-            return None
-        # the probe asks: the bootloader accepts it or answers its own offset (0 after a reboot)
-        return min(max(record.done, 1), record.total - 1)
-
-    def _refuse_downgrade(self, image: RelayImage, running: ImageSlot | None) -> None:
-        if running is None or self.device.allow_downgrade or not running.version:
-            return
-        if _older(image.version, running.version):
-            raise TransferEnded(
-                "rejected", f"image {image.version} is older than {running.version} running on {self.device.name}"
-                " and the device does not allow downgrades")
 
     # device actions
 
     async def _upload(self, key: TransferKey, image: RelayImage, client: SmpClient,
                       probe_offset: int | None = None) -> None:
         data = await asyncio.get_running_loop().run_in_executor(None, image.path.read_bytes)
-        self._set(key, phase="uploading", total=len(data))
+        self._set(key, phase=TransferPhase.UPLOADING, total=len(data))
         resumed_at: int | None = None
         last_save = 0.0
 
@@ -436,42 +414,34 @@ class DeviceRelay:
                 self._set(key, done=done, total=total, unreachable_since=None, notify=False)
             self._on_change(key)
 
-        self._log(key, "uploading", "uploading %s (%d bytes) to %s", image.version, len(data), self.device.name)
+        self._log(key, TransferPhase.UPLOADING, "uploading %s (%d bytes) to %s", image.version, len(data), self.device.name)
         try:
             await client.upload(data, image=self.device.image, progress=progress, probe_offset=probe_offset)
         except ValueError as e:  # the device's buffer cannot carry an upload request
-            raise TransferEnded("failed", f"cannot upload to {self.device.name}: {e}") from e
+            raise TransferEnded(TransferPhase.FAILED, f"cannot upload to {self.device.name}: {e}") from e
         self.live_progress = None
         self._set(key, done=len(data), total=len(data), unreachable_since=None)
 
     async def _reset(self, key: TransferKey, client: SmpClient, image: RelayImage, because: str | None = None,
                      boot_mode: int | None = None) -> None:
         """Reset the device and wait until it answers again (the caller reads its image list)."""
-        if because:  # settling another update's image has a budget of its own
-            self._settle_resets += 1
-            if self._settle_resets > MAX_SETTLE_RESETS:
-                raise TransferEnded("failed", f"{self.device.name} still holds {because} after "
-                                              f"{MAX_SETTLE_RESETS} resets")
-        else:
-            self._resets += 1
-            if self._resets > MAX_RESETS:
-                raise TransferEnded("failed", f"{self.device.name} did not boot {image.version} after "
-                                              f"{MAX_RESETS} resets")
-            self._log(key, "testing", "resetting %s to boot %s", self.device.name, image.version)
+        self._budget.spend(self.device.name, image, because)
+        if not because:
+            self._log(key, TransferPhase.TESTING, "resetting %s to boot %s", self.device.name, image.version)
         try:
             await client.reset(boot_mode=boot_mode)
         except (LinkError, SmpMalformed) as e:
             # devices often reset before the answer leaves them
             log.debug("reset of %s answered with %s; assuming it reset", self.device.name, e)
         except SmpError as e:
-            raise TransferEnded("failed", f"{self.device.name} refused to reset: {e}") from e
+            raise TransferEnded(TransferPhase.FAILED, f"{self.device.name} refused to reset: {e}") from e
         await self.disconnect()
         await self._wait_for_return()
 
     async def _wait_for_return(self) -> None:
         """Wait until the device answers again after a reset (raises LinkError after reset_timeout)."""
         deadline = time.monotonic() + self._relay_cfg.reset_timeout
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(RETURN_POLL)
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             self._checkpoint()
@@ -484,18 +454,16 @@ class DeviceRelay:
             except (LinkError, SmpError, OSError, asyncio.TimeoutError) as e:
                 last_error = e
                 await self.disconnect()
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(RETURN_POLL)
         raise LinkError(f"{self.device.name} did not come back within {self._relay_cfg.reset_timeout:g} s"
                         f" after the reset: {last_error}")
 
     # state
 
     def _record(self, key: TransferKey) -> TransferRecord:
-        record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
-        assert record is not None
-        return record
+        return self._state.transfer(key)
 
-    def _advance(self, key: TransferKey, phase: str) -> None:
+    def _advance(self, key: TransferKey, phase: TransferPhase) -> None:
         """Move to the next phase: the device made progress, so it is not unreachable."""
         self._set(key, phase=phase, unreachable_since=None)
 
@@ -504,13 +472,13 @@ class DeviceRelay:
         self._write(key, notify, **values)
 
     def _write(self, key: TransferKey, notify: bool = True, **values: object) -> None:
-        self._state.set_transfer(key.thing, key.job_id, key.idx, key.device, **values)
+        self._state.set_transfer(key, **values)
         if notify:
             self._on_change(key)
 
-    def _log(self, key: TransferKey, phase: str, msg: str, *args: object, level: int = logging.INFO) -> None:
+    def _log(self, key: TransferKey, phase: TransferPhase, msg: str, *args: object, level: int = logging.INFO) -> None:
         log.log(level, msg, *args, extra=log_fields(job_id=key.job_id, thing=key.thing, device=key.device,
-                                                    phase=word_of(phase)))
+                                                    phase=phase.word))
 
 
 def _left_half_way(slots: list[ImageSlot], image: int) -> ImageSlot | None:
@@ -521,11 +489,20 @@ def _left_half_way(slots: list[ImageSlot], image: int) -> ImageSlot | None:
                  and ((s.pending and not s.active) or (s.active and not s.confirmed))), None)
 
 
-def _port_present(device: DeviceConfig) -> bool:
-    """Whether the device's port exists; True when we cannot tell (URLs, other transports)."""
-    if device.transport != "uart" or not device.port or "://" in device.port:
-        return True
-    return os.path.exists(device.port)
+def _probe_offset(record: TransferRecord) -> int | None:
+    """Where to ask a recovery bootloader to continue; None for a first upload (off 0 erases the slot)."""
+    if not record.total:
+        return None
+    # the probe asks: the bootloader accepts it or answers its own offset (0 after a reboot)
+    return min(max(record.done, 1), record.total - 1)
+
+
+def _refuse_downgrade(device: DeviceConfig, image: RelayImage, running: ImageSlot | None) -> None:
+    if running is None or device.allow_downgrade or not running.version:
+        return
+    if _older(image.version, running.version):
+        raise TransferEnded(TransferPhase.REJECTED, f"image {image.version} is older than {running.version} "
+                                                    f"running on {device.name} and the device does not allow downgrades")
 
 
 def _older(new: str, running: str) -> bool:
@@ -547,36 +524,44 @@ def _active(slots: list[ImageSlot]) -> ImageSlot | None:
 
 
 class RelayManager:
-    """All devices' relays; at most `[relay] max_parallel` work at once."""
+    """All devices' relays; at most `[relay] max_parallel` work at once.
+
+    `links` builds a device's link from its settings (`transports.factory.LinkFactory`)."""
 
     def __init__(self, config: Config, state: StateDB, on_change: Callable[[TransferKey], None],
-                 link_factory: Callable[[DeviceConfig], Link] = default_link_factory) -> None:
-        self._config = config
+                 links: LinkBuilder) -> None:
         self._state = state
         self._on_change = on_change
-        if link_factory is default_link_factory:
-            link_factory = functools.partial(default_link_factory, ble=config.ble,
-                                             ble_slots=asyncio.Semaphore(config.ble.max_connections))
-        self._link_factory = link_factory
+        self._links = links
         self._slots = asyncio.Semaphore(config.relay.max_parallel)
-        self.devices: dict[str, DeviceRelay] = {}
+        self._relays: dict[str, DeviceRelay] = {}
+        self._settings: dict[str, LinkSettings] = {}
         self.update_devices(config)
 
     def update_devices(self, config: Config) -> None:
         """Apply a new device list: removed or changed devices' relays stop, their work is handed on."""
-        self._config = config
-        wanted = {d.name: d for d in config.devices}
-        for name in list(self.devices):
-            if name not in wanted or wanted[name] != self.devices[name].device:
-                self.devices.pop(name).retire()
-        for name, device in wanted.items():
-            if name not in self.devices:
-                self.devices[name] = DeviceRelay(device, config, self._state, self._slots, self._on_change,
-                                                 self._link_factory)
+        wanted = {d.name: (d, config.link_settings(d)) for d in config.devices}
+        for name in list(self._relays):
+            device, settings = wanted.get(name, (None, None))
+            if device != self._relays[name].device or settings != self._settings[name]:
+                self._relays.pop(name).retire()
+                del self._settings[name]
+        for name, (device, settings) in wanted.items():
+            if name not in self._relays:
+                self._relays[name] = DeviceRelay(device, self._links(settings), config.relay, self._state,
+                                                 self._slots, self._on_change)
+                self._settings[name] = settings
+
+    def relay(self, device: str) -> DeviceRelay | None:
+        return self._relays.get(device)
+
+    @property
+    def relays(self) -> list[DeviceRelay]:
+        return list(self._relays.values())
 
     async def run(self, key: TransferKey, image: RelayImage) -> TransferRecord:
         while True:
-            relay = self.devices.get(key.device)
+            relay = self._relays.get(key.device)
             if relay is None:
                 return self._no_device(key)
             try:
@@ -585,16 +570,18 @@ class RelayManager:
                 continue  # a changed device goes on with its new relay, which asks the device where it is
 
     def _no_device(self, key: TransferKey) -> TransferRecord:
-        record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
-        assert record is not None
+        record = self._state.transfer(key)
         if not record.final:
-            self._state.set_transfer(key.thing, key.job_id, key.idx, key.device, phase="failed",
+            self._state.set_transfer(key, phase=TransferPhase.FAILED,
                                      reason=f"device {key.device} is no longer configured")
             self._on_change(key)
-            record = self._state.transfer(key.thing, key.job_id, key.idx, key.device)
-            assert record is not None
+            record = self._state.transfer(key)
         return record
 
     def live_progress(self, device: str) -> tuple[int, int] | None:
-        relay = self.devices.get(device)
+        relay = self._relays.get(device)
         return relay.live_progress if relay else None
+
+    async def disconnect_all(self) -> None:
+        for relay in self._relays.values():
+            await relay.disconnect()

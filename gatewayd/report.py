@@ -1,48 +1,33 @@
 """Job execution status updates: the statusDetails of design.md, throttled, never lost at the end.
 
 `status_details` turns what the gateway knows about an execution into AWS's statusDetails
-map (at most 10 keys, values of 1 to 1,024 characters). `Reporter` sends them: at most one
-update per execution every `min_interval` seconds plus one at every change of status word,
-always with `expectedVersion`, and it keeps trying a final update until the cloud accepts
-it or says the execution is gone.
+map (at most 10 keys, values of 1 to 1,024 characters); `ExecutionReports` builds it for a
+job from the status views. `Reporter` sends them: at most one update per execution every
+`min_interval` seconds plus one at every change of status word, always with
+`expectedVersion`, and it keeps trying a final update until the cloud accepts it or says
+the execution is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .aws import MAX_DETAIL_VALUE, MAX_STATUS_DETAILS, TERMINAL_STATUSES, detail_value
+from .cloud import JobsClient
 from .logs import log_fields
-from .state import StateDB
+from .mqtt import MqttClient
+from .state import JobKey, JobRecord, StateDB
+from .views import DeviceStatus, StatusViews
+from .vocab import CloudStatus, JobKind
 
 log = logging.getLogger("gatewayd.report")
 
-MAX_KEYS = 10
-MAX_VALUE = 1024
-DEVICE_KEYS = 6
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+DEVICE_KEYS = 6  # dev:<name> keys, or devs:<n> keys once there are more devices
 GONE_CODES = frozenset({"InvalidStateTransition", "TerminalStateReached", "ResourceNotFound"})
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED"})
-
-
-@dataclass(frozen=True)
-class DeviceStatus:
-    name: str
-    word: str
-    detail: str = ""
-
-    def text(self) -> str:
-        return f"{self.word} {self.detail}".strip()
-
-
-def clean(value: str) -> str:
-    """A statusDetails value AWS accepts: no control characters, 1..1024 characters."""
-    value = _CONTROL.sub(" ", value).strip() or "-"
-    return value if len(value) <= MAX_VALUE else value[: MAX_VALUE - 1] + "…"
 
 
 def summary(devices: list[DeviceStatus]) -> str:
@@ -61,7 +46,7 @@ def _packed_device_keys(devices: list[DeviceStatus]) -> dict[str, str]:
     for i, d in enumerate(devices):
         entry = f"{d.name}={d.text()}"
         candidate = f"{current};{entry}" if current else entry
-        if len(candidate) <= MAX_VALUE:
+        if len(candidate) <= MAX_DETAIL_VALUE:
             current = candidate
             continue
         values.append(current)
@@ -71,7 +56,7 @@ def _packed_device_keys(devices: list[DeviceStatus]) -> dict[str, str]:
             rest = len(devices) - i
             tail = f";+{rest} more"
             last = values[-1]
-            while len(last) + len(tail) > MAX_VALUE and ";" in last:
+            while len(last) + len(tail) > MAX_DETAIL_VALUE and ";" in last:
                 last, _, _dropped = last.rpartition(";")
                 rest += 1
                 tail = f";+{rest} more"
@@ -80,7 +65,7 @@ def _packed_device_keys(devices: list[DeviceStatus]) -> dict[str, str]:
             break
     if current:
         values.append(current)
-    return {f"devs:{n}": clean(v) for n, v in enumerate(values, start=1)}
+    return {f"devs:{n}": detail_value(v) for n, v in enumerate(values, start=1)}
 
 
 def status_details(
@@ -103,19 +88,20 @@ def status_details(
     if devices is not None:
         details["summary"] = summary(devices)
         if len(devices) <= DEVICE_KEYS:
-            details.update({f"dev:{d.name}": clean(d.text()) for d in devices})
+            details.update({f"dev:{d.name}": detail_value(d.text()) for d in devices})
         else:
             details.update(_packed_device_keys(devices))
     if reason:
         details["reason"] = reason
-    details = {k: clean(v) for k, v in details.items()}
-    assert len(details) <= MAX_KEYS, details
+    details = {k: detail_value(v) for k, v in details.items()}
+    if len(details) > MAX_STATUS_DETAILS:
+        raise ValueError(f"{len(details)} statusDetails keys, AWS takes {MAX_STATUS_DETAILS}: {details}")
     return details
 
 
 @dataclass
 class _Pending:
-    status: str
+    status: CloudStatus
     details: dict[str, str]
     word: str
     final: bool
@@ -123,8 +109,7 @@ class _Pending:
 
 @dataclass
 class _Execution:
-    thing: str
-    job_id: str
+    key: JobKey
     queue: list[_Pending] = field(default_factory=list)  # one entry per status word not yet sent
     last_word: str | None = None
     last_sent: float = 0.0
@@ -137,27 +122,27 @@ class Reporter:
 
     def __init__(
         self,
-        jobs,  # gatewayd.cloud.JobsClient
+        cloud: JobsClient,
         state: StateDB,
         *,
-        on_gone: Callable[[str, str], Awaitable[None]],
-        connection=None,  # gatewayd.mqtt.MqttClient: updates wait for it instead of polling
+        on_gone: Callable[[JobKey], Awaitable[None]],
+        connection: MqttClient | None = None,  # updates wait for it instead of polling
         min_interval: float = 2.0,
         retry_interval: float = 5.0,
     ) -> None:
-        self._jobs = jobs
+        self._cloud = cloud
         self._connection = connection
         self._state = state
         self._on_gone = on_gone
         self._min_interval = min_interval
         self._retry_interval = retry_interval
-        self._executions: dict[tuple[str, str], _Execution] = {}
+        self._executions: dict[JobKey, _Execution] = {}
 
-    def post(self, thing: str, job_id: str, status: str, details: dict[str, str], *, final: bool = False) -> None:
+    def post(self, key: JobKey, status: CloudStatus, details: dict[str, str], *, final: bool = False) -> None:
         """Queue the newest state of an execution; older unsent states are replaced."""
-        ex = self._executions.get((thing, job_id))
+        ex = self._executions.get(key)
         if ex is None:
-            ex = self._executions[(thing, job_id)] = _Execution(thing, job_id)
+            ex = self._executions[key] = _Execution(key)
         if ex.queue and ex.queue[-1].final:
             return
         update = _Pending(status, details, details.get("phase", ""), final)
@@ -167,10 +152,10 @@ class Reporter:
             ex.queue.append(update)  # a new word is always reported, however soon
         ex.wake.set()
         if ex.task is None or ex.task.done():
-            ex.task = asyncio.get_running_loop().create_task(self._run(ex), name=f"report {thing}/{job_id}")
+            ex.task = asyncio.get_running_loop().create_task(self._run(ex), name=f"report {key.thing}/{key.job_id}")
 
-    def forget(self, thing: str, job_id: str) -> None:
-        ex = self._executions.pop((thing, job_id), None)
+    def forget(self, key: JobKey) -> None:
+        ex = self._executions.pop(key, None)
         if ex and ex.task and ex.task is not asyncio.current_task():
             ex.task.cancel()
 
@@ -217,41 +202,76 @@ class Reporter:
 
     async def _send(self, ex: _Execution, pending: _Pending) -> bool:
         """True when this update needs no more sending (accepted, or the execution is gone)."""
-        job = self._state.job(ex.thing, ex.job_id)
+        key = ex.key
+        job = self._state.find_job(key)
         if job is None or job.final_sent:
             return True
-        fields = log_fields(job_id=ex.job_id, thing=ex.thing, phase=pending.word)
+        fields = log_fields(job_id=key.job_id, thing=key.thing, phase=pending.word)
         try:
-            result = await self._jobs.update(
-                ex.thing, ex.job_id, pending.status, pending.details,
+            result = await self._cloud.update(
+                key.thing, key.job_id, pending.status, pending.details,
                 expected_version=job.version_number, execution_number=job.execution_number)
         except Exception as e:  # not connected, timeout: keep it and try again
-            log.info("status update for %s not sent yet: %s", ex.job_id, e, extra=fields)
+            log.info("status update for %s not sent yet: %s", key.job_id, e, extra=fields)
             return False
         if result.accepted:
             ex.last_word, ex.last_sent = pending.word, time.monotonic()
-            self._state.record_cloud_state(ex.thing, ex.job_id, pending.status, result.version_number,
-                                           final_sent=pending.final)
+            self._state.record_cloud_state(key, pending.status, result.version_number, final_sent=pending.final)
             log.debug("sent %s %s", pending.status, pending.details, extra=fields)
             return True
         if result.code == "VersionMismatch":
-            if result.status in TERMINAL:
+            if result.status in TERMINAL_STATUSES:
                 return await self._gone(ex, f"execution is already {result.status}", fields)
             # someone (an earlier run of ours) updated it meanwhile: ours is newer, send on its version
-            self._state.record_cloud_state(ex.thing, ex.job_id, result.status, result.version_number)
+            self._state.record_cloud_state(key, _cloud_status(result.status), result.version_number)
             log.info("execution version moved to %s; sending again", result.version_number, extra=fields)
             return await self._send(ex, pending) if result.version_number is not None else False
         if result.code in GONE_CODES:
             return await self._gone(ex, f"{result.code}: {result.message}", fields)
         if result.code in ("RequestThrottled", "InternalError", None):
             return False
-        log.error("status update for %s refused (%s: %s): %s", ex.job_id, result.code, result.message,
+        log.error("status update for %s refused (%s: %s): %s", key.job_id, result.code, result.message,
                   pending.details, extra=fields)
         return True
 
     async def _gone(self, ex: _Execution, why: str, fields: dict) -> bool:
-        log.warning("job %s for %s is gone in the cloud (%s); stopping its work", ex.job_id, ex.thing, why,
+        log.warning("job %s for %s is gone in the cloud (%s); stopping its work", ex.key.job_id, ex.key.thing, why,
                     extra=fields)
-        self._state.close_job(ex.thing, ex.job_id)
-        await self._on_gone(ex.thing, ex.job_id)
+        self._state.close_job(ex.key)
+        await self._on_gone(ex.key)
         return True
+
+
+def _cloud_status(value: str | None) -> CloudStatus | None:
+    """A status AWS sent; None for one this gateway does not know."""
+    try:
+        return None if value is None else CloudStatus(value)
+    except ValueError:
+        return None
+
+
+class ExecutionReports:
+    """The publisher of cloud jobs: tells AWS IoT how a job goes, with the statusDetails of
+    design.md built from the status views, posted through the Reporter."""
+
+    def __init__(self, reporter: Reporter, views: StatusViews, state: StateDB) -> None:
+        self._reporter = reporter
+        self._views = views
+        self._state = state
+
+    def forget(self, key: JobKey) -> None:
+        self._reporter.forget(key)
+
+    def publish(self, job: JobRecord, final: bool = False) -> None:
+        devices = self._views.device_statuses(job)
+        word = self._views.job_word(job, devices)
+        version = next((f.version for f in self._state.files(job.key) if f.version), None)
+        progress = None if final else self._views.progress(job)
+        reason = job.reason if final else None
+        if job.kind is JobKind.PROXIED:
+            device = devices[0].name if devices else None
+            details = status_details(phase=word, progress=progress, device=device, version=version, reason=reason)
+        else:
+            details = status_details(phase=word, progress=progress, version=version, devices=devices, reason=reason)
+        status = job.final_status if final and job.final_status else CloudStatus.IN_PROGRESS
+        self._reporter.post(job.key, status, details, final=final)

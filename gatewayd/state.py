@@ -4,6 +4,10 @@ SQLite in WAL mode with `synchronous=FULL`, so a committed write is on disk befo
 caller acts on it (design.md "State on disk"). Every state change goes through one of the
 small methods here, each one transaction. The daemon owns a single connection and uses it
 from the event loop thread only; writes are small, so they are not worth a thread hop.
+
+Rows are named by typed keys (`JobKey`, `FileKey`, `TransferKey`). `job(key)`, `file(key)`
+and `transfer(key)` return the record or raise `MissingRecord`; `find_job(key)` returns
+None for a job that may not exist.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .vocab import CloudStatus, FilePhase, JobKind, TransferPhase, Word
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    thing TEXT NOT NULL,
+    thing TEXT NOT NULL,                -- '' for a local update (no AWS IoT thing)
     job_id TEXT NOT NULL,
-    kind TEXT NOT NULL,                 -- 'proxied' or 'gateway'
-    document TEXT NOT NULL,             -- the jobDocument as received (JSON)
-    phase TEXT NOT NULL,                -- status word of the execution as a whole
+    kind TEXT NOT NULL,                 -- 'gateway', 'proxied' or 'local' (vocab.JobKind)
+    document TEXT NOT NULL,             -- the jobDocument as received, or a local update's request (JSON)
+    phase TEXT NOT NULL,                -- status word of the job as a whole (vocab.Word)
     reason TEXT,
-    final_status TEXT,                  -- SUCCEEDED/FAILED/REJECTED once decided
+    final_status TEXT,                  -- SUCCEEDED/FAILED/REJECTED/CANCELED once decided
     final_sent INTEGER NOT NULL DEFAULT 0,
     cloud_status TEXT,                  -- last status the cloud accepted
     version_number INTEGER,             -- execution versionNumber after our last accepted update
@@ -40,7 +46,7 @@ CREATE TABLE IF NOT EXISTS files (
     size INTEGER NOT NULL,
     received BLOB,                      -- LSB-first bitmap of blocks on disk (fsynced)
     done INTEGER NOT NULL DEFAULT 0,
-    phase TEXT NOT NULL,                -- downloading, verifying, verified, failed
+    phase TEXT NOT NULL,                -- receiving, downloading, verifying, verified, failed (vocab.FilePhase)
     protocol TEXT,                      -- MQTT (received = bitmap) or HTTP (done = bytes from 0)
     block_size INTEGER,                 -- MQTT: the block size the bitmap counts in
     sha256 TEXT,                        -- set once verified: images/<sha256>
@@ -54,7 +60,7 @@ CREATE TABLE IF NOT EXISTS transfers (
     job_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
     device TEXT NOT NULL,
-    phase TEXT NOT NULL,                -- design.md status words, plus 'rebooting' (test set, reset pending)
+    phase TEXT NOT NULL,                -- vocab.TransferPhase: the status words plus 'rebooting'
     done INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL DEFAULT 0,
     sha256 TEXT,
@@ -66,22 +72,61 @@ CREATE TABLE IF NOT EXISTS transfers (
 );
 """
 
-FINAL_WORDS = frozenset({"succeeded", "failed", "rejected", "cancelled"})
+
+class MissingRecord(LookupError):
+    """A job, file or transfer that should be in the database is not."""
+
+
+@dataclass(frozen=True)
+class JobKey:
+    thing: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class FileKey:
+    thing: str
+    job_id: str
+    idx: int
+
+    @property
+    def job(self) -> JobKey:
+        return JobKey(self.thing, self.job_id)
+
+
+@dataclass(frozen=True)
+class TransferKey:
+    thing: str
+    job_id: str
+    idx: int
+    device: str
+
+    @property
+    def job(self) -> JobKey:
+        return JobKey(self.thing, self.job_id)
+
+    @property
+    def file(self) -> FileKey:
+        return FileKey(self.thing, self.job_id, self.idx)
 
 
 @dataclass
 class JobRecord:
     thing: str
     job_id: str
-    kind: str
+    kind: JobKind
     document: object
-    phase: str
+    phase: Word
     reason: str | None
-    final_status: str | None
+    final_status: CloudStatus | None
     final_sent: bool
-    cloud_status: str | None
+    cloud_status: CloudStatus | None
     version_number: int | None
     execution_number: int | None
+
+    @property
+    def key(self) -> JobKey:
+        return JobKey(self.thing, self.job_id)
 
     @property
     def open(self) -> bool:
@@ -96,13 +141,17 @@ class FileRecord:
     size: int
     received: bytes | None
     done: int
-    phase: str
+    phase: FilePhase
     protocol: str | None
     block_size: int | None
     sha256: str | None
     version: str | None
     image_hash: str | None
     reason: str | None
+
+    @property
+    def key(self) -> FileKey:
+        return FileKey(self.thing, self.job_id, self.idx)
 
 
 @dataclass
@@ -111,7 +160,7 @@ class TransferRecord:
     job_id: str
     idx: int
     device: str
-    phase: str
+    phase: TransferPhase
     done: int
     total: int
     sha256: str | None
@@ -120,8 +169,21 @@ class TransferRecord:
     unreachable_since: float | None
 
     @property
+    def key(self) -> TransferKey:
+        return TransferKey(self.thing, self.job_id, self.idx, self.device)
+
+    @property
+    def word(self) -> Word:
+        return self.phase.word
+
+    @property
     def final(self) -> bool:
-        return self.phase in FINAL_WORDS
+        return self.phase.final
+
+
+_FILE_COLUMNS = frozenset({"phase", "protocol", "block_size", "sha256", "version", "image_hash", "reason", "done",
+                           "received"})
+_TRANSFER_COLUMNS = frozenset({"phase", "done", "total", "sha256", "version", "reason", "unreachable_since"})
 
 
 @dataclass
@@ -141,28 +203,32 @@ class StateDB:
     def close(self) -> None:
         self._db.close()
 
-    def _tx(self):
+    def _tx(self) -> _Transaction:
         return _Transaction(self._db)
 
     # jobs
 
-    def add_job(self, thing: str, job_id: str, kind: str, document: object,
-                version_number: int | None, execution_number: int | None) -> JobRecord:
+    def add_job(self, key: JobKey, kind: JobKind, document: object,
+                version_number: int | None = None, execution_number: int | None = None) -> JobRecord:
         now = time.time()
         with self._tx():
             self._db.execute(
                 "INSERT OR IGNORE INTO jobs (thing, job_id, kind, document, phase, version_number,"
                 " execution_number, created, updated) VALUES (?,?,?,?,?,?,?,?,?)",
-                (thing, job_id, kind, json.dumps(document), "queued", version_number,
+                (key.thing, key.job_id, str(kind), json.dumps(document), str(Word.QUEUED), version_number,
                  execution_number, now, now),
             )
-        job = self.job(thing, job_id)
-        assert job is not None
-        return job
+        return self.job(key)
 
-    def job(self, thing: str, job_id: str) -> JobRecord | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE thing=? AND job_id=?", (thing, job_id)).fetchone()
+    def find_job(self, key: JobKey) -> JobRecord | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE thing=? AND job_id=?", (key.thing, key.job_id)).fetchone()
         return _job(row) if row else None
+
+    def job(self, key: JobKey) -> JobRecord:
+        job = self.find_job(key)
+        if job is None:
+            raise MissingRecord(f"no job {key.job_id} of thing {key.thing!r} in {self.path}")
+        return job
 
     def open_jobs(self) -> list[JobRecord]:
         rows = self._db.execute("SELECT * FROM jobs WHERE final_sent=0 ORDER BY created").fetchall()
@@ -172,66 +238,64 @@ class StateDB:
         rows = self._db.execute("SELECT * FROM jobs ORDER BY updated DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]
 
-    def set_job_phase(self, thing: str, job_id: str, phase: str, reason: str | None = None) -> None:
+    def set_job_phase(self, key: JobKey, phase: Word, reason: str | None = None) -> None:
         with self._tx():
             self._db.execute("UPDATE jobs SET phase=?, reason=?, updated=? WHERE thing=? AND job_id=?",
-                             (phase, reason, time.time(), thing, job_id))
+                             (str(phase), reason, time.time(), key.thing, key.job_id))
 
-    def decide_job(self, thing: str, job_id: str, final_status: str, phase: str, reason: str | None) -> None:
+    def decide_job(self, key: JobKey, final_status: CloudStatus, phase: Word, reason: str | None) -> None:
         """Record the final outcome before it is reported, so it survives a crash."""
         with self._tx():
             self._db.execute(
                 "UPDATE jobs SET final_status=?, phase=?, reason=?, updated=? WHERE thing=? AND job_id=?",
-                (final_status, phase, reason, time.time(), thing, job_id))
+                (str(final_status), str(phase), reason, time.time(), key.thing, key.job_id))
 
-    def record_cloud_state(self, thing: str, job_id: str, status: str | None,
-                           version_number: int | None, final_sent: bool = False) -> None:
+    def record_cloud_state(self, key: JobKey, status: CloudStatus | None, version_number: int | None,
+                           final_sent: bool = False) -> None:
         with self._tx():
             self._db.execute(
                 "UPDATE jobs SET cloud_status=COALESCE(?, cloud_status),"
                 " version_number=COALESCE(?, version_number), final_sent=MAX(final_sent, ?), updated=?"
                 " WHERE thing=? AND job_id=?",
-                (status, version_number, int(final_sent), time.time(), thing, job_id))
+                (None if status is None else str(status), version_number, int(final_sent), time.time(),
+                 key.thing, key.job_id))
 
-    def close_job(self, thing: str, job_id: str) -> None:
+    def close_job(self, key: JobKey) -> None:
         """The cloud no longer wants anything from this job (final sent, or job gone)."""
         with self._tx():
             self._db.execute("UPDATE jobs SET final_sent=1, updated=? WHERE thing=? AND job_id=?",
-                             (time.time(), thing, job_id))
+                             (time.time(), key.thing, key.job_id))
 
     # files
 
-    def add_file(self, thing: str, job_id: str, idx: int, size: int) -> FileRecord:
+    def add_file(self, key: FileKey, size: int, phase: FilePhase = FilePhase.DOWNLOADING) -> FileRecord:
         with self._tx():
             self._db.execute(
                 "INSERT OR IGNORE INTO files (thing, job_id, idx, size, phase) VALUES (?,?,?,?,?)",
-                (thing, job_id, idx, size, "downloading"))
-        f = self.file(thing, job_id, idx)
-        assert f is not None
-        return f
+                (key.thing, key.job_id, key.idx, size, str(phase)))
+        return self.file(key)
 
-    def file(self, thing: str, job_id: str, idx: int) -> FileRecord | None:
+    def file(self, key: FileKey) -> FileRecord:
         row = self._db.execute("SELECT * FROM files WHERE thing=? AND job_id=? AND idx=?",
-                               (thing, job_id, idx)).fetchone()
-        return FileRecord(**dict(row)) if row else None
+                               (key.thing, key.job_id, key.idx)).fetchone()
+        if row is None:
+            raise MissingRecord(f"no files[{key.idx}] of job {key.job_id} ({key.thing!r}) in {self.path}")
+        return _file(row)
 
-    def files(self, thing: str, job_id: str) -> list[FileRecord]:
+    def files(self, key: JobKey) -> list[FileRecord]:
         rows = self._db.execute("SELECT * FROM files WHERE thing=? AND job_id=? ORDER BY idx",
-                                (thing, job_id)).fetchall()
-        return [FileRecord(**dict(r)) for r in rows]
+                                (key.thing, key.job_id)).fetchall()
+        return [_file(r) for r in rows]
 
-    def save_download(self, thing: str, job_id: str, idx: int, received: bytes, done: int) -> None:
-        with self._tx():
-            self._db.execute("UPDATE files SET received=?, done=? WHERE thing=? AND job_id=? AND idx=?",
-                             (received, done, thing, job_id, idx))
+    def save_download(self, key: FileKey, received: bytes, done: int) -> None:
+        self.set_file(key, received=received, done=done)
 
-    def set_file(self, thing: str, job_id: str, idx: int, **values: object) -> None:
-        allowed = {"phase", "protocol", "block_size", "sha256", "version", "image_hash", "reason", "done", "received"}
-        assert set(values) <= allowed, values
+    def set_file(self, key: FileKey, **values: object) -> None:
+        _check_columns("files", values, _FILE_COLUMNS)
         cols = ", ".join(f"{k}=?" for k in values)
         with self._tx():
             self._db.execute(f"UPDATE files SET {cols} WHERE thing=? AND job_id=? AND idx=?",
-                             (*values.values(), thing, job_id, idx))
+                             (*_plain(values), key.thing, key.job_id, key.idx))
 
     def images_sent_to(self, device: str) -> set[str]:
         """MCUboot hashes (hex) of every image a transfer of ours took to `device`."""
@@ -248,24 +312,25 @@ class StateDB:
 
     # transfers
 
-    def add_transfer(self, thing: str, job_id: str, idx: int, device: str) -> TransferRecord:
+    def add_transfer(self, key: TransferKey) -> TransferRecord:
         with self._tx():
             self._db.execute(
                 "INSERT OR IGNORE INTO transfers (thing, job_id, idx, device, phase, updated)"
-                " VALUES (?,?,?,?,?,?)", (thing, job_id, idx, device, "queued", time.time()))
-        t = self.transfer(thing, job_id, idx, device)
-        assert t is not None
-        return t
+                " VALUES (?,?,?,?,?,?)",
+                (key.thing, key.job_id, key.idx, key.device, str(TransferPhase.QUEUED), time.time()))
+        return self.transfer(key)
 
-    def transfer(self, thing: str, job_id: str, idx: int, device: str) -> TransferRecord | None:
+    def transfer(self, key: TransferKey) -> TransferRecord:
         row = self._db.execute(
             "SELECT * FROM transfers WHERE thing=? AND job_id=? AND idx=? AND device=?",
-            (thing, job_id, idx, device)).fetchone()
-        return _transfer(row) if row else None
+            (key.thing, key.job_id, key.idx, key.device)).fetchone()
+        if row is None:
+            raise MissingRecord(f"no transfer of files[{key.idx}] of job {key.job_id} to {key.device} in {self.path}")
+        return _transfer(row)
 
-    def transfers(self, thing: str, job_id: str) -> list[TransferRecord]:
+    def transfers(self, key: JobKey) -> list[TransferRecord]:
         rows = self._db.execute("SELECT * FROM transfers WHERE thing=? AND job_id=? ORDER BY idx, device",
-                                (thing, job_id)).fetchall()
+                                (key.thing, key.job_id)).fetchall()
         return [_transfer(r) for r in rows]
 
     def device_transfers(self, device: str, limit: int = 1) -> list[TransferRecord]:
@@ -273,14 +338,13 @@ class StateDB:
                                 (device, limit)).fetchall()
         return [_transfer(r) for r in rows]
 
-    def set_transfer(self, thing: str, job_id: str, idx: int, device: str, **values: object) -> None:
-        allowed = {"phase", "done", "total", "sha256", "version", "reason", "unreachable_since"}
-        assert set(values) <= allowed, values
+    def set_transfer(self, key: TransferKey, **values: object) -> None:
+        _check_columns("transfers", values, _TRANSFER_COLUMNS)
         cols = ", ".join(f"{k}=?" for k in values)
         with self._tx():
             self._db.execute(
                 f"UPDATE transfers SET {cols}, updated=? WHERE thing=? AND job_id=? AND idx=? AND device=?",
-                (*values.values(), time.time(), thing, job_id, idx, device))
+                (*_plain(values), time.time(), key.thing, key.job_id, key.idx, key.device))
 
 
 class _Transaction:
@@ -290,20 +354,42 @@ class _Transaction:
     def __enter__(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, exc_type, *_: object) -> None:
+    def __exit__(self, exc_type: object, *_: object) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _check_columns(table: str, values: dict[str, object], allowed: frozenset[str]) -> None:
+    unknown = set(values) - allowed
+    if unknown:
+        raise ValueError(f"{table} has no column(s) {', '.join(sorted(unknown))} to set")
+
+
+def _plain(values: dict[str, object]) -> list[object]:
+    """Enum members as the plain strings SQLite stores."""
+    return [str(v) if isinstance(v, str) else v for v in values.values()]
 
 
 def _job(row: sqlite3.Row) -> JobRecord:
     d = dict(row)
     return JobRecord(
-        thing=d["thing"], job_id=d["job_id"], kind=d["kind"], document=json.loads(d["document"]),
-        phase=d["phase"], reason=d["reason"], final_status=d["final_status"],
-        final_sent=bool(d["final_sent"]), cloud_status=d["cloud_status"],
+        thing=d["thing"], job_id=d["job_id"], kind=JobKind(d["kind"]), document=json.loads(d["document"]),
+        phase=Word(d["phase"]), reason=d["reason"], final_status=_status(d["final_status"]),
+        final_sent=bool(d["final_sent"]), cloud_status=_status(d["cloud_status"]),
         version_number=d["version_number"], execution_number=d["execution_number"])
+
+
+def _status(value: str | None) -> CloudStatus | None:
+    return None if value is None else CloudStatus(value)
+
+
+def _file(row: sqlite3.Row) -> FileRecord:
+    d = dict(row)
+    d["phase"] = FilePhase(d["phase"])
+    return FileRecord(**d)
 
 
 def _transfer(row: sqlite3.Row) -> TransferRecord:
     d = dict(row)
     d.pop("updated")
+    d["phase"] = TransferPhase(d["phase"])
     return TransferRecord(**d)

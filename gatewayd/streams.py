@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 
-MIN_BLOCK_SIZE = 256
-MAX_BLOCK_SIZE = 131072
-MAX_BYTES_PER_REQUEST = 131072  # one GetStream request returns at most 128 KiB
-MAX_BLOCKS = 98304  # offset/bitmap ceilings of the service
-MAX_CLIENT_TOKEN = 64
+from .aws import MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_BYTES_PER_REQUEST, MAX_CLIENT_TOKEN, MIN_BLOCK_SIZE
 
-_STREAM_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")
 
 
 class StreamMessageError(ValueError):
     """A stream message that cannot be decoded or breaks the protocol."""
-
-
-def validate_stream_id(stream_id: str) -> None:
-    if not isinstance(stream_id, str) or not _STREAM_ID.fullmatch(stream_id):
-        raise ValueError(f"invalid stream id {stream_id!r}")
 
 
 def n_blocks(size: int, block_size: int) -> int:
@@ -117,17 +106,6 @@ class Bitmap:
             self._bits[i >> 3] &= ~mask & 0xFF
             self._received -= 1
 
-    def first_missing(self) -> int | None:
-        for byte_index, b in enumerate(self._bits):
-            if b != 0xFF:
-                for bit in range(8):
-                    i = byte_index * 8 + bit
-                    if i >= self._n:
-                        return None
-                    if not b & (1 << bit):
-                        return i
-        return None
-
     def missing(self) -> list[int]:
         return [i for i in range(self._n) if not self._bits[i >> 3] & (1 << (i & 7))]
 
@@ -184,12 +162,6 @@ def encode_get_stream(
     return cbor2.dumps(msg)
 
 
-def encode_describe(client_token: str | None = None) -> bytes:
-    if client_token is not None and len(client_token.encode()) > MAX_CLIENT_TOKEN:
-        raise ValueError("client token longer than 64 bytes")
-    return cbor2.dumps({"c": client_token} if client_token is not None else {})
-
-
 @dataclass(frozen=True)
 class DataBlock:
     file_id: int
@@ -197,14 +169,6 @@ class DataBlock:
     length: int
     payload: bytes
     client_token: str | None = None
-
-
-@dataclass(frozen=True)
-class StreamDescription:
-    client_token: str | None
-    version: int | None
-    description: str | None
-    files: dict[int, int]  # file id -> size in bytes
 
 
 def _loads_map(payload: bytes) -> dict[Any, Any]:
@@ -267,22 +231,3 @@ def rejection_client_token(payload: bytes) -> str | None:
         return _opt_text(_loads_map(payload), "c", "clientToken")
     except StreamMessageError:
         return None
-
-
-def decode_description(payload: bytes) -> StreamDescription:
-    obj = _loads_map(payload)
-    files: dict[int, int] = {}
-    entries = obj.get("r", [])
-    if not isinstance(entries, list):
-        raise StreamMessageError("'r' is not an array")
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise StreamMessageError("'r' entry is not a map")
-        files[_int(entry, "f")] = _int(entry, "z")
-    version = obj.get("s")
-    return StreamDescription(
-        _opt_text(obj, "c"),
-        version if isinstance(version, int) and not isinstance(version, bool) else None,
-        _opt_text(obj, "d"),
-        files,
-    )

@@ -77,10 +77,11 @@ class JournalNamespace:
         sock.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
         return sock
 
-
-def journal_stream(sock: socket.socket) -> str:
-    st = os.fstat(sock.fileno())
-    return f"{st.st_dev}:{st.st_ino}"
+    @staticmethod
+    def journal_stream(sock: socket.socket) -> str:
+        """The JOURNAL_STREAM value naming `sock` (device:inode), as systemd sets it."""
+        st = os.fstat(sock.fileno())
+        return f"{st.st_dev}:{st.st_ino}"
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 The SMP service `8D53DC1D-…` has one characteristic `DA2E7828-…` with Write Without Response +
 Notify. A request goes out as write commands, at most `max_write_without_response_size`
 (ATT_MTU − 3) bytes each; the response comes back as one or more notifications, reassembled
-until `8 + header.length` bytes have arrived. There is no other framing, so `framing_overhead`
-is 0.
+by the SMP header's length (`transports.framing.PacketAssembler`). There is no other framing,
+so `framing_overhead` is 0.
 
 Only the part of the BleakClient API that 0.20.2 and 3.x share is used (platform.md §4):
 `connect`/`disconnect`, `is_connected`, `services.get_characteristic`, `start_notify` /
@@ -25,8 +25,8 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from transports.link import LinkError, LinkTimeout
-from transports.smp import HEADER_SIZE
+from transports.framing import SMP_HEADER_SIZE, PacketAssembler
+from transports.link import DEFAULT_CONNECT_TIMEOUT, Inbox, LinkError
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ def _cancelled_by_caller() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _looks_like_response_start(data: bytes | bytearray) -> bool:
-    """Byte 0 of an SMP response header: reserved bits 0, version 0/1, op read-rsp/write-rsp."""
-    return bool(data) and data[0] & 0xE0 == 0 and (data[0] >> 3) & 0x3 <= 1 and data[0] & 0x7 in (1, 3)
-
-
 class BleLink:
     """A Link to one SMP device over BLE.
 
@@ -88,15 +83,15 @@ class BleLink:
     of one adapter); waiting for a slot does not count against `connect_timeout`.
 
     Link loss (the disconnected callback, or the client raising ConnectionError, CancelledError
-    or anything else while we wait) fails the waiting request with LinkError, and the next
-    `transact` reconnects. Cancelling the caller's own task still raises CancelledError. A
-    timeout (LinkTimeout) keeps the connection; a late answer is discarded by its sequence number.
+    or anything else while we write) fails the waiting reader with LinkError, and the next
+    `send` reconnects. Cancelling the caller's own task still raises CancelledError.
 
     `max_packet` is only known once connected (SmpClient asks `params` first, which connects);
-    before the first connection it is the ATT minimum, 20. Stats: `connects`, `stale_discarded`.
+    before the first connection it is the ATT minimum, 20. Stats: `connects`.
     """
 
     framing_overhead = 0
+    release_when_idle = True  # a connection holds one of the adapter's few slots
 
     def __init__(
         self,
@@ -104,7 +99,7 @@ class BleLink:
         *,
         adapter: str = "hci0",
         client_factory: ClientFactory | None = None,
-        connect_timeout: float = 20.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         reassembly: bool | None = None,
         connection_slots: asyncio.Semaphore | None = None,
     ) -> None:
@@ -119,19 +114,22 @@ class BleLink:
         self._client: Any = None
         self._char: Any = None
         self._write_size: int | None = None  # of the current or last connection
-        self._rx = bytearray()
-        self._pending: tuple[int, asyncio.Future[bytes]] | None = None
+        self._assembler = PacketAssembler()
+        self._inbox = Inbox()
+        self._inbox.fail(LinkError(f"{self.name}: link not open"))
         self._lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
-        # stats (tests, logs)
         self.connects = 0
-        self.stale_discarded = 0
 
     # --- Link properties ------------------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
         return self._client is not None
+
+    def present(self) -> bool:
+        """Unknown without scanning: a device out of range is found out by connecting."""
+        return True
 
     @property
     def write_size(self) -> int | None:
@@ -171,7 +169,8 @@ class BleLink:
                 if not {"write-without-response", "notify"} <= props:
                     raise LinkError(f"cannot open {self.name}: SMP characteristic has only {sorted(props)}")
                 write_size = await self._guard(self._negotiated_write_size(client, char), "cannot connect")
-                self._rx.clear()
+                self._assembler.clear()
+                self._inbox.reset()
                 await self._guard(
                     client.start_notify(char, functools.partial(self._on_notify, client)),
                     "cannot subscribe",
@@ -222,80 +221,48 @@ class BleLink:
                 await self._quietly(client.stop_notify(char))
             await self._quietly(client.disconnect())
 
-    # --- transact -------------------------------------------------------------------------
+    # --- send / receive -------------------------------------------------------------------
 
-    async def transact(self, packet: bytes, timeout: float) -> bytes:
-        """Send one SMP packet; return the response with its sequence number (others are stale)."""
-        if len(packet) < HEADER_SIZE:
+    async def send(self, packet: bytes) -> None:
+        """Write one SMP packet as write commands of the negotiated size, connecting first."""
+        if len(packet) < SMP_HEADER_SIZE:
             raise ValueError(f"{len(packet)}-byte packet is shorter than the SMP header")
         async with self._lock:
             await self.open()
             client, char, size = self._client, self._char, self._write_size
-            assert client is not None and size is not None
+            if client is None or size is None:
+                raise LinkError(f"{self.name}: link dropped while connecting")
             if not self.reassembly and len(packet) > size:
                 raise ValueError(
                     f"{self.name}: a {len(packet)}-byte packet needs {math.ceil(len(packet) / size)} writes "
                     f"of {size} bytes, but the device is not known to reassemble (reassembly={self.reassembly})"
                 )
-            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            self._pending = (packet[6], future)
-            self._rx.clear()  # whatever is left of an earlier answer is stale
-            deadline = asyncio.timeout(timeout)
+            self._assembler.clear()  # whatever is left of an earlier answer is stale
             try:
-                async with deadline:
-                    for start in range(0, len(packet), size):
-                        if self._client is not client:
-                            break  # dropped meanwhile: the future holds the LinkError
-                        await client.write_gatt_char(char, packet[start : start + size], response=False)
-                    return await future
+                for start in range(0, len(packet), size):
+                    if self._client is not client:
+                        return  # dropped meanwhile: the reader gets the LinkError
+                    await client.write_gatt_char(char, packet[start : start + size], response=False)
             except LinkError:
                 raise
-            except TimeoutError as e:
-                if deadline.expired():
-                    raise LinkTimeout(f"{self.name}: no answer within {timeout:g} s") from None
-                raise await self._lost(client, f"write timed out: {e!r}") from e
             except asyncio.CancelledError:
                 if _cancelled_by_caller():
                     raise
                 raise await self._lost(client, "the BLE stack cancelled the request (link lost)") from None
             except Exception as e:
                 raise await self._lost(client, f"write failed: {e!r}") from e
-            finally:
-                self._pending = None
-                if future.done() and not future.cancelled():
-                    future.exception()  # retrieved: no "exception was never retrieved" noise
-                else:
-                    future.cancel()
+
+    async def receive(self, timeout: float) -> bytes:
+        """The next response packet; LinkError once the connection dropped or closed."""
+        return await self._inbox.get(timeout)
 
     # --- callbacks ------------------------------------------------------------------------
 
     def _on_notify(self, client: Any, _sender: Any, data: bytearray) -> None:
         if client is not self._client:
             return
-        rx = self._rx
-        if not rx and not _looks_like_response_start(data):
-            self.stale_discarded += 1  # tail of an answer we stopped waiting for
-            return
-        rx += data
-        while len(rx) >= HEADER_SIZE:
-            need = HEADER_SIZE + int.from_bytes(rx[2:4], "big")
-            if len(rx) < need:
-                return
-            packet = bytes(rx[:need])
-            del rx[:need]
-            self._deliver(packet)
-            if rx and not _looks_like_response_start(rx):
-                self.stale_discarded += 1
-                rx.clear()
-
-    def _deliver(self, packet: bytes) -> None:
-        pending = self._pending
-        if pending is not None and packet[0] & 0x7 in (1, 3) and packet[6] == pending[0]:
-            if not pending[1].done():
-                pending[1].set_result(packet)
-                return
-        self.stale_discarded += 1
-        log.debug("%s: discarded stale response seq %d", self.name, packet[6])
+        for packet in self._assembler.feed(data):
+            self._inbox.put(packet)
 
     def _on_disconnected(self, client: Any) -> None:
         if client is self._client:
@@ -307,11 +274,10 @@ class BleLink:
     def _detach(self, error: LinkError) -> None:
         had_client = self._client is not None
         self._client, self._char = None, None
-        self._rx.clear()
+        self._assembler.clear()
         if had_client:
             self._release_slot()
-        if self._pending and not self._pending[1].done():
-            self._pending[1].set_exception(error)
+        self._inbox.fail(error)
 
     def _release_slot(self) -> None:
         if self._slot_held and self._slots is not None:

@@ -1,9 +1,18 @@
-"""SMP console framing (smp.md §2.1): base64 lines with a length prefix and a CRC16-XMODEM."""
+"""How SMP packets are delimited on a byte or message stream.
+
+- The SMP header (smp.md §1): 8 bytes, the payload length in bytes 2-3, so a packet is
+  `8 + length` bytes long. `PacketAssembler` cuts packets out of a stream of fragments by that
+  rule, as BLE notifications carry them (smp.md §2.2).
+- Console framing (smp.md §2.1): base64 lines with a length prefix and a CRC16-XMODEM, for
+  UART and USB-CDC (`encode_frame`, `FrameDecoder`).
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+
+SMP_HEADER_SIZE = 8
 
 START = b"\x06\x09"
 CONTINUE = b"\x04\x14"
@@ -95,3 +104,47 @@ class FrameDecoder:
     def _drop(self) -> None:
         self.dropped += 1
         self._body = None
+
+
+def smp_packet_length(header: bytes | bytearray) -> int:
+    """The whole packet's length announced by its first 8 bytes: header + payload."""
+    return SMP_HEADER_SIZE + int.from_bytes(header[2:4], "big")
+
+
+def looks_like_response_start(data: bytes | bytearray) -> bool:
+    """Byte 0 of an SMP response header: reserved bits 0, version 0/1, op read-rsp/write-rsp."""
+    return bool(data) and data[0] & 0xE0 == 0 and (data[0] >> 3) & 0x3 <= 1 and data[0] & 0x7 in (1, 3)
+
+
+class PacketAssembler:
+    """Reassembles SMP response packets from fragments (BLE notifications) by their length.
+
+    A fragment that cannot start a response while no packet is being assembled is the tail
+    of an answer nobody waits for any more; it is dropped and counted in `discarded`.
+    """
+
+    def __init__(self) -> None:
+        self.discarded = 0
+        self._rx = bytearray()
+
+    def clear(self) -> None:
+        self._rx.clear()
+
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
+        """Take one fragment; return the packets it completes."""
+        rx = self._rx
+        if not rx and not looks_like_response_start(data):
+            self.discarded += 1
+            return []
+        rx += data
+        packets = []
+        while len(rx) >= SMP_HEADER_SIZE:
+            need = smp_packet_length(rx)
+            if len(rx) < need:
+                break
+            packets.append(bytes(rx[:need]))
+            del rx[:need]
+            if rx and not looks_like_response_start(rx):
+                self.discarded += 1
+                rx.clear()
+        return packets

@@ -12,10 +12,11 @@ from typing import Any, TypeGuard
 
 import cbor2
 
+from transports.framing import SMP_HEADER_SIZE
 from transports.link import Link, LinkTimeout
 
 HEADER = struct.Struct("!BBHHBB")
-HEADER_SIZE = HEADER.size
+HEADER_SIZE = SMP_HEADER_SIZE
 SMP_V1, SMP_V2 = 0, 1
 
 DEFAULT_BUF_SIZE = 384  # Zephyr's default netbuf; used when the device has no params command
@@ -250,9 +251,12 @@ ProgressCallback = Callable[[int, int], None]
 class SmpClient:
     """SMP requests to one device over a Link, one at a time, with their own sequence numbers.
 
-    `buf_size_override` replaces the device's `buf_size` (then params is not asked). Each
-    request waits `timeout` seconds for its answer; upload chunks at offset 0 and erase wait
-    `first_chunk_timeout`, since the device may erase a whole slot first.
+    An answer is the packet with the request's sequence number and response op; anything
+    else the link delivers (a late answer to a request that timed out, our own request
+    echoed back) is stale and discarded (`stale_discarded`). `buf_size_override` replaces
+    the device's `buf_size` (then params is not asked). Each request waits `timeout` seconds
+    for its answer; upload chunks at offset 0 and erase wait `first_chunk_timeout`, since the
+    device may erase a whole slot first.
     """
 
     def __init__(
@@ -269,20 +273,38 @@ class SmpClient:
         self.first_chunk_timeout = first_chunk_timeout
         self._lock = asyncio.Lock()
         self._seq = 0
+        self.stale_discarded = 0
 
     async def request(
         self, op: Op, group: int, cmd: int, body: dict[str, Any], *, timeout: float | None = None
     ) -> dict[str, Any]:
         """Send one request, return the response map; raises SmpError, LinkError."""
+        limit = self.timeout if timeout is None else timeout
         async with self._lock:
             seq = self._seq
             self._seq = (seq + 1) & 0xFF
             packet = encode_request(op, group, cmd, body, seq)
-            raw = await self.link.transact(packet, self.timeout if timeout is None else timeout)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + limit
+            try:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel racing the answer
+                async with asyncio.timeout(limit):
+                    await self.link.send(packet)
+                raw = await self._answer(op, seq, lambda: max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise LinkTimeout(f"{self.link.name}: no answer within {limit:g} s") from None
         header = Header.unpack(raw)
-        if (header.op, header.group, header.cmd, header.seq) != (op + 1, group, cmd, seq):
+        if (header.group, header.cmd) != (group, cmd):
             raise SmpMalformed(f"answer {header} does not match request op {op} group {group} cmd {cmd} seq {seq}")
         return decode_response(raw)[1]
+
+    async def _answer(self, op: Op, seq: int, time_left: Callable[[], float]) -> bytes:
+        """The next packet from the link that answers request `seq` (response op, same sequence)."""
+        while True:
+            raw = await self.link.receive(time_left())
+            if len(raw) >= HEADER_SIZE and raw[0] & 0x7 == op + 1 and raw[6] == seq:
+                return raw
+            self.stale_discarded += 1
 
     async def params(self) -> tuple[int, int] | None:
         """(buf_size, buf_count), or None if the device does not support the command."""

@@ -9,8 +9,7 @@ import threading
 import serial
 
 from transports.framing import FrameDecoder, encode_frame
-from transports.link import LinkError, LinkTimeout
-from transports.smp import HEADER_SIZE
+from transports.link import Inbox, LinkError
 
 READ_SIZE = 65536
 THREAD_READ_TIMEOUT = 0.1  # how quickly a URL reader thread notices close()
@@ -22,12 +21,13 @@ class UartLink:
     Device paths are read through `loop.add_reader` on their file descriptor; URL handlers have
     no usable descriptor, so a thread reads them and hands the bytes to the loop. Requests are
     framed for the console; `line_delay` seconds between lines keeps slow devices' line buffers
-    from overrunning. If the port drops (a pty or USB device going away), the waiting request
-    gets a LinkError and the next `transact` reopens the port.
+    from overrunning. If the port drops (a pty or USB device going away), the waiting reader
+    gets a LinkError and the next `send` reopens the port.
     """
 
     max_packet: int | None = None
     framing_overhead = 4  # the frame's length and CRC share the device's buf_size
+    release_when_idle = False
 
     def __init__(self, port: str, baudrate: int = 115200, *, line_delay: float = 0.0) -> None:
         self.name = port
@@ -38,12 +38,17 @@ class UartLink:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._decoder = FrameDecoder()
-        self._pending: tuple[int, asyncio.Future[bytes]] | None = None
+        self._inbox = Inbox()
+        self._inbox.fail(LinkError(f"{self.name}: link not open"))
         self._lock = asyncio.Lock()
 
     @property
     def is_open(self) -> bool:
         return self._serial is not None
+
+    def present(self) -> bool:
+        """A device path exists (a URL's peer cannot be told without connecting)."""
+        return "://" in self.name or os.path.exists(self.name)
 
     async def open(self) -> None:
         if self._serial is not None:
@@ -54,6 +59,7 @@ class UartLink:
             raise LinkError(f"cannot open {self.name}: {e}") from e
         loop = asyncio.get_running_loop()
         self._serial, self._decoder, self._stop = ser, FrameDecoder(), threading.Event()
+        self._inbox.reset()
         if "://" in self.name:
             self._thread = threading.Thread(
                 target=self._read_thread, args=(ser, loop, self._stop), name=f"uart {self.name}", daemon=True
@@ -79,23 +85,18 @@ class UartLink:
         if thread is not None:
             await asyncio.to_thread(thread.join)
 
-    async def transact(self, packet: bytes, timeout: float) -> bytes:
-        """Send one SMP packet; return the response with its sequence number (others are stale)."""
+    async def send(self, packet: bytes) -> None:
+        """Frame one SMP packet and write it, opening the port first if needed."""
         async with self._lock:
             await self.open()
             ser = self._serial
-            assert ser is not None
-            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            self._pending = (packet[6], future)
-            try:
-                await self._write(ser, encode_frame(packet))
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel racing the answer
-                async with asyncio.timeout(timeout):
-                    return await future
-            except TimeoutError:
-                raise LinkTimeout(f"{self.name}: no answer within {timeout:g} s") from None
-            finally:
-                self._pending = None
+            if ser is None:
+                raise LinkError(f"{self.name}: link dropped while opening")
+            await self._write(ser, encode_frame(packet))
+
+    async def receive(self, timeout: float) -> bytes:
+        """The next packet from the device; LinkError once the port dropped or closed."""
+        return await self._inbox.get(timeout)
 
     async def _write(self, ser: serial.SerialBase, frame: bytes) -> None:
         lines = frame.splitlines(keepends=True) if self.line_delay else [frame]
@@ -103,7 +104,7 @@ class UartLink:
             if i:
                 await asyncio.sleep(self.line_delay)
             if ser is not self._serial:
-                return  # dropped meanwhile: the pending future already holds the LinkError
+                return  # dropped meanwhile: the reader gets the LinkError
             try:
                 if self._fd is None:
                     await asyncio.to_thread(ser.write, line)
@@ -147,11 +148,7 @@ class UartLink:
         if ser is not self._serial:
             return
         for packet in self._decoder.feed(data):
-            # byte 0 odd = a response op (not our own request looped back); byte 6 = sequence
-            if self._pending and len(packet) >= HEADER_SIZE and packet[0] & 1 and packet[6] == self._pending[0]:
-                future = self._pending[1]
-                if not future.done():
-                    future.set_result(packet)
+            self._inbox.put(packet)
 
     def _drop(self, ser: serial.SerialBase, reason: str) -> None:
         if ser is self._serial:
@@ -166,8 +163,7 @@ class UartLink:
             self._fd = None
         self._stop.set()
         ser.close()
-        if self._pending and not self._pending[1].done():
-            self._pending[1].set_exception(error)
+        self._inbox.fail(error)
 
 
 async def _writable(fd: int) -> None:

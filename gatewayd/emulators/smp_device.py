@@ -496,6 +496,7 @@ class EmulatedDevice:
         self._worker: asyncio.Task[None] | None = None
         self._absent = False
         self._down = False
+        self._memory: Callable[[bytes], None] | None = None  # serve_memory's answer sink
         self._generation = 0
         self._timers: list[asyncio.TimerHandle] = []
 
@@ -579,6 +580,25 @@ class EmulatedDevice:
         if self.boot_banner:
             self._banner()
 
+    async def serve_memory(self, deliver: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """Answer SMP packets handed over in memory, with no framing and no pty (fast tests of a
+        client): returns the function that takes one request packet; each answer goes to
+        `deliver`. Everything else behaves as on a pty: the netbuf limit, `response_delay`,
+        resets during which requests are lost, `set_absent` and `power_cycle`."""
+        if self._loop is not None:
+            raise RuntimeError(f"{self.name}: already serving")
+        self._loop = asyncio.get_running_loop()
+        self._memory = deliver
+        self._queue = asyncio.Queue()
+        self._worker = self._loop.create_task(self._work(), name=f"smp-device-{self.name}")
+        self._event("serving in memory")
+
+        def request(packet: bytes) -> None:
+            if not (self._absent or self._down):  # bytes sent to a device that is gone are lost
+                self._accept(packet)
+
+        return request
+
     async def stop(self) -> None:
         for timer in self._timers:
             timer.cancel()
@@ -591,6 +611,7 @@ class EmulatedDevice:
         self._close_pty()
         self._unpublish_link()
         self._loop = None
+        self._memory = None
         self._event("stopped")
 
     async def set_absent(self, absent: bool, *, hangup: bool = False) -> None:
@@ -602,6 +623,9 @@ class EmulatedDevice:
         if absent == self._absent:
             return
         self._absent = absent
+        if self._memory is not None or self._loop is None:  # no pty to remove or bring back
+            self._event("absent" if absent else "present again")
+            return
         if absent:
             self._unpublish_link()
             if hangup:
@@ -711,7 +735,11 @@ class EmulatedDevice:
             except Exception:  # a bug in the emulator must not kill the device
                 log.exception("%s: request handling failed", self.name)
                 continue
-            if response is not None:
+            if response is None:
+                continue
+            if self._memory is not None:
+                self._memory(response)
+            else:
                 self._send(encode_console_frame(response))
 
     def _send(self, data: bytes) -> None:

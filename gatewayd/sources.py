@@ -1,0 +1,256 @@
+"""Where a job's images come from, one strategy per kind of job, and the check they all pass.
+
+- `CloudFiles`: the files of an `afr_ota` job (a gateway's or a proxied thing's), each
+  downloaded once over MQTT streams or HTTPS (`[ota] prefer` first, the other as fallback)
+  into `partial/`, resuming from what the state database says is on disk.
+- `PushedImage`: the image `ota-gatewayctl push` sent, already in `partial/`.
+
+Either way the bytes pass `Verifier` before a device sees them: the code signature against
+a trusted certificate (or, for a push root allowed unsigned, the SHA-256 alone), then the
+MCUboot image checks; only then does the file move to `images/<sha256>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from .cloud import JobsClient
+from .config import Config
+from .errors import DownloadError, JobFailed
+from .http_download import HttpDownload, HttpDownloadError
+from .jobdoc import DocumentLimits, OtaFile, OtaJob, parse_job_document
+from .logs import log_fields
+from .mcuboot import ImageError, inspect_image
+from .mqtt import MqttClient
+from .relay import RelayImage
+from .state import FileKey, FileRecord, JobRecord, StateDB
+from .store import FileStore
+from .stream_download import StreamDownload
+from .verify import VerificationError, sha256_file, verify_file
+from .vocab import FilePhase, TransferPhase, Word
+
+log = logging.getLogger("gatewayd.sources")
+
+
+class JobEvents(Protocol):
+    """What a source tells the job's life cycle while it works."""
+
+    def phase(self, job: JobRecord, word: Word) -> None:
+        """The job moved on (downloading, verifying): record it and tell who follows the job."""
+
+    def download_progress(self, job: JobRecord, progress: tuple[int, int] | None) -> None:
+        """Bytes downloaded so far (None: the download is over)."""
+
+
+class ImageSource(Protocol):
+    async def images(self, job: JobRecord, events: JobEvents) -> dict[int, RelayImage]:
+        """Every file of the job as a verified image in the store, by file index; raises JobFailed."""
+
+
+def parse_ota(job_id: str, document: object, config: Config) -> OtaJob:
+    """The job's afr_ota document, checked against this gateway's limits and trusted certfiles,
+    its protocols in the order of `[ota] prefer`; raises JobDocumentError."""
+    limits = DocumentLimits(max_file_size=config.ota.max_file_size,
+                            trusted_certfiles=frozenset(config.signing.certificates))
+    protocols = ("HTTP", "MQTT") if config.ota.prefer == "http" else ("MQTT", "HTTP")
+    return parse_job_document(job_id, document, limits, protocols_supported=protocols)
+
+
+class Verifier:
+    """Checks a file and moves it into the store; the one gate between downloads and devices."""
+
+    def __init__(self, state: StateDB, store: FileStore, certificates: Callable[[], Mapping[str, Path]]) -> None:
+        self._state = state
+        self._store = store
+        self._certificates = certificates
+
+    async def stored(self, job: JobRecord, f: OtaFile, record: FileRecord, label: str,
+                     unsigned: bool = False) -> RelayImage | None:
+        """The file's image if it already reached images/ (verified, or cut off between the rename
+        and "verified", then checked again); None while it still has to be fetched or received."""
+        path = self._store.stored_image(record.sha256)
+        if path is None or record.sha256 is None:
+            return None
+        if record.phase is FilePhase.VERIFIED:
+            return RelayImage(path, record.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")
+        return await self.verify(job, f, path, label, unsigned)
+
+    async def verify(self, job: JobRecord, f: OtaFile, part: Path, label: str, unsigned: bool = False) -> RelayImage:
+        """Check the signature (unless `unsigned`) and the MCUboot image; raises JobFailed(rejected)."""
+        loop = asyncio.get_running_loop()
+        key = FileKey(job.thing, job.job_id, f.index)
+
+        def check_signature() -> bytes:
+            if unsigned:
+                return sha256_file(part)
+            return verify_file(part, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
+                               signature=f.signature, certificate=self._certificates()[f.certfile],
+                               certfile_label=f.certfile)
+
+        try:
+            digest = await loop.run_in_executor(None, check_signature)
+            info = await loop.run_in_executor(None, inspect_image, part)
+        except (VerificationError, ImageError) as e:
+            part.unlink(missing_ok=True)
+            reason = f"{label} rejected: {e}"
+            self._state.set_file(key, phase=FilePhase.FAILED, reason=reason)
+            for t in self._state.transfers(job.key):
+                if t.idx == f.index and not t.final:
+                    self._state.set_transfer(t.key, phase=TransferPhase.REJECTED, reason=str(e))
+            raise JobFailed(Word.REJECTED, reason) from e
+        sha = digest.hex()
+        # sha first: a power cut between the rename and "verified" then finds the image in the store
+        self._state.set_file(key, sha256=sha)
+        target = self._store.move_in(part, sha)
+        self._state.set_file(key, phase=FilePhase.VERIFIED, sha256=sha, version=info.version_text,
+                             image_hash=info.hash.hex())
+        log.info("%s of %s verified%s: MCUboot image %s, sha256 %s", label, job.job_id,
+                 " (unsigned push: MCUboot hash only)" if unsigned else "", info.version_text, sha,
+                 extra=log_fields(job_id=job.job_id, thing=job.thing, phase=Word.VERIFYING))
+        return RelayImage(target, sha, info.hash, info.version_text)
+
+
+class CloudFiles:
+    """The files of an AWS IoT OTA job: downloaded once each, then verified."""
+
+    def __init__(self, config: Callable[[], Config], state: StateDB, store: FileStore, mqtt: MqttClient,
+                 cloud: JobsClient, verifier: Verifier) -> None:
+        self._config = config
+        self._state = state
+        self._store = store
+        self._mqtt = mqtt
+        self._cloud = cloud
+        self._verifier = verifier
+
+    async def images(self, job: JobRecord, events: JobEvents) -> dict[int, RelayImage]:
+        ota = parse_ota(job.job_id, job.document, self._config())
+        return {f.index: await self._fetch(job, ota, f, events) for f in ota.files}
+
+    async def _fetch(self, job: JobRecord, ota: OtaJob, f: OtaFile, events: JobEvents) -> RelayImage:
+        key = FileKey(job.thing, job.job_id, f.index)
+        label = f"files[{f.index}]"
+        image = await self._verifier.stored(job, f, self._state.file(key), label)
+        if image is not None:
+            return image
+        part = self._store.part_path(key)
+        self._state.set_file(key, phase=FilePhase.DOWNLOADING)
+        events.phase(job, Word.DOWNLOADING)
+        failures = []
+        for protocol in ota.protocols:  # in the order of [ota] prefer; the others are fallbacks
+            try:
+                await self._download(job, ota, f, protocol, part, events)
+                break
+            except DownloadError as e:  # HttpDownloadError too
+                failures.append(f"{protocol}: {e}")
+                log.warning("download of files[%d] over %s failed: %s", f.index, protocol, e,
+                            extra=log_fields(job_id=job.job_id, thing=job.thing, phase=Word.DOWNLOADING))
+            except OSError as e:  # the gateway's own disk: no other protocol will help
+                self._forget_download(key, phase=FilePhase.FAILED, reason=str(e))
+                raise JobFailed(Word.FAILED, f"download of files[{f.index}] failed on the gateway: "
+                                f"{e.strerror or e}") from e
+        else:
+            self._forget_download(key, phase=FilePhase.FAILED, reason="; ".join(failures))
+            raise JobFailed(Word.FAILED, f"download of files[{f.index}] failed: {'; '.join(failures)}")
+        events.download_progress(job, None)
+        self._state.set_file(key, phase=FilePhase.VERIFYING)
+        events.phase(job, Word.VERIFYING)
+        return await self._verifier.verify(job, f, part, label)
+
+    async def _download(self, job: JobRecord, ota: OtaJob, f: OtaFile, protocol: str, part: Path,
+                        events: JobEvents) -> None:
+        key = FileKey(job.thing, job.job_id, f.index)
+        config = self._config()
+        block_size = config.ota.block_size
+        record = self._state.file(key)
+        if record.protocol != protocol or not part.exists() or (protocol == "MQTT" and record.block_size != block_size):
+            # what is on disk was written another way (protocol, block size), or is gone: start over
+            self._forget_download(key, protocol=protocol, block_size=block_size)
+            record = self._state.file(key)
+
+        def progress(done: int, total: int) -> None:
+            events.download_progress(job, (done, total))
+
+        if protocol == "MQTT":
+            async def save_blocks(received: bytes, done: int) -> None:
+                self._state.save_download(key, received, done)
+
+            await StreamDownload(
+                self._mqtt, thing_name=config.gateway.thing_name, stream_name=ota.stream_name or "",
+                file_id=f.fileid, file_size=f.filesize, block_size=block_size,
+                blocks_per_request=config.ota.blocks_per_request, part_path=part,
+                received=record.received, save_progress=save_blocks, on_progress=progress,
+                request_timeout=config.ota.request_timeout, max_idle_requests=config.ota.max_idle_requests).run()
+            return
+
+        async def save_bytes(done: int) -> None:
+            self._state.set_file(key, done=done)
+
+        await HttpDownload(
+            url=f.update_data_url or "", file_size=f.filesize, part_path=part, have=record.done,
+            save_progress=save_bytes, refresh_url=lambda: self._fresh_url(job, f.index), on_progress=progress,
+            ca_file=config.ota.https_ca_file).run()
+
+    async def _fresh_url(self, job: JobRecord, idx: int) -> str:
+        """Presigned URLs expire: AWS IoT mints a new one each time the document is read."""
+        execution = await self._cloud.describe(job.thing, job.job_id)
+        if execution is None:
+            raise HttpDownloadError(f"job {job.job_id} is no longer available in the cloud")
+        ota = parse_ota(job.job_id, execution.document, self._config())
+        url = ota.files[idx].update_data_url if idx < len(ota.files) else None
+        if not url:
+            raise HttpDownloadError(f"the job document no longer has an update_data_url for files[{idx}]")
+        return url
+
+    def _forget_download(self, key: FileKey, **values: Any) -> None:
+        self._store.discard_part(key)
+        self._state.set_file(key, received=None, done=0, **values)
+
+
+class PushedImage:
+    """The image of a local update, received into partial/ by `local.LocalUpdates`."""
+
+    def __init__(self, state: StateDB, store: FileStore, verifier: Verifier) -> None:
+        self._state = state
+        self._store = store
+        self._verifier = verifier
+
+    async def images(self, job: JobRecord, events: JobEvents) -> dict[int, RelayImage]:
+        """A pushed image, verified once; a push cut off while it was being received fails."""
+        key = FileKey(job.thing, job.job_id, 0)
+        record = self._state.file(key)
+        f = pushed_file(job.document, record.size)
+        label = f"image {f.filepath}"
+        unsigned = not f.certfile  # a push the operator was allowed to make unsigned
+        image = await self._verifier.stored(job, f, record, label, unsigned)
+        if image is not None:
+            return {0: image}
+        part = self._store.part_path(key)
+        if record.phase is FilePhase.RECEIVING or not part.exists():
+            raise JobFailed(Word.FAILED, "the gateway stopped before the whole image was received; push it again")
+        events.phase(job, Word.VERIFYING)
+        return {0: await self._verifier.verify(job, f, part, label, unsigned)}
+
+
+def pushed_document(*, device: str, file: str, size: int, certfile: str | None, algorithm: str | None,
+                    signature: bytes | None, requested_by: int) -> dict[str, Any]:
+    """How a local update's request is kept in the state database (its "job document")."""
+    return {"local": {"device": device, "file": file, "size": size, "certfile": certfile,
+                      "signature_algorithm": algorithm,
+                      "signature": base64.b64encode(signature).decode() if signature else None,
+                      "requested_by": requested_by}}
+
+
+def pushed_file(document: object, size: int) -> OtaFile:
+    """The pushed image as an OtaFile, so it is verified exactly as a job's file is."""
+    local = document.get("local", {}) if isinstance(document, dict) else {}
+    signature = local.get("signature")
+    return OtaFile(index=0, filepath=local.get("file"), filesize=size, fileid=0,
+                   certfile=local.get("certfile") or "", signature_key="", hash_name="sha256",
+                   signature_algorithm=local.get("signature_algorithm") or "",
+                   signature=base64.b64decode(signature) if signature else b"", file_type=0,
+                   update_data_url=None, auth_scheme=None)

@@ -1,0 +1,356 @@
+"""Windowed, resumable download of one file from an AWS IoT MQTT stream (aws-iot-ota.md §3).
+
+Flow per request: ask for up to `window` blocks with o=0 and the bitmap of every missing
+block; write each new block at i*block_size into the .part file; when the window is used
+up, or `request_timeout` passes without a new block, fsync the file, record progress
+(`save_progress`) and ask again. Consecutive requests without a new block wait
+request_timeout, 2x, then 4x (the cap) before the next one; after `max_idle_requests` of
+them the download fails. Bad messages are discarded and never reset that count, so a
+stream that sends only garbage fails the same way. While the MQTT connection is down the
+download waits for it instead of spending requests.
+
+Crash safety: `save_progress` only ever receives blocks that were fsynced before it was
+called, so after a crash or power cut the stored bitmap never claims a block that is not on
+disk, and at most one window of written-but-unsaved blocks is fetched again. A daemon
+stop (cancelling the task that awaits run()) saves the window in progress first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .aws import MAX_BLOCK_SIZE, MAX_BLOCKS, MIN_BLOCK_SIZE, check_stream_id, check_thing_name
+from .errors import DownloadError
+from .mqtt import MqttClient, MqttError
+from .store import fsync_dir, pwrite_all
+from .streams import (
+    Bitmap,
+    StreamMessageError,
+    block_length,
+    decode_data_block,
+    decode_rejection,
+    encode_get_stream,
+    max_blocks_per_request,
+    n_blocks,
+    rejection_client_token,
+)
+
+log = logging.getLogger("gatewayd.stream_download")
+
+IDLE_BACKOFF_CAP = 4  # the idle wait grows request_timeout x1, x2, x4, x4, ...
+# Rejections worth another try (the idle count still bounds them); any other code is final.
+TRANSIENT_REJECTIONS = frozenset({"InternalError", "RequestThrottled", "Throttling", "ServiceUnavailable",
+                                  "Unknown"})
+
+
+@dataclass
+class DownloadStats:
+    requests: int = 0
+    blocks: int = 0  # new blocks written
+    duplicates: int = 0
+    discarded: int = 0  # malformed or mismatched messages
+    rejections: int = 0
+
+
+class StreamDownload:
+    def __init__(
+        self,
+        mqtt: MqttClient,
+        *,
+        thing_name: str,
+        stream_name: str,
+        file_id: int,
+        file_size: int,
+        block_size: int,
+        blocks_per_request: int,
+        part_path: Path,
+        received: bytes | None,
+        save_progress: Callable[[bytes, int], Awaitable[None]],
+        on_progress: Callable[[int, int], None] | None = None,
+        request_timeout: float = 10.0,
+        max_idle_requests: int = 32,
+    ) -> None:
+        """Parameters that cannot work (block size outside 256..131072, file id outside
+        0..255, a file needing more blocks than a stream serves, a stored bitmap of the
+        wrong length, an invalid thing or stream name) make run() raise DownloadError."""
+        self._problem = _check(thing_name, stream_name, file_id, file_size, block_size)
+        count = n_blocks(file_size, block_size) if self._problem is None else 0
+        self._bitmap = Bitmap.all_missing(count)
+        if self._problem is None and received is not None:
+            try:
+                self._bitmap = Bitmap.from_received_bytes(count, received)
+            except ValueError as e:
+                self._problem = f"stored progress does not fit this file: {e}"
+        if request_timeout <= 0 or max_idle_requests < 1 or blocks_per_request < 1:
+            raise ValueError("request_timeout, max_idle_requests and blocks_per_request must be positive")
+        self._mqtt = mqtt
+        self.thing_name = thing_name
+        self.stream_name = stream_name
+        self.file_id = file_id
+        self.file_size = file_size
+        self.block_size = block_size
+        self.window = min(blocks_per_request, max_blocks_per_request(max(block_size, MIN_BLOCK_SIZE)))
+        self.part_path = Path(part_path)
+        self._save_progress = save_progress
+        self._on_progress = on_progress
+        self._timeout = request_timeout
+        self._max_idle = max_idle_requests
+        self._token = f"{file_id}-{secrets.token_hex(4)}"
+        base = f"$aws/things/{thing_name}/streams/{stream_name}"
+        self._get_topic = f"{base}/get/cbor"
+        self._data_topic = f"{base}/data/cbor"
+        self._rejected_topic = f"{base}/rejected/cbor"
+        self._task: asyncio.Task[None] | None = None
+        self._since_progress = 0
+        self._idle_since = 0.0  # loop time of the first request without a new block
+        self._abandoned = False
+        self._unsaved = False  # blocks written since the last save_progress
+        self._dir_synced = False
+        self.stats = DownloadStats()
+
+    # -- public --
+
+    @property
+    def bitmap(self) -> Bitmap:
+        return self._bitmap
+
+    @property
+    def done_bytes(self) -> int:
+        done = self._bitmap.received_count * self.block_size
+        last = self._bitmap.n_blocks - 1
+        if last >= 0 and self._bitmap.is_received(last):
+            done -= self.block_size - block_length(last, self.file_size, self.block_size)
+        return done
+
+    async def run(self) -> None:
+        """Download every missing block; return once all are on disk and fsynced."""
+        if self._task is not None:
+            raise RuntimeError("run() may be called once")
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        await self._task
+
+    async def cancel(self) -> None:
+        """Abandon the download (run() raises CancelledError) and drop its subscriptions.
+
+        Unlike cancelling the task that awaits run() (a daemon stop), which first saves
+        the blocks of the window in progress, this saves nothing more.
+        """
+        task = self._task
+        if task is not None and not task.done():
+            self._abandoned = True
+            task.cancel()
+            await asyncio.wait({task})
+
+    # -- the download --
+
+    async def _run(self) -> None:
+        if self._problem is not None:
+            raise DownloadError(self._problem)
+        fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._forget_blocks_past_eof(fd)
+            if not self._bitmap.complete:
+                await self._download(fd)
+            self._finish(fd)
+            await self._save_progress(self._bitmap.received_bytes(), self.done_bytes)
+            log.info("stream %s file %d complete: %d bytes, %d requests, %d duplicates, %d discarded",
+                     self.stream_name, self.file_id, self.file_size, self.stats.requests,
+                     self.stats.duplicates, self.stats.discarded)
+        finally:
+            os.close(fd)
+
+    def _forget_blocks_past_eof(self, fd: int) -> None:
+        # The database said "received", but the .part file is shorter (deleted, replaced).
+        size = os.fstat(fd).st_size
+        for i in range(self._bitmap.n_blocks):
+            end = i * self.block_size + block_length(i, self.file_size, self.block_size)
+            if end > size and self._bitmap.is_received(i):
+                self._bitmap.mark_missing(i)
+
+    def _finish(self, fd: int) -> None:
+        if os.fstat(fd).st_size > self.file_size:
+            os.ftruncate(fd, self.file_size)
+        os.fsync(fd)
+        self._sync_directory()
+
+    async def _download(self, fd: int) -> None:
+        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+        def on_data(_topic: str, payload: bytes) -> None:
+            queue.put_nowait(("data", payload))
+
+        def on_rejected(_topic: str, payload: bytes) -> None:
+            queue.put_nowait(("rejected", payload))
+
+        try:
+            await self._mqtt.subscribe(self._data_topic, on_data, qos=0)
+            await self._mqtt.subscribe(self._rejected_topic, on_rejected, qos=1)
+        except MqttError as e:
+            await self._unsubscribe(on_data, on_rejected)
+            raise DownloadError(f"cannot subscribe to stream {self.stream_name}: {e}") from e
+        try:
+            await self._transfer(fd, queue)
+        finally:
+            await self._unsubscribe(on_data, on_rejected)
+
+    async def _unsubscribe(self, on_data: Any, on_rejected: Any) -> None:
+        for topic, handler in ((self._data_topic, on_data), (self._rejected_topic, on_rejected)):
+            try:
+                await self._mqtt.unsubscribe(topic, handler)
+            except Exception:  # noqa: BLE001 - cleanup must not mask the real outcome
+                log.debug("unsubscribe %s failed", topic, exc_info=True)
+
+    async def _transfer(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+        try:
+            await self._windows(fd, queue)
+        except asyncio.CancelledError:
+            if self._unsaved and not self._abandoned:  # a daemon stop keeps what already arrived
+                await self._persist(fd)
+            raise
+
+    async def _windows(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._bitmap.complete:
+            if self._unsaved:
+                await self._persist(fd)
+            window = min(self.window, self._bitmap.missing_count)
+            await self._request(window)
+            wait = self._timeout * min(2 ** (self._since_progress - 1), IDLE_BACKOFF_CAP)
+            deadline = loop.time() + wait
+            got = 0
+            while got < window:
+                try:
+                    kind, payload = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        kind, payload = await asyncio.wait_for(queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                if kind == "rejected":
+                    self._rejected(payload)
+                elif self._accept(fd, payload):
+                    got += 1
+                    deadline = loop.time() + self._timeout
+            if got < window and self._since_progress >= self._max_idle:
+                raise DownloadError(
+                    f"no data from stream {self.stream_name} for {self._since_progress} requests "
+                    f"({loop.time() - self._idle_since:.0f} s without a new block)")
+
+    async def _request(self, window: int) -> None:
+        payload = encode_get_stream(
+            client_token=self._token,
+            file_id=self.file_id,
+            block_size=self.block_size,
+            offset=0,
+            bitmap=self._bitmap.to_request_bytes(),
+            n=window,
+        )
+        while True:
+            if not self._mqtt.ready:  # our data subscription must be back before asking
+                log.info("stream %s: waiting for the MQTT connection", self.stream_name)
+                await self._mqtt.wait_connected()
+            try:
+                await self._mqtt.publish(self._get_topic, payload, qos=1)
+            except MqttError as e:
+                if e.code is not None:
+                    raise DownloadError(f"the broker refused the request for stream {self.stream_name}: {e}") from e
+                if not self._mqtt.connected:
+                    continue
+                log.debug("stream %s: request not acknowledged: %s", self.stream_name, e)
+            self.stats.requests += 1
+            if self._since_progress == 0:
+                self._idle_since = asyncio.get_running_loop().time()
+            self._since_progress += 1
+            log.debug("stream %s: requested %d of %d missing blocks (%d without progress)", self.stream_name,
+                      window, self._bitmap.missing_count, self._since_progress)
+            return
+
+    def _discard(self, why: str) -> bool:
+        self.stats.discarded += 1
+        log.debug("stream %s: discarding a block: %s", self.stream_name, why)
+        return False
+
+    def _accept(self, fd: int, payload: bytes) -> bool:
+        """Write a new valid block; False for anything else."""
+        try:
+            block = decode_data_block(payload)
+        except StreamMessageError as e:
+            return self._discard(str(e))
+        if block.file_id != self.file_id:
+            return self._discard(f"file id {block.file_id}, want {self.file_id}")
+        if not 0 <= block.index < self._bitmap.n_blocks:
+            return self._discard(f"index {block.index} out of range")
+        expected = block_length(block.index, self.file_size, self.block_size)
+        if len(block.payload) != expected:
+            return self._discard(f"block {block.index} has {len(block.payload)} bytes, want {expected}")
+        if self._bitmap.is_received(block.index):
+            self.stats.duplicates += 1
+            return False
+        pwrite_all(fd, block.payload, block.index * self.block_size)
+        self._bitmap.mark_received(block.index)
+        self._unsaved = True
+        self.stats.blocks += 1
+        self._since_progress = 0
+        if self._on_progress is not None:
+            try:
+                self._on_progress(self.done_bytes, self.file_size)
+            except Exception:  # noqa: BLE001
+                log.exception("on_progress failed")
+        return True
+
+    def _rejected(self, payload: bytes) -> None:
+        token = rejection_client_token(payload)
+        if token is not None and token != self._token:
+            return  # another download's request
+        try:
+            code, message = decode_rejection(payload)
+        except StreamMessageError:
+            code, message = "Unknown", "undecodable rejection"
+        self.stats.rejections += 1
+        if code in TRANSIENT_REJECTIONS:
+            log.warning("stream %s rejected a request: %s %s; will retry", self.stream_name, code, message)
+            return
+        raise DownloadError(f"stream {self.stream_name} rejected the request: {code}"
+                            + (f" ({message})" if message else ""))
+
+    async def _persist(self, fd: int) -> None:
+        # fsync first: the database must never claim a block that is not on disk.
+        os.fsync(fd)
+        self._sync_directory()
+        self._unsaved = False
+        await self._save_progress(self._bitmap.received_bytes(), self.done_bytes)
+
+    def _sync_directory(self) -> None:
+        # once: make the new .part file's directory entry durable too
+        if self._dir_synced:
+            return
+        fsync_dir(self.part_path.parent)
+        self._dir_synced = True
+
+
+def _check(thing_name: str, stream_name: str, file_id: int, file_size: int, block_size: int) -> str | None:
+    try:
+        check_thing_name(thing_name)
+        check_stream_id(stream_name)
+    except ValueError as e:
+        return str(e)
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        return f"block size {block_size} is outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}"
+    if not 0 <= file_id <= 255:
+        return f"file id {file_id} is outside 0..255"
+    if file_size <= 0:
+        return f"file size {file_size} is not positive"
+    count = n_blocks(file_size, block_size)
+    if count > MAX_BLOCKS:
+        return f"{file_size} bytes need {count} blocks of {block_size}; a stream serves at most {MAX_BLOCKS}"
+    return None

@@ -1,0 +1,99 @@
+"""Conformance cases 1-15 (aws-iot-ota.md §6) against the running daemon.
+
+Each malformed document is its own job for the gateway thing. Each one must end REJECTED
+with a reason naming what was wrong, the daemon must carry on, and a good job sent after
+all of them must still succeed on the same daemon.
+"""
+
+from __future__ import annotations
+
+import copy
+
+
+from gatewayd.emulators.lab import Lab
+
+
+def _good_file(lab: Lab, image: bytes) -> dict:
+    return {"filepath": "pump.bin", "filesize": len(image), "fileid": 0, "certfile": "ota_signer.pem",
+            "update_data_url": None, "auth_scheme": None, "sig-sha256-ecdsa": lab.signer.sign(image)}
+
+
+def _doc(file: dict, **afr) -> dict:
+    return {"afr_ota": {"protocols": ["MQTT"], "streamname": "AFR_OTA-s1", "files": [file], **afr}}
+
+
+def _without(d: dict, key: str) -> dict:
+    d = copy.deepcopy(d)
+    d.pop(key)
+    return d
+
+
+def _with(d: dict, **values) -> dict:
+    return {**copy.deepcopy(d), **values}
+
+
+
+def test_every_malformed_document_is_rejected_with_its_reason_and_a_good_job_still_succeeds(lab):
+    lab.add_device("pump", files="pump*.bin")
+    lab.start()
+    image = lab.make_image((1, 3, 0))
+    good = _good_file(lab, image)
+    ecdsa_only = _without(good, "sig-sha256-ecdsa")
+
+    # cases 1 and 3: "no job" and invalid JSON on the jobs topics are ignored without a status
+    lab.aws.publish_raw("$aws/things/gw-01/jobs/notify-next", b'{"timestamp": 1}')
+    lab.aws.publish_raw("$aws/things/gw-01/jobs/notify-next", b"{not json")
+    lab.aws.publish_raw("$aws/things/gw-01/jobs/$next/get/accepted", b'{"clientToken": "x", "timestamp": 1}')
+
+    cases = {
+        "c04-filesize-missing": (_doc(_without(good, "filesize")), "filesize"),
+        "c05-filesize-nan": (_doc(_with(good, filesize="NaN")), "filesize"),
+        "c05-fileid-nan": (_doc(_with(good, fileid="NaN")), "fileid"),
+        "c06-zero-size": (_doc(_with(good, filesize=0)), "empty"),
+        "c07-too-big": (_doc(_with(good, filesize=64 * 1024 * 1024)), "max_file_size"),
+        "c08-overflow": (_doc(_with(good, filesize="4294963220")), "filesize"),
+        "c08-negative": (_doc(_with(good, filesize=-5)), "filesize"),
+        "c09-bad-base64": (_doc(_with(good, **{"sig-sha256-ecdsa": "Zg==="})), "base64"),
+        "c10-no-signature": (_doc(ecdsa_only), "signature"),
+        "c10-wrong-algorithm": (_doc(_with(ecdsa_only, **{"sig-sha256-rsa": lab.signer.sign(image)})), "RSA"),
+        "c11-bad-protocol": ({"afr_ota": {"protocols": ["XYZ"], "streamname": "s", "files": [good]}}, "protocols"),
+        "c14-no-streamname": ({"afr_ota": {"protocols": ["MQTT"], "files": [good]}}, "streamname"),
+        "c14-empty-streamname": (_doc(good, streamname=""), "streamname"),
+        "c15-null-afr-files": ({"afr_ota": {"protocols": ["MQTT"], "streamname": "s", "files": None}}, "files"),
+        "not-ota": ({"operation": "reboot"}, "afr_ota"),
+    }
+    for job_id, (document, _) in cases.items():
+        lab.aws.create_job(job_id, ["gw-01"], document)
+    # case 13: a job id longer than AWS allows cannot be a real job; the emulator refuses nothing,
+    # so send it raw as a notify-next and check that nothing is published for it.
+    long_id = "J" * 80
+    lab.aws.publish_raw("$aws/things/gw-01/jobs/notify-next",
+                        ('{"timestamp":1,"execution":{"jobId":"%s","status":"QUEUED","versionNumber":1,'
+                         '"executionNumber":1,"jobDocument":{}}}' % long_id).encode())
+
+    for job_id, (_, word) in cases.items():
+        record = lab.wait("gw-01", job_id, timeout=30)
+        assert record.status == "REJECTED", (job_id, record)
+        reason = record.status_details["reason"]
+        assert word.lower() in reason.lower(), (job_id, reason)
+
+    # a good job after all of them still succeeds on the same daemon
+    lab.ota_update("good-after-bad", "gw-01", image, filepath="pump.bin")
+    record = lab.wait("gw-01", "good-after-bad", timeout=60)
+    assert record.status == "SUCCEEDED", record
+    assert lab.device("pump").active_image() == image
+    assert lab.daemon.poll() is None
+
+
+def test_a_hostile_filepath_is_only_a_label(lab):
+    """Case 15: `../../etc/...` matches the device glob but never becomes a path on the gateway."""
+    lab.add_device("pump", files="*pump.bin")
+    lab.start()
+    image = lab.make_image((1, 4, 0))
+    lab.ota_update("c15-traversal", "gw-01", image, filepath="../../../../etc/pump.bin")
+    record = lab.wait("gw-01", "c15-traversal", timeout=60)
+    assert record.status == "SUCCEEDED", record
+    assert lab.device("pump").active_image() == image
+    written = {p.relative_to(lab.root).parts[0] for p in lab.root.rglob("*pump.bin")}
+    assert written == set()
+    assert not (lab.root.parent / "etc").exists()

@@ -1,0 +1,530 @@
+"""SMP over BLE: transports.ble.BleLink against an emulated device behind a real ATT/GATT stack.
+
+The device is `EmulatedDevice` served by a bumble peripheral on an in-process LocalLink; BleLink
+talks to it through `BumbleBleakClient`, which offers only the bleak API surface BleLink may use
+(gatewayd/emulators/ble_device.py, platform.md §7). Nothing inside BleLink is mocked; one test
+uses a scripted client to raise the stack's CancelledError at chosen points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import contextlib
+import functools
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import types
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from gatewayd.emulators.ble_device import BleBench, BlePeripheral, ble_bench
+from gatewayd.emulators.signing import build_mcuboot_image
+from gatewayd.emulators.smp_device import EmulatedDevice, parse_mcuboot_image
+from transports import ble as ble_module
+from transports.ble import SMP_CHARACTERISTIC_UUID, BleLink, bleak_client_factory
+from transports.link import LinkError, LinkTimeout
+from transports.smp import SmpClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNNING = build_mcuboot_image(random.Random(1).randbytes(4000), version=(1, 0, 0, 0))
+# 64 KiB exactly: 0x200 header + payload + 40-byte TLV area (info + SHA-256)
+IMAGE_64K = build_mcuboot_image(random.Random(2).randbytes(64 * 1024 - 0x200 - 40), version=(1, 1, 0, 0))
+IMAGE_16K = build_mcuboot_image(random.Random(3).randbytes(16 * 1024 - 0x200 - 40), version=(1, 2, 0, 0))
+
+
+def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 20))
+
+    return run
+
+
+def make_device(**kwargs: Any) -> EmulatedDevice:
+    kwargs.setdefault("buf_size", 2475)  # Nordic's recommended BLE DFU netbuf (smp.md §2.2)
+    kwargs.setdefault("reset_delay", 0.05)
+    kwargs.setdefault("boot_banner", False)
+    return EmulatedDevice("ble0", slot0=RUNNING, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def served(
+    device: EmulatedDevice, *, mtu: int = 247, device_reassembly: bool = True, **link_kwargs: Any
+) -> AsyncIterator[tuple[BleLink, SmpClient, BlePeripheral, BleBench]]:
+    """A BLE bench serving `device`; `link_kwargs` go to BleLink (e.g. its `reassembly`)."""
+    bench, peripheral = await ble_bench(device, mtu=mtu, reassembly=device_reassembly)
+    link_kwargs.setdefault("connect_timeout", 2.0)
+    link = BleLink(peripheral.address, client_factory=bench.client_factory, **link_kwargs)
+    try:
+        yield link, SmpClient(link, timeout=2.0, first_chunk_timeout=2.0), peripheral, bench
+    finally:
+        await link.close()
+        await bench.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+def writes_per_packet(packets: list[int], size: int) -> int:
+    return sum(math.ceil(p / size) for p in packets)
+
+
+# --- basic requests ------------------------------------------------------------------------
+
+
+@async_test
+async def test_params_echo_and_image_list_over_ble() -> None:
+    device = make_device()
+    async with served(device) as (link, smp, peripheral, bench):
+        assert link.max_packet == 20  # unknown MTU and reassembly: the ATT minimum
+        assert await smp.params() == (2475, 4)
+        assert link.is_open and link.write_size == 244 == peripheral.mtu - 3
+        assert link.max_packet == 244  # reassembly unknown: one write per request
+        assert await smp.echo("hello over GATT") == "hello over GATT"
+        [slot] = await smp.image_list()
+        running = parse_mcuboot_image(RUNNING)
+        assert (slot.slot, slot.version, slot.hash) == (0, "1.0.0", running.tlv_hash)
+        assert slot.active and slot.confirmed
+        assert bench.adapters == ["hci0"]  # BleLink hands its adapter to the client factory
+        assert link.connects == 1 and peripheral.connections == 1
+        assert len(peripheral.packets) == 3 == len(peripheral.write_sizes)
+        assert peripheral.packets_dropped == 0
+
+
+@async_test
+async def test_upload_64k_image_in_mtu_sized_writes() -> None:
+    device = make_device()
+    async with served(device, reassembly=True) as (link, smp, peripheral, _):
+        assert len(IMAGE_64K) == 64 * 1024
+        await smp.upload(IMAGE_64K)
+        assert device.slot_image(1) == IMAGE_64K
+        assert bytes(device._flash[1]) == IMAGE_64K  # exactly the image, nothing after it
+        assert device.upload_bytes_written == device.upload_bytes_received == len(IMAGE_64K)
+        size = peripheral.mtu - 3
+        assert link.write_size == size == 244
+        # every request filled the device's buf_size and went out in maximal MTU-3 pieces
+        uploads = peripheral.packets[1:]  # [0] is params
+        assert 2470 <= max(uploads) <= 2475
+        assert max(peripheral.write_sizes) == size
+        assert len(peripheral.write_sizes) == writes_per_packet(peripheral.packets, size)
+        assert peripheral.oversize_writes == peripheral.packets_dropped == 0
+        assert all(n <= size for n in peripheral.notifications)
+        assert link.connects == 1
+
+
+@async_test
+async def test_test_reset_confirm_reconnects_after_the_reset() -> None:
+    device = make_device()
+    new = parse_mcuboot_image(IMAGE_16K)
+    async with served(device, reassembly=True) as (link, smp, peripheral, _):
+        await smp.upload(IMAGE_16K)
+        slots = await smp.test_image(new.tlv_hash)
+        assert [s.slot for s in slots if s.pending] == [1]
+        assert await smp.reset() is True
+        # a Zephyr device drops BLE when it resets: the link notices and closes
+        await wait_until(lambda: not link.is_open)
+        assert any("reboot" in r or "down" in r for r in peripheral.disconnects)
+        slots = await smp.image_list()  # reopens: waits until the device advertises again
+        active = next(s for s in slots if s.active)
+        assert active.hash == new.tlv_hash and not active.confirmed
+        assert link.connects == 2 and peripheral.connections == 2
+        slots = await smp.confirm()
+        assert next(s for s in slots if s.active).confirmed
+    assert device.confirmed and device.active_image() == IMAGE_16K
+    assert device.boot_count == 1
+
+
+# --- link loss -----------------------------------------------------------------------------
+
+
+@async_test
+async def test_link_dropped_mid_upload_resumes_from_device_offset() -> None:
+    device = make_device(buf_size=512)
+    async with served(device, reassembly=True) as (link, smp, peripheral, _):
+        assert await smp.params() == (512, 4)
+        peripheral.drop_after_upload_requests(60)  # about 28 KiB of 64 KiB
+        started = time.monotonic()
+        with pytest.raises(LinkError) as caught:
+            await smp.upload(IMAGE_64K)
+        assert not isinstance(caught.value, LinkTimeout)
+        assert "dropped" in str(caught.value)
+        assert time.monotonic() - started < 1.5  # noticed at once, not by a timeout
+        offset = device.upload_offset
+        assert offset is not None and 0 < offset < len(IMAGE_64K)
+        assert not link.is_open
+
+        await smp.upload(IMAGE_64K)  # a new upload(): the sha session answers `offset`
+        assert device.slot_image(1) == IMAGE_64K
+        assert any(f"resume at off {offset}" in e for e in device.events)
+        resent = device.upload_bytes_received - len(IMAGE_64K)
+        assert 0 < resent <= 2 * device.upload_chunk_max, (resent, device.upload_chunk_max)
+        assert link.connects == 2 and peripheral.connections == 2
+
+
+@async_test
+async def test_device_power_cycled_mid_upload_restarts_from_zero() -> None:
+    device = make_device()
+    async with served(device, reassembly=True) as (link, smp, peripheral, _):
+
+        def reboot_halfway(off: int, total: int) -> None:
+            if off > total // 2 and device.boot_count == 0:
+                device.power_cycle(down_for=0.05)  # RAM upload session lost, BLE dropped
+
+        with pytest.raises(LinkError):
+            await smp.upload(IMAGE_64K, progress=reboot_halfway)
+        assert device.is_down or device.boot_count == 1
+        assert peripheral.disconnects[0] in ("device down or out of range", "device rebooted")
+        await smp.upload(IMAGE_64K)  # the device answers off 0: a new session, sha resent
+        assert device.slot_image(1) == IMAGE_64K
+        assert sum("new session" in e for e in device.events) == 2
+        assert device.upload_bytes_written > len(IMAGE_64K) * 3 // 2  # really started over
+        assert link.connects == 2
+
+
+@async_test
+async def test_link_loss_is_link_error_but_caller_cancellation_stays_cancellation() -> None:
+    device = make_device(response_delay=0.5)
+    async with served(device) as (link, smp, peripheral, _):
+        await link.open()
+        # the peripheral drops the link while a request waits for its answer
+        task = asyncio.create_task(smp.echo("lost"))
+        await asyncio.sleep(0.05)
+        await peripheral.drop_connection()
+        with pytest.raises(LinkError):
+            await asyncio.wait_for(task, 0.3)
+        assert not link.is_open
+
+        # our own task being cancelled is not converted
+        await link.open()
+        task = asyncio.create_task(smp.echo("cancelled"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+        device.response_delay = 0.0
+        assert await smp.echo("back") == "back"  # reconnected; the late answer is ignored
+        assert link.connects == 2
+
+
+class ScriptedClient:
+    """A BleakClient-shaped object that raises the stack's CancelledError where told."""
+
+    def __init__(self, cancel_in: str) -> None:
+        self.cancel_in = cancel_in
+        self.is_connected = False
+        self.mtu_size = 247
+        self.disconnects = 0
+        self.services = types.SimpleNamespace(get_characteristic=self._char)
+
+    def _char(self, uuid: str) -> Any:
+        assert uuid == SMP_CHARACTERISTIC_UUID
+        return types.SimpleNamespace(
+            uuid=uuid, properties=["write-without-response", "notify"], max_write_without_response_size=244
+        )
+
+    async def _maybe_cancel(self, where: str) -> None:
+        if self.cancel_in == where:
+            future = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(future.cancel)  # like bumble on disconnection
+            await future
+
+    async def connect(self, **_: Any) -> None:
+        await self._maybe_cancel("connect")
+        self.is_connected = True
+
+    async def start_notify(self, char: Any, callback: Any) -> None:
+        await self._maybe_cancel("start_notify")
+
+    async def write_gatt_char(self, char: Any, data: bytes, response: bool) -> None:
+        await self._maybe_cancel("write")
+
+    async def stop_notify(self, char: Any) -> None:
+        await self._maybe_cancel("stop_notify")
+
+    async def disconnect(self) -> None:
+        self.disconnects += 1
+        self.is_connected = False
+        await self._maybe_cancel("disconnect")
+
+
+@pytest.mark.parametrize("where", ["connect", "start_notify", "write"])
+@async_test
+async def test_stack_cancellation_becomes_link_error(where: str) -> None:
+    clients: list[ScriptedClient] = []
+
+    def factory(address: str, **_: Any) -> ScriptedClient:
+        clients.append(ScriptedClient(where))
+        return clients[-1]
+
+    link = BleLink("AA:BB:CC:DD:EE:FF", client_factory=factory)
+    with pytest.raises(LinkError) as caught:
+        await link.send(bytes([2, 0, 0, 0, 0, 0, 7, 0]))
+    assert "cancelled" in str(caught.value)
+    assert not link.is_open and clients[0].disconnects >= 1
+    await link.close()
+
+
+@async_test
+async def test_close_tolerates_a_dead_link() -> None:
+    clients: list[ScriptedClient] = []
+
+    def factory(address: str, **_: Any) -> ScriptedClient:
+        clients.append(ScriptedClient("stop_notify"))
+        return clients[-1]
+
+    link = BleLink("AA:BB:CC:DD:EE:FF", client_factory=factory)
+    await link.open()
+    clients[0].cancel_in = "stop_notify"
+    await link.close()  # stop_notify cancelled by the "stack": swallowed
+    await link.close()  # closing a closed link is a no-op
+    assert not link.is_open
+
+
+# --- reassembly and sizing -----------------------------------------------------------------
+
+
+@async_test
+async def test_responses_longer_than_one_notification_are_reassembled() -> None:
+    device = make_device(buf_size=2048)
+    async with served(device, mtu=23, reassembly=True) as (link, smp, peripheral, _):
+        text = "".join(random.Random(4).choice("abcdefghij") for _ in range(1500))
+        assert await smp.echo(text) == text
+        assert link.write_size == 20
+        assert max(peripheral.notifications) == 20
+        assert len(peripheral.notifications) >= 1500 // 20
+        assert max(peripheral.write_sizes) == 20
+        assert len(peripheral.write_sizes) == writes_per_packet(peripheral.packets, 20)
+        [slot] = await smp.image_list()  # ~150 bytes of CBOR in 20-byte notifications
+        assert slot.hash == parse_mcuboot_image(RUNNING).tlv_hash
+
+
+@async_test
+async def test_late_answer_after_timeout_is_discarded() -> None:
+    device = make_device(response_delay=0.3)
+    async with served(device) as (link, _, peripheral, _bench):
+        smp = SmpClient(link, timeout=0.1)
+        with pytest.raises(LinkTimeout):
+            await smp.echo("slow")
+        assert link.is_open  # a timeout does not drop the link
+        device.response_delay = 0.0
+        smp.timeout = 1.0  # "fresh" waits in the device behind "slow", whose answer comes first
+        assert await smp.echo("fresh") == "fresh"
+        assert smp.stale_discarded >= 1
+        assert link.connects == 1
+
+
+@pytest.mark.parametrize("mtu", [23, 100, 247, 517])
+@async_test
+async def test_writes_are_sized_to_the_negotiated_mtu(mtu: int) -> None:
+    device = make_device(buf_size=2475)
+    async with served(device, mtu=mtu, reassembly=True) as (link, smp, peripheral, _):
+        text = "x" * 1200
+        assert await smp.echo(text) == text
+        size = min(mtu - 3, 512)  # an attribute value is at most 512 bytes
+        assert link.write_size == size
+        packet = peripheral.packets[-1]
+        writes = peripheral.write_sizes[-math.ceil(packet / size) :]
+        assert writes == [size] * (len(writes) - 1) + [packet - size * (len(writes) - 1)]
+        assert len(peripheral.write_sizes) == writes_per_packet(peripheral.packets, size)
+
+
+@async_test
+async def test_device_without_reassembly_gets_whole_packets_within_mtu() -> None:
+    # The full first upload chunk (len, sha, image, upgrade and at least 32 bytes of data) is a
+    # 114-byte packet; smaller MTUs get fewer fields (see the next test).
+    device = make_device(buf_size=384)
+    async with served(device, mtu=131, device_reassembly=False) as (link, smp, peripheral, _):
+        assert await smp.params() == (384, 4)  # params supported says nothing about reassembly
+        assert link.max_packet == 128
+        await smp.upload(IMAGE_16K)
+        assert device.slot_image(1) == IMAGE_16K
+        assert max(peripheral.packets) == 128
+        assert len(peripheral.write_sizes) == len(peripheral.packets)  # one write, one packet
+        assert peripheral.packets_dropped == device.frames_dropped == 0
+
+
+@pytest.mark.parametrize("mtu, sha_length", [(117, 32), (100, 16), (85, 8), (65, 0)])
+@async_test
+async def test_small_mtus_without_reassembly_get_a_first_chunk_that_fits(mtu: int, sha_length: int) -> None:
+    # 65 is Zephyr's default ATT MTU (CONFIG_BT_L2CAP_TX_MTU): the first chunk sheds the default
+    # fields, then shortens the sha (matched over the length sent), then drops it
+    device = make_device(buf_size=384)
+    async with served(device, mtu=mtu, device_reassembly=False) as (link, smp, peripheral, _):
+        await smp.upload(IMAGE_16K)
+        assert device.slot_image(1) == IMAGE_16K
+        assert max(peripheral.packets) <= mtu - 3
+        assert len(peripheral.write_sizes) == len(peripheral.packets)
+        session = next(e for e in device.events if e.startswith("upload: new session"))
+        sha = session.split("sha=")[1]
+        assert sha == (hashlib.sha256(IMAGE_16K).hexdigest()[:min(16, 2 * sha_length)] if sha_length else "-")
+
+
+@async_test
+async def test_reassembly_override_on_a_device_without_it_times_out() -> None:
+    # Why reassembly must not be assumed: split requests are dropped by such a device.
+    device = make_device(buf_size=2048)
+    async with served(device, mtu=100, device_reassembly=False, reassembly=True) as (link, _, peripheral, _b):
+        smp = SmpClient(link, timeout=0.3)
+        assert link.max_packet is None
+        with pytest.raises(LinkTimeout):
+            await smp.echo("y" * 300)
+        assert device.frames_dropped >= 1
+
+
+def test_oversized_packet_without_reassembly_is_refused() -> None:
+    async def run() -> None:
+        device = make_device()
+        async with served(device, mtu=23) as (link, _, _p, _b):
+            await link.open()
+            with pytest.raises(ValueError, match="reassemble"):
+                await link.send(bytes([2, 0, 0, 30, 0, 0, 1, 0]) + bytes(30))
+
+    asyncio.run(asyncio.wait_for(run(), 20))
+
+
+# --- absent device, connection slots ---------------------------------------------------------
+
+
+@async_test
+async def test_absent_device_cannot_be_opened_then_appears() -> None:
+    device = make_device()
+    async with served(device, connect_timeout=0.2) as (link, smp, peripheral, _):
+        await peripheral.set_absent(True)
+        started = time.monotonic()
+        with pytest.raises(LinkError, match="cannot connect"):
+            await smp.echo("anyone?")
+        assert time.monotonic() - started < 1.0
+        await peripheral.set_absent(False)
+        assert await smp.echo("there") == "there"
+
+
+@async_test
+async def test_connection_slots_bound_concurrent_links() -> None:
+    bench = BleBench()
+    try:
+        one = await bench.add(make_device())
+        two = await bench.add(EmulatedDevice("ble1", slot0=RUNNING, boot_banner=False))
+        slots = asyncio.Semaphore(1)
+        link1 = BleLink(one.address, client_factory=bench.client_factory, connection_slots=slots)
+        link2 = BleLink(two.address, client_factory=bench.client_factory, connection_slots=slots)
+        await link1.open()
+        opening = asyncio.create_task(link2.open())
+        await asyncio.sleep(0.1)
+        assert not opening.done() and two.connections == 0
+        await one.drop_connection()  # link loss frees the slot too
+        await asyncio.wait_for(opening, 2)
+        assert link2.is_open and not link1.is_open
+        blocked = asyncio.create_task(link1.open())
+        await asyncio.sleep(0.05)
+        assert not blocked.done()
+        await link2.close()
+        await asyncio.wait_for(blocked, 2)
+        assert link1.is_open
+        await link1.close()
+        assert not slots.locked()
+    finally:
+        await bench.close()
+
+
+# --- bleak versions and imports --------------------------------------------------------------
+
+
+def test_default_factory_with_installed_bleak_uses_bluez_adapter_arg() -> None:
+    import bleak
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 3.x deprecates adapter=: it must not be used there
+        client = bleak_client_factory(
+            "AA:BB:CC:DD:EE:FF", disconnected_callback=lambda c: None, timeout=3.0, adapter="hci1"
+        )
+    assert isinstance(client, bleak.BleakClient)
+    backend = client._backend
+    assert getattr(backend, "_adapter", None) == "hci1"
+    assert backend._timeout == 3.0
+
+
+def test_default_factory_with_bleak_0_20_signature_passes_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[tuple[str, dict[str, Any]]] = []
+
+    class BleakClient020:  # bleak 0.20.2's constructor signature (no bluez=)
+        def __init__(
+            self, address_or_ble_device: Any, disconnected_callback: Any = None, services: Any = None,
+            *, timeout: float = 10.0, winrt: dict = {}, backend: Any = None, **kwargs: Any,  # noqa: B006
+        ) -> None:  # fmt: skip
+            made.append((address_or_ble_device, {"disconnected_callback": disconnected_callback,
+                                                 "timeout": timeout, **kwargs}))
+
+    monkeypatch.setitem(sys.modules, "bleak", types.SimpleNamespace(BleakClient=BleakClient020))
+    callback = lambda c: None  # noqa: E731
+    bleak_client_factory("AA:BB:CC:DD:EE:FF", disconnected_callback=callback, timeout=7.0, adapter="hci2")
+    assert made == [("AA:BB:CC:DD:EE:FF", {"disconnected_callback": callback, "timeout": 7.0, "adapter": "hci2"})]
+
+
+def test_runtime_module_imports_neither_bleak_nor_bumble() -> None:
+    code = "import sys, transports.ble; assert 'bleak' not in sys.modules and 'bumble' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    assert ble_module.BleLink.framing_overhead == 0
+
+
+def test_the_relay_builds_ble_links_with_each_devices_settings_sharing_the_max_connections_slots(tmp_path):
+    """Configured BLE devices get a BleLink with their own reassembly and connect timeout; all of
+    them share one [ble] max_connections semaphore."""
+    from gatewayd.config import load_config
+    from gatewayd.relay import RelayManager
+    from gatewayd.state import StateDB
+    from transports.factory import LinkFactory
+
+    for name in ("ca.pem", "c.pem", "k.pem"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "k.pem").chmod(0o600)
+    (tmp_path / "gateway.toml").write_text(f"""
+[gateway]
+thing_name = "gw"
+state_dir = "{tmp_path}/state"
+[mqtt]
+endpoint = "localhost"
+ca_file = "ca.pem"
+cert_file = "c.pem"
+key_file = "k.pem"
+[ble]
+adapter = "hci1"
+max_connections = 2
+[[device]]
+name = "a"
+transport = "ble"
+address = "C4:3B:21:9A:00:17"
+reassembly = true
+connect_timeout = 7.5
+[[device]]
+name = "b"
+transport = "ble"
+address = "C4:3B:21:9A:00:18"
+""")
+    config = load_config(tmp_path / "gateway.toml")
+
+    async def links():
+        relays = RelayManager(config, StateDB(tmp_path / "s.db"), lambda key: None,
+                              LinkFactory(config.ble.max_connections))
+        return [relays.relay(d.name).link for d in config.devices]
+
+    a, b = asyncio.run(links())
+    assert isinstance(a, BleLink) and a.name == "ble:C4:3B:21:9A:00:17"
+    assert (a.adapter, a.reassembly, a.connect_timeout) == ("hci1", True, 7.5)
+    assert (b.adapter, b.reassembly, b.connect_timeout) == ("hci1", None, 20.0)
+    assert a.release_when_idle and a.present()
+    assert a._slots is b._slots and a._slots._value == 2

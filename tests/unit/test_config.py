@@ -1,0 +1,502 @@
+"""gatewayd.config: loading, defaults, path resolution and every kind of problem."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gatewayd.config import (
+    DEFAULT_CONTROL_SOCKET,
+    DEFAULT_STATE_DIR,
+    ConfigError,
+    Problem,
+    load_config,
+    read_control_socket,
+    summary,
+)
+
+from transports.link import BleSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = """\
+[gateway]
+thing_name = "gw-01"
+
+[mqtt]
+endpoint = "example-ats.iot.eu-west-1.amazonaws.com"
+ca_file = "ca.pem"
+cert_file = "gw.cert.pem"
+key_file = "keys/gw.key"
+"""
+
+
+def make_files(folder: Path) -> None:
+    (folder / "keys").mkdir(parents=True, exist_ok=True)
+    for name in ("ca.pem", "gw.cert.pem", "keys/gw.key", "signer.pem"):
+        (folder / name).write_text("-----BEGIN X-----\n")
+    os.chmod(folder / "keys/gw.key", 0o600)
+
+
+def write_config(folder: Path, main: str, devices: dict[str, str] | None = None) -> Path:
+    make_files(folder)
+    path = folder / "gateway.toml"
+    path.write_text(textwrap.dedent(main))
+    if devices:
+        (folder / "devices.d").mkdir(exist_ok=True)
+        for name, text in devices.items():
+            (folder / "devices.d" / name).write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(path: Path) -> list[Problem]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.problems
+
+
+def only_problem(path: Path) -> str:
+    problems = problems_of(path)
+    assert len(problems) == 1, [str(p) for p in problems]
+    return str(problems[0])
+
+
+# ------------------------------------------------------------------ valid configurations
+
+
+def test_minimal_config_has_design_defaults(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, MINIMAL))
+    assert config.path == tmp_path / "gateway.toml"
+    assert config.gateway.thing_name == "gw-01"
+    assert config.gateway.state_dir == DEFAULT_STATE_DIR
+    assert config.gateway.control_socket == DEFAULT_CONTROL_SOCKET
+    assert config.gateway.log_level == "info"
+    assert config.mqtt.port == 8883
+    assert config.mqtt.client_id == "gw-01"
+    assert config.mqtt.keepalive == 60
+    assert config.mqtt.max_thing_subscriptions == 40 and config.mqtt.poll_interval == 60.0
+    assert (config.ota.block_size, config.ota.blocks_per_request) == (4096, 32)
+    assert config.ota.max_file_size == 16777216
+    assert config.ota.prefer == "mqtt"
+    assert config.ota.https_ca_file is None
+    assert config.ota.request_timeout == 10.0
+    assert config.ota.max_idle_requests == 32
+    assert dict(config.signing.certificates) == {}
+    assert config.relay.max_parallel == 8
+    assert config.relay.device_timeout == 86400
+    assert (config.relay.reset_timeout, config.relay.retry_interval) == (60.0, 5.0)
+    assert config.relay.request_timeout == 5.0
+    assert (config.ble.adapter, config.ble.max_connections) == ("hci0", 3)
+    assert config.devices == ()
+
+
+def test_relative_paths_resolve_against_the_files_folder(tmp_path: Path, monkeypatch) -> None:
+    write_config(tmp_path / "etc", MINIMAL + """
+[signing]
+certificates = { "ota_signer.pem" = "signer.pem", "abs.pem" = "/opt/x/abs.pem" }
+""".replace('"/opt/x/abs.pem"', f'"{tmp_path}/etc/signer.pem"'))
+    monkeypatch.chdir(tmp_path)  # a relative argument must not change the result
+    config = load_config(Path("etc/gateway.toml"))
+    etc = tmp_path / "etc"
+    assert config.path == etc / "gateway.toml"
+    assert config.mqtt.ca_file == etc / "ca.pem"
+    assert config.mqtt.key_file == etc / "keys" / "gw.key"
+    assert config.mqtt.key_file.is_absolute()
+    assert config.signing.certificates.get("ota_signer.pem") == etc / "signer.pem"
+    assert config.signing.certificates.get("abs.pem") == etc / "signer.pem"
+    assert config.signing.certificates.get("other.pem") is None
+
+
+def test_devices_from_main_file_and_devices_d(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + """
+[[device]]
+name = "pump"
+transport = "uart"
+port = "/dev/ttyACM-does-not-exist"
+thing_name = "pump"
+line_delay = 0.01
+mode = "recovery"
+""", {
+        "b.toml": '[[device]]\nname = "tank"\ntransport = "ble"\naddress = "C4:3B:21:9A:00:17"\n',
+        "a.toml": '[[device]]\nname = "fan"\ntransport = "uart"\nport = "socket://localhost:1"\n'
+                  'baudrate = 9600\nfiles = "fan-*.bin"\nimage = 1\nbuf_size = 512\n'
+                  'allow_downgrade = true\n',
+        "ignored.toml.sample": "this is not toml at all [",
+    })
+    config = load_config(path)
+    assert [d.name for d in config.devices] == ["pump", "fan", "tank"]  # main, then sorted
+    pump, fan, tank = config.devices
+    assert pump.port == "/dev/ttyACM-does-not-exist"  # a missing port is not an error
+    assert (pump.baudrate, pump.files, pump.image, pump.buf_size) == (115200, "pump", 0, None)
+    assert (pump.line_delay, pump.mode, pump.thing_name) == (0.01, "recovery", "pump")
+    assert (fan.baudrate, fan.files, fan.image, fan.buf_size) == (9600, "fan-*.bin", 1, 512)
+    assert fan.allow_downgrade is True and fan.mode == "zephyr"
+    assert fan.source == tmp_path / "devices.d" / "a.toml"
+    assert (tank.transport, tank.address, tank.port) == ("ble", "C4:3B:21:9A:00:17", None)
+    assert config.device("tank") is tank and config.device("nope") is None
+    assert summary(config) == (
+        f"{path}: thing gw-01, broker example-ats.iot.eu-west-1.amazonaws.com:8883, "
+        "3 devices (2 uart, 1 ble), 0 signing certificates")
+
+
+def test_shipped_examples_load(tmp_path: Path) -> None:
+    shutil.copy(REPO / "config" / "gateway.toml", tmp_path / "gateway.toml")
+    (tmp_path / "devices.d").mkdir()
+    shutil.copy(REPO / "config" / "devices.d" / "example.toml.sample",
+                tmp_path / "devices.d" / "example.toml")
+    for name in ("AmazonRootCA1.pem", "gw-01.cert.pem", "gw-01.private.key", "signer.pem"):
+        (tmp_path / name).write_text("x\n")
+    os.chmod(tmp_path / "gw-01.private.key", 0o640)
+    config = load_config(tmp_path / "gateway.toml")
+    assert config.signing.certificates.get("ota_signer.pem") == tmp_path / "signer.pem"
+    assert [d.name for d in config.devices] == ["pump", "tank-sensor"]
+    assert summary(config).endswith("2 devices (1 uart, 1 ble), 1 signing certificate")
+
+
+def test_shipped_example_documents_every_key() -> None:
+    text = (REPO / "config" / "gateway.toml").read_text()
+    for key in ("thing_name", "state_dir", "control_socket", "log_level", "endpoint", "port",
+                "client_id", "ca_file", "cert_file", "key_file", "keepalive",
+                "max_thing_subscriptions", "poll_interval", "block_size",
+                "blocks_per_request", "max_file_size", "prefer", "https_ca_file",
+                "request_timeout", "max_idle_requests", "certificates", "max_parallel",
+                "device_timeout", "reset_timeout", "retry_interval", "adapter",
+                "max_connections"):
+        assert f"{key} = " in text, key
+    sample = (REPO / "config" / "devices.d" / "example.toml.sample").read_text()
+    for key in ("name", "transport", "port", "baudrate", "line_delay", "mode", "address", "reassembly",
+                "connect_timeout", "thing_name", "files", "image", "buf_size", "allow_downgrade"):
+        assert f"\n{key} = " in sample, key
+
+
+# ------------------------------------------------------------------ problems
+
+
+def test_unknown_key_names_file_section_and_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + "\n[ota]\nblock_sise = 1024\n")
+    assert only_problem(path) == (f'{path}: [ota] block_sise: unknown key '
+                                  f'(did you mean "block_size"?)')
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + "\n[gatway]\nx = 1\n")
+    assert only_problem(path).startswith(f"{path}: [gatway]: unknown section")
+
+
+def test_unknown_device_key_and_devices_d_section(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL, {"p.toml": """\
+        [[device]]
+        name = "pump"
+        transport = "uart"
+        port = "/dev/ttyUSB0"
+        baud = 9600
+
+        [gateway]
+        thing_name = "x"
+        """})
+    lines = [str(p) for p in problems_of(path)]
+    dfile = tmp_path / "devices.d" / "p.toml"
+    assert f"{dfile}: device[1] (pump) baud: unknown key (did you mean \"baudrate\"?)" in lines
+    assert any(line.startswith(f"{dfile}: [gateway]: unknown section") for line in lines)
+
+
+def test_wrong_types_bool_is_not_an_integer(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL.replace(
+        "[mqtt]\n", '[mqtt]\nport = "x"\nkeepalive = true\n') + "[relay]\nreset_timeout = \"1\"\n")
+    lines = [str(p) for p in problems_of(path)]
+    assert lines == [
+        f'{path}: [mqtt] port: expected an integer, got string "x"',
+        f"{path}: [mqtt] keepalive: expected an integer, got boolean true",
+        f'{path}: [relay] reset_timeout: expected a number, got string "1"',
+    ]
+
+
+def test_subscription_budget_and_poll_interval(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + "max_thing_subscriptions = 2\npoll_interval = 0.5\n")
+    config = load_config(path)
+    assert config.mqtt.max_thing_subscriptions == 2 and config.mqtt.poll_interval == 0.5
+    path = write_config(tmp_path, MINIMAL + "max_thing_subscriptions = 0\npoll_interval = 0\n")
+    lines = [str(p) for p in problems_of(path)]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{path}: [mqtt] max_thing_subscriptions: ") and "0" in lines[0]
+    assert lines[1] == f"{path}: [mqtt] poll_interval: must be greater than 0, got 0"
+    path = write_config(tmp_path, MINIMAL + 'max_thing_subscriptions = 2.5\npoll_interval = "1"\n')
+    assert [str(p) for p in problems_of(path)] == [
+        f"{path}: [mqtt] max_thing_subscriptions: expected an integer, got float 2.5",
+        f'{path}: [mqtt] poll_interval: expected a number, got string "1"',
+    ]
+
+
+def test_section_of_wrong_type(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "ble = 3\n" + MINIMAL)
+    assert only_problem(path) == f"{path}: [ble]: expected a table, got integer 3"
+
+
+def test_missing_required_keys(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[gateway]\nstate_dir = "state"\n[mqtt]\nport = 8883\n')
+    lines = [str(p) for p in problems_of(path)]
+    assert lines == [f"{path}: [gateway] thing_name: required key is missing"] + [
+        f"{path}: [mqtt] {key}: required key is missing"
+        for key in ("endpoint", "ca_file", "cert_file", "key_file")]
+
+
+def test_missing_device_keys(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL, {"d.toml": """\
+        [[device]]
+        transport = "uart"
+        [[device]]
+        name = "pump"
+        transport = "uart"
+        [[device]]
+        name = "tank"
+        transport = "ble"
+        [[device]]
+        name = "fan"
+        transport = "can"
+        """})
+    f = tmp_path / "devices.d" / "d.toml"
+    assert [str(p) for p in problems_of(path)] == [
+        f"{f}: device[1] name: required key is missing",
+        f"{f}: device[1] port: required key is missing",
+        f"{f}: device[2] (pump) port: required key is missing",
+        f"{f}: device[3] (tank) address: required key is missing",
+        f'{f}: device[4] (fan) transport: expected one of "uart", "ble", got "can"',
+    ]
+
+
+def test_transport_specific_keys(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + """
+[[device]]
+name = "tank"
+transport = "ble"
+address = "C4:3B:21:9A:00:17"
+baudrate = 9600
+""")
+    assert only_problem(path) == (f"{path}: device[1] (tank) baudrate: applies only to uart "
+                                  "devices, this one is ble")
+
+
+def test_ble_link_settings_are_per_device_and_checked(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + """
+[ble]
+adapter = "hci1"
+
+[[device]]
+name = "tank"
+transport = "ble"
+address = "C4:3B:21:9A:00:17"
+reassembly = true
+connect_timeout = 7.5
+
+[[device]]
+name = "valve"
+transport = "ble"
+address = "C4:3B:21:9A:00:18"
+""")
+    config = load_config(path)
+    tank, valve = (config.link_settings(d) for d in config.devices)
+    assert tank == BleSettings("C4:3B:21:9A:00:17", adapter="hci1", reassembly=True, connect_timeout=7.5)
+    assert valve == BleSettings("C4:3B:21:9A:00:18", adapter="hci1", reassembly=None, connect_timeout=20.0)
+
+    path = write_config(tmp_path, MINIMAL + """
+[[device]]
+name = "tank"
+transport = "ble"
+address = "C4:3B:21:9A:00:17"
+reassembly = "yes"
+connect_timeout = 0
+
+[[device]]
+name = "pump"
+transport = "uart"
+port = "/dev/ttyACM0"
+reassembly = true
+""")
+    assert sorted(str(p) for p in problems_of(path)) == [
+        f'{path}: device[1] (tank) connect_timeout: must be greater than 0, got 0',
+        f'{path}: device[1] (tank) reassembly: expected true or false, got string "yes"',
+        f"{path}: device[2] (pump) reassembly: applies only to ble devices, this one is uart",
+    ]
+
+
+def test_duplicate_device_across_files_names_both(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + """
+[[device]]
+name = "pump"
+transport = "uart"
+port = "/dev/ttyACM0"
+""", {"pumps.toml": """\
+        [[device]]
+        name = "other"
+        transport = "uart"
+        port = "/dev/ttyACM1"
+        [[device]]
+        name = "pump"
+        transport = "uart"
+        port = "/dev/ttyACM2"
+        """})
+    assert only_problem(path) == (f"{tmp_path}/devices.d/pumps.toml: device[2] (pump): "
+                                  'name "pump" already used by device[1] in gateway.toml')
+
+
+def test_duplicate_thing_names(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL, {"d.toml": """\
+        [[device]]
+        name = "a"
+        transport = "uart"
+        port = "/dev/ttyACM0"
+        thing_name = "gw-01"
+        [[device]]
+        name = "b"
+        transport = "uart"
+        port = "/dev/ttyACM1"
+        thing_name = "shared"
+        [[device]]
+        name = "c"
+        transport = "uart"
+        port = "/dev/ttyACM2"
+        thing_name = "shared"
+        """})
+    f = tmp_path / "devices.d" / "d.toml"
+    assert [str(p) for p in problems_of(path)] == [
+        f"{f}: device[1] (a) thing_name: \"gw-01\" is the gateway's own thing_name",
+        f'{f}: device[3] (c) thing_name: "shared" already used by device[2] (b) in devices.d/d.toml',
+    ]
+
+
+@pytest.mark.parametrize("name", ["a b", "x" * 65, "pump/1", "", "üml"])
+def test_bad_device_name(tmp_path: Path, name: str) -> None:
+    path = write_config(tmp_path, MINIMAL + f"""
+[[device]]
+name = "{name}"
+transport = "uart"
+port = "/dev/ttyACM0"
+""")
+    line = only_problem(path)
+    assert line.startswith(f"{path}: device[1] name: ")
+
+
+def test_unreadable_certificate_files(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL.replace('"ca.pem"', '"missing-ca.pem"')
+                        .replace('"gw.cert.pem"', '"keys"')  # a folder cannot be read
+                        + '[signing]\ncertificates = { "s.pem" = "nope/s.pem" }\n')
+    lines = [str(p) for p in problems_of(path)]
+    assert lines == [
+        f"{path}: [mqtt] ca_file: cannot read {tmp_path}/missing-ca.pem: No such file or directory",
+        f"{path}: [mqtt] cert_file: cannot read {tmp_path}/keys: Is a directory",
+        f'{path}: [signing] certificates."s.pem": cannot read {tmp_path}/nope/s.pem: '
+        "No such file or directory",
+    ]
+
+
+def test_empty_certificate_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL)
+    (tmp_path / "ca.pem").write_text("")
+    assert only_problem(path) == f"{path}: [mqtt] ca_file: {tmp_path}/ca.pem is empty"
+
+
+@pytest.mark.parametrize("mode,ok", [(0o600, True), (0o640, True), (0o660, True),
+                                     (0o644, False), (0o604, False)])
+def test_world_readable_private_key_refused(tmp_path: Path, mode: int, ok: bool) -> None:
+    path = write_config(tmp_path, MINIMAL)
+    os.chmod(tmp_path / "keys" / "gw.key", mode)
+    if ok:
+        load_config(path)
+    else:
+        line = only_problem(path)
+        assert line.startswith(f"{path}: [mqtt] key_file: private key {tmp_path}/keys/gw.key "
+                               f"is readable by every user (mode 0{mode:o})")
+
+
+def test_toml_syntax_error_reports_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + "\n[ota]\nblock_size = = 3\n")
+    assert only_problem(path).startswith(f"{path}: line 11, column 14: TOML syntax error: ")
+
+
+def test_syntax_error_in_devices_d_and_other_problems_all_reported(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + '\n[mqtt.x]\n', {
+        "bad.toml": '[[device]]\nname = "pump\n',
+        "good.toml": '[[device]]\nname = "ok"\ntransport = "ble"\naddress = "a"\nmode = "x"\n'})
+    lines = [str(p) for p in problems_of(path)]
+    assert lines[0] == f"{path}: [mqtt] x: unknown key"
+    assert lines[1].startswith(f"{tmp_path}/devices.d/bad.toml: line 2, column ")
+    assert lines[2] == (f'{tmp_path}/devices.d/good.toml: device[1] (ok) mode: expected one of '
+                        '"zephyr", "recovery", got "x"')
+    assert len(lines) == 3
+
+
+def test_missing_main_file(tmp_path: Path) -> None:
+    assert only_problem(tmp_path / "nope.toml") == (
+        f"{tmp_path}/nope.toml: cannot read: No such file or directory")
+
+
+@pytest.mark.parametrize("block_size", [128, 255, 131073, 262144])
+def test_block_size_outside_aws_limits(tmp_path: Path, block_size: int) -> None:
+    path = write_config(tmp_path, MINIMAL + f"[ota]\nblock_size = {block_size}\n"
+                                            "blocks_per_request = 1\n")
+    assert only_problem(path) == (f"{path}: [ota] block_size: must be between 256 and 131072 "
+                                  f"(the AWS IoT stream block size limits), got {block_size}")
+
+
+@pytest.mark.parametrize("block_size,per_request,ok", [
+    (256, 512, True), (131072, 1, True), (4096, 32, True), (4096, 33, False), (8192, 17, False)])
+def test_stream_request_limit(tmp_path: Path, block_size: int, per_request: int, ok: bool) -> None:
+    path = write_config(tmp_path, MINIMAL + f"[ota]\nblock_size = {block_size}\n"
+                                            f"blocks_per_request = {per_request}\n")
+    if ok:
+        assert load_config(path).ota.blocks_per_request == per_request
+    else:
+        assert only_problem(path).startswith(
+            f"{path}: [ota] blocks_per_request: block_size * blocks_per_request = ")
+
+
+def test_values_out_of_range_and_choices(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + """
+[ota]
+blocks_per_request = 0
+prefer = "ftp"
+request_timeout = -1
+max_file_size = 0
+[relay]
+max_parallel = 0
+device_timeout = 0
+retry_interval = nan
+[ble]
+max_connections = 0
+[gateway.x]
+""")
+    keys = [p.key for p in problems_of(path)]
+    assert keys == ["[gateway] x", "[ota] blocks_per_request", "[ota] max_file_size", "[ota] prefer",
+                    "[ota] request_timeout", "[relay] max_parallel", "[relay] device_timeout",
+                    "[relay] retry_interval", "[ble] max_connections"]
+
+
+def test_signing_certificates_must_map_names_to_paths(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + '[signing]\ncertificates = { "a.pem" = 3 }\n')
+    assert only_problem(path) == (f'{path}: [signing] certificates."a.pem": expected a file path '
+                                  "(a string), got integer 3")
+    path = write_config(tmp_path, MINIMAL + '[signing]\ncertificates = ["a.pem"]\n')
+    assert only_problem(path) == f"{path}: [signing] certificates: expected a table, got an array"
+
+
+def test_device_written_as_single_table(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + '[device]\nname = "x"\n')
+    assert only_problem(path).startswith(f"{path}: device: expected [[device]] entries")
+
+
+def test_endpoint_must_be_a_host(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL.replace('"example-ats', '"mqtts://example-ats'))
+    assert only_problem(path).startswith(f"{path}: [mqtt] endpoint: expected a host name only")
+
+
+def test_read_control_socket(tmp_path: Path) -> None:
+    assert read_control_socket(tmp_path / "missing.toml") == DEFAULT_CONTROL_SOCKET
+    path = tmp_path / "gateway.toml"
+    path.write_text('[gateway]\ncontrol_socket = "run/ctl.sock"\n[mqtt]\nport = "broken"\n')
+    assert read_control_socket(path) == tmp_path / "run" / "ctl.sock"
+    path.write_text("not toml [")
+    assert read_control_socket(path) == DEFAULT_CONTROL_SOCKET

@@ -1,0 +1,259 @@
+"""ota-gatewayctl: check-config, status and devices, in-process and as the console script."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+
+from gatewayd import config as config_module
+from gatewayd.control import ControlServer
+from gatewayd.ctl import format_devices, main
+from gatewayd.display import format_status, progress_bar
+
+REPO = Path(__file__).resolve().parents[2]
+CTL = REPO / ".venv" / "bin" / "ota-gatewayctl"
+
+STATUS = {
+    "connected": True,
+    "jobs": [{"job_id": "J1", "thing": "gw-01", "phase": "uploading"}],
+    "devices": [
+        {"name": "pump", "phase": "uploading", "done": 45000, "total": 100000,
+         "version": "1.4.0", "reason": None},
+        {"name": "tank-sensor", "phase": "failed", "done": None, "total": None,
+         "version": "1.3.2", "reason": "reverted to 1.3.2"},
+        {"name": "fan", "phase": None, "done": None, "total": None, "version": None,
+         "reason": None},
+    ],
+}
+DEVICES = {"devices": [
+    {"name": "pump", "transport": "uart", "port": "/dev/ttyACM0", "reachable": True,
+     "images": [{"image": 0, "slot": 0, "version": "1.3.2", "hash": "ab" * 32, "active": True,
+                 "confirmed": True, "bootable": True},
+                {"image": 0, "slot": 1, "version": "1.4.0", "hash": "cd" * 32, "pending": True}]},
+    {"name": "tank-sensor", "transport": "ble", "address": "C4:3B:21:9A:00:17",
+     "reachable": False, "images": []},
+]}
+
+
+def write_valid_config(folder: Path, socket_path: Path | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("ca.pem", "gw.cert.pem", "gw.key"):
+        (folder / name).write_text("x\n")
+    os.chmod(folder / "gw.key", 0o600)
+    extra = f'control_socket = "{socket_path}"\n' if socket_path else ""
+    path = folder / "gateway.toml"
+    path.write_text(f"""\
+[gateway]
+thing_name = "gw-01"
+{extra}
+[mqtt]
+endpoint = "example.iot"
+ca_file = "ca.pem"
+cert_file = "gw.cert.pem"
+key_file = "gw.key"
+
+[[device]]
+name = "pump"
+transport = "uart"
+port = "/dev/ttyACM0"
+""")
+    return path
+
+
+def write_bad_config(folder: Path) -> Path:
+    path = write_valid_config(folder)
+    path.write_text(path.read_text().replace('endpoint = "example.iot"', "endpoint = 3")
+                    + "\n[ota]\nblock_size = 128\n")
+    return path
+
+
+class DaemonThread:
+    """A ControlServer on its own event loop in a thread, as the daemon would run it."""
+
+    def __init__(self, path: Path, handlers: dict[str, Any]):
+        self.loop = asyncio.new_event_loop()
+        self.server = ControlServer(path, handlers)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "DaemonThread":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+async def status_handler(req: dict[str, Any]) -> dict[str, Any]:
+    return STATUS
+
+
+async def devices_handler(req: dict[str, Any]) -> dict[str, Any]:
+    return DEVICES
+
+
+HANDLERS = {"status": status_handler, "devices": devices_handler}
+
+
+# ------------------------------------------------------------------ check-config
+
+
+def test_check_config_valid(tmp_path: Path, capsys) -> None:
+    path = write_valid_config(tmp_path)
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"{path}: thing gw-01, broker example.iot:8883, 1 device (1 uart), "
+                   "0 signing certificates\n")
+    assert main(["--config", str(path), "check-config"]) == 0  # PATH defaults to --config
+
+
+def test_check_config_prints_every_problem(tmp_path: Path, capsys) -> None:
+    path = write_bad_config(tmp_path)
+    assert main(["check-config", str(path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"{path}: [mqtt] endpoint: expected a string, got integer 3",
+        f"{path}: [ota] block_size: must be between 256 and 131072 (the AWS IoT stream block "
+        "size limits), got 128",
+    ]
+
+
+def test_check_config_json(tmp_path: Path, capsys) -> None:
+    good = write_valid_config(tmp_path / "good")
+    assert main(["check-config", "--json", str(good)]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["ok"] is True and answer["problems"] == []
+    assert answer["devices"] == [{"name": "pump", "transport": "uart"}]
+    assert answer["endpoint"] == "example.iot:8883"
+    bad = write_bad_config(tmp_path / "bad")
+    assert main(["check-config", "--json", str(bad)]) == 1
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["ok"] is False
+    assert [(p["file"], p["key"]) for p in answer["problems"]] == [(str(bad), "[mqtt] endpoint"),
+                                                                    (str(bad), "[ota] block_size")]
+    assert answer["problems"][0]["message"] == "expected a string, got integer 3"
+
+
+def test_check_config_console_script(tmp_path: Path) -> None:
+    good = write_valid_config(tmp_path / "good")
+    bad = write_bad_config(tmp_path / "bad")
+    result = subprocess.run([str(CTL), "check-config", str(good)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{good}: thing gw-01, broker example.iot:8883")
+    result = subprocess.run([str(CTL), "--config", str(bad), "check-config"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert len(result.stdout.splitlines()) == 2
+    assert all(line.startswith(f"{bad}: ") for line in result.stdout.splitlines())
+    result = subprocess.run([str(CTL), "check-config", str(tmp_path / "missing.toml")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stdout == f"{tmp_path}/missing.toml: cannot read: No such file or directory\n"
+
+
+def test_usage_errors(capsys) -> None:
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+    assert main(["status", "--bogus"]) == 2
+    assert "usage: ota-gatewayctl" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
+# ------------------------------------------------------------------ status and devices
+
+
+def test_status_json(tmp_path: Path, capsys) -> None:
+    sock = tmp_path / "run" / "control.sock"
+    path = write_valid_config(tmp_path, sock)
+    with DaemonThread(sock, HANDLERS):
+        assert main(["--config", str(path), "status", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == STATUS
+        # not a TTY (captured): JSON even without --json
+        assert main(["--config", str(path), "status"]) == 0
+        assert json.loads(capsys.readouterr().out) == STATUS
+
+
+def test_status_table_on_a_tty(tmp_path: Path, capsys, monkeypatch) -> None:
+    sock = tmp_path / "control.sock"
+    path = write_valid_config(tmp_path, sock)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    with DaemonThread(sock, HANDLERS):
+        assert main(["--config", str(path), "status"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == format_status(STATUS)
+    assert "AWS IoT: connected" in out
+    pump = next(line for line in out.splitlines() if line.strip().startswith("pump"))
+    assert "uploading" in pump and "[#########-----------]  45%" in pump
+    assert "45.0 kB/100.0 kB" in pump and "1.4.0" in pump
+    tank = next(line for line in out.splitlines() if line.strip().startswith("tank-sensor"))
+    assert "failed" in tank and tank.endswith("reverted to 1.3.2")
+    assert any(line.strip().startswith("J1") and "uploading" in line for line in out.splitlines())
+
+
+def test_format_status_edge_cases() -> None:
+    lines = format_status({"connected": False, "jobs": [], "devices": []})
+    assert lines[0] == "AWS IoT: not connected"
+    assert "Jobs: none" in lines and "Devices: none configured" in lines
+
+
+def test_progress_bar() -> None:
+    assert progress_bar(0, 100) == "[--------------------]   0%"
+    assert progress_bar(50, 100, width=10) == "[#####-----]  50%"
+    assert progress_bar(100, 100) == "[####################] 100%"
+    assert progress_bar(None, None) == "" and progress_bar(5, 0) == ""
+
+
+def test_devices(tmp_path: Path, capsys, monkeypatch) -> None:
+    sock = tmp_path / "control.sock"
+    path = write_valid_config(tmp_path, sock)
+    with DaemonThread(sock, HANDLERS):
+        assert main(["--config", str(path), "devices", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == DEVICES
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+        assert main(["--config", str(path), "devices"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == format_devices(DEVICES)
+    assert lines[0] == "pump (uart /dev/ttyACM0)"
+    assert "1.3.2" in lines[2] and "active,confirmed,bootable" in lines[2]
+    assert "1.4.0" in lines[3] and "pending" in lines[3]
+    assert lines[4] == "tank-sensor (ble C4:3B:21:9A:00:17): not reachable"
+
+
+def test_status_without_daemon(tmp_path: Path, capsys) -> None:
+    sock = tmp_path / "control.sock"
+    path = write_valid_config(tmp_path, sock)
+    assert main(["--config", str(path), "status"]) == 3
+    assert capsys.readouterr().err == (f"ota-gatewayctl: ota-gatewayd is not running "
+                                       f"(no control socket at {sock})\n")
+
+
+def test_daemon_error_is_exit_1(tmp_path: Path, capsys) -> None:
+    sock = tmp_path / "control.sock"
+    path = write_valid_config(tmp_path, sock)
+    with DaemonThread(sock, {"status": status_handler}):
+        assert main(["--config", str(path), "devices"]) == 1
+    assert "unknown command 'devices'" in capsys.readouterr().err
+
+
+def test_unloadable_config_falls_back_to_default_socket(tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    sock = tmp_path / "default.sock"
+    monkeypatch.setattr(config_module, "DEFAULT_CONTROL_SOCKET", sock)
+    with DaemonThread(sock, HANDLERS):
+        assert main(["--config", str(tmp_path / "missing.toml"), "status", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == STATUS
+        broken = tmp_path / "broken.toml"
+        broken.write_text("[gateway\n")
+        assert main(["--config", str(broken), "status", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == STATUS

@@ -1,0 +1,28 @@
+"""One place that turns a device's link settings into a Link.
+
+The daemon describes each device's link with `UartSettings` or `BleSettings`
+(`transports.link`); `LinkFactory` builds the link and shares what links of one kind share
+(the BLE adapter's connection slots). Nothing above `transports` needs to know which link
+classes exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from transports.ble import BleLink
+from transports.link import Link, LinkSettings, UartSettings
+from transports.uart import UartLink
+
+
+class LinkFactory:
+    """Builds links; BLE links share `max_ble_connections` connection slots."""
+
+    def __init__(self, max_ble_connections: int = 3) -> None:
+        self._ble_slots = asyncio.Semaphore(max_ble_connections)
+
+    def __call__(self, settings: LinkSettings) -> Link:
+        if isinstance(settings, UartSettings):
+            return UartLink(settings.port, settings.baudrate, line_delay=settings.line_delay)
+        return BleLink(settings.address, adapter=settings.adapter, reassembly=settings.reassembly,
+                       connect_timeout=settings.connect_timeout, connection_slots=self._ble_slots)
