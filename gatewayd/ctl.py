@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, BinaryIO, Callable, TextIO
 from gatewayd import control
 from gatewayd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, read_control_socket, summary
 from gatewayd.display import format_status, human_bytes, progress_bar, redraw, table
+from gatewayd.vocab import CloudStatus, Word
 
 PROG = "ota-gatewayctl"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
@@ -306,7 +307,7 @@ def run_push(args: argparse.Namespace) -> int:
                   "push it again", file=sys.stderr)
         return EXIT_FAILED
     view.finish(result)
-    return EXIT_OK if result.get("status") == "SUCCEEDED" else EXIT_FAILED
+    return EXIT_OK if result.get("status") == CloudStatus.SUCCEEDED else EXIT_FAILED
 
 
 _BASE64_TEXT = frozenset((string.ascii_letters + string.digits + "+/=" + string.whitespace).encode())
@@ -342,11 +343,11 @@ class PushView:
         if self.as_json or event.get("event") != "progress":
             return
         dev = next(iter(event.get("devices") or []), {})
-        phase = dev.get("phase") if event.get("phase") not in ("receiving", "verifying") else event.get("phase")
+        phase = dev.get("phase") if event.get("phase") not in (Word.RECEIVING, Word.VERIFYING) else event.get("phase")
         done, total = dev.get("done"), dev.get("total")
-        bar = progress_bar(done, total) if phase == "uploading" else ""
+        bar = progress_bar(done, total) if phase == Word.UPLOADING else ""
         amount = f" {human_bytes(done)}/{human_bytes(total)}" if bar else ""
-        self.out.write(f"\r\x1b[K{self.device}: {phase or 'queued'} {bar}{amount}".rstrip())
+        self.out.write(f"\r\x1b[K{self.device}: {phase or Word.QUEUED} {bar}{amount}".rstrip())
         self.out.flush()
         self._line = True
 
@@ -360,11 +361,11 @@ class PushView:
             return
         self.end_line()
         dev = next(iter(result.get("devices") or []), {})
-        if result.get("status") == "SUCCEEDED":
+        if result.get("status") == CloudStatus.SUCCEEDED:
             print(f"{self.device}: succeeded, running {dev.get('version') or 'the new image'} "
                   f"({result.get('job_id')})", file=self.out)
         else:
-            word = dev.get("phase") or result.get("phase") or "failed"
+            word = dev.get("phase") or result.get("phase") or Word.FAILED
             print(f"{self.device}: {word}: {result.get('reason') or dev.get('reason') or word} "
                   f"({result.get('job_id')})", file=self.out)
 

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from .aws import TERMINAL_STATUSES
 from .control import ControlError, request
 from .display import format_status, redraw
-
-FINAL = {"SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "REMOVED", "TIMED_OUT"}
+from .vocab import CloudStatus, Word
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         _watch(lab, jobs, out, tty, args.timeout)
         say()
         _final_table(lab, jobs, say)
-        ok = lab.aws.execution(lab.gateway_thing, "demo-sensor-2_1_0").status == "SUCCEEDED"
+        ok = lab.aws.execution(lab.gateway_thing, "demo-sensor-2_1_0").status == CloudStatus.SUCCEEDED
         return 0 if ok else 1
     finally:
         lab.close()
@@ -85,10 +85,10 @@ def _watch(lab, jobs: list[tuple[str, str]], out: TextIO, tty: bool, timeout: fl
                 step = (d["phase"], 4 * (d.get("done") or 0) // total if total else 0)
                 if milestones.get(d["name"]) != step:
                     milestones[d["name"]] = step
-                    pct = f" {100 * (d.get('done') or 0) // total}%" if total and d["phase"] == "uploading" else ""
+                    pct = f" {100 * (d.get('done') or 0) // total}%" if total and d["phase"] == Word.UPLOADING else ""
                     out.write(f"  {d['name']}: {d['phase']}{pct}\n")
             out.flush()
-        if all(lab.aws.execution(thing, job).status in FINAL for thing, job in jobs):
+        if all(lab.aws.execution(thing, job).status in TERMINAL_STATUSES for thing, job in jobs):
             return
         time.sleep(0.25)
     raise TimeoutError(f"the demo jobs did not finish within {timeout:g} s; daemon log:\n"

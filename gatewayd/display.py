@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+from .vocab import JobKind, Word
+
 
 def progress_bar(done: int | None, total: int | None, width: int = 20) -> str:
     """`[#########-----------]  45%`, or "" when there is nothing to measure."""
@@ -59,7 +61,7 @@ def format_status(answer: dict[str, Any]) -> list[str]:
         rows = []
         for job in jobs:
             done, total = job.get("done"), job.get("total")
-            thing = job.get("thing") or ("(local)" if job.get("kind") == "local" else "")
+            thing = job.get("thing") or ("(local)" if job.get("kind") == JobKind.LOCAL else "")
             rows.append([job.get("job_id", "?"), thing, job.get("phase", ""),
                          progress_bar(done, total), job.get("reason", "")])
         lines += ["  " + line for line in table(rows, ["JOB", "THING", "PHASE", "PROGRESS",
@@ -74,7 +76,7 @@ def format_status(answer: dict[str, Any]) -> list[str]:
         for dev in devices:
             done, total = dev.get("done"), dev.get("total")
             amount = f"{human_bytes(done)}/{human_bytes(total)}" if total else ""
-            rows.append([dev.get("name", "?"), dev.get("phase") or "idle",
+            rows.append([dev.get("name", "?"), dev.get("phase") or Word.IDLE,
                          progress_bar(done, total), amount, dev.get("version") or "",
                          dev.get("reason") or ""])
         lines += ["  " + line for line in table(rows, ["DEVICE", "PHASE", "PROGRESS", "BYTES",
