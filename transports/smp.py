@@ -284,25 +284,28 @@ class SmpClient:
             seq = self._seq
             self._seq = (seq + 1) & 0xFF
             packet = encode_request(op, group, cmd, body, seq)
+            # connecting (a BLE connection slot, discovery) has bounds of its own: the request's
+            # time starts once the link is up
+            await self.link.open()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + limit
             try:
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel racing the answer
                 async with asyncio.timeout(limit):
                     await self.link.send(packet)
-                raw = await self._answer(op, seq, lambda: max(0.0, deadline - loop.time()))
+                raw = await self._answer(seq, lambda: max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise LinkTimeout(f"{self.link.name}: no answer within {limit:g} s") from None
         header = Header.unpack(raw)
-        if (header.group, header.cmd) != (group, cmd):
+        if (header.op, header.group, header.cmd) != (op + 1, group, cmd):
             raise SmpMalformed(f"answer {header} does not match request op {op} group {group} cmd {cmd} seq {seq}")
         return decode_response(raw)[1]
 
-    async def _answer(self, op: Op, seq: int, time_left: Callable[[], float]) -> bytes:
-        """The next packet from the link that answers request `seq` (response op, same sequence)."""
+    async def _answer(self, seq: int, time_left: Callable[[], float]) -> bytes:
+        """The next response (an odd op: not our own request echoed back) with sequence number `seq`."""
         while True:
             raw = await self.link.receive(time_left())
-            if len(raw) >= HEADER_SIZE and raw[0] & 0x7 == op + 1 and raw[6] == seq:
+            if len(raw) >= HEADER_SIZE and raw[0] & 1 and raw[6] == seq:
                 return raw
             self.stale_discarded += 1
 

@@ -221,6 +221,32 @@ async def test_link_loss_is_link_error_but_caller_cancellation_stays_cancellatio
         assert link.connects == 2
 
 
+@async_test
+async def test_reconnecting_does_not_count_against_the_request_timeout() -> None:
+    """A link that dropped between two requests reconnects before the next one; the connection
+    (slot, connect, discovery) has its own timeout, the request only waits for its answer."""
+    device = make_device()
+    async with served(device) as (link, _smp, peripheral, bench):
+        def slow_client(address: str, **kwargs: Any) -> Any:
+            client = bench.client_factory(address, **kwargs)
+            connect = client.connect
+
+            async def slow_connect(**connect_kwargs: Any) -> Any:
+                await asyncio.sleep(0.3)
+                return await connect(**connect_kwargs)
+
+            client.connect = slow_connect
+            return client
+
+        link._factory = slow_client
+        smp = SmpClient(link, timeout=0.2)
+        assert await smp.echo("first") == "first"
+        await peripheral.drop_connection()
+        await wait_until(lambda: not link.is_open)
+        assert await smp.echo("after the drop") == "after the drop"
+        assert link.connects == 2
+
+
 class ScriptedClient:
     """A BleakClient-shaped object that raises the stack's CancelledError where told."""
 

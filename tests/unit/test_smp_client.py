@@ -436,6 +436,20 @@ async def test_answer_for_another_command_is_rejected() -> None:
 
 
 @async_test
+async def test_an_answer_with_our_sequence_number_but_the_wrong_op_is_malformed() -> None:
+    class Muddled(FakeDevice):
+        async def receive(self, timeout: float) -> bytes:
+            rsp = bytearray(await super().receive(timeout))
+            rsp[0] = rsp[0] & ~0x7 | 1  # READ_RSP to a WRITE
+            return bytes(rsp)
+
+    device = Muddled()
+    device.answers[(0, 0)] = {"r": ""}
+    with pytest.raises(SmpMalformed, match="does not match"):
+        await SmpClient(device).echo("")
+
+
+@async_test
 async def test_stale_answers_and_echoed_requests_are_skipped_by_sequence_number() -> None:
     class Noisy(FakeDevice):
         async def send(self, packet: bytes) -> None:
