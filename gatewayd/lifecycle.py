@@ -168,7 +168,11 @@ class JobManager:
             return
         task = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.thing}/{job.job_id}")
         self._running[job.key] = task
-        task.add_done_callback(lambda _t: self._running.pop(job.key, None))
+        task.add_done_callback(lambda _t: self._ended(job.key))
+
+    def _ended(self, key: JobKey) -> None:
+        self._running.pop(key, None)
+        self._views.download_progress(key, None)  # a download cut short by a failure or a cancel
 
     async def resume(self) -> None:
         """Pick up every job that was open when the daemon stopped."""

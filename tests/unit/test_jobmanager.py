@@ -22,6 +22,7 @@ from gatewayd.cloud import JobExecution
 from gatewayd.config import (BleConfig, Config, DeviceConfig, GatewayConfig, MqttConfig, OtaConfig, RelayConfig,
                              SigningConfig)
 from gatewayd.emulators.signing import Signer, build_mcuboot_image, make_signer
+from gatewayd.errors import JobFailed
 from gatewayd.emulators.smp_device import EmulatedDevice
 from gatewayd.lifecycle import JobManager, KindRules
 from gatewayd.relay import RelayImage, RelayManager
@@ -351,3 +352,24 @@ def test_a_repeated_notification_does_not_start_the_job_twice(tmp_path: Path, si
 
     gw = run(tmp_path, signer, {"pump": {"thing_name": "pump"}}, scenario)
     assert gw.source.fetched == ["a.bin"] and gw.told.final(key)[0] is CloudStatus.SUCCEEDED
+
+
+def test_a_download_that_fails_leaves_no_progress_behind(tmp_path: Path, signer: Signer) -> None:
+    key = JobKey("pump", "cut")
+
+    class CutShort:
+        async def images(self, job: JobRecord, events: JobEvents) -> dict[int, RelayImage]:
+            events.phase(job, Word.DOWNLOADING)
+            events.download_progress(job, (100, 1000))
+            raise JobFailed(Word.FAILED, "download of files[0] failed: MQTT: stream gone")
+
+    async def scenario(gw: Gateway) -> None:
+        gw.jobs._kinds[JobKind.PROXIED] = KindRules(CutShort(), gw.told, one_device=True)
+        await gw.jobs.on_execution("pump", gw.execution("pump", "cut", [("a.bin", OLD)]))
+        job = await gw.settle(key)
+        await asyncio.sleep(0)  # the job's task ends after its outcome is decided
+        assert gw.views.progress(job) is None
+        assert gw.views.status(gw.config.devices)["jobs"][0]["done"] == 0
+
+    gw = run(tmp_path, signer, {"pump": {"thing_name": "pump"}}, scenario)
+    assert gw.told.final(key) == (CloudStatus.FAILED, Word.FAILED, "download of files[0] failed: MQTT: stream gone")
