@@ -536,6 +536,7 @@ class RelayManager:
         self._slots = asyncio.Semaphore(config.relay.max_parallel)
         self._relays: dict[str, DeviceRelay] = {}
         self._settings: dict[str, LinkSettings] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.update_devices(config)
 
     def update_devices(self, config: Config) -> None:
@@ -544,13 +545,22 @@ class RelayManager:
         for name in list(self._relays):
             device, settings = wanted.get(name, (None, None))
             if device != self._relays[name].device or settings != self._settings[name]:
-                self._relays.pop(name).retire()
+                self._retire(self._relays.pop(name))
                 del self._settings[name]
         for name, (device, settings) in wanted.items():
             if name not in self._relays:
                 self._relays[name] = DeviceRelay(device, self._links(settings), config.relay, self._state,
                                                  self._slots, self._on_change)
                 self._settings[name] = settings
+
+    def _retire(self, relay: DeviceRelay) -> None:
+        relay.retire()
+        if not relay.busy:
+            # an idle relay may still hold its port (UART keeps it open between transfers, and
+            # exclusively): free it for the relay that takes over the device
+            task = asyncio.get_running_loop().create_task(relay.disconnect())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def relay(self, device: str) -> DeviceRelay | None:
         return self._relays.get(device)

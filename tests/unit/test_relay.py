@@ -18,14 +18,16 @@ from typing import Any
 import cbor2
 import pytest
 
-from gatewayd.config import DeviceConfig, RelayConfig
+from gatewayd.config import (BleConfig, Config, DeviceConfig, GatewayConfig, MqttConfig, OtaConfig, RelayConfig,
+                             SigningConfig)
 from gatewayd.emulators.signing import build_mcuboot_image
 from gatewayd.emulators.smp_device import EmulatedDevice
 from gatewayd.mcuboot import inspect_image
-from gatewayd.relay import DeviceRelay, RelayImage, Retired
+from gatewayd.relay import DeviceRelay, RelayImage, RelayManager, Retired
 from gatewayd.state import StateDB, TransferKey, TransferRecord
 from gatewayd.vocab import FilePhase, JobKind, TransferPhase
 from memory_link import MemoryLink
+from transports.link import LinkSettings
 from transports.smp import Header, Op, encode_request
 
 KEY = TransferKey("pump", "job-2", 0, "pump")
@@ -509,3 +511,34 @@ def test_a_stopped_transfer_sends_nothing_more_even_if_the_cancel_is_swallowed(t
     assert link.swallowed >= 1
     assert stopped_at - asked_at <= 1, "the transfer went on after it was asked to stop"
     assert later == stopped_at, "requests went on after the transfer was stopped"
+
+
+def test_a_changed_device_gets_the_port_its_idle_relay_held(tmp_path: Path) -> None:
+    """A serial link stays open between transfers (and locks its port): when a reload changes
+    the device, the retired relay lets go of it for the relay that takes over."""
+    device = EmulatedDevice("pump", slot0=OLD, reset_delay=0.02, reset_grace=0.01)
+    links: list[MemoryLink] = []
+
+    def build(settings: LinkSettings) -> MemoryLink:
+        links.append(MemoryLink(device))
+        return links[-1]
+
+    def config(baudrate: int) -> Config:
+        pump = DeviceConfig(name="pump", transport="uart", port="memory", baudrate=baudrate)
+        return Config(tmp_path / "gateway.toml", GatewayConfig("gw-01"),
+                      MqttConfig("localhost", tmp_path, tmp_path, tmp_path, "gw-01"), OtaConfig(), SigningConfig(),
+                      RELAY, BleConfig(), (pump,))
+
+    bench = Bench(tmp_path)  # the state and the image
+
+    async def scenario() -> None:
+        relays = RelayManager(config(115200), bench.state, lambda _key: None, build)
+        assert (await relays.run(KEY, bench.image)).phase is TransferPhase.SUCCEEDED
+        assert links[0].is_open  # held between transfers
+        relays.update_devices(config(9600))
+        await asyncio.sleep(0.01)
+        assert not links[0].is_open and relays.relay("pump").link is links[1]
+        await relays.disconnect_all()
+        await device.stop()
+
+    run(scenario())
