@@ -379,7 +379,11 @@ def _job(row: sqlite3.Row) -> JobRecord:
 
 
 def _status(value: str | None) -> CloudStatus | None:
-    return None if value is None else CloudStatus(value)
+    """A stored AWS status; None for one this version does not know (never a reason not to start)."""
+    try:
+        return None if value is None else CloudStatus(value)
+    except ValueError:
+        return None
 
 
 def _file(row: sqlite3.Row) -> FileRecord:

@@ -71,3 +71,15 @@ def test_database_is_in_wal_mode_with_full_sync(tmp_path):
     StateDB(tmp_path / "state.db").close()
     con = sqlite3.connect(tmp_path / "state.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_status_this_version_does_not_know_does_not_stop_it_reading_the_job(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    db.add_job(JobKey("pump", "j"), JobKind.PROXIED, {})
+    db.close()
+    con = sqlite3.connect(tmp_path / "state.db")
+    con.execute("UPDATE jobs SET cloud_status='PAUSED'")
+    con.commit()
+    con.close()
+    db = StateDB(tmp_path / "state.db")
+    assert [(j.job_id, j.cloud_status) for j in db.open_jobs()] == [("j", None)]
