@@ -32,7 +32,6 @@ def _with(d: dict, **values) -> dict:
     return {**copy.deepcopy(d), **values}
 
 
-
 def test_every_malformed_document_is_rejected_with_its_reason_and_a_good_job_still_succeeds(lab):
     lab.add_device("pump", files="pump*.bin")
     lab.start()

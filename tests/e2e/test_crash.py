@@ -14,12 +14,12 @@ import random
 import sqlite3
 import time
 
+import pytest
 
 from gatewayd.emulators.lab import FINAL, Lab
 
 SEED = 20261127
 STAGES = {"download": 7, "upload": 10, "boot": 3}  # 20 kills
-
 
 
 def _phase_on_disk(lab: Lab, thing: str, job_id: str) -> str:
@@ -38,6 +38,8 @@ def _phase_on_disk(lab: Lab, thing: str, job_id: str) -> str:
     return job[0] if job else "not started"
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_sigkill_at_twenty_points_over_a_whole_job_still_succeeds(lab):
     rng = random.Random(SEED)
     lab.config["ota"].update(block_size=256, blocks_per_request=2)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 
-
 def test_daemon_refuses_to_start_on_a_bad_config_and_names_file_and_key(tmp_path):
     config = tmp_path / "gateway.toml"
     config.write_text('[gateway]\nthing_name = "gw-01"\nbogus = 1\n[mqtt]\nendpoint = "localhost"\n')

@@ -36,7 +36,6 @@ WINDOW = 16  # the Lab's [ota] blocks_per_request
 BIG = 240 * 1024  # image payload: ~241 blocks, still fits the device's 256 KiB slot
 
 
-
 def _stream(doc: dict) -> str:
     return doc["afr_ota"]["streamname"]
 
@@ -114,6 +113,8 @@ def _crash_and_restart(broker, down_for: float) -> None:
     broker.restart(down_for=down_for)
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_sigkill_mid_download_resumes_from_the_synced_bitmap(lab, capsys):
     lab.add_device("pump", thing_name="pump")
     lab.start()
@@ -159,6 +160,8 @@ def test_sigkill_mid_download_resumes_from_the_synced_bitmap(lab, capsys):
               f"total served {served} (+{served - count})")
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_sigterm_mid_window_saves_the_blocks_already_received(lab, capsys):
     lab.add_device("pump", thing_name="pump")
     lab.start()
@@ -192,6 +195,8 @@ def test_sigterm_mid_window_saves_the_blocks_already_received(lab, capsys):
               f"{stored.received_count} saved; total served {served} (+{served - count})")
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="the broker goes down mid-job: an accepted update may lose "
+                              "its reply with the connection, so it is sent once more on the old version")
 def test_broker_restart_mid_download_reconnects_rereads_the_job_and_continues(lab, capsys):
     lab.add_device("pump", thing_name="pump")
     lab.start()
@@ -303,6 +308,8 @@ def test_lossy_duplicating_corrupting_stream_still_yields_the_exact_image(lab, m
               f"(+{stats.blocks_served - count}) in {stats.requests} requests")
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="the broker goes down mid-job: an accepted update may lose "
+                              "its reply with the connection, so it is sent once more on the old version")
 def test_blackout_with_a_request_in_flight_then_broker_crash(lab, capsys):
     lab.add_device("pump", thing_name="pump")
     lab.start()
@@ -419,6 +426,8 @@ def test_jobs_request_whose_reply_was_lost_with_the_connection_is_asked_again_on
         peer.stop()
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_restart_with_another_block_size_starts_the_download_over(lab):
     """A stored bitmap counts blocks of the old size: it must not be reused with a new one."""
     lab.add_device("pump", thing_name="pump")

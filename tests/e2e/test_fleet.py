@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 
 
-
 KEY = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
-
 
 
 def _within_limits(details: dict[str, str]) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from gatewayd.emulators.lab import Lab
 
 
-
 def _start(lab: Lab, **s3_options):
     lab.add_device("pump", thing_name="pump")
     lab.start_cloud()

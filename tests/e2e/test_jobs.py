@@ -10,7 +10,6 @@ from __future__ import annotations
 from gatewayd.emulators.lab import Lab
 
 
-
 def _assert_running(lab: Lab, device: str, image: bytes) -> None:
     dev = lab.device(device)
     assert dev.active_image() == image

@@ -10,8 +10,8 @@ import time
 import pytest
 
 
-
-
+@pytest.mark.cloud_may_refuse("TerminalStateReached", why="an update already on its way when AWS IoT cancels "
+                              "the job is refused; the daemon then stops the job")
 def test_force_cancel_mid_upload_stops_work_and_cleans_up(lab):
     dev = lab.add_device("pump", thing_name="pump", response_delay=0.01)
     lab.start()
@@ -28,7 +28,7 @@ def test_force_cancel_mid_upload_stops_work_and_cleans_up(lab):
     assert dev.upload_bytes_received == received, "the upload went on after the cancellation"
     record = lab.aws.execution("pump", "cancel-me")
     assert record.status == "CANCELED"
-    assert len(record.updates) == updates and len(record.rejections) <= 1
+    assert len(record.updates) == updates and len(record.rejections) <= 1  # the marker allows that one
     state = lab.root / "state"
     assert list((state / "partial").iterdir()) == []
     assert list((state / "images").iterdir()) == []

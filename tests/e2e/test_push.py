@@ -24,7 +24,6 @@ from gatewayd.emulators.lab import Lab
 from gatewayd.emulators.smp_device import EmulatedDevice
 
 
-
 def _serving_pump(lab: Lab, **knobs) -> EmulatedDevice:
     """An emulated device "pump" (`knobs` go to Lab.add_device) and a daemon answering on its control socket."""
     dev = lab.add_device("pump", **knobs)

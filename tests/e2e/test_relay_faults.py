@@ -25,7 +25,6 @@ IMAGE_SIZE = 64 * 1024
 SLOW = 0.02  # device response delay: a 64 KiB upload takes a few seconds
 
 
-
 def _wait_for_upload(lab: Lab, dev: EmulatedDevice, image: bytes, fraction: float = 0.5) -> int:
     lab.wait_until(f"{fraction:.0%} of the upload", lambda: (dev.upload_offset or 0) >= len(image) * fraction, 30)
     return dev.upload_offset or 0
@@ -56,6 +55,8 @@ def _report(name: str, **numbers: object) -> None:
     print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_sigkill_mid_upload_resumes_from_the_device_offset(lab):
     dev = lab.add_device("pump", thing_name="pump", response_delay=SLOW)
     lab.start()
@@ -148,6 +149,8 @@ def test_device_absent_at_the_start_is_waiting_then_updated_when_it_appears(lab)
     assert _resent(dev, image) == 0
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_device_absent_past_device_timeout_fails_saying_since_when(lab):
     timeout = 6
     lab.config["relay"].update(device_timeout=timeout)
@@ -178,6 +181,8 @@ def test_device_absent_past_device_timeout_fails_saying_since_when(lab):
     assert dev.active_image() != image
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_recovery_device_sigkill_mid_upload_continues_through_the_offset_probe(lab):
     dev = lab.add_device("boot", thing_name="boot", mode="recovery", response_delay=SLOW)
     lab.devices["boot"].settings["mode"] = "recovery"
@@ -197,6 +202,8 @@ def test_recovery_device_sigkill_mid_upload_continues_through_the_offset_probe(l
     assert dev.mode == "zephyr"  # the new image boots
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_recovery_device_rebooted_while_gateway_was_down_restarts_at_zero(lab):
     dev = lab.add_device("boot", thing_name="boot", mode="recovery", stay_in_recovery=True, response_delay=SLOW)
     lab.devices["boot"].settings["mode"] = "recovery"
@@ -218,6 +225,8 @@ def test_recovery_device_rebooted_while_gateway_was_down_restarts_at_zero(lab):
     assert _resent(dev, image) <= at_kill + 3 * dev.upload_chunk_max
 
 
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
 def test_sigterm_mid_relay_exits_promptly_and_a_restart_completes(lab):
     dev = lab.add_device("pump", thing_name="pump", response_delay=2 * SLOW)
     lab.start()
