@@ -36,7 +36,9 @@ PREFER = ("mqtt", "http")
 DEVICE_MODES = ("zephyr", "recovery")
 
 UART_ONLY_KEYS = ("port", "baudrate", "line_delay")
-BLE_ONLY_KEYS = ("address", "reassembly", "connect_timeout")
+BLE_ONLY_KEYS = ("address", "reassembly", "connect_timeout", "mtu")
+# the ATT MTU range (Core Vol 3 Part F 3.2.8: 23 minimum; BlueZ offers 517)
+MIN_ATT_MTU, MAX_ATT_MTU = 23, 517
 SECTIONS = ("gateway", "mqtt", "ota", "signing", "relay", "ble", "device")
 
 
@@ -128,6 +130,7 @@ class DeviceConfig:
     address: str | None = None
     reassembly: bool | None = None  # ble: None = unknown, so every request fits one write
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # ble
+    mtu: int | None = None  # ble: the ATT MTU to write with when the stack reports it wrong
     thing_name: str | None = None
     files: str = ""
     image: int = 0
@@ -157,7 +160,7 @@ class Config:
         """How `transports` reaches the device (a loaded config has port or address set)."""
         if device.transport == "ble":
             return BleSettings(device.address or "", adapter=self.ble.adapter, reassembly=device.reassembly,
-                               connect_timeout=device.connect_timeout)
+                               connect_timeout=device.connect_timeout, mtu=device.mtu)
         return UartSettings(device.port or "", device.baudrate, device.line_delay)
 
 
@@ -419,6 +422,7 @@ def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> Dev
         reassembly=t.boolean("reassembly", None) if transport != "uart" else None,
         connect_timeout=(t.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True)
                          if transport != "uart" else DEFAULT_CONNECT_TIMEOUT),
+        mtu=t.integer("mtu", None, minimum=MIN_ATT_MTU, maximum=MAX_ATT_MTU) if transport != "uart" else None,
         thing_name=t.string("thing_name", None, pattern=THING_NAME,
                             pattern_hint="1 to 128 characters of A-Z a-z 0-9 : _ -"),
         files=t.string("files", name) or name or "",

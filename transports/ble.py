@@ -101,6 +101,7 @@ class BleLink:
         client_factory: ClientFactory | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         reassembly: bool | None = None,
+        mtu: int | None = None,
         connection_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.address = address
@@ -108,12 +109,16 @@ class BleLink:
         self.name = f"ble:{address}"
         self.connect_timeout = connect_timeout
         self.reassembly = reassembly
+        self.mtu = mtu
         self._factory: ClientFactory = client_factory or bleak_client_factory
         self._slots = connection_slots
         self._slot_held = False
         self._client: Any = None
         self._char: Any = None
         self._write_size: int | None = None  # of the current or last connection
+        self._small_writes = False  # the device never answered larger writes: 20 bytes from now on
+        self._last_sent = 0  # bytes of the last request sent on this connection
+        self._large_answered = False  # a request longer than one minimum write was answered
         self._assembler = PacketAssembler()
         self._inbox = Inbox()
         self._inbox.fail(LinkError(f"{self.name}: link not open"))
@@ -168,13 +173,14 @@ class BleLink:
                 props = set(getattr(char, "properties", ("write-without-response", "notify")))
                 if not {"write-without-response", "notify"} <= props:
                     raise LinkError(f"cannot open {self.name}: SMP characteristic has only {sorted(props)}")
-                write_size = await self._guard(self._negotiated_write_size(client, char), "cannot connect")
+                write_size = await self._bounded(self._negotiated_write_size(client, char), "ask the ATT MTU of")
                 self._assembler.clear()
                 self._inbox.reset()
-                await self._guard(
-                    client.start_notify(char, functools.partial(self._on_notify, client)),
-                    "cannot subscribe",
-                )
+                # BlueZ pairs by itself when the characteristic needs an encrypted link, and
+                # without an agent that never ends: every step has a bound
+                await self._bounded(client.start_notify(char, functools.partial(self._on_notify, client)),
+                                    "subscribe to the SMP notifications of",
+                                    " (does its SMP characteristic need an encrypted link? then pair it)")
                 if not client.is_connected:
                     raise LinkError(f"cannot open {self.name}: disconnected while setting up")
             except BaseException as e:
@@ -189,19 +195,28 @@ class BleLink:
                     raise LinkError(f"cannot connect to {self.name}: {e!r}") from e
                 raise
             self._client, self._char, self._write_size = client, char, write_size
+            self._last_sent, self._large_answered = 0, False
             self.connects += 1
             log.debug("%s: connected, %d bytes per write", self.name, write_size)
 
     async def _negotiated_write_size(self, client: Any, char: Any) -> int:
-        """ATT_MTU − 3 as bleak reports it, at most 512 (servers drop longer values).
+        """Bytes per write command: ATT_MTU − 3, at most 512 (servers drop longer values).
 
-        BlueZ < 5.62 reports 20 for the characteristic, and the value may lag right after
-        connecting; then ask for the MTU the way smpclient does (bleak's private
-        `_acquire_mtu`, present in 0.20.2 and 3.x on BlueZ) and use `mtu_size − 3`.
+        What bleak reports is not trusted when it says 20 (the ATT minimum): BlueZ < 5.62
+        always says so, and bleak 3.x reads BlueZ's per-characteristic MTU before it is
+        updated (20 at an MTU of 517, on every reconnection). Then the MTU is asked for the
+        way smpclient does, with bleak's private `_acquire_mtu` (on the backend in 0.20.2 and
+        3.x alike), and the larger of the two is used. A `mtu` set for the device wins; a
+        device that never answers a larger write gets 20-byte writes from then on.
         """
+        if self.mtu is not None:
+            return min(max(self.mtu - 3, MIN_WRITE), MAX_WRITE)
+        if self._small_writes:
+            return MIN_WRITE
         size = int(getattr(char, "max_write_without_response_size", 0) or 0)
         if size <= MIN_WRITE:
-            acquire = getattr(client, "_acquire_mtu", None)
+            backend = getattr(client, "_backend", client)
+            acquire = getattr(backend, "_acquire_mtu", None)
             if acquire is not None:
                 try:
                     await acquire()
@@ -210,7 +225,10 @@ class BleLink:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # BlueZ: "Using default MTU value"
                 mtu = getattr(client, "mtu_size", 0) or 0
-            size = max(size, int(mtu) - 3)
+                reported = int(getattr(char, "max_write_without_response_size", 0) or 0)
+            size = max(size, reported, int(mtu) - 3)
+            log.info("%s: bleak reported %d-byte writes; the ATT MTU is %d, so %d", self.name, MIN_WRITE, mtu,
+                     min(max(size, MIN_WRITE), MAX_WRITE))
         return min(max(size, MIN_WRITE), MAX_WRITE)
 
     async def close(self) -> None:
@@ -238,6 +256,7 @@ class BleLink:
                     f"of {size} bytes, but the device is not known to reassemble (reassembly={self.reassembly})"
                 )
             self._assembler.clear()  # whatever is left of an earlier answer is stale
+            self._last_sent = len(packet)
             try:
                 for start in range(0, len(packet), size):
                     if self._client is not client:
@@ -253,8 +272,26 @@ class BleLink:
                 raise await self._lost(client, f"write failed: {e!r}") from e
 
     async def receive(self, timeout: float) -> bytes:
-        """The next response packet; LinkError once the connection dropped or closed."""
-        return await self._inbox.get(timeout)
+        """The next response packet; LinkError once the connection dropped or closed.
+
+        When a request of more than one minimum write gets no answer on a connection where no
+        such request was ever answered, the write size is in doubt (some stacks and devices
+        drop writes they should take): the connection is dropped and later ones write 20 bytes.
+        Only for a device that reassembles requests: for any other, a request must fit one
+        write, and 20-byte writes could not carry an upload at all."""
+        try:
+            packet = await self._inbox.get(timeout)
+        except TimeoutError:
+            if (self.reassembly and self._last_sent > MIN_WRITE and not self._large_answered and self.mtu is None
+                    and (self._write_size or 0) > MIN_WRITE and self._client is not None):
+                log.warning("%s: no answer to a %d-byte request in %d-byte writes; writing %d bytes at a time "
+                            "from the next connection on", self.name, self._last_sent, self._write_size, MIN_WRITE)
+                self._small_writes = True
+                await self._lost(self._client, f"no answer to {self._write_size}-byte writes")
+            raise
+        if self._last_sent > MIN_WRITE:
+            self._large_answered = True
+        return packet
 
     # --- callbacks ------------------------------------------------------------------------
 
@@ -291,6 +328,14 @@ class BleLink:
             self._detach(error)
         await self._quietly(client.disconnect())
         return error
+
+    async def _bounded(self, awaitable: Awaitable[Any], what: str, hint: str = "") -> Any:
+        """A setup step after the connection, within connect_timeout."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await self._guard(awaitable, f"cannot {what}")
+        except TimeoutError:
+            raise LinkError(f"cannot {what} {self.name} within {self.connect_timeout:g} s{hint}") from None
 
     async def _guard(self, awaitable: Awaitable[Any], what: str) -> Any:
         """Await a client call; the stack's own CancelledError becomes LinkError."""

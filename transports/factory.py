@@ -25,4 +25,4 @@ class LinkFactory:
         if isinstance(settings, UartSettings):
             return UartLink(settings.port, settings.baudrate, line_delay=settings.line_delay)
         return BleLink(settings.address, adapter=settings.adapter, reassembly=settings.reassembly,
-                       connect_timeout=settings.connect_timeout, connection_slots=self._ble_slots)
+                       connect_timeout=settings.connect_timeout, mtu=settings.mtu, connection_slots=self._ble_slots)

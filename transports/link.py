@@ -31,6 +31,7 @@ class BleSettings:
     # (CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY); None: unknown, so every request fits one write
     reassembly: bool | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    mtu: int | None = None  # the ATT MTU to write with; None: as negotiated
 
 
 LinkSettings = UartSettings | BleSettings

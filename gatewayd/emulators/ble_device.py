@@ -62,7 +62,8 @@ class BlePeripheral:
     """The BLE face of one EmulatedDevice on a LocalLink.
 
     `mtu` is the largest ATT MTU the peripheral accepts (the exchange settles on the smaller
-    of both sides'). Stats: `write_sizes` (every write command), `oversize_writes`, `packets`
+    of both sides'). `max_write`, a fault knob, drops every write command longer than that,
+    as some stacks do with writes they should take. Stats: `write_sizes` (every write command), `oversize_writes`, `packets`
     (sizes of the SMP requests handed to the device), `packets_dropped`, `notifications`
     (sizes), `connections` (how many were accepted), `disconnects` (reasons), `events`.
     """
@@ -75,12 +76,14 @@ class BlePeripheral:
         *,
         mtu: int = 247,
         reassembly: bool = True,
+        max_write: int | None = None,
     ) -> None:
         if mtu < 23:
             raise ValueError("ATT MTU is at least 23")
         self.device = device
         self.address = address
         self.reassembly = reassembly
+        self.max_write = max_write
         self.absent = False
         controller = Controller(f"ble-{device.name}", link=link, public_address=address)
         self.ble = Device(name=device.name, address=Address(address), host=Host(controller, AsyncPipeSink(controller)))
@@ -262,9 +265,10 @@ class BlePeripheral:
         self.write_sizes.append(len(value))
         if connection is not self._connection or not self._up():
             return
-        if len(value) > connection.att_mtu - 3:
+        if len(value) > min(connection.att_mtu - 3, self.max_write or MAX_ATTRIBUTE_VALUE):
             self.oversize_writes += 1
-            self._dropped(f"write of {len(value)} bytes exceeds ATT_MTU-3 ({connection.att_mtu - 3})")
+            self._dropped(f"write of {len(value)} bytes exceeds ATT_MTU-3 ({connection.att_mtu - 3})"
+                          + (f" or the {self.max_write} this peripheral takes" if self.max_write else ""))
             return
         buf_size = self.device.buf_size
         if not self.reassembly:
@@ -360,7 +364,12 @@ class BumbleCharacteristic:
 
     @property
     def max_write_without_response_size(self) -> int:
-        return self._client.mtu_size - 3
+        """What bleak reports: with the bench's `char_mtu="stale"`, 20 whatever the MTU, as bleak
+        3.x reports it from BlueZ's characteristic MTU before BlueZ updates it (and BlueZ
+        < 5.62 always does); else ATT_MTU − 3, as bleak 0.20.2 reports it after the exchange."""
+        if self._client.char_mtu == "stale":
+            return 20
+        return self._client.att_mtu - 3
 
     def __repr__(self) -> str:
         return f"BumbleCharacteristic({self.uuid}, handle={self.handle}, {self.properties})"
@@ -395,8 +404,11 @@ class BumbleBleakClient:
         *,
         timeout: float = 10.0,
         mtu: int = DEFAULT_CENTRAL_MTU,
+        char_mtu: str = "exchanged",
     ) -> None:
         self.address = address
+        self.char_mtu = char_mtu
+        self._backend = _BumbleBackend()  # like bleak's: where `_acquire_mtu` lives
         self._bench = bench
         self._disconnected_callback = disconnected_callback
         self._timeout = timeout
@@ -418,9 +430,15 @@ class BumbleBleakClient:
         return self._connection is not None
 
     @property
-    def mtu_size(self) -> int:
+    def att_mtu(self) -> int:
+        """The ATT MTU the connection really has (what BlueZ and the kernel use)."""
         connection = self._connection
         return connection.att_mtu if connection is not None else 23
+
+    @property
+    def mtu_size(self) -> int:
+        """As bleak on BlueZ: 23 until `_backend._acquire_mtu()` asked BlueZ for the real one."""
+        return self.att_mtu if self._backend.acquired else 23
 
     @property
     def services(self) -> BumbleServices:
@@ -497,9 +515,9 @@ class BumbleBleakClient:
             raise TypeError("pass response= explicitly: its default differs between bleak 0.20 and 3.x")
         char = self._characteristic(char_specifier)
         peer = self._require_peer()
-        limit = min(self.mtu_size - 3, MAX_ATTRIBUTE_VALUE)
+        limit = min(self.att_mtu - 3, MAX_ATTRIBUTE_VALUE)
         if not response and len(data) > limit:
-            raise ValueError(f"write without response of {len(data)} bytes exceeds {limit} (ATT_MTU {self.mtu_size})")
+            raise ValueError(f"write without response of {len(data)} bytes exceeds {limit} (ATT_MTU {self.att_mtu})")
         await self._call(peer.write_value(char.proxy, bytes(data), with_response=response))
 
     async def read_gatt_char(self, char_specifier: Any) -> bytearray:
@@ -535,11 +553,24 @@ class BumbleBleakClient:
     def _on_disconnection(self, connection: Connection, reason: int) -> None:
         if connection is not self._connection:
             return
+        self._backend.acquired = False
         self._connection = None
         self._peer = None
         self._subscribers.clear()
         if self._disconnected_callback is not None:
             self._disconnected_callback(self)
+
+
+class _BumbleBackend:
+    """bleak keeps `_acquire_mtu` on its BlueZ backend (`client._backend`), in 0.20.2 and 3.x
+    alike, not on BleakClient: so does this stand-in, so that code looking in the wrong place
+    fails here as it does on a real gateway."""
+
+    def __init__(self) -> None:
+        self.acquired = False
+
+    async def _acquire_mtu(self) -> None:
+        self.acquired = True  # BlueZ's AcquireWrite answers the connection's real MTU
 
 
 # --- bench ----------------------------------------------------------------------------------
@@ -550,7 +581,8 @@ class BleBench:
 
     CENTRAL_ADDRESS = "C0:00:00:00:00:01"
 
-    def __init__(self) -> None:
+    def __init__(self, *, char_mtu: str = "exchanged") -> None:
+        self.char_mtu = char_mtu  # "exchanged" or "stale": see BumbleCharacteristic
         self.link = LocalLink()
         controller = Controller("gateway", link=self.link, public_address=self.CENTRAL_ADDRESS)
         self.central = Device(
@@ -598,7 +630,7 @@ class BleBench:
         **_: Any,
     ) -> BumbleBleakClient:
         """Drop-in for `transports.ble.bleak_client_factory` (`BleLink(client_factory=...)`)."""
-        client = BumbleBleakClient(self, address, disconnected_callback, timeout=timeout)
+        client = BumbleBleakClient(self, address, disconnected_callback, timeout=timeout, char_mtu=self.char_mtu)
         self.clients.append(client)
         self.adapters.append(adapter)
         return client
@@ -614,9 +646,10 @@ class BleBench:
 
 
 async def ble_bench(
-    device: EmulatedDevice, *, mtu: int = 247, reassembly: bool = True, address: str | None = None
+    device: EmulatedDevice, *, mtu: int = 247, reassembly: bool = True, address: str | None = None,
+    char_mtu: str = "exchanged",
 ) -> tuple[BleBench, BlePeripheral]:
     """A bench serving `device`; `bench.client_factory` goes to `BleLink(client_factory=...)`."""
-    bench = BleBench()
+    bench = BleBench(char_mtu=char_mtu)
     peripheral = await bench.add(device, mtu=mtu, reassembly=reassembly, address=address)
     return bench, peripheral

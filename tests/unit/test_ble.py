@@ -38,6 +38,7 @@ RUNNING = build_mcuboot_image(random.Random(1).randbytes(4000), version=(1, 0, 0
 # 64 KiB exactly: 0x200 header + payload + 40-byte TLV area (info + SHA-256)
 IMAGE_64K = build_mcuboot_image(random.Random(2).randbytes(64 * 1024 - 0x200 - 40), version=(1, 1, 0, 0))
 IMAGE_16K = build_mcuboot_image(random.Random(3).randbytes(16 * 1024 - 0x200 - 40), version=(1, 2, 0, 0))
+IMAGE_16K_NEXT = build_mcuboot_image(random.Random(4).randbytes(16 * 1024 - 0x200 - 40), version=(1, 3, 0, 0))
 
 
 def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -57,10 +58,13 @@ def make_device(**kwargs: Any) -> EmulatedDevice:
 
 @contextlib.asynccontextmanager
 async def served(
-    device: EmulatedDevice, *, mtu: int = 247, device_reassembly: bool = True, **link_kwargs: Any
+    device: EmulatedDevice, *, mtu: int = 247, device_reassembly: bool = True, char_mtu: str = "exchanged",
+    link_mtu: int | None = None, **link_kwargs: Any
 ) -> AsyncIterator[tuple[BleLink, SmpClient, BlePeripheral, BleBench]]:
-    """A BLE bench serving `device`; `link_kwargs` go to BleLink (e.g. its `reassembly`)."""
-    bench, peripheral = await ble_bench(device, mtu=mtu, reassembly=device_reassembly)
+    """A BLE bench serving `device` (its peripheral takes ATT MTUs up to `mtu`); `link_kwargs` go
+    to BleLink (e.g. its `reassembly`), `link_mtu` is the link's configured `mtu`."""
+    bench, peripheral = await ble_bench(device, mtu=mtu, reassembly=device_reassembly, char_mtu=char_mtu)
+    link_kwargs["mtu"] = link_mtu
     link_kwargs.setdefault("connect_timeout", 2.0)
     link = BleLink(peripheral.address, client_factory=bench.client_factory, **link_kwargs)
     try:
@@ -305,6 +309,43 @@ async def test_stack_cancellation_becomes_link_error(where: str) -> None:
     await link.close()
 
 
+@pytest.mark.parametrize("where, what", [("start_notify", "subscribe to the SMP notifications of"),
+                                         ("acquire_mtu", "ask the ATT MTU of")])
+@async_test
+async def test_a_stack_that_never_answers_a_setup_step_ends_it_within_connect_timeout(where: str, what: str) -> None:
+    """BlueZ pairs by itself when the SMP characteristic needs encryption; with no agent the
+    subscription never completes. Every step after the connection is bounded."""
+    never = asyncio.Event()
+
+    class Stuck(ScriptedClient):
+        def __init__(self) -> None:
+            super().__init__("")
+            self._backend = self
+            self.services = types.SimpleNamespace(get_characteristic=self._stale_char)
+
+        def _stale_char(self, uuid: str) -> Any:
+            return types.SimpleNamespace(uuid=uuid, properties=["write-without-response", "notify"],
+                                         max_write_without_response_size=20)
+
+        async def _acquire_mtu(self) -> None:
+            if where == "acquire_mtu":
+                await never.wait()
+
+        async def start_notify(self, char: Any, callback: Any) -> None:
+            if where == "start_notify":
+                await never.wait()
+
+    clients: list[Stuck] = []
+    link = BleLink("AA:BB:CC:DD:EE:FF", client_factory=lambda address, **_: clients.append(Stuck()) or clients[-1],
+                   connect_timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(LinkError, match=f"cannot {what} ble:AA:BB:CC:DD:EE:FF within 0.2 s") as caught:
+        await link.open()
+    assert time.monotonic() - started < 1.0
+    assert ("encrypted link" in str(caught.value)) == (where == "start_notify")
+    assert not link.is_open and clients[0].disconnects == 1
+
+
 @async_test
 async def test_close_tolerates_a_dead_link() -> None:
     clients: list[ScriptedClient] = []
@@ -367,6 +408,43 @@ async def test_writes_are_sized_to_the_negotiated_mtu(mtu: int) -> None:
         writes = peripheral.write_sizes[-math.ceil(packet / size) :]
         assert writes == [size] * (len(writes) - 1) + [packet - size * (len(writes) - 1)]
         assert len(peripheral.write_sizes) == writes_per_packet(peripheral.packets, size)
+
+
+@pytest.mark.parametrize("reassembly", [True, None])
+@async_test
+async def test_a_reported_20_byte_write_size_is_not_trusted_on_any_connection(reassembly: bool | None) -> None:
+    """bleak 3.x on BlueZ 5.66 reports 20 at an ATT MTU of 247 (or 517), on every connection:
+    the link asks for the MTU itself and writes ATT_MTU - 3, first time and every later one."""
+    device = make_device()
+    async with served(device, mtu=247, char_mtu="stale", reassembly=reassembly) as (link, smp, peripheral, _):
+        await smp.upload(IMAGE_16K)
+        assert link.write_size == 244 and max(peripheral.write_sizes) > 20
+        await peripheral.drop_connection()
+        await wait_until(lambda: not link.is_open)
+        peripheral.write_sizes.clear()
+        await smp.upload(IMAGE_16K_NEXT)
+        assert link.connects == 2 and link.write_size == 244 and max(peripheral.write_sizes) > 20
+
+
+@async_test
+async def test_a_configured_mtu_wins_over_what_the_stack_reports() -> None:
+    device = make_device()
+    async with served(device, mtu=247, char_mtu="stale", link_mtu=100, reassembly=True) as (link, smp, peripheral, _):
+        assert await smp.echo("x" * 200) == "x" * 200
+        assert link.write_size == 97 and max(peripheral.write_sizes) == 97
+
+
+@async_test
+async def test_a_device_that_never_answers_larger_writes_gets_20_byte_writes() -> None:
+    device = make_device()
+    async with served(device, mtu=247, reassembly=True) as (link, smp, peripheral, _):
+        peripheral.max_write = 20  # a stack that silently drops what it should take
+        smp.timeout = 0.3
+        with pytest.raises(LinkTimeout):
+            await smp.echo("y" * 100)
+        assert not link.is_open  # the write size is in doubt: the connection goes
+        assert await smp.echo("y" * 100) == "y" * 100
+        assert link.write_size == 20 and peripheral.oversize_writes >= 1
 
 
 @async_test

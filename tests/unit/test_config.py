@@ -169,7 +169,7 @@ def test_shipped_example_documents_every_key() -> None:
         assert f"{key} = " in text, key
     sample = (REPO / "config" / "devices.d" / "example.toml.sample").read_text()
     for key in ("name", "transport", "port", "baudrate", "line_delay", "mode", "address", "reassembly",
-                "connect_timeout", "thing_name", "files", "image", "buf_size", "allow_downgrade"):
+                "connect_timeout", "mtu", "thing_name", "files", "image", "buf_size", "allow_downgrade"):
         assert f"\n{key} = " in sample, key
 
 
@@ -291,6 +291,7 @@ transport = "ble"
 address = "C4:3B:21:9A:00:17"
 reassembly = true
 connect_timeout = 7.5
+mtu = 247
 
 [[device]]
 name = "valve"
@@ -299,7 +300,7 @@ address = "C4:3B:21:9A:00:18"
 """)
     config = load_config(path)
     tank, valve = (config.link_settings(d) for d in config.devices)
-    assert tank == BleSettings("C4:3B:21:9A:00:17", adapter="hci1", reassembly=True, connect_timeout=7.5)
+    assert tank == BleSettings("C4:3B:21:9A:00:17", adapter="hci1", reassembly=True, connect_timeout=7.5, mtu=247)
     assert valve == BleSettings("C4:3B:21:9A:00:18", adapter="hci1", reassembly=None, connect_timeout=20.0)
 
     path = write_config(tmp_path, MINIMAL + """
@@ -309,6 +310,7 @@ transport = "ble"
 address = "C4:3B:21:9A:00:17"
 reassembly = "yes"
 connect_timeout = 0
+mtu = 600
 
 [[device]]
 name = "pump"
@@ -318,6 +320,7 @@ reassembly = true
 """)
     assert sorted(str(p) for p in problems_of(path)) == [
         f'{path}: device[1] (tank) connect_timeout: must be greater than 0, got 0',
+        f'{path}: device[1] (tank) mtu: must be between 23 and 517, got 600',
         f'{path}: device[1] (tank) reassembly: expected true or false, got string "yes"',
         f"{path}: device[2] (pump) reassembly: applies only to ble devices, this one is uart",
     ]
