@@ -113,6 +113,7 @@ class BleLink:
         self._factory: ClientFactory = client_factory or bleak_client_factory
         self._slots = connection_slots
         self._slot_held = False
+        self._slot_client: Any = None  # the client whose connection holds the slot
         self._client: Any = None
         self._char: Any = None
         self._write_size: int | None = None  # of the current or last connection
@@ -159,7 +160,7 @@ class BleLink:
                 self._slot_held = True
             client: Any = None
             try:
-                client = self._factory(
+                client = self._slot_client = self._factory(
                     self.address,
                     disconnected_callback=self._on_disconnected,
                     timeout=self.connect_timeout,
@@ -184,9 +185,11 @@ class BleLink:
                 if not client.is_connected:
                     raise LinkError(f"cannot open {self.name}: disconnected while setting up")
             except BaseException as e:
-                self._release_slot()
-                if client is not None:
-                    await self._quietly(client.disconnect())
+                try:
+                    if client is not None:
+                        await self._quietly(client.disconnect())
+                finally:
+                    self._release_slot()
                 if isinstance(e, LinkError | asyncio.CancelledError):
                     raise
                 if isinstance(e, TimeoutError):
@@ -234,10 +237,14 @@ class BleLink:
     async def close(self) -> None:
         client, char = self._client, self._char
         self._detach(LinkError(f"{self.name}: link closed"))
-        if client is not None:
+        if client is None:
+            return
+        try:
             if char is not None:
                 await self._quietly(client.stop_notify(char))
             await self._quietly(client.disconnect())
+        finally:
+            self._release_slot(client)  # only once the link is down: never more links than slots
 
     # --- send / receive -------------------------------------------------------------------
 
@@ -305,20 +312,21 @@ class BleLink:
         if client is self._client:
             log.info("%s: disconnected", self.name)
             self._detach(LinkError(f"{self.name}: link dropped: disconnected"))
+        self._release_slot(client)
 
     # --- helpers --------------------------------------------------------------------------
 
     def _detach(self, error: LinkError) -> None:
-        had_client = self._client is not None
+        """Forget the connection; its slot goes back once the link is down (`_release_slot`)."""
         self._client, self._char = None, None
         self._assembler.clear()
-        if had_client:
-            self._release_slot()
         self._inbox.fail(error)
 
-    def _release_slot(self) -> None:
-        if self._slot_held and self._slots is not None:
+    def _release_slot(self, client: Any = None) -> None:
+        """Give the connection slot back (`client`: only if its connection is the one holding it)."""
+        if self._slot_held and self._slots is not None and (client is None or client is self._slot_client):
             self._slot_held = False
+            self._slot_client = None
             self._slots.release()
 
     async def _lost(self, client: Any, reason: str) -> LinkError:
@@ -326,7 +334,10 @@ class BleLink:
         error = LinkError(f"{self.name}: link dropped: {reason}")
         if client is self._client:
             self._detach(error)
-        await self._quietly(client.disconnect())
+        try:
+            await self._quietly(client.disconnect())
+        finally:
+            self._release_slot(client)
         return error
 
     async def _bounded(self, awaitable: Awaitable[Any], what: str, hint: str = "") -> Any:

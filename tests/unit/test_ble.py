@@ -545,6 +545,44 @@ async def test_connection_slots_bound_concurrent_links() -> None:
         await bench.close()
 
 
+@async_test
+async def test_a_slot_is_free_only_once_the_link_is_really_down() -> None:
+    """BlueZ may take a while to take a connection down (stop_notify, Disconnect over D-Bus):
+    the next device must not connect before it has, or there are more links than slots."""
+    bench = BleBench()
+    try:
+        one = await bench.add(make_device())
+        two = await bench.add(EmulatedDevice("ble1", slot0=RUNNING, boot_banner=False))
+
+        def slow_to_disconnect(address: str, **kwargs: Any) -> Any:
+            client = bench.client_factory(address, **kwargs)
+            disconnect = client.disconnect
+
+            async def slow() -> bool:
+                await asyncio.sleep(0.3)
+                return await disconnect()
+
+            client.disconnect = slow
+            return client
+
+        slots = asyncio.Semaphore(1)
+        link1 = BleLink(one.address, client_factory=slow_to_disconnect, connection_slots=slots)
+        link2 = BleLink(two.address, client_factory=bench.client_factory, connection_slots=slots)
+        await link1.open()
+        closing = asyncio.create_task(link1.close())
+        opening = asyncio.create_task(link2.open())
+        most = 0
+        while not opening.done():
+            most = max(most, sum(p.connection is not None for p in bench.peripherals.values()))
+            await asyncio.sleep(0.005)
+        await closing
+        assert most == 1 and link2.is_open and not link1.is_open
+        await link2.close()
+        assert not slots.locked()
+    finally:
+        await bench.close()
+
+
 # --- bleak versions and imports --------------------------------------------------------------
 
 
