@@ -25,21 +25,23 @@ import json
 import os
 import pwd
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from unitbench import ETC, Bench, run, text
+
 from gatewayd.emulators.lab import CERTFILE, Lab
 
 UNIT = "ota-gatewayd"
-ETC = Path("/etc/ota-gateway")
 DROPINS = Path("/etc/systemd/system/ota-gatewayd.service.d")
 # not /tmp, /var/tmp (PrivateTmp=yes) nor /root (ProtectHome=yes): the unit must see the probe
 BENCH = Path(sys.argv[1] if len(sys.argv) > 1 else "/srv/ota-bench")
 DEVICE = "pump"
-results: list[tuple[bool, str, str]] = []
-timings: dict[str, float] = {}
+bench = Bench(UNIT)
+check, show, journal, tail, wait_for, install = (bench.check, bench.show, bench.journal, bench.tail, bench.wait_for,
+                                                 bench.install)
+timings = bench.timings
 
 PROBE = r'''
 """ExecStartPost= probe: runs as ota-gateway in ota-gatewayd.service's sandbox."""
@@ -68,92 +70,15 @@ print(f"probe: python3-systemd hidden={hidden} memfd-entry={memfd} devices: {' '
 '''
 
 
-def check(name: str, ok: object, evidence: object = "") -> bool:
-    results.append((bool(ok), name, str(evidence)))
-    print(f"{'PASS' if ok else 'FAIL'} {name}: {evidence}", flush=True)
-    return bool(ok)
-
-
-def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def show(*props: str) -> dict[str, str]:
-    out = run("systemctl", "show", "-p", ",".join(props), UNIT).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def journal(*match: str, since: str | None = None) -> list[dict]:
-    # --all: without it, -o json turns every field over 4 KiB into null
-    cmd = ["journalctl", "--no-pager", "--all", "-o", "json", "-u", UNIT, *match]
-    if since:
-        cmd += ["--since", since]
-    return [json.loads(line) for line in run(*cmd).stdout.splitlines() if line.strip()]
-
-
-def text(record: dict, field: str = "MESSAGE") -> str:
-    value = record.get(field, "")
-    return value if isinstance(value, str) else bytes(value or []).decode(errors="replace")
-
-
-def tail(lines: int = 40) -> str:
-    return run("journalctl", "--no-pager", "-u", UNIT, "-n", str(lines)).stdout
-
-
 def now() -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     time.sleep(1.0)  # --since has a one-second resolution
     return stamp
 
 
-def wait_for(condition, timeout: float, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(poll)
-
-
-def install(src: Path, name: str, mode: int, group: str = "root") -> str:
-    """Copy a file the config names into /etc/ota-gateway, readable by the daemon's user."""
-    dst = ETC / name
-    shutil.copyfile(src, dst)
-    os.chown(dst, 0, grp.getgrnam(group).gr_gid)
-    os.chmod(dst, mode)
-    return str(dst)
-
-
 def proc_status(pid: str) -> dict[str, list[str]]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: v.split() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
-
-
-def start(label: str) -> str | None:
-    """systemctl start (returns once READY=1 arrived); the new MainPID, or None."""
-    t0 = time.monotonic()
-    started = run("systemctl", "start", UNIT)
-    timings[f"{label}: start until READY=1"] = time.monotonic() - t0
-    props = show("ActiveState", "SubState", "StatusText", "WatchdogUSec", "NRestarts", "MainPID")
-    if not check(f"{label}: systemctl start", started.returncode == 0 and props["ActiveState"] == "active",
-                 f"rc={started.returncode} {started.stderr.strip()} {props} "
-                 f"in {timings[f'{label}: start until READY=1']:.2f}s"):
-        print(tail(60))
-        return None
-    # STATUS= follows the MQTT connection at once, not at the next watchdog ping (30 s)
-    status = wait_for(lambda: show("StatusText")["StatusText"].startswith("connected"), 10, 0.2)
-    check(f"{label}: StatusText says connected within 10 s", status, show("StatusText"))
-    return props["MainPID"]
-
-
-def stop(label: str) -> None:
-    t0 = time.monotonic()
-    stopped = run("systemctl", "stop", UNIT)
-    timings[f"{label}: stop"] = time.monotonic() - t0
-    props = show("ActiveState", "Result", "ExecMainCode", "ExecMainStatus", "NRestarts")
-    ok = (stopped.returncode == 0 and props["ActiveState"] == "inactive" and props["Result"] == "success"
-          and props["ExecMainStatus"] == "0" and timings[f"{label}: stop"] < 5)
-    check(f"{label}: systemctl stop is clean (< 5 s)", ok, f"{props} in {timings[f'{label}: stop']:.2f}s")
 
 
 def ota_job(lab: Lab, job_id: str, version: tuple[int, ...], label: str) -> None:
@@ -186,11 +111,7 @@ def main() -> int:
             (DROPINS / name).unlink(missing_ok=True)
         run("systemctl", "daemon-reload")
         lab.close()
-    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    failed = [name for ok, name, _ in results if not ok]
-    print(f"bench: {len(results) - len(failed)}/{len(results)} checks passed"
-          + (f"; FAILED: {'; '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    return bench.finish()
 
 
 def phase1(lab: Lab) -> None:
@@ -223,7 +144,7 @@ def phase1(lab: Lab) -> None:
     check("check-config as user ota-gateway", cc.returncode == 0, (cc.stdout + cc.stderr).strip()[-300:])
 
     since = now()
-    pid = start("shipped unit")
+    pid = bench.start("shipped unit", connected_within=10)
     if pid is None:
         return
     st = proc_status(pid)
@@ -291,7 +212,7 @@ def phase1(lab: Lab) -> None:
            or any(s in text(r) for s in ("Traceback", "Operation not permitted", "Permission denied"))]
     check("no warning, error or traceback from the daemon", not bad, bad[:10] or f"{len(records)} records")
 
-    stop("shipped unit")
+    bench.stop("shipped unit")
 
 
 def reload(label: str, pid: str) -> None:
@@ -330,7 +251,7 @@ def phase2(lab: Lab) -> None:
     run("systemctl", "daemon-reload")
 
     since = now()
-    pid = start("native journal handler")
+    pid = bench.start("native journal handler", connected_within=10)
     if pid is None:
         return
     ota_job(lab, "job-2", (1, 3, 0), "native journal handler")
@@ -350,7 +271,7 @@ def phase2(lab: Lab) -> None:
           and big and len(text(big[0])) == 300_000, f"{probe} {len(big)} entries of {[len(text(r)) for r in big]} chars")
     check(f"probe in the sandbox: DevicePolicy=closed + DeviceAllow=char-pts (pty yes, {closed or 'no 0666 device'} no)",
           probe and f"{tty}=open" in probe[0] and (closed is None or f"{closed}=EPERM" in probe[0]), probe)
-    stop("native journal handler")
+    bench.stop("native journal handler")
 
 
 if __name__ == "__main__":
