@@ -15,6 +15,9 @@
   loss becomes ConnectionError; bumble's TimeoutError becomes the builtin one.
 * `BleBench` / `ble_bench`: the link, the central and the peripherals, plus a
   `client_factory` to hand to `BleLink`.
+* `HostStackBench`: the peripherals for a real host stack instead: a controller on an HCI
+  transport (`vhci:/dev/vhci` makes it the kernel's hci0, for BlueZ and bleak) shares the
+  link with them. Used by scripts/test-ble inside its VM.
 
 No radio timing is modelled (platform.md §7): ATT PDUs move as fast as the event loop runs.
 
@@ -31,13 +34,16 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import bumble.controller
 from bumble.controller import Controller
+from bumble.core import PhysicalTransport
 from bumble.core import TimeoutError as BumbleTimeoutError
 from bumble.device import Connection, Device, Peer
 from bumble.gatt import Characteristic, CharacteristicValue, Service
-from bumble.hci import Address
+from bumble.hci import Address, LeFeatureMask
 from bumble.host import Host
 from bumble.link import LocalLink
+from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink
 
 from gatewayd.emulators.smp_device import EmulatedDevice
@@ -85,7 +91,7 @@ class BlePeripheral:
         self.reassembly = reassembly
         self.max_write = max_write
         self.absent = False
-        controller = Controller(f"ble-{device.name}", link=link, public_address=address)
+        controller = self.controller = Controller(f"ble-{device.name}", link=link, public_address=address)
         self.ble = Device(name=device.name, address=Address(address), host=Host(controller, AsyncPipeSink(controller)))
         self.characteristic: Characteristic = Characteristic(
             SMP_CHARACTERISTIC_UUID,
@@ -653,3 +659,94 @@ async def ble_bench(
     bench = BleBench(char_mtu=char_mtu)
     peripheral = await bench.add(device, mtu=mtu, reassembly=reassembly, address=address)
     return bench, peripheral
+
+
+# --- a real host stack ------------------------------------------------------------------------
+
+
+class HostStackBench:
+    """Emulated peripherals for a real host stack (the kernel's HCI, BlueZ, bleak).
+
+        host stack <-> HCI transport <-> bumble Controller "host" ~~ LocalLink ~~ peripherals
+
+    Two of bumble's controller behaviours stop Linux 6.1 from talking to it, and are changed
+    for this bench only (found by the ble-vm recipe in shared/):
+    - LE ACL data leaves a controller from its random address, while the kernel connects
+      from its public one and drops data from an address it does not know: the data goes
+      out from the connection's own address instead;
+    - the kernel-facing controller must not offer LE Extended Advertising, Periodic
+      Advertising or LL Privacy: the kernel then waits for an LE Enhanced Connection Complete
+      that bumble never sends, and its HCI command queue wedges.
+    `connections` counts the peripherals' connections at each moment; `max_connections` is
+    the most there ever were at once.
+    """
+
+    def __init__(self, transport: str = "vhci:/dev/vhci", address: str = "F0:F0:F0:F0:F0:01",
+                 acl_length: int = 251) -> None:
+        self.transport_spec = transport
+        self.address = address
+        self.acl_length = acl_length
+        self.link = LocalLink()
+        self.peripherals: dict[str, BlePeripheral] = {}
+        self.max_connections = 0
+        self._transport: Any = None
+        self._controller: Controller | None = None
+
+    @property
+    def connections(self) -> int:
+        return sum(p.connection is not None for p in self.peripherals.values())
+
+    async def start(self) -> None:
+        _send_le_acl_from_the_connection_address()
+        self._transport = await open_transport(self.transport_spec)
+        controller = Controller("host", host_source=self._transport.source, host_sink=self._transport.sink,
+                                link=self.link, public_address=self.address)
+        controller.le_features &= ~(LeFeatureMask.LE_EXTENDED_ADVERTISING | LeFeatureMask.LE_PERIODIC_ADVERTISING
+                                    | LeFeatureMask.LL_PRIVACY)
+        controller.le_acl_data_packet_length = self.acl_length
+        self._controller = controller
+
+    async def add(self, device: EmulatedDevice, address: str, *, mtu: int = 517, reassembly: bool = True,
+                  max_write: int | None = None) -> BlePeripheral:
+        peripheral = BlePeripheral(device, self.link, address.upper(), mtu=mtu, reassembly=reassembly,
+                                   max_write=max_write)
+        peripheral.controller.le_acl_data_packet_length = self.acl_length
+        peripheral.ble.on("connection", lambda _connection: self._count())
+        self.peripherals[address.upper()] = peripheral
+        await peripheral.start()
+        return peripheral
+
+    def _count(self) -> None:
+        # called as a connection comes up (the peripheral's own handler has counted it already
+        # or will at once): the next loop iteration sees every peripheral's state
+        asyncio.get_running_loop().call_soon(self._note)
+
+    def _note(self) -> None:
+        self.max_connections = max(self.max_connections, self.connections)
+
+    async def close(self) -> None:
+        for peripheral in self.peripherals.values():
+            await peripheral.stop()
+        if self._transport is not None:
+            await self._transport.close()
+
+
+_PATCHED = False
+
+
+def _send_le_acl_from_the_connection_address() -> None:
+    global _PATCHED
+    if _PATCHED:
+        return
+    original = bumble.controller.Connection.on_acl_pdu
+
+    def on_acl_pdu(self: Any, pdu: bytes) -> None:
+        if self.link and self.transport == PhysicalTransport.LE:
+            peer = self.link.find_le_controller(self.peer_address)
+            if peer is not None:
+                asyncio.get_running_loop().call_soon(peer.on_link_acl_data, self.self_address, self.transport, pdu)
+            return
+        original(self, pdu)
+
+    bumble.controller.Connection.on_acl_pdu = on_acl_pdu
+    _PATCHED = True

@@ -42,7 +42,7 @@ CERTFILE = "ota_signer.pem"
 class LabDevice:
     name: str
     emulator: EmulatedDevice
-    link: Path
+    link: Path | None  # its pty; None for a device served over BLE by the caller
     settings: dict[str, Any]
 
 
@@ -94,6 +94,21 @@ class Lab:
         if files:
             settings["files"] = files
         self.devices[name] = LabDevice(name, device, link, settings)
+        return device
+
+    def add_ble_device(self, name: str, address: str, *, version: tuple[int, ...] = (1, 0, 0),
+                       thing_name: str | None = None, files: str | None = None, link: dict[str, Any] | None = None,
+                       **emulator: Any) -> EmulatedDevice:
+        """An emulated SMP device listed in the gateway's config as a BLE device at `address`;
+        the caller serves it over BLE (`ble_device.HostStackBench` or `BleBench`) on this lab's
+        device loop (`on_device_loop`). `link` adds BLE keys (reassembly, mtu, ...)."""
+        device = EmulatedDevice(name, slot0=self.make_image(version, seed=name), **emulator)
+        settings: dict[str, Any] = {"name": name, "transport": "ble", "address": address, **(link or {})}
+        if thing_name:
+            settings["thing_name"] = thing_name
+        if files:
+            settings["files"] = files
+        self.devices[name] = LabDevice(name, device, None, settings)
         return device
 
     def device(self, name: str) -> EmulatedDevice:

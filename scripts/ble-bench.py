@@ -1,0 +1,219 @@
+"""The installed ota-gatewayd.service over the real Linux Bluetooth stack, inside the BLE VM.
+
+Run by scripts/test-ble *inside* its VM (systemd is PID 1 there), with the bumble venv's
+python (system site packages: the installed gatewayd, Debian's python3-* libraries):
+
+    /dev/vhci <-> bumble controller (the kernel's hci0: HCI, BlueZ's bluetoothd, bleak over D-Bus)
+                    ~~ bumble LocalLink ~~ emulated SMP devices (EmulatedDevice as GATT peripherals)
+
+Lab (gatewayd.emulators.lab) provides mosquitto with mutual TLS, the AWS IoT emulator and
+the signed jobs; the generated gateway.toml goes to /etc/ota-gateway and the daemon runs as
+the unit, as user ota-gateway in its sandbox, talking to BlueZ over D-Bus. The phases run
+the same jobs under Debian's bleak (the unit as shipped) and under the current PyPI bleak
+(a drop-in runs the daemon with /opt/bleak-latest's python).
+
+Prints "PASS|FAIL name: evidence" per check, a summary, and writes the results as JSON to
+OUT/results.json; exit status 1 if any check failed.
+Usage: ble-bench.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import btsnoop
+from unitbench import Bench, run, text
+
+from gatewayd.emulators.ble_device import HostStackBench
+from gatewayd.emulators.lab import CERTFILE, Lab
+
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "/mnt/host/out")
+HCI_LOG = OUT / "hci.btsnoop"  # btmon -w, started by guest-run before this bench
+WORK = Path("/srv/ota-ble")  # not /tmp (PrivateTmp=yes) nor /root (ProtectHome=yes)
+DROPIN = Path("/etc/systemd/system/ota-gatewayd.service.d/50-pypi-bleak.conf")
+PYPI_PYTHON = "/opt/bleak-latest/bin/python"
+FLEET = ["ble-a", "ble-b", "ble-c", "ble-d"]
+ADDRESSES = {name: f"F0:00:00:00:00:{n + 1:02X}" for n, name in enumerate(FLEET)}
+IMAGE_KIB = 24
+
+
+def bleak_version(python: str) -> str:
+    out = run(python, "-c", "import importlib.metadata as m; print(m.version('bleak'))").stdout.strip()
+    return out or "?"
+
+
+def fleet(lab: Lab, world: HostStackBench) -> None:
+    """Four emulated BLE devices. ble-a and ble-b are AWS IoT things of their own (for the
+    jobs that go to one device); ble-d does not reassemble requests (every request must fit
+    one write: 20-byte writes could not carry an upload at all)."""
+    for name in FLEET:
+        reassembly = name != "ble-d"
+        link = {"reassembly": True} if reassembly else {}
+        device = lab.add_ble_device(name, ADDRESSES[name], thing_name=name if name in ("ble-a", "ble-b") else None,
+                                    files="ble-*", link=link, buf_size=2475, reset_delay=0.5, boot_banner=False)
+        lab.on_device_loop(world.add(device, ADDRESSES[name], mtu=517, reassembly=reassembly))
+
+
+def configure(bench: Bench, lab: Lab) -> None:
+    ident = lab.pki.client(lab.gateway_thing)
+    lab.config["gateway"] = {"state_dir": "/var/lib/ota-gateway", "control_socket": "/run/ota-gateway/control.sock",
+                             "log_level": "debug"}
+    lab.config["mqtt"] = {
+        "ca_file": bench.install(lab.pki.ca_file, "bench-ca.pem", 0o644),
+        "cert_file": bench.install(ident.cert_file, f"{lab.gateway_thing}.cert.pem", 0o644),
+        "key_file": bench.install(ident.key_file, f"{lab.gateway_thing}.private.key", 0o640, "ota-gateway"),
+    }
+    lab.config["signing"] = {"certificates": {CERTFILE: bench.install(lab.signer.cert_file, "bench-signer.pem", 0o644)}}
+    lab.config["ble"] = {"adapter": "hci0", "max_connections": 2}
+    lab.config["relay"] = {"reset_timeout": 60.0, "retry_interval": 1.0, "request_timeout": 10.0}
+    shutil.copyfile(lab.write_config(), "/etc/ota-gateway/gateway.toml")
+    os.chmod("/etc/ota-gateway/gateway.toml", 0o644)
+
+
+def writes(world: HostStackBench, name: str) -> list[int]:
+    return world.peripherals[ADDRESSES[name]].write_sizes
+
+
+class Air:
+    """The kernel's HCI log since `mark()`: LE connections and the writes on each."""
+
+    def __init__(self) -> None:
+        self._offset = 0
+
+    def mark(self) -> None:
+        self._offset = HCI_LOG.stat().st_size if HCI_LOG.exists() else 0
+
+    def since_mark(self) -> btsnoop.Air:
+        return btsnoop.read(str(HCI_LOG), self._offset)[0] if HCI_LOG.exists() else btsnoop.Air()
+
+
+UPLOADING = 200  # bytes written on one connection that only an upload request sends
+
+
+def upload_writes(air: btsnoop.Air) -> list[tuple[int, int]]:
+    """(bytes written, largest ATT write) of each connection that carried an upload request.
+    Connections that only asked small things (the image list after a reset, the confirm) send
+    nothing longer than 20 bytes whatever the write size, and say nothing about it."""
+    return [(sum(c.writes), max(c.writes)) for c in air.connections if sum(c.writes) > UPLOADING]
+
+
+def reported_20(bench: Bench, since: str) -> int:
+    """Connections where bleak reported 20-byte writes and the link asked for the MTU itself."""
+    return sum("bleak reported 20-byte writes" in text(r) for r in bench.journal(since=since))
+
+
+def phase(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int) -> None:
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    if bench.start(label) is None:
+        return
+    air = Air()
+
+    # one gateway job for four devices, at most two BLE links at once
+    for name in FLEET:
+        writes(world, name).clear()
+    world.max_connections = 0
+    air.mark()
+    image = lab.make_image((major, 0, 0), size=IMAGE_KIB * 1024, seed=f"fleet-{label}")
+    t0 = time.monotonic()
+    lab.ota_update(f"fleet-{major}", lab.gateway_thing, image, filepath=f"ble-{major}.0.0.bin")
+    record = bench.wait_job(lab, lab.gateway_thing, f"fleet-{major}", timeout=600)
+    elapsed = time.monotonic() - t0
+    running = {name: lab.device(name).active_image() == image and lab.device(name).confirmed for name in FLEET}
+    bench.check(f"{label}: a gateway job updates four BLE devices through BlueZ, images confirmed",
+                record is not None and record.status == "SUCCEEDED" and all(running.values()),
+                f"{record.status if record else 'no result'} {running} in {elapsed:.0f}s "
+                f"({4 * IMAGE_KIB / elapsed:.1f} KiB/s over all)")
+    seen = air.since_mark()
+    bench.check(f"{label}: [ble] max_connections = 2: never more than two LE links at once",
+                1 <= seen.most_at_once <= 2 and 1 <= world.max_connections <= 2,
+                f"kernel HCI log: at most {seen.most_at_once} at once over {len(seen.connections)} connections; "
+                f"peripherals: at most {world.max_connections}")
+    sizes = {name: max(writes(world, name), default=0) for name in FLEET}
+    uploads = upload_writes(seen)
+    bench.check(f"{label}: every upload writes more than 20 bytes at a time (first connections)",
+                len(uploads) >= len(FLEET) and min(w for _, w in uploads) > 20 and min(sizes.values()) > 20,
+                f"kernel HCI log, (bytes, largest ATT write) per upload connection: {uploads}; "
+                f"largest write received per device: {sizes}")
+
+    # the next job to a device BlueZ knows now: a second connection
+    writes(world, "ble-a").clear()
+    air.mark()
+    image = lab.make_image((major, 1, 0), size=IMAGE_KIB * 1024, seed=f"again-{label}")
+    lab.ota_update(f"again-{major}", "ble-a", image)
+    record = bench.wait_job(lab, "ble-a", f"again-{major}", timeout=300)
+    again = upload_writes(air.since_mark())
+    bench.check(f"{label}: a second job to the same device succeeds, its upload writing more than 20 bytes at a time",
+                record is not None and record.status == "SUCCEEDED" and lab.device("ble-a").active_image() == image
+                and again and min(w for _, w in again) > 20,
+                f"{record.status if record else 'no result'}; kernel HCI log, (bytes, largest ATT write) per upload "
+                f"connection: {again}; bleak reported 20-byte writes on {reported_20(bench, since)} connections "
+                "of this phase, and the link asked BlueZ for the MTU instead")
+
+    # the link drops at half the upload: the upload resumes from the device's offset
+    device = lab.device("ble-b")
+    image = lab.make_image((major, 2, 0), size=IMAGE_KIB * 1024, seed=f"drop-{label}")
+    received, chunk = device.upload_bytes_received, 0
+    requests_for_half = max(2, (len(image) // 2) // 2400)
+    world.peripherals[ADDRESSES["ble-b"]].drop_after_upload_requests(requests_for_half)
+    lab.ota_update(f"drop-{major}", "ble-b", image)
+    record = bench.wait_job(lab, "ble-b", f"drop-{major}", timeout=300)
+    chunk = device.upload_chunk_max
+    resent = device.upload_bytes_received - received - len(image)
+    bench.check(f"{label}: a link dropped at half the upload resumes, at most 2 chunks sent again",
+                record is not None and record.status == "SUCCEEDED" and device.active_image() == image
+                and 0 <= resent <= 2 * chunk,
+                f"{record.status if record else 'no result'}; {resent} bytes sent again, chunks of {chunk}; "
+                f"peripheral dropped {world.peripherals[ADDRESSES['ble-b']].disconnects[-1:]}")
+
+    bench.no_daemon_errors(label)
+    bench.stop(label)
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    os.chmod(WORK, 0o755)
+    bench = Bench("ota-gatewayd")
+    lab = Lab(WORK / "lab")
+    world = HostStackBench()
+    try:
+        lab.on_device_loop(world.start())
+        hci = bench.wait_for(lambda: Path("/sys/class/bluetooth/hci0").exists(), 10)
+        bench.check("the bumble controller is the kernel's hci0 (hci_vhci)", hci, os.listdir("/sys/class/bluetooth"))
+        powered = bench.wait_for(lambda: "Powered: yes" in run("bluetoothctl", "show").stdout
+                                 or run("bluetoothctl", "power", "on").returncode < 0, 30, 1.0)
+        bench.check("bluetoothd has hci0, powered", powered, run("bluetoothctl", "show").stdout.strip()[:400])
+        fleet(lab, world)
+        lab.start_cloud()
+        configure(bench, lab)
+        bench.check("check-config as user ota-gateway", *bench.check_config_as_daemon_user())
+
+        phase(bench, lab, world, f"Debian bleak {bleak_version('/usr/bin/python3')}", 2)
+
+        DROPIN.parent.mkdir(parents=True, exist_ok=True)
+        DROPIN.write_text(f"[Service]\nExecStart=\nExecStart={PYPI_PYTHON} -m gatewayd.daemon\n")
+        run("systemctl", "daemon-reload")
+        phase(bench, lab, world, f"PyPI bleak {bleak_version(PYPI_PYTHON)}", 3)
+    finally:
+        run("systemctl", "stop", "ota-gatewayd")  # before the broker goes away
+        DROPIN.unlink(missing_ok=True)
+        run("systemctl", "daemon-reload")
+        (OUT / "journal-ota-gatewayd.txt").write_text(run("journalctl", "--no-pager", "-o", "short-monotonic",
+                                                          "-u", "ota-gatewayd").stdout)
+        (OUT / "journal-bluetooth.txt").write_text(run("journalctl", "--no-pager", "-u", "bluetooth").stdout)
+        (OUT / "world.txt").write_text("\n".join(f"{a}: {p.events}" for a, p in world.peripherals.items()))
+        try:
+            lab.on_device_loop(world.close())
+        except Exception as e:  # the results matter more than a clean tear-down
+            print(f"bench: closing the BLE world: {e!r}", flush=True)
+        lab.close()
+    return bench.finish(OUT / "results.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
