@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 from transports.link import DEFAULT_CONNECT_TIMEOUT, BleSettings, LinkSettings, UartSettings
+from transports.smp import MAX_WINDOW
 
 from .aws import DEVICE_NAME, MAX_BLOCK_SIZE, MAX_BYTES_PER_REQUEST, MIN_BLOCK_SIZE, THING_NAME
 
@@ -36,7 +37,7 @@ PREFER = ("mqtt", "http")
 DEVICE_MODES = ("zephyr", "recovery")
 
 UART_ONLY_KEYS = ("port", "baudrate", "line_delay")
-BLE_ONLY_KEYS = ("address", "reassembly", "connect_timeout", "mtu")
+BLE_ONLY_KEYS = ("address", "reassembly", "connect_timeout", "mtu", "window")
 # the ATT MTU range (Core Vol 3 Part F 3.2.8: 23 minimum; BlueZ offers 517)
 MIN_ATT_MTU, MAX_ATT_MTU = 23, 517
 SECTIONS = ("gateway", "mqtt", "ota", "signing", "relay", "ble", "device")
@@ -131,6 +132,7 @@ class DeviceConfig:
     reassembly: bool | None = None  # ble: None = unknown, so every request fits one write
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # ble
     mtu: int | None = None  # ble: the ATT MTU to write with when the stack reports it wrong
+    window: int | None = None  # ble: upload requests in flight at most; None = from the device's buffers
     thing_name: str | None = None
     files: str = ""
     image: int = 0
@@ -423,6 +425,7 @@ def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> Dev
         connect_timeout=(t.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True)
                          if transport != "uart" else DEFAULT_CONNECT_TIMEOUT),
         mtu=t.integer("mtu", None, minimum=MIN_ATT_MTU, maximum=MAX_ATT_MTU) if transport != "uart" else None,
+        window=t.integer("window", None, minimum=1, maximum=MAX_WINDOW) if transport != "uart" else None,
         thing_name=t.string("thing_name", None, pattern=THING_NAME,
                             pattern_hint="1 to 128 characters of A-Z a-z 0-9 : _ -"),
         files=t.string("files", name) or name or "",

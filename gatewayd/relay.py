@@ -414,11 +414,22 @@ class DeviceRelay:
                 self._set(key, done=done, total=total, unreachable_since=None, notify=False)
             self._on_change(key)
 
-        self._log(key, TransferPhase.UPLOADING, "uploading %s (%d bytes) to %s", image.version, len(data), self.device.name)
+        # a recovery bootloader takes one request at a time; an application as many as its buffers
+        window = 1 if probe_offset is not None or self.device.mode == "recovery" else await client.upload_window()
+        window = min(window, self.device.window or window)
+        self._log(key, TransferPhase.UPLOADING, "uploading %s (%d bytes) to %s%s", image.version, len(data),
+                  self.device.name, f", {window} requests in flight" if window > 1 else "")
+        fallbacks = client.pipeline_fallbacks
         try:
-            await client.upload(data, image=self.device.image, progress=progress, probe_offset=probe_offset)
+            await client.upload(data, image=self.device.image, progress=progress, probe_offset=probe_offset,
+                                window=window)
         except ValueError as e:  # the device's buffer cannot carry an upload request
             raise TransferEnded(TransferPhase.FAILED, f"cannot upload to {self.device.name}: {e}") from e
+        finally:
+            if client.pipeline_fallbacks > fallbacks:
+                self._log(key, TransferPhase.UPLOADING, "%s gave an unexpected answer to a pipelined upload at "
+                          "offset %d; went on one request at a time", self.device.name, client.pipeline_fallback_at,
+                          level=logging.WARNING)
         self.live_progress = None
         self._set(key, done=len(data), total=len(data), unreachable_since=None)
 

@@ -54,7 +54,8 @@ def fleet(lab: Lab, world: HostStackBench) -> None:
         reassembly = name != "ble-d"
         link = {"reassembly": True} if reassembly else {}
         device = lab.add_ble_device(name, ADDRESSES[name], thing_name=name if name in ("ble-a", "ble-b") else None,
-                                    files="ble-*", link=link, buf_size=2475, reset_delay=0.5, boot_banner=False)
+                                    files="ble-*", link=link, buf_size=2475, reset_delay=0.5, boot_banner=False,
+                                    response_delay=0.02)  # a flash write per request: requests queue up
         lab.on_device_loop(world.add(device, ADDRESSES[name], mtu=517, reassembly=reassembly))
 
 
@@ -138,6 +139,15 @@ def phase(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int)
                 len(uploads) >= len(FLEET) and min(w for _, w in uploads) > 20 and min(sizes.values()) > 20,
                 f"kernel HCI log, (bytes, largest ATT write) per upload connection: {uploads}; "
                 f"largest write received per device: {sizes}")
+
+    logged = [text(r) for r in bench.journal(since=since)]
+    pipelined = [m for m in logged if m.endswith("3 requests in flight")]
+    fell_back = [m for m in logged if "unexpected answer to a pipelined upload" in m]
+    buffers = {name: world.peripherals[ADDRESSES[name]].most_buffers_in_use for name in FLEET}
+    bench.check(f"{label}: uploads keep 3 requests in flight (buf_count 4), none falls back",
+                len(pipelined) >= len(FLEET) and not fell_back and max(buffers.values()) >= 2,
+                f"{len(pipelined)} uploads with 3 requests in flight; fallbacks {fell_back}; "
+                f"most netbufs in use at once per device {buffers}")
 
     # the next job to a device BlueZ knows now: a second connection
     writes(world, "ble-a").clear()

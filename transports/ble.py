@@ -92,6 +92,7 @@ class BleLink:
 
     framing_overhead = 0
     release_when_idle = True  # a connection holds one of the adapter's few slots
+    pipelining = True  # answers come back as notifications, whole and in order
 
     def __init__(
         self,

@@ -64,7 +64,9 @@ class Link(Protocol):
     `present()` says whether the device can be tried now (a serial port whose path does not
     exist cannot); True when the link cannot tell. `release_when_idle` says whether the
     link should be closed between transfers: a BLE connection holds one of the adapter's few
-    connection slots, an open serial port holds nothing anyone else needs.
+    connection slots, an open serial port holds nothing anyone else needs. `pipelining` says
+    whether several requests may be sent before the first answer (the link delivers every
+    answer whole, in order: BLE notifications; not a console shared with log output).
     """
 
     @property
@@ -78,6 +80,9 @@ class Link(Protocol):
 
     @property
     def release_when_idle(self) -> bool: ...
+
+    @property
+    def pipelining(self) -> bool: ...
 
     def present(self) -> bool: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -24,6 +25,7 @@ MIN_FIRST_CHUNK = 32  # Zephyr checks the MCUboot header magic in the first chun
 FULL_SHA = 32  # bytes of the upload's sha256 session id when nothing forces it shorter
 MAX_STALLS = 3  # upload answers in a row that accept nothing before we give up
 MAX_PACKET = HEADER_SIZE + 0xFFFF  # the header's length field is 16 bits
+MAX_WINDOW = 8  # upload requests in flight at most, whatever the device's buffers
 
 
 class Op(IntEnum):
@@ -188,6 +190,32 @@ def _raise_for_error(body: dict[str, Any]) -> None:
             raise SmpError(rc, None, rsn if isinstance(rsn, str) else None)
 
 
+def _decode_answer(raw: bytes, op: Op, group: int, cmd: int, seq: int) -> dict[str, Any]:
+    header = Header.unpack(raw)
+    if (header.op, header.group, header.cmd) != (op + 1, group, cmd):
+        raise SmpMalformed(f"answer {header} does not match request op {op} group {group} cmd {cmd} seq {seq}")
+    return decode_response(raw)[1]
+
+
+def _chunk(fields: dict[str, Any], limit: int, remaining: int, off: int) -> int:
+    """The data bytes the request at `off` can carry; ValueError if too few to be of use."""
+    n = chunk_size(fields, limit, remaining)
+    if n < (min(MIN_FIRST_CHUNK, remaining) if off == 0 else 1):
+        raise ValueError(f"a {limit}-byte packet limit leaves only {n} bytes for data at offset {off}")
+    return n
+
+
+def _upload_answer(rsp: dict[str, Any], total: int, first: dict[str, Any]) -> int:
+    """The offset an upload answer gives, checked."""
+    answered = _int_field(rsp, "off")
+    if not 0 <= answered <= total:
+        raise SmpMalformed(f"upload answer off {answered} is outside the {total}-byte image")
+    # Zephyr checks `match` against the stored sha padded with zeros: meaningful only for a full one
+    if rsp.get("match") is False and len(first.get("sha", b"")) == FULL_SHA:
+        raise SmpError(None, Group.IMAGE, "the uploaded image does not match its sha256 (match: false)")
+    return answered
+
+
 def _int_field(body: dict[str, Any], key: str) -> int:
     value = body.get(key)
     if not _is_int(value):
@@ -274,6 +302,10 @@ class SmpClient:
         self._lock = asyncio.Lock()
         self._seq = 0
         self.stale_discarded = 0
+        self.pipeline_fallbacks = 0  # uploads that went on one request at a time after trouble
+        self.pipeline_fallback_at = 0  # the device's offset when the last one did
+        self._params: tuple[int, int] | None = None  # the device's answer to params
+        self._params_asked = False
 
     async def request(
         self, op: Op, group: int, cmd: int, body: dict[str, Any], *, timeout: float | None = None
@@ -281,33 +313,39 @@ class SmpClient:
         """Send one request, return the response map; raises SmpError, LinkError."""
         limit = self.timeout if timeout is None else timeout
         async with self._lock:
-            seq = self._seq
-            self._seq = (seq + 1) & 0xFF
-            packet = encode_request(op, group, cmd, body, seq)
-            # connecting (a BLE connection slot, discovery) has bounds of its own: the request's
-            # time starts once the link is up
-            await self.link.open()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + limit
-            try:
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel racing the answer
-                async with asyncio.timeout(limit):
-                    await self.link.send(packet)
-                raw = await self._answer(seq, lambda: max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise LinkTimeout(f"{self.link.name}: no answer within {limit:g} s") from None
-        header = Header.unpack(raw)
-        if (header.op, header.group, header.cmd) != (op + 1, group, cmd):
-            raise SmpMalformed(f"answer {header} does not match request op {op} group {group} cmd {cmd} seq {seq}")
-        return decode_response(raw)[1]
+            seq, deadline = await self._send(op, group, cmd, body, limit)
+            _, raw = await self._receive({seq}, deadline, limit)
+        return _decode_answer(raw, op, group, cmd, seq)
 
-    async def _answer(self, seq: int, time_left: Callable[[], float]) -> bytes:
-        """The next response (an odd op: not our own request echoed back) with sequence number `seq`."""
-        while True:
-            raw = await self.link.receive(time_left())
-            if len(raw) >= HEADER_SIZE and raw[0] & 1 and raw[6] == seq:
-                return raw
-            self.stale_discarded += 1
+    async def _send(self, op: Op, group: int, cmd: int, body: dict[str, Any], limit: float) -> tuple[int, float]:
+        """Send one request (the caller holds the lock): its sequence number, and the loop time
+        by which its answer must have come (`limit` after the link was up)."""
+        seq = self._seq
+        self._seq = (seq + 1) & 0xFF
+        packet = encode_request(op, group, cmd, body, seq)
+        # connecting (a BLE connection slot, discovery) has bounds of its own: the request's
+        # time starts once the link is up
+        await self.link.open()
+        deadline = asyncio.get_running_loop().time() + limit
+        try:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel racing the answer
+            async with asyncio.timeout(limit):
+                await self.link.send(packet)
+        except TimeoutError:
+            raise LinkTimeout(f"{self.link.name}: no answer within {limit:g} s") from None
+        return seq, deadline
+
+    async def _receive(self, seqs: set[int], deadline: float, limit: float) -> tuple[int, bytes]:
+        """The next response (an odd op: not our own request echoed back) to one of `seqs`."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                raw = await self.link.receive(max(0.0, deadline - loop.time()))
+                if len(raw) >= HEADER_SIZE and raw[0] & 1 and raw[6] in seqs:
+                    return raw[6], raw
+                self.stale_discarded += 1
+        except TimeoutError:
+            raise LinkTimeout(f"{self.link.name}: no answer within {limit:g} s") from None
 
     async def params(self) -> tuple[int, int] | None:
         """(buf_size, buf_count), or None if the device does not support the command."""
@@ -315,9 +353,22 @@ class SmpClient:
             rsp = await self.request(Op.READ, Group.OS, OsCmd.PARAMS, {})
         except SmpError as e:
             if e.rc == MGMT_ENOTSUP and e.group is None:
+                self._params, self._params_asked = None, True
                 return None
             raise
-        return _int_field(rsp, "buf_size"), _int_field(rsp, "buf_count")
+        self._params, self._params_asked = (_int_field(rsp, "buf_size"), _int_field(rsp, "buf_count")), True
+        return self._params
+
+    async def upload_window(self) -> int:
+        """How many upload requests may be in flight: one, unless the link carries answers in
+        order to several requests (`link.pipelining`) and the device said how many buffers it
+        has; one of them holds the request being handled, the rest may wait their turn."""
+        if not getattr(self.link, "pipelining", False):
+            return 1
+        params = self._params if self._params_asked else await self.params()
+        if params is None:
+            return 1
+        return max(1, min(params[1] - 1, MAX_WINDOW))
 
     async def image_list(self) -> list[ImageSlot]:
         return parse_image_list(await self.request(Op.READ, Group.IMAGE, ImageCmd.STATE, {}))
@@ -375,6 +426,7 @@ class SmpClient:
         image: int = 0,
         progress: ProgressCallback | None = None,
         probe_offset: int | None = None,
+        window: int = 1,
     ) -> None:
         """Upload an image, always continuing from the offset the device reports.
 
@@ -384,6 +436,11 @@ class SmpClient:
         `probe_offset` (MCUboot serial recovery resume) sends the first chunk at that offset;
         the device accepts it or answers the offset it expects. `progress(off, len)` is called
         after each answer; an exception raised from it aborts the upload.
+
+        `window` > 1 keeps that many requests in flight once the first one is answered (the
+        device may erase the slot first): each answer must be the offset right after its own
+        chunk. At the first that is not (an answer lost, a chunk the device did not take),
+        the rest of the upload goes one request at a time from the offset the device gave.
         """
         total = len(data)
         if total == 0:
@@ -396,19 +453,19 @@ class SmpClient:
         off = probe_offset or 0
         stalls = 0
         while True:
+            if window > 1 and off > 0:
+                off, done = await self._pipelined(view, off, limit, window, first, progress)
+                if done:
+                    return
+                self.pipeline_fallbacks += 1
+                self.pipeline_fallback_at = off
+                window = 1
             fields: dict[str, Any] = {"off": off, **first} if off == 0 else {"off": off}
-            n = chunk_size(fields, limit, total - off)
-            if n < (min(MIN_FIRST_CHUNK, total) if off == 0 else 1):
-                raise ValueError(f"a {limit}-byte packet limit leaves only {n} bytes for data at offset {off}")
+            n = _chunk(fields, limit, total - off, off)
             fields["data"] = bytes(view[off : off + n])
             timeout = self.first_chunk_timeout if off == 0 else self.timeout
             rsp = await self.request(Op.WRITE, Group.IMAGE, ImageCmd.UPLOAD, fields, timeout=timeout)
-            answered = _int_field(rsp, "off")
-            if not 0 <= answered <= total:
-                raise SmpMalformed(f"upload answer off {answered} is outside the {total}-byte image")
-            # Zephyr checks `match` against the stored sha padded with zeros: meaningful only for a full one
-            if rsp.get("match") is False and len(first.get("sha", b"")) == FULL_SHA:
-                raise SmpError(None, Group.IMAGE, "the uploaded image does not match its sha256 (match: false)")
+            answered = _upload_answer(rsp, total, first)
             stalls = stalls + 1 if answered <= off else 0
             if stalls >= MAX_STALLS:
                 raise SmpError(None, Group.IMAGE, f"upload is not progressing: the device keeps answering {answered}")
@@ -417,3 +474,32 @@ class SmpClient:
             off = answered
             if off == total:
                 return
+
+    async def _pipelined(self, view: memoryview, off: int, limit: int, window: int, first: dict[str, Any],
+                         progress: ProgressCallback | None) -> tuple[int, bool]:
+        """Chunks from `off` on, `window` requests in flight; (the device's offset, whether the
+        upload is complete). Returns early, with the device's offset, at the first answer that
+        is not the one expected."""
+        total = len(view)
+        in_flight: deque[tuple[int, int, float]] = deque()  # seq, offset after the chunk, deadline
+        sent = off
+        async with self._lock:
+            while True:
+                while len(in_flight) < window and sent < total:
+                    fields: dict[str, Any] = {"off": sent}
+                    n = _chunk(fields, limit, total - sent, sent)
+                    fields["data"] = bytes(view[sent : sent + n])
+                    seq, deadline = await self._send(Op.WRITE, Group.IMAGE, ImageCmd.UPLOAD, fields, self.timeout)
+                    in_flight.append((seq, sent + n, deadline))
+                    sent += n
+                seq, expected, deadline = in_flight[0]
+                got, raw = await self._receive({s for s, _, _ in in_flight}, deadline, self.timeout)
+                answered = _upload_answer(_decode_answer(raw, Op.WRITE, Group.IMAGE, ImageCmd.UPLOAD, got), total,
+                                          first)
+                if got != seq or answered != expected:
+                    return answered, False
+                in_flight.popleft()
+                if progress is not None:
+                    progress(answered, total)
+                if answered == total:
+                    return answered, True

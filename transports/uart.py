@@ -28,6 +28,7 @@ class UartLink:
     max_packet: int | None = None
     framing_overhead = 4  # the frame's length and CRC share the device's buf_size
     release_when_idle = False
+    pipelining = False  # one request at a time on a console (line buffers, log output between frames)
 
     def __init__(self, port: str, baudrate: int = 115200, *, line_delay: float = 0.0) -> None:
         self.name = port

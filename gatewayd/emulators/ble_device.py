@@ -19,7 +19,9 @@
   transport (`vhci:/dev/vhci` makes it the kernel's hci0, for BlueZ and bleak) shares the
   link with them. Used by scripts/test-ble inside its VM.
 
-No radio timing is modelled (platform.md §7): ATT PDUs move as fast as the event loop runs.
+By default no radio timing is modelled (platform.md §7): ATT PDUs move as fast as the event
+loop runs. `LinkTiming` (a bench's `timing=`) adds connection events: an interval, packets
+per event and the link-layer payload, for measuring what pipelining buys.
 
 Like smp_device.py this shares no code with the gateway's `transports` package. It reaches into
 two private parts of `EmulatedDevice`: `_handle_packet` (the SMP core) and `_loop` (bound to the
@@ -29,9 +31,12 @@ running loop if the device is not served on a pty, so its reset timers work).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import bumble.controller
@@ -64,6 +69,76 @@ def _own_cancellation() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+@dataclass(frozen=True)
+class LinkTiming:
+    """A timing model of the air between central and peripheral, which bumble's LocalLink
+    lacks: data moves only at connection events, every `interval` seconds, at most
+    `packets_per_event` link-layer packets each way per event, each carrying `ll_payload`
+    bytes (27 without Data Length Extension, up to 251 with it). An ATT PDU of n bytes plus
+    its 4-byte L2CAP header takes ceil((n + 4) / ll_payload) packets and arrives at the event
+    that carries its last one. A request's answer therefore waits for an event after the
+    request arrived, as on a real connection."""
+
+    interval: float = 0.015
+    packets_per_event: int = 4
+    ll_payload: int = 251
+
+
+class Radio:
+    """Carries ATT PDUs at connection events, in order, one queue per direction ("up": to the
+    peripheral). A sender does not wait for the air: like a controller's buffers, the radio
+    takes the PDU and delivers it at the event that carries its last packet. Packets fill
+    events back to back, so a burst of writes shares an event as far as it has room. One
+    model per bench, one connection at a time."""
+
+    def __init__(self, timing: LinkTiming) -> None:
+        self.timing = timing
+        self._start: float | None = None
+        self._last: dict[str, tuple[int, int]] = {}  # direction -> (last event used, packets in it)
+        self._queues: dict[str, asyncio.Queue[tuple[float, Callable[[], Awaitable[None]]]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.events_used = 0  # the last event that carried anything
+
+    def send(self, att_length: int, direction: str, deliver: Callable[[], Awaitable[None]]) -> None:
+        """Queue a PDU of `att_length` bytes; `deliver()` runs when the air has carried it."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._start is None:
+            self._start = now
+        t = self.timing
+        event, used = self._last.get(direction, (0, 0))
+        next_event = max(0, math.ceil((now - self._start) / t.interval))  # the first one still to come
+        if next_event > event:
+            event, used = next_event, 0
+        for _ in range(math.ceil((att_length + 4) / t.ll_payload)):
+            if used >= t.packets_per_event:
+                event, used = event + 1, 0
+            used += 1
+        self._last[direction] = (event, used)
+        self.events_used = max(self.events_used, event)
+        if direction not in self._queues:
+            self._queues[direction] = asyncio.Queue()
+            self._tasks.append(loop.create_task(self._carry(self._queues[direction]), name=f"radio-{direction}"))
+        self._queues[direction].put_nowait((self._start + event * t.interval, deliver))
+
+    async def _carry(self, queue: asyncio.Queue[tuple[float, Callable[[], Awaitable[None]]]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            when, deliver = await queue.get()
+            if when > loop.time():
+                await asyncio.sleep(when - loop.time())
+            try:
+                await deliver()
+            except (ConnectionError, TimeoutError) as e:  # the link went down with the PDU in the air
+                log.debug("radio: %r", e)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+
 class BlePeripheral:
     """The BLE face of one EmulatedDevice on a LocalLink.
 
@@ -83,6 +158,7 @@ class BlePeripheral:
         mtu: int = 247,
         reassembly: bool = True,
         max_write: int | None = None,
+        radio: Radio | None = None,
     ) -> None:
         if mtu < 23:
             raise ValueError("ATT MTU is at least 23")
@@ -90,6 +166,7 @@ class BlePeripheral:
         self.address = address
         self.reassembly = reassembly
         self.max_write = max_write
+        self.radio = radio
         self.absent = False
         controller = self.controller = Controller(f"ble-{device.name}", link=link, public_address=address)
         self.ble = Device(name=device.name, address=Address(address), host=Host(controller, AsyncPipeSink(controller)))
@@ -107,6 +184,9 @@ class BlePeripheral:
         self._conn_boot = 0
         self._rx = bytearray()
         self._queue: asyncio.Queue[tuple[Connection, int, bytes]] = asyncio.Queue()
+        self.buffers_in_use = 0  # netbufs holding a request, waiting or being handled
+        self.most_buffers_in_use = 0
+        self._outgoing: asyncio.Queue[tuple[Connection, bytes]] = asyncio.Queue()  # answers, in order
         self._tasks: list[asyncio.Task[None]] = []
         self._drop_at: int | None = None
         self._bound_loop = False
@@ -150,6 +230,7 @@ class BlePeripheral:
         self._tasks = [
             loop.create_task(self._work(), name=f"ble-smp-{self.device.name}"),
             loop.create_task(self._monitor(), name=f"ble-monitor-{self.device.name}"),
+            loop.create_task(self._notify(), name=f"ble-notify-{self.device.name}"),
         ]
         await self._reconcile()
 
@@ -160,6 +241,7 @@ class BlePeripheral:
         # wait_for (used inside bumble) can swallow a cancellation anyway.
         if self._tasks:
             self._tasks[0].cancel()  # the worker, waiting for requests
+            self._tasks[2].cancel()  # the notifier, waiting for answers
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=2.0)
             for task in pending:
@@ -302,37 +384,57 @@ class BlePeripheral:
         self._enqueue(connection, bytes(rx))
 
     def _enqueue(self, connection: Connection, packet: bytes) -> None:
-        if self._queue.qsize() >= self.device.buf_count:
+        if self.buffers_in_use >= self.device.buf_count:
             self._dropped(f"no free netbuf ({self.device.buf_count} in use)")
             return
+        self.buffers_in_use += 1
+        self.most_buffers_in_use = max(self.most_buffers_in_use, self.buffers_in_use)
         self._queue.put_nowait((connection, self.device.boot_count, packet))
 
     async def _work(self) -> None:
         while not self._stopped:
             connection, boot, packet = await self._queue.get()
-            if self.device.response_delay:
-                await asyncio.sleep(self.device.response_delay)
-            if connection is not self._connection or boot != self.device.boot_count or not self._up():
-                continue  # the link dropped or the device rebooted with the request in its buffer
             try:
-                response = self.device._handle_packet(packet)
-            except Exception:  # a bug in the emulator must not kill the device
-                log.exception("%s: request handling failed", self.device.name)
-                continue
-            self.packets.append(len(packet))
-            if self._drop_at is not None and self.device.upload_requests >= self._drop_at:
-                self._drop_at = None
-                await self._disconnect(connection, "fault: dropped mid-transfer")
-                continue
-            if response is None:
-                continue
+                await self._handle(connection, boot, packet)
+            finally:
+                self.buffers_in_use -= 1  # the netbuf is free once its request is handled
+
+    async def _handle(self, connection: Connection, boot: int, packet: bytes) -> None:
+        if self.device.response_delay:
+            await asyncio.sleep(self.device.response_delay)
+        if connection is not self._connection or boot != self.device.boot_count or not self._up():
+            return  # the link dropped or the device rebooted with the request in its buffer
+        try:
+            response = self.device._handle_packet(packet)
+        except Exception:  # a bug in the emulator must not kill the device
+            log.exception("%s: request handling failed", self.device.name)
+            return
+        self.packets.append(len(packet))
+        if self._drop_at is not None and self.device.upload_requests >= self._drop_at:
+            self._drop_at = None
+            await self._disconnect(connection, "fault: dropped mid-transfer")
+            return
+        if response is not None:
+            self._outgoing.put_nowait((connection, response))  # the device goes on meanwhile
+
+    async def _notify(self) -> None:
+        """Answers go out as notifications of at most ATT_MTU - 3 bytes, in order."""
+        while not self._stopped:
+            connection, response = await self._outgoing.get()
             size = connection.att_mtu - 3
             for start in range(0, len(response), size):
                 if connection is not self._connection:
                     break
                 chunk = response[start : start + size]
-                await self.ble.notify_subscriber(connection, self.characteristic, chunk)
-                self.notifications.append(len(chunk))
+                if self.radio is None:
+                    await self._notify_chunk(connection, chunk)
+                else:
+                    self.radio.send(3 + len(chunk), "down", functools.partial(self._notify_chunk, connection, chunk))
+
+    async def _notify_chunk(self, connection: Connection, chunk: bytes) -> None:
+        if connection is self._connection:
+            await self.ble.notify_subscriber(connection, self.characteristic, chunk)
+            self.notifications.append(len(chunk))
 
     # --- events -----------------------------------------------------------------------------
 
@@ -423,6 +525,7 @@ class BumbleBleakClient:
         self._peer: Peer | None = None
         self._services: BumbleServices | None = None
         self._subscribers: dict[int, Callable[[bytes], None]] = {}
+        self._callback_tasks: set[asyncio.Task[Any]] = set()  # coroutine callbacks, kept from the GC
 
     async def __aenter__(self) -> BumbleBleakClient:
         await self.connect()
@@ -505,7 +608,11 @@ class BumbleBleakClient:
         peer = self._require_peer()
 
         def deliver(value: bytes) -> None:
-            callback(char, bytearray(value))
+            result = callback(char, bytearray(value))
+            if asyncio.iscoroutine(result):  # bleak runs a coroutine callback as a task of its own
+                task = asyncio.get_running_loop().create_task(result)
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_tasks.discard)
 
         self._subscribers[char.handle] = deliver
         await self._call(peer.subscribe(char.proxy, deliver))
@@ -524,7 +631,27 @@ class BumbleBleakClient:
         limit = min(self.att_mtu - 3, MAX_ATTRIBUTE_VALUE)
         if not response and len(data) > limit:
             raise ValueError(f"write without response of {len(data)} bytes exceeds {limit} (ATT_MTU {self.att_mtu})")
-        await self._call(peer.write_value(char.proxy, bytes(data), with_response=response))
+        if self._bench.radio is None:
+            await self._call(peer.write_value(char.proxy, bytes(data), with_response=response))
+            return
+        # through the radio: a write command returns once queued, a request when answered
+        written = asyncio.get_running_loop().create_future()
+
+        async def write() -> None:
+            try:
+                await self._call(peer.write_value(char.proxy, bytes(data), with_response=response))
+            except Exception as e:  # the writer's to see (a request), or lost with the link (a command)
+                if not written.done():
+                    written.set_exception(e)
+                return
+            if not written.done():
+                written.set_result(None)
+
+        self._bench.radio.send(3 + len(data), "up", write)
+        if response:
+            await written
+        else:
+            written.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: lost with the link
 
     async def read_gatt_char(self, char_specifier: Any) -> bytearray:
         char = self._characteristic(char_specifier)
@@ -587,8 +714,9 @@ class BleBench:
 
     CENTRAL_ADDRESS = "C0:00:00:00:00:01"
 
-    def __init__(self, *, char_mtu: str = "exchanged") -> None:
+    def __init__(self, *, char_mtu: str = "exchanged", timing: LinkTiming | None = None) -> None:
         self.char_mtu = char_mtu  # "exchanged" or "stale": see BumbleCharacteristic
+        self.radio = Radio(timing) if timing is not None else None
         self.link = LocalLink()
         controller = Controller("gateway", link=self.link, public_address=self.CENTRAL_ADDRESS)
         self.central = Device(
@@ -613,7 +741,7 @@ class BleBench:
         address = (address or f"F0:00:00:00:00:{len(self.peripherals) + 1:02X}").upper()
         if address in self.peripherals:
             raise ValueError(f"{address} is already on the bench")
-        peripheral = BlePeripheral(device, self.link, address, mtu=mtu, reassembly=reassembly)
+        peripheral = BlePeripheral(device, self.link, address, mtu=mtu, reassembly=reassembly, radio=self.radio)
         self.peripherals[address] = peripheral
         await peripheral.start()
         return peripheral
@@ -649,14 +777,16 @@ class BleBench:
                 log.debug("bench: %r", e)
         for peripheral in self.peripherals.values():
             await peripheral.stop()
+        if self.radio is not None:
+            await self.radio.close()
 
 
 async def ble_bench(
     device: EmulatedDevice, *, mtu: int = 247, reassembly: bool = True, address: str | None = None,
-    char_mtu: str = "exchanged",
+    char_mtu: str = "exchanged", timing: LinkTiming | None = None,
 ) -> tuple[BleBench, BlePeripheral]:
     """A bench serving `device`; `bench.client_factory` goes to `BleLink(client_factory=...)`."""
-    bench = BleBench(char_mtu=char_mtu)
+    bench = BleBench(char_mtu=char_mtu, timing=timing)
     peripheral = await bench.add(device, mtu=mtu, reassembly=reassembly, address=address)
     return bench, peripheral
 

@@ -483,6 +483,8 @@ class EmulatedDevice:
         self.events: list[str] = []
         self.boot_count = 0
         self.frames_dropped = 0
+        self.buffers_in_use = 0  # netbufs holding a request, waiting or being handled
+        self.most_buffers_in_use = 0  # pipelined clients fill several
 
         # serving state
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -717,30 +719,38 @@ class EmulatedDevice:
 
     def _accept(self, packet: bytes) -> None:
         assert self._queue is not None
-        if self._queue.qsize() >= self.buf_count:
+        if self.buffers_in_use >= self.buf_count:
             self._frame_dropped(f"no free netbuf ({self.buf_count} in use)")
             return
+        self.buffers_in_use += 1
+        self.most_buffers_in_use = max(self.most_buffers_in_use, self.buffers_in_use)
         self._queue.put_nowait((self._generation, packet))
 
     async def _work(self) -> None:
         assert self._queue is not None
         while True:
             generation, packet = await self._queue.get()
-            if self.response_delay:
-                await asyncio.sleep(self.response_delay)
-            if generation != self._generation or self._down or self._absent:
-                continue  # the device rebooted (or vanished) with the request in its buffer
             try:
-                response = self._handle_packet(packet)
-            except Exception:  # a bug in the emulator must not kill the device
-                log.exception("%s: request handling failed", self.name)
-                continue
-            if response is None:
-                continue
-            if self._memory is not None:
-                self._memory(response)
-            else:
-                self._send(encode_console_frame(response))
+                await self._handle_queued(generation, packet)
+            finally:
+                self.buffers_in_use -= 1  # the netbuf is free once its request is handled
+
+    async def _handle_queued(self, generation: int, packet: bytes) -> None:
+        if self.response_delay:
+            await asyncio.sleep(self.response_delay)
+        if generation != self._generation or self._down or self._absent:
+            return  # the device rebooted (or vanished) with the request in its buffer
+        try:
+            response = self._handle_packet(packet)
+        except Exception:  # a bug in the emulator must not kill the device
+            log.exception("%s: request handling failed", self.name)
+            return
+        if response is None:
+            return
+        if self._memory is not None:
+            self._memory(response)
+        else:
+            self._send(encode_console_frame(response))
 
     def _send(self, data: bytes) -> None:
         if self._master is None:

@@ -19,11 +19,12 @@ class MemoryLink:
     framing_overhead = 0
 
     def __init__(self, device: EmulatedDevice, *, max_packet: int | None = None,
-                 release_when_idle: bool = False) -> None:
+                 release_when_idle: bool = False, pipelining: bool = False) -> None:
         self.device = device
         self.name = f"memory:{device.name}"
         self.max_packet = max_packet
         self.release_when_idle = release_when_idle
+        self.pipelining = pipelining
         self.intercept: Callable[[bytes], bytes | None] | None = None
         self.is_open = False
         self.opens = 0

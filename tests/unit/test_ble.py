@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.emulators.ble_device import BleBench, BlePeripheral, ble_bench
+from gatewayd.emulators.ble_device import BleBench, BlePeripheral, LinkTiming, Radio, ble_bench
 from gatewayd.emulators.signing import build_mcuboot_image
 from gatewayd.emulators.smp_device import EmulatedDevice, parse_mcuboot_image
 from transports import ble as ble_module
@@ -176,6 +176,59 @@ async def test_link_dropped_mid_upload_resumes_from_device_offset() -> None:
         resent = device.upload_bytes_received - len(IMAGE_64K)
         assert 0 < resent <= 2 * device.upload_chunk_max, (resent, device.upload_chunk_max)
         assert link.connects == 2 and peripheral.connections == 2
+
+
+@async_test
+async def test_a_pipelined_upload_fills_the_devices_spare_buffers() -> None:
+    device = make_device(response_delay=0.005)  # a flash write: requests wait their turn
+    async with served(device, reassembly=True) as (link, smp, peripheral, _):
+        assert link.pipelining
+        window = await smp.upload_window()
+        assert window == 3  # buf_count 4: one spare
+        await smp.upload(IMAGE_64K, window=window)
+        assert device.slot_image(1) == IMAGE_64K
+        assert device.upload_bytes_received == len(IMAGE_64K)  # nothing sent twice
+        assert 2 <= peripheral.most_buffers_in_use <= 3  # never more than the window
+        assert peripheral.packets_dropped == 0 and smp.pipeline_fallbacks == 0
+
+
+@async_test
+async def test_a_link_dropped_mid_pipelined_upload_resumes_resending_at_most_the_window() -> None:
+    device = make_device(buf_size=512, response_delay=0.002)
+    async with served(device, reassembly=True) as (link, smp, peripheral, _):
+        window = await smp.upload_window()
+        peripheral.drop_after_upload_requests(60)
+        with pytest.raises(LinkError):
+            await smp.upload(IMAGE_64K, window=window)
+        await smp.upload(IMAGE_64K, window=window)
+        assert device.slot_image(1) == IMAGE_64K
+        resent = device.upload_bytes_received - len(IMAGE_64K)
+        assert 0 <= resent <= window * device.upload_chunk_max, (resent, device.upload_chunk_max)
+
+
+@async_test
+async def test_the_timing_model_fills_connection_events_in_order() -> None:
+    radio = Radio(LinkTiming(interval=0.02, packets_per_event=3, ll_payload=251))
+    arrived: list[tuple[int, float]] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    def pdu(n: int) -> Callable[[], Awaitable[None]]:
+        async def deliver() -> None:
+            arrived.append((n, loop.time() - start))
+        return deliver
+
+    for n in range(4):
+        radio.send(495, "up", pdu(n))  # 499 bytes with L2CAP: 2 packets each
+    radio.send(20, "down", pdu(9))  # the other direction has its own packets
+    await wait_until(lambda: len(arrived) == 5)
+    await radio.close()
+    assert [n for n, _ in arrived if n != 9] == [0, 1, 2, 3]  # in order
+    # the first PDU opens event 0 and has it to itself: the others come after it started
+    # and share events 1 and 2, three packets each
+    assert radio.events_used == 2
+    times = dict(arrived)
+    assert times[0] < 0.015 and 0.015 < times[1] < 0.035 and 0.035 < times[2] < 0.055 and 0.035 < times[3] < 0.055
 
 
 @async_test

@@ -169,7 +169,7 @@ def test_shipped_example_documents_every_key() -> None:
         assert f"{key} = " in text, key
     sample = (REPO / "config" / "devices.d" / "example.toml.sample").read_text()
     for key in ("name", "transport", "port", "baudrate", "line_delay", "mode", "address", "reassembly",
-                "connect_timeout", "mtu", "thing_name", "files", "image", "buf_size", "allow_downgrade"):
+                "connect_timeout", "mtu", "window", "thing_name", "files", "image", "buf_size", "allow_downgrade"):
         assert f"\n{key} = " in sample, key
 
 
@@ -292,6 +292,7 @@ address = "C4:3B:21:9A:00:17"
 reassembly = true
 connect_timeout = 7.5
 mtu = 247
+window = 2
 
 [[device]]
 name = "valve"
@@ -302,6 +303,7 @@ address = "C4:3B:21:9A:00:18"
     tank, valve = (config.link_settings(d) for d in config.devices)
     assert tank == BleSettings("C4:3B:21:9A:00:17", adapter="hci1", reassembly=True, connect_timeout=7.5, mtu=247)
     assert valve == BleSettings("C4:3B:21:9A:00:18", adapter="hci1", reassembly=None, connect_timeout=20.0)
+    assert [d.window for d in config.devices] == [2, None]
 
     path = write_config(tmp_path, MINIMAL + """
 [[device]]
@@ -311,6 +313,7 @@ address = "C4:3B:21:9A:00:17"
 reassembly = "yes"
 connect_timeout = 0
 mtu = 600
+window = 9
 
 [[device]]
 name = "pump"
@@ -322,6 +325,7 @@ reassembly = true
         f'{path}: device[1] (tank) connect_timeout: must be greater than 0, got 0',
         f'{path}: device[1] (tank) mtu: must be between 23 and 517, got 600',
         f'{path}: device[1] (tank) reassembly: expected true or false, got string "yes"',
+        f'{path}: device[1] (tank) window: must be between 1 and 8, got 9',
         f"{path}: device[2] (pump) reassembly: applies only to ble devices, this one is uart",
     ]
 

@@ -55,11 +55,11 @@ class Bench:
 
     def __init__(self, tmp_path: Path, *, running: bytes = OLD, image: bytes = NEW, recovery: bool = False,
                  allow_downgrade: bool = False, relay: RelayConfig = RELAY, max_packet: int | None = None,
-                 **device: Any) -> None:
+                 pipelining: bool = False, window: int | None = None, **device: Any) -> None:
         device.setdefault("reset_delay", 0.02)
         device.setdefault("reset_grace", 0.01)
         self.device = EmulatedDevice("pump", slot0=running, **device)
-        self.link = MemoryLink(self.device, max_packet=max_packet)
+        self.link = MemoryLink(self.device, max_packet=max_packet, pipelining=pipelining)
         self.state = StateDB(tmp_path / "state.db")
         self.state.add_job(KEY.job, JobKind.PROXIED, {})
         self.state.add_file(KEY.file, len(image))
@@ -70,7 +70,7 @@ class Bench:
         self.image = RelayImage(path, hashlib.sha256(image).hexdigest(), info.hash, info.version_text)
         self.state.set_file(KEY.file, phase=FilePhase.VERIFIED, image_hash=info.hash.hex())
         config = DeviceConfig(name="pump", transport="uart", port="memory", allow_downgrade=allow_downgrade,
-                              mode="recovery" if recovery else "zephyr")
+                              mode="recovery" if recovery else "zephyr", window=window)
         self.phases: list[TransferPhase] = []
         self.relay = DeviceRelay(config, self.link, relay, self.state, asyncio.Semaphore(1), self._changed)
 
@@ -145,6 +145,42 @@ def test_upload_test_boot_and_confirm(tmp_path: Path) -> None:
     assert bench.phases == [TransferPhase.UPLOADING, TransferPhase.TESTING, TransferPhase.REBOOTING,
                             TransferPhase.CONFIRMING, TransferPhase.SUCCEEDED]
     assert (record.done, record.total) == (len(NEW), len(NEW))
+
+
+def test_a_link_that_pipelines_keeps_as_many_uploads_in_flight_as_the_device_has_spare_buffers(
+        tmp_path: Path) -> None:
+    bench = Bench(tmp_path, pipelining=True, buf_count=4, response_delay=0.002)
+    record = run(bench.run())
+    assert record.phase is TransferPhase.SUCCEEDED and bench.device.active_image() == NEW
+    assert bench.device.most_buffers_in_use == 3  # buf_count 4: three requests in flight, one buffer spare
+    assert bench.device.frames_dropped == 0
+
+
+def test_a_pipelined_upload_that_meets_an_unexpected_answer_goes_on_one_at_a_time_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bench = Bench(tmp_path, pipelining=True, buf_count=4, response_delay=0.002)
+    uploads = 0
+
+    def lose_fifth_chunk(packet: bytes) -> bytes | None:
+        nonlocal uploads
+        if is_request(packet, 1, 1):
+            uploads += 1
+            if uploads == 5:  # the device's buffer was gone: it did not take the chunk
+                return answer(packet, {"off": cbor2.loads(packet[8:])["off"]})
+        return None
+
+    bench.link.intercept = lose_fifth_chunk
+    record = run(bench.run())
+    assert record.phase is TransferPhase.SUCCEEDED and bench.device.active_image() == NEW
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("unexpected answer to a pipelined upload at offset" in w for w in warnings), warnings
+
+
+def test_the_configured_window_caps_the_requests_in_flight(tmp_path: Path) -> None:
+    bench = Bench(tmp_path, pipelining=True, buf_count=4, response_delay=0.002, window=1)
+    record = run(bench.run())
+    assert record.phase is TransferPhase.SUCCEEDED and bench.device.active_image() == NEW
+    assert bench.device.most_buffers_in_use == 1
 
 
 def test_a_device_that_confirms_itself_is_not_confirmed_again(tmp_path: Path) -> None:
@@ -443,6 +479,7 @@ class SwallowingLink:
     max_packet = None
     framing_overhead = 4
     release_when_idle = False
+    pipelining = False
 
     def __init__(self) -> None:
         self.requests = 0

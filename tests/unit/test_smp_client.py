@@ -51,13 +51,17 @@ class FakeDevice:
         self.fault: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
         self.answers: dict[tuple[int, int], Any] = {}  # (group, cmd) -> canned body or exception
         self.outbox: list[bytes | Exception] = []  # what receive() hands out next
+        self.in_flight = 0  # requests sent whose answers were not read yet
+        self.most_in_flight = 0
+        self.lose_answer: Callable[[dict[str, Any]], bool] = lambda body: False  # the answer to it never comes
 
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
     async def send(self, packet: bytes) -> None:
-        assert not self.outbox, "a request sent before the last answer was read"
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         await asyncio.sleep(0)
         limit = min(x for x in (self.buf_size and self.buf_size - 4, self.max_packet, 8 + 0xFFFF) if x)
         assert len(packet) <= limit, f"request of {len(packet)} bytes exceeds {limit}"
@@ -70,6 +74,9 @@ class FakeDevice:
         if isinstance(answer, Exception):
             self.outbox.append(answer)
             return
+        if self.lose_answer(body):
+            self.in_flight -= 1
+            return
         payload = cbor2.dumps(answer)
         self.outbox.append(self.response(byte0 & 7, group, cmd, seq, payload))
 
@@ -80,6 +87,10 @@ class FakeDevice:
     async def receive(self, timeout: float) -> bytes:
         self.timeouts.append(round(timeout, 1))
         await asyncio.sleep(0)
+        if not self.outbox:
+            await asyncio.sleep(timeout)
+            raise TimeoutError
+        self.in_flight -= 1
         item = self.outbox.pop(0)
         if isinstance(item, Exception):
             raise item
@@ -167,6 +178,63 @@ async def test_full_upload_fills_every_packet() -> None:
     assert seen[-1] == (len(IMAGE), len(IMAGE)) and all(total == len(IMAGE) for _, total in seen)
     assert [seq for *_, seq, _ in device.requests] == list(range(len(device.requests)))
     assert device.timeouts[1] == 20.0 and set(device.timeouts[2:]) == {5.0}
+
+
+@async_test
+async def test_one_request_at_a_time_unless_a_window_is_asked_for() -> None:
+    device = FakeDevice()
+    await SmpClient(device).upload(IMAGE)
+    assert device.slot == IMAGE and device.most_in_flight == 1
+
+
+@async_test
+async def test_a_window_keeps_that_many_upload_requests_in_flight_after_the_first() -> None:
+    device = FakeDevice()
+    seen: list[int] = []
+    client = SmpClient(device)
+    await client.upload(IMAGE, window=3, progress=lambda off, total: seen.append(off))
+    assert device.slot == IMAGE and device.most_in_flight == 3
+    assert client.pipeline_fallbacks == 0
+    uploads = device.uploads()
+    assert_first_chunk(uploads[0])
+    assert [req["off"] for req in uploads] == [0] + seen[:-1]  # in order, each right after the last
+    assert seen == sorted(seen) and seen[-1] == len(IMAGE)
+
+
+@async_test
+async def test_a_chunk_the_device_did_not_take_ends_the_window_and_the_rest_goes_one_at_a_time() -> None:
+    device = FakeDevice()
+    skipped: list[int] = []
+
+    def skip_one(body: dict[str, Any]) -> dict[str, Any] | None:
+        if body["off"] >= 4000 and not skipped and device.session is not None:
+            skipped.append(body["off"])
+            return {"off": device.session["off"]}  # dropped by the device: it still expects this offset
+        return None
+
+    device.fault = skip_one
+    client = SmpClient(device)
+    await client.upload(IMAGE, window=3)
+    assert device.slot == IMAGE and skipped and client.pipeline_fallbacks == 1
+
+
+@async_test
+async def test_a_lost_answer_ends_the_window_without_waiting_for_it() -> None:
+    device = FakeDevice()
+    lost: list[int] = []
+
+    def lose_one(body: dict[str, Any]) -> bool:
+        if body.get("off", 0) >= 4000 and not lost:
+            lost.append(body["off"])
+            return True
+        return False
+
+    device.lose_answer = lose_one
+    client = SmpClient(device, timeout=5.0)
+    started = asyncio.get_running_loop().time()
+    await client.upload(IMAGE, window=3)
+    assert device.slot == IMAGE and lost and client.pipeline_fallbacks == 1
+    assert asyncio.get_running_loop().time() - started < 1.0  # the next answer told, no timeout
 
 
 @async_test
