@@ -37,7 +37,7 @@ PREFER = ("mqtt", "http")
 DEVICE_MODES = ("zephyr", "recovery")
 
 UART_ONLY_KEYS = ("port", "baudrate", "line_delay")
-BLE_ONLY_KEYS = ("address", "reassembly", "connect_timeout", "mtu", "window")
+BLE_ONLY_KEYS = ("address", "reassembly", "connect_timeout", "mtu", "window", "passkey")
 # the ATT MTU range (Core Vol 3 Part F 3.2.8: 23 minimum; BlueZ offers 517)
 MIN_ATT_MTU, MAX_ATT_MTU = 23, 517
 SECTIONS = ("gateway", "mqtt", "ota", "signing", "relay", "ble", "device")
@@ -133,6 +133,7 @@ class DeviceConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # ble
     mtu: int | None = None  # ble: the ATT MTU to write with when the stack reports it wrong
     window: int | None = None  # ble: upload requests in flight at most; None = from the device's buffers
+    passkey: int | None = None  # ble: the passkey the device displays when pairing; None = Just Works
     thing_name: str | None = None
     files: str = ""
     image: int = 0
@@ -162,7 +163,7 @@ class Config:
         """How `transports` reaches the device (a loaded config has port or address set)."""
         if device.transport == "ble":
             return BleSettings(device.address or "", adapter=self.ble.adapter, reassembly=device.reassembly,
-                               connect_timeout=device.connect_timeout, mtu=device.mtu)
+                               connect_timeout=device.connect_timeout, mtu=device.mtu, passkey=device.passkey)
         return UartSettings(device.port or "", device.baudrate, device.line_delay)
 
 
@@ -426,6 +427,7 @@ def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> Dev
                          if transport != "uart" else DEFAULT_CONNECT_TIMEOUT),
         mtu=t.integer("mtu", None, minimum=MIN_ATT_MTU, maximum=MAX_ATT_MTU) if transport != "uart" else None,
         window=t.integer("window", None, minimum=1, maximum=MAX_WINDOW) if transport != "uart" else None,
+        passkey=t.integer("passkey", None, minimum=0, maximum=999999) if transport != "uart" else None,
         thing_name=t.string("thing_name", None, pattern=THING_NAME,
                             pattern_hint="1 to 128 characters of A-Z a-z 0-9 : _ -"),
         files=t.string("files", name) or name or "",

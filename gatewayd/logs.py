@@ -225,6 +225,9 @@ def parse_level(level: str | int) -> int:
                          "debug, info, warning, error, critical") from None
 
 
+NOISY_AT_DEBUG = ("bleak", "dbus_fast")
+
+
 def setup_logging(level: str = "info") -> None:
     """Route the root logger to journald or stderr; calling it again replaces the handler."""
     global _installed
@@ -235,3 +238,7 @@ def setup_logging(level: str = "info") -> None:
     _installed = make_handler()
     root.addHandler(_installed)
     root.setLevel(parse_level(level))
+    # at debug, bleak logs every D-Bus signal BlueZ sends (RSSI updates several times a second
+    # per device in range): thousands of lines that bury the gateway's own
+    for chatty in NOISY_AT_DEBUG:
+        logging.getLogger(chatty).setLevel(max(parse_level(level), logging.INFO))

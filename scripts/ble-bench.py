@@ -39,6 +39,8 @@ PYPI_PYTHON = "/opt/bleak-latest/bin/python"
 FLEET = ["ble-a", "ble-b", "ble-c", "ble-d"]
 ADDRESSES = {name: f"F0:00:00:00:00:{n + 1:02X}" for n, name in enumerate(FLEET)}
 IMAGE_KIB = 24
+# devices whose SMP characteristic needs an encrypted link: Just Works, and a displayed passkey
+LOCKS = {"lock-a": ("F0:00:00:00:00:11", None), "lock-b": ("F0:00:00:00:00:12", 123456)}
 
 
 def bleak_version(python: str) -> str:
@@ -57,6 +59,11 @@ def fleet(lab: Lab, world: HostStackBench) -> None:
                                     files="ble-*", link=link, buf_size=2475, reset_delay=0.5, boot_banner=False,
                                     response_delay=0.02)  # a flash write per request: requests queue up
         lab.on_device_loop(world.add(device, ADDRESSES[name], mtu=517, reassembly=reassembly))
+    for name, (address, passkey) in LOCKS.items():
+        link = {"reassembly": True, **({"passkey": passkey} if passkey is not None else {})}
+        device = lab.add_ble_device(name, address, thing_name=name, files="lock-*", link=link, buf_size=2475,
+                                    reset_delay=0.5, boot_banner=False)
+        lab.on_device_loop(world.add(device, address, mtu=517, encrypted=True, passkey=passkey))
 
 
 def configure(bench: Bench, lab: Lab) -> None:
@@ -179,8 +186,39 @@ def phase(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int)
                 f"{record.status if record else 'no result'}; {resent} bytes sent again, chunks of {chunk}; "
                 f"peripheral dropped {world.peripherals[ADDRESSES['ble-b']].disconnects[-1:]}")
 
+    pairing(bench, lab, world, label, major, since)
     bench.no_daemon_errors(label)
     bench.stop(label)
+
+
+def pairing(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int, since: str) -> None:
+    """Devices whose SMP characteristic needs an encrypted link, paired through the daemon's
+    agent (the first bleak's run pairs them; the second finds them bonded); then one of them
+    loses its bond, as a reflash does, and must be paired again."""
+    image = lab.make_image((major, 3, 0), size=IMAGE_KIB * 1024, seed=f"lock-{label}")
+    lab.ota_update(f"lock-{major}", lab.gateway_thing, image, filepath=f"lock-{major}.3.0.bin")
+    record = bench.wait_job(lab, lab.gateway_thing, f"lock-{major}", timeout=150)
+    running = {name: lab.device(name).active_image() == image and lab.device(name).confirmed for name in LOCKS}
+    pairings = {name: world.peripherals[address].pairings for name, (address, _) in LOCKS.items()}
+    agent = [text(r) for r in bench.journal(since=since) if "pairing agent" in text(r)]
+    bench.check(f"{label}: devices that need an encrypted link (Just Works, passkey) are paired and updated",
+                record is not None and record.status == "SUCCEEDED" and all(running.values())
+                and all("ok" in p for p in pairings.values()),
+                f"{record.status if record else 'no result'} {running}; pairings seen by the devices {pairings}; "
+                f"agent: {agent[-4:]}")
+
+    address = LOCKS["lock-a"][0]
+    world.peripherals[address].forget_bonds()
+    before = len(world.peripherals[address].pairings)
+    image = lab.make_image((major, 4, 0), size=IMAGE_KIB * 1024, seed=f"rebond-{label}")
+    lab.ota_update(f"rebond-{major}", "lock-a", image)
+    record = bench.wait_job(lab, "lock-a", f"rebond-{major}", timeout=150)
+    again = world.peripherals[address].pairings[before:]
+    logged = [text(r) for r in bench.journal(since=since) if "pair" in text(r).lower()]
+    bench.check(f"{label}: a device that lost its bond (reflashed) is paired again and updated",
+                record is not None and record.status == "SUCCEEDED" and lab.device("lock-a").active_image() == image
+                and "ok" in again,
+                f"{record.status if record else 'no result'}; pairings since {again}; log: {logged[-4:]}")
 
 
 def main() -> int:

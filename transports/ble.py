@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from transports.bluez_agent import BluezAgent, device_path
 from transports.framing import SMP_HEADER_SIZE, PacketAssembler
 from transports.link import DEFAULT_CONNECT_TIMEOUT, Inbox, LinkError
 
@@ -104,6 +105,8 @@ class BleLink:
         reassembly: bool | None = None,
         mtu: int | None = None,
         connection_slots: asyncio.Semaphore | None = None,
+        passkey: int | None = None,
+        agent: BluezAgent | None = None,
     ) -> None:
         self.address = address
         self.adapter = adapter
@@ -111,6 +114,9 @@ class BleLink:
         self.connect_timeout = connect_timeout
         self.reassembly = reassembly
         self.mtu = mtu
+        self.passkey = passkey
+        self._agent = agent
+        self._bond_dropped = False  # removed a bond the device seemed to have lost, since the last open
         self._factory: ClientFactory = client_factory or bleak_client_factory
         self._slots = connection_slots
         self._slot_held = False
@@ -160,7 +166,12 @@ class BleLink:
                 await self._slots.acquire()
                 self._slot_held = True
             client: Any = None
+            links_up = self._links_up()
             try:
+                if self._agent is not None:  # so that BlueZ can pair the device if it must
+                    self._agent.allow(self.address, self.passkey)
+                    await self._agent.ensure(self.connect_timeout)
+                    links_up = self._links_up()
                 client = self._slot_client = self._factory(
                     self.address,
                     disconnected_callback=self._on_disconnected,
@@ -182,7 +193,8 @@ class BleLink:
                 # without an agent that never ends: every step has a bound
                 await self._bounded(client.start_notify(char, functools.partial(self._on_notify, client)),
                                     "subscribe to the SMP notifications of",
-                                    " (does its SMP characteristic need an encrypted link? then pair it)")
+                                    " (does its SMP characteristic need an encrypted link? pairing through "
+                                    "BlueZ failed or was not possible)")
                 if not client.is_connected:
                     raise LinkError(f"cannot open {self.name}: disconnected while setting up")
             except BaseException as e:
@@ -191,17 +203,39 @@ class BleLink:
                         await self._quietly(client.disconnect())
                 finally:
                     self._release_slot()
-                if isinstance(e, LinkError | asyncio.CancelledError):
+                if not isinstance(e, Exception):
                     raise
-                if isinstance(e, TimeoutError):
-                    raise LinkError(f"cannot connect to {self.name}: timed out") from e
-                if isinstance(e, Exception):
-                    raise LinkError(f"cannot connect to {self.name}: {e!r}") from e
-                raise
+                error = e if isinstance(e, LinkError) else LinkError(
+                    f"cannot connect to {self.name}: " + ("timed out" if isinstance(e, TimeoutError) else repr(e)))
+                raise await self._lost_bond(links_up) or error from e
             self._client, self._char, self._write_size = client, char, write_size
+            self._bond_dropped = False
             self._last_sent, self._large_answered = 0, False
             self.connects += 1
             log.debug("%s: connected, %d bytes per write", self.name, write_size)
+
+    def _links_up(self) -> int:
+        return self._agent.links_up.get(device_path(self.adapter, self.address), 0) if self._agent else 0
+
+    async def _lost_bond(self, links_up_before: int) -> LinkError | None:
+        """After a failed open: if the link came up and still failed while BlueZ holds a bond
+        with the device, the device has most likely lost that bond (reflashed, or reset to
+        factory settings) and rejects the old keys: remove the bond, once until the next
+        successful open, so the next connection pairs afresh. The error to raise, or None."""
+        if self._agent is None or self._bond_dropped or self._links_up() <= links_up_before:
+            return None
+        if not await self._agent.bonded(self.adapter, self.address):
+            return None
+        self._bond_dropped = True
+        log.warning("%s: connected but could not use the link although BlueZ holds a bond with the device: "
+                    "it has probably lost the bond (reflashed?); removing the bond to pair again", self.name)
+        try:
+            await self._agent.forget(self.adapter, self.address)
+        except Exception as e:  # noqa: BLE001 - the error below says what happened
+            return LinkError(f"cannot use {self.name}: it seems to have lost its bond with the gateway, "
+                             f"and removing the bond failed: {e}")
+        return LinkError(f"cannot use {self.name}: it seems to have lost its bond with the gateway; "
+                         "removed the bond, pairing again at the next connection")
 
     async def _negotiated_write_size(self, client: Any, char: Any) -> int:
         """Bytes per write command: ATT_MTU − 3, at most 512 (servers drop longer values).
@@ -348,6 +382,10 @@ class BleLink:
                 return await self._guard(awaitable, f"cannot {what}")
         except TimeoutError:
             raise LinkError(f"cannot {what} {self.name} within {self.connect_timeout:g} s{hint}") from None
+        except (LinkError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # the stack refused the step: say which, and what may be behind it
+            raise LinkError(f"cannot {what} {self.name}: {e!r}{hint}") from e
 
     async def _guard(self, awaitable: Awaitable[Any], what: str) -> Any:
         """Await a client call; the stack's own CancelledError becomes LinkError."""

@@ -32,6 +32,7 @@ class BleSettings:
     reassembly: bool | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     mtu: int | None = None  # the ATT MTU to write with; None: as negotiated
+    passkey: int | None = None  # what the device displays when pairing; None: Just Works
 
 
 LinkSettings = UartSettings | BleSettings

@@ -44,9 +44,12 @@ from bumble.controller import Controller
 from bumble.core import PhysicalTransport
 from bumble.core import TimeoutError as BumbleTimeoutError
 from bumble.device import Connection, Device, Peer
-from bumble.gatt import Characteristic, CharacteristicValue, Service
+from bumble.gatt import (GATT_CLIENT_CHARACTERISTIC_CONFIGURATION_DESCRIPTOR, Characteristic, CharacteristicValue,
+                         Descriptor, Service)
 from bumble.hci import Address, LeFeatureMask
 from bumble.host import Host
+from bumble.keys import MemoryKeyStore
+from bumble.pairing import PairingConfig, PairingDelegate
 from bumble.link import LocalLink
 from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink
@@ -139,6 +142,18 @@ class Radio:
         self._tasks.clear()
 
 
+class _ShowsPasskey(PairingDelegate):  # type: ignore[misc]
+    """A device with a display showing `passkey` when it pairs, or with no I/O at all (None)."""
+
+    def __init__(self, passkey: int | None) -> None:
+        super().__init__(io_capability=PairingDelegate.NO_OUTPUT_NO_INPUT if passkey is None
+                         else PairingDelegate.DISPLAY_OUTPUT_ONLY)
+        self._passkey = passkey
+
+    async def generate_passkey(self) -> int:
+        return self._passkey if self._passkey is not None else await super().generate_passkey()
+
+
 class BlePeripheral:
     """The BLE face of one EmulatedDevice on a LocalLink.
 
@@ -159,6 +174,8 @@ class BlePeripheral:
         reassembly: bool = True,
         max_write: int | None = None,
         radio: Radio | None = None,
+        encrypted: bool = False,
+        passkey: int | None = None,
     ) -> None:
         if mtu < 23:
             raise ValueError("ATT MTU is at least 23")
@@ -170,12 +187,25 @@ class BlePeripheral:
         self.absent = False
         controller = self.controller = Controller(f"ble-{device.name}", link=link, public_address=address)
         self.ble = Device(name=device.name, address=Address(address), host=Host(controller, AsyncPipeSink(controller)))
+        self.encrypted = encrypted
         self.characteristic: Characteristic = Characteristic(
             SMP_CHARACTERISTIC_UUID,
             Characteristic.Properties.WRITE_WITHOUT_RESPONSE | Characteristic.Properties.NOTIFY,
-            Characteristic.WRITEABLE,
+            Characteristic.WRITEABLE | (Characteristic.WRITE_REQUIRES_ENCRYPTION if encrypted else 0),
             CharacteristicValue(write=self._on_write),
         )
+        if encrypted:  # Zephyr's PERM_RW_ENCRYPT covers the CCC too: subscribing needs encryption
+            self.characteristic.descriptors = [Descriptor(
+                GATT_CLIENT_CHARACTERISTIC_CONFIGURATION_DESCRIPTOR,
+                Descriptor.READABLE | Descriptor.WRITEABLE | Descriptor.READ_REQUIRES_ENCRYPTION
+                | Descriptor.WRITE_REQUIRES_ENCRYPTION,
+                self.ble.gatt_server.make_descriptor_value(self.characteristic),
+            )]
+        # Just Works, or passkey entry with the passkey this device "displays"; bonds are kept
+        # (in memory) until forget_bonds(), as a reflash would lose them
+        self.ble.pairing_config_factory = lambda _connection: PairingConfig(
+            sc=True, mitm=passkey is not None, bonding=True, delegate=_ShowsPasskey(passkey))
+        self.pairings: list[str] = []  # "ok" or the failure reason, per pairing attempt
         self.ble.add_service(Service(SMP_SERVICE_UUID, [self.characteristic]))
         self.ble.gatt_server.max_mtu = mtu
         self.ble.on("connection", self._on_connection)
@@ -292,6 +322,17 @@ class BlePeripheral:
         self.connections += 1
         self._event(f"connected to {connection.peer_address}")
         connection.on("disconnection", lambda reason: self._on_disconnection(connection, reason))
+        connection.on("pairing", lambda _keys: self._paired("ok"))
+        connection.on("pairing_failure", lambda reason: self._paired(f"failed: {reason!r}"))
+
+    def _paired(self, outcome: str) -> None:
+        self.pairings.append(outcome)
+        self._event(f"pairing {outcome}")
+
+    def forget_bonds(self) -> None:
+        """What a reflash does to the device's bonds: the gateway's keys no longer work."""
+        self.ble.keystore = MemoryKeyStore()
+        self._event("bonds forgotten")
 
     def _on_disconnection(self, connection: Connection, reason: int) -> None:
         if connection is self._connection:
@@ -734,14 +775,16 @@ class BleBench:
             self._started = True
 
     async def add(
-        self, device: EmulatedDevice, *, address: str | None = None, mtu: int = 247, reassembly: bool = True
+        self, device: EmulatedDevice, *, address: str | None = None, mtu: int = 247, reassembly: bool = True,
+        encrypted: bool = False,
     ) -> BlePeripheral:
         """Serve `device` over BLE at `address` (default: derived from the peripheral count)."""
         await self.start()
         address = (address or f"F0:00:00:00:00:{len(self.peripherals) + 1:02X}").upper()
         if address in self.peripherals:
             raise ValueError(f"{address} is already on the bench")
-        peripheral = BlePeripheral(device, self.link, address, mtu=mtu, reassembly=reassembly, radio=self.radio)
+        peripheral = BlePeripheral(device, self.link, address, mtu=mtu, reassembly=reassembly, radio=self.radio,
+                                   encrypted=encrypted)
         self.peripherals[address] = peripheral
         await peripheral.start()
         return peripheral
@@ -837,9 +880,9 @@ class HostStackBench:
         self._controller = controller
 
     async def add(self, device: EmulatedDevice, address: str, *, mtu: int = 517, reassembly: bool = True,
-                  max_write: int | None = None) -> BlePeripheral:
+                  max_write: int | None = None, encrypted: bool = False, passkey: int | None = None) -> BlePeripheral:
         peripheral = BlePeripheral(device, self.link, address.upper(), mtu=mtu, reassembly=reassembly,
-                                   max_write=max_write)
+                                   max_write=max_write, encrypted=encrypted, passkey=passkey)
         peripheral.controller.le_acl_data_packet_length = self.acl_length
         peripheral.ble.on("connection", lambda _connection: self._count())
         self.peripherals[address.upper()] = peripheral

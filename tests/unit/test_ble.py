@@ -723,3 +723,82 @@ address = "C4:3B:21:9A:00:18"
     assert (b.adapter, b.reassembly, b.connect_timeout) == ("hci1", None, 20.0)
     assert a.release_when_idle and a.present()
     assert a._slots is b._slots and a._slots._value == 2
+
+
+class FakeAgent:
+    """The BluezAgent surface BleLink uses, without D-Bus: BlueZ's view of one device."""
+
+    def __init__(self, bonded: bool) -> None:
+        self.is_bonded = bonded
+        self.links_up: dict[str, int] = {}
+        self.allowed: dict[str, int | None] = {}
+        self.forgotten: list[str] = []
+
+    def allow(self, address: str, passkey: int | None) -> None:
+        self.allowed[address] = passkey
+
+    async def ensure(self, timeout: float) -> bool:
+        return True
+
+    async def bonded(self, adapter: str, address: str) -> bool:
+        return self.is_bonded
+
+    async def forget(self, adapter: str, address: str) -> None:
+        self.forgotten.append(address)
+        self.is_bonded = False
+
+
+def flapping_client_factory(agent: FakeAgent, path: str) -> Callable[..., Any]:
+    """A client whose link comes up (BlueZ says Connected) and is dropped before connect() returns,
+    as when the device rejects the gateway's old keys."""
+
+    class Client:
+        def __init__(self, address: str, **_: Any) -> None:
+            self.is_connected = False
+
+        async def connect(self) -> None:
+            agent.links_up[path] = agent.links_up.get(path, 0) + 1
+            raise ConnectionError("le-connection-abort-by-local")
+
+        async def disconnect(self) -> None:
+            pass
+
+    return Client
+
+
+@pytest.mark.parametrize("bonded", [True, False])
+@async_test
+async def test_a_bonded_device_whose_link_fails_as_it_comes_up_loses_the_bond_once(bonded: bool) -> None:
+    address = "F0:00:00:00:00:11"
+    agent = FakeAgent(bonded)
+    link = BleLink(address, connect_timeout=1.0, passkey=4242, agent=agent,  # type: ignore[arg-type]
+                   client_factory=flapping_client_factory(agent, f"/org/bluez/hci0/dev_{address.replace(':', '_')}"))
+    with pytest.raises(LinkError) as first:
+        await link.open()
+    assert agent.allowed == {address: 4242}
+    with pytest.raises(LinkError) as second:
+        await link.open()
+    if bonded:
+        assert "lost its bond" in str(first.value) and agent.forgotten == [address]  # once, not at every try
+        assert "lost its bond" not in str(second.value)
+    else:
+        assert agent.forgotten == [] and "le-connection-abort-by-local" in str(first.value)
+
+
+@async_test
+async def test_a_device_that_needs_an_encrypted_link_and_cannot_pair_fails_naming_pairing() -> None:
+    device = make_device()
+    bench = BleBench()  # the stand-in for bleak has no BlueZ behind it to pair
+    peripheral = await bench.add(device, encrypted=True)
+    link = BleLink(peripheral.address, client_factory=bench.client_factory, connect_timeout=2.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(LinkError) as caught:
+            await link.open()
+        assert time.monotonic() - started < 3.0
+        assert "subscribe to the SMP notifications" in str(caught.value)
+        assert "encrypted link? pairing through BlueZ failed" in str(caught.value)
+        assert not link.is_open and peripheral.packets == []
+    finally:
+        await link.close()
+        await bench.close()

@@ -169,7 +169,7 @@ def test_shipped_example_documents_every_key() -> None:
         assert f"{key} = " in text, key
     sample = (REPO / "config" / "devices.d" / "example.toml.sample").read_text()
     for key in ("name", "transport", "port", "baudrate", "line_delay", "mode", "address", "reassembly",
-                "connect_timeout", "mtu", "window", "thing_name", "files", "image", "buf_size", "allow_downgrade"):
+                "connect_timeout", "mtu", "window", "passkey", "thing_name", "files", "image", "buf_size", "allow_downgrade"):
         assert f"\n{key} = " in sample, key
 
 
@@ -293,6 +293,7 @@ reassembly = true
 connect_timeout = 7.5
 mtu = 247
 window = 2
+passkey = 4242
 
 [[device]]
 name = "valve"
@@ -301,7 +302,8 @@ address = "C4:3B:21:9A:00:18"
 """)
     config = load_config(path)
     tank, valve = (config.link_settings(d) for d in config.devices)
-    assert tank == BleSettings("C4:3B:21:9A:00:17", adapter="hci1", reassembly=True, connect_timeout=7.5, mtu=247)
+    assert tank == BleSettings("C4:3B:21:9A:00:17", adapter="hci1", reassembly=True, connect_timeout=7.5, mtu=247,
+                               passkey=4242)
     assert valve == BleSettings("C4:3B:21:9A:00:18", adapter="hci1", reassembly=None, connect_timeout=20.0)
     assert [d.window for d in config.devices] == [2, None]
 
@@ -314,6 +316,7 @@ reassembly = "yes"
 connect_timeout = 0
 mtu = 600
 window = 9
+passkey = 1000000
 
 [[device]]
 name = "pump"
@@ -324,6 +327,7 @@ reassembly = true
     assert sorted(str(p) for p in problems_of(path)) == [
         f'{path}: device[1] (tank) connect_timeout: must be greater than 0, got 0',
         f'{path}: device[1] (tank) mtu: must be between 23 and 517, got 600',
+        f'{path}: device[1] (tank) passkey: must be between 0 and 999999, got 1000000',
         f'{path}: device[1] (tank) reassembly: expected true or false, got string "yes"',
         f'{path}: device[1] (tank) window: must be between 1 and 8, got 9',
         f"{path}: device[2] (pump) reassembly: applies only to ble devices, this one is uart",

@@ -300,3 +300,13 @@ def test_fields_reach_a_journald_namespace(logger, journald_namespace) -> None:
     assert (entry["OTA_JOB_ID"], entry["OTA_PHASE"]) == ("J9", "uploading")
     assert (entry["PRIORITY"], entry["SYSLOG_IDENTIFIER"]) == ("4", "ota-gatewayd")
     assert entry["_TRANSPORT"] == "journal"
+
+
+def test_debug_keeps_bleaks_d_bus_chatter_out_but_not_its_warnings(monkeypatch, restore_root) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    setup_logging("debug")
+    assert logging.getLogger("gatewayd.relay").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("bleak.backends.bluezdbus.manager").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("bleak.backends.bluezdbus.manager").isEnabledFor(logging.INFO)
+    setup_logging("error")
+    assert not logging.getLogger("bleak").isEnabledFor(logging.WARNING)

@@ -1,0 +1,75 @@
+"""The pairing agent's answers to BlueZ (no D-Bus here: scripts/test-ble pairs through BlueZ)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from transports.bluez_agent import BluezAgent, PairingPolicy, PairingRefused, address_of
+
+LOCK = "/org/bluez/hci0/dev_F0_00_00_00_00_11"
+PIN_PAD = "/org/bluez/hci1/dev_F0_00_00_00_00_12"
+STRANGER = "/org/bluez/hci0/dev_66_55_44_33_22_11"
+
+
+def policy() -> PairingPolicy:
+    p = PairingPolicy()
+    p.allow("f0:00:00:00:00:11", None)
+    p.allow("F0:00:00:00:00:12", 123456)
+    return p
+
+
+def test_device_paths_name_addresses() -> None:
+    assert address_of(LOCK) == "F0:00:00:00:00:11"
+    assert address_of(PIN_PAD) == "F0:00:00:00:00:12"
+    assert address_of("/org/bluez/hci0") is None
+    assert address_of("/org/bluez/hci0/dev_F0_00_00_00_00_11/service000a") is None
+
+
+def test_a_configured_device_gets_its_passkey_and_its_just_works_pairing() -> None:
+    p = policy()
+    assert p.passkey(PIN_PAD) == 123456
+    p.authorize(LOCK, "Just Works pairing")
+    assert p.events == ["gave the configured passkey to pair with F0:00:00:00:00:12",
+                        "accepted Just Works pairing for F0:00:00:00:00:11"]
+
+
+def test_a_device_without_a_configured_passkey_is_refused_one() -> None:
+    with pytest.raises(PairingRefused, match="no passkey is configured for F0:00:00:00:00:11"):
+        policy().passkey(LOCK)
+
+
+@pytest.mark.parametrize("ask", ["passkey", "authorize"])
+def test_a_device_not_in_the_configuration_is_refused(ask: str) -> None:
+    p = policy()
+    with pytest.raises(PairingRefused, match="not a configured device"):
+        p.passkey(STRANGER) if ask == "passkey" else p.authorize(STRANGER, "Just Works pairing")
+    assert p.events == [f"refused {'a passkey' if ask == 'passkey' else 'Just Works pairing'} for {STRANGER}: "
+                        "not a configured device"]
+
+
+def test_without_bluez_the_agent_says_so_once_and_gives_up_within_its_bound(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/system_bus_socket")
+    agent = BluezAgent()
+
+    async def twice() -> list[bool]:
+        return [await agent.ensure(timeout=2.0), await agent.ensure(timeout=2.0)]
+
+    assert asyncio.run(twice()) == [False, False]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot register the pairing agent with BlueZ" in warnings[0]
+
+
+def test_the_agent_interface_has_bluezs_methods_and_signatures() -> None:
+    pytest.importorskip("dbus_fast")  # bleak's BlueZ backend brings it
+    from transports.bluez_agent import _agent_interface
+
+    methods = {m.name: (m.in_signature, m.out_signature)
+               for m in _agent_interface(policy()).introspect().methods}
+    assert methods == {  # BlueZ's doc/agent-api.txt
+        "Release": ("", ""), "RequestPinCode": ("o", "s"), "DisplayPinCode": ("os", ""),
+        "RequestPasskey": ("o", "u"), "DisplayPasskey": ("ouq", ""), "RequestConfirmation": ("ou", ""),
+        "RequestAuthorization": ("o", ""), "AuthorizeService": ("os", ""), "Cancel": ("", ""),
+    }
