@@ -37,7 +37,7 @@ PREFER = ("mqtt", "http")
 DEVICE_MODES = ("zephyr", "recovery")
 
 UART_ONLY_KEYS = ("port", "baudrate", "line_delay")
-BLE_ONLY_KEYS = ("address", "reassembly", "connect_timeout", "mtu", "window", "passkey")
+BLE_ONLY_KEYS = ("address", "advertised_name", "reassembly", "connect_timeout", "mtu", "window", "passkey")
 # the ATT MTU range (Core Vol 3 Part F 3.2.8: 23 minimum; BlueZ offers 517)
 MIN_ATT_MTU, MAX_ATT_MTU = 23, 517
 SECTIONS = ("gateway", "mqtt", "ota", "signing", "relay", "ble", "device")
@@ -129,6 +129,7 @@ class DeviceConfig:
     baudrate: int = 115200
     line_delay: float = 0.0
     address: str | None = None
+    advertised_name: str | None = None  # ble: instead of address, the first device advertising this name
     reassembly: bool | None = None  # ble: None = unknown, so every request fits one write
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # ble
     mtu: int | None = None  # ble: the ATT MTU to write with when the stack reports it wrong
@@ -162,7 +163,8 @@ class Config:
     def link_settings(self, device: DeviceConfig) -> LinkSettings:
         """How `transports` reaches the device (a loaded config has port or address set)."""
         if device.transport == "ble":
-            return BleSettings(device.address or "", adapter=self.ble.adapter, reassembly=device.reassembly,
+            return BleSettings(device.address, adapter=self.ble.adapter, reassembly=device.reassembly,
+                               advertised_name=device.advertised_name,
                                connect_timeout=device.connect_timeout, mtu=device.mtu, passkey=device.passkey)
         return UartSettings(device.port or "", device.baudrate, device.line_delay)
 
@@ -421,7 +423,8 @@ def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> Dev
         port=t.string("port", required=transport == "uart") if transport != "ble" else None,
         baudrate=t.integer("baudrate", 115200, minimum=1) if transport != "ble" else 115200,
         line_delay=t.number("line_delay", 0.0, minimum=0.0) if transport != "ble" else 0.0,
-        address=t.string("address", required=transport == "ble") if transport != "uart" else None,
+        address=t.string("address", None) if transport != "uart" else None,
+        advertised_name=t.string("advertised_name", None) if transport != "uart" else None,
         reassembly=t.boolean("reassembly", None) if transport != "uart" else None,
         connect_timeout=(t.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True)
                          if transport != "uart" else DEFAULT_CONNECT_TIMEOUT),
@@ -438,6 +441,10 @@ def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> Dev
         source=file,
         entry=index,
     )
+    if device.address and device.advertised_name:
+        t.problem("advertised_name", "give address or advertised_name, not both")
+    elif transport == "ble" and "address" not in entry and "advertised_name" not in entry:
+        t.problem("address", "required key is missing (or give advertised_name)")
     t.finish()
     # kept even when invalid, so a duplicate name is still reported alongside other problems
     return device if name and t.valid("name") else None

@@ -40,6 +40,7 @@ CONNECT_MARGIN = 5.0  # on top of connect_timeout: bleak's own timeout covers di
 CLEANUP_TIMEOUT = 5.0  # stop_notify / disconnect of a link being thrown away
 
 ClientFactory = Callable[..., Any]
+AddressFinder = Callable[..., Awaitable[str | None]]  # (name, *, timeout, adapter) -> address or None
 
 
 def bleak_client_factory(
@@ -59,6 +60,21 @@ def bleak_client_factory(
     else:
         kwargs["adapter"] = adapter
     return bleak.BleakClient(address, **kwargs)
+
+
+async def bleak_find_address(name: str, *, timeout: float, adapter: str) -> str | None:
+    """The address of the first device found advertising `name` on `adapter` (the default
+    `find_address`), or None after `timeout` seconds of scanning."""
+    import bleak
+
+    kwargs: dict[str, Any] = {"timeout": timeout}
+    if "bluez" in inspect.signature(bleak.BleakScanner.__init__).parameters:
+        kwargs["bluez"] = {"adapter": adapter}
+    else:
+        kwargs["adapter"] = adapter
+    device = await bleak.BleakScanner.find_device_by_filter(
+        lambda d, adv: (adv.local_name or d.name) == name, **kwargs)
+    return None if device is None else str(device.address).upper()
 
 
 def _cancelled_by_caller() -> bool:
@@ -97,7 +113,7 @@ class BleLink:
 
     def __init__(
         self,
-        address: str,
+        address: str | None,
         *,
         adapter: str = "hci0",
         client_factory: ClientFactory | None = None,
@@ -107,10 +123,16 @@ class BleLink:
         connection_slots: asyncio.Semaphore | None = None,
         passkey: int | None = None,
         agent: BluezAgent | None = None,
+        advertised_name: str | None = None,
+        find_address: AddressFinder | None = None,
     ) -> None:
+        # the address: configured, or found by scanning for the advertised name before each
+        # connection that has none (boards with random static addresses get a new one per reflash)
         self.address = address
+        self.advertised_name = advertised_name
         self.adapter = adapter
-        self.name = f"ble:{address}"
+        self.name = f"ble:{address}" if address else f"ble:'{advertised_name}'"
+        self._find_address: AddressFinder = find_address or bleak_find_address
         self.connect_timeout = connect_timeout
         self.reassembly = reassembly
         self.mtu = mtu
@@ -168,6 +190,8 @@ class BleLink:
             client: Any = None
             links_up = self._links_up()
             try:
+                if self.address is None:
+                    await self._find()
                 if self._agent is not None:  # so that BlueZ can pair the device if it must
                     self._agent.allow(self.address, self.passkey)
                     await self._agent.ensure(self.connect_timeout)
@@ -201,12 +225,18 @@ class BleLink:
                 try:
                     if client is not None:
                         await self._quietly(client.disconnect())
+                    if self._agent is not None and self.address is not None:
+                        await self._quietly(self._agent.disconnect(self.adapter, self.address))
                 finally:
                     self._release_slot()
+                if self.advertised_name:
+                    self.address = None  # look again next time: a reflash may have changed it
                 if not isinstance(e, Exception):
                     raise
                 error = e if isinstance(e, LinkError) else LinkError(
                     f"cannot connect to {self.name}: " + ("timed out" if isinstance(e, TimeoutError) else repr(e)))
+                if isinstance(e, KeyError) and "org.bluez.Gatt" in str(e):
+                    raise await self._stale_services(error) from e
                 raise await self._lost_bond(links_up) or error from e
             self._client, self._char, self._write_size = client, char, write_size
             self._bond_dropped = False
@@ -214,8 +244,44 @@ class BleLink:
             self.connects += 1
             log.debug("%s: connected, %d bytes per write", self.name, write_size)
 
+    async def _find(self) -> None:
+        assert self.advertised_name is not None
+        try:  # the scan's own bound is connect_timeout; this one is for a stack that never answers
+            async with asyncio.timeout(self.connect_timeout + CONNECT_MARGIN):
+                address = await self._guard(self._find_address(self.advertised_name, timeout=self.connect_timeout,
+                                                               adapter=self.adapter), "cannot scan for")
+        except TimeoutError:
+            address = None
+        except Exception as e:
+            if isinstance(e, LinkError):
+                raise
+            raise LinkError(f"cannot scan for {self.name} on {self.adapter}: {e!r}") from e
+        if address is None:
+            raise LinkError(f"cannot find a device advertising {self.advertised_name!r} on {self.adapter} "
+                            f"within {self.connect_timeout:g} s")
+        log.info("%s: found %r at %s (the first device advertising it)", self.name, self.advertised_name, address)
+        self.address = address
+
+    async def _stale_services(self, error: LinkError) -> LinkError:
+        """bleak 0.20 keeps a copy of BlueZ's objects, and when new firmware changed the
+        device's attribute table (BlueZ noticed by the Database Hash and read it again) that copy
+        can lack the new services: connecting fails with KeyError('org.bluez.GattService1'), for
+        minutes. Removing the device from BlueZ makes both read the table afresh; a bond goes
+        with it and is made again when the device needs one."""
+        if self._agent is None or self.address is None:
+            return error
+        log.warning("%s: bleak's copy of the device's services is out of date (did new firmware change its "
+                    "attribute table?); removing the device from BlueZ so they are read afresh", self.name)
+        try:
+            await self._agent.forget(self.adapter, self.address)
+        except Exception as e:  # noqa: BLE001 - the error says what happened
+            return LinkError(f"{error}; removing the device from BlueZ failed: {e}")
+        return LinkError(f"{error}; removed the device from BlueZ to read its services afresh")
+
     def _links_up(self) -> int:
-        return self._agent.links_up.get(device_path(self.adapter, self.address), 0) if self._agent else 0
+        if self._agent is None or self.address is None:
+            return 0
+        return self._agent.links_up.get(device_path(self.adapter, self.address), 0)
 
     async def _lost_bond(self, links_up_before: int) -> LinkError | None:
         """After a failed open: if the link came up and still failed while BlueZ holds a bond

@@ -223,10 +223,23 @@ class BluezAgent:
             log.debug("pairing agent: is %s paired? %r", address, e)
             return False
 
+    async def disconnect(self, adapter: str, address: str) -> None:
+        """Make BlueZ drop the device's link, or the connection attempt it still has under way
+        (a cancelled bleak connect leaves it running, and the link it makes holds a slot and
+        keeps the device from advertising). Best effort: a device BlueZ does not know is fine."""
+        from dbus_fast import Message, MessageType
+
+        try:
+            await self._call(Message(destination=BLUEZ, path=device_path(adapter, address),
+                                     interface="org.bluez.Device1", member="Disconnect"), MessageType)
+        except Exception as e:  # noqa: BLE001 - no bus, no such device, not connected
+            log.debug("pairing agent: disconnect %s: %r", address, e)
+
     async def forget(self, adapter: str, address: str) -> None:
         """Remove the device and its keys from BlueZ: the next connection pairs afresh."""
         from dbus_fast import Message, MessageType
 
+        await self.disconnect(adapter, address)
         await self._call(Message(destination=BLUEZ, path=f"/org/bluez/{adapter}", interface="org.bluez.Adapter1",
                                  member="RemoveDevice", signature="o", body=[device_path(adapter, address)]),
                          MessageType)

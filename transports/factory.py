@@ -28,4 +28,4 @@ class LinkFactory:
             return UartLink(settings.port, settings.baudrate, line_delay=settings.line_delay)
         return BleLink(settings.address, adapter=settings.adapter, reassembly=settings.reassembly,
                        connect_timeout=settings.connect_timeout, mtu=settings.mtu, connection_slots=self._ble_slots,
-                       passkey=settings.passkey, agent=self._agent)
+                       passkey=settings.passkey, agent=self._agent, advertised_name=settings.advertised_name)

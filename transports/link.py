@@ -25,7 +25,7 @@ class UartSettings:
 
 @dataclass(frozen=True)
 class BleSettings:
-    address: str
+    address: str | None  # None: found by scanning for advertised_name
     adapter: str = "hci0"
     # whether the device reassembles a request from several writes
     # (CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY); None: unknown, so every request fits one write
@@ -33,6 +33,7 @@ class BleSettings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     mtu: int | None = None  # the ATT MTU to write with; None: as negotiated
     passkey: int | None = None  # what the device displays when pairing; None: Just Works
+    advertised_name: str | None = None
 
 
 LinkSettings = UartSettings | BleSettings

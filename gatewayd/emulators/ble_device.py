@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import math
 import struct
@@ -41,11 +42,12 @@ from typing import Any
 
 import bumble.controller
 from bumble.controller import Controller
-from bumble.core import PhysicalTransport
+from bumble.core import AdvertisingData, PhysicalTransport
 from bumble.core import TimeoutError as BumbleTimeoutError
 from bumble.device import Connection, Device, Peer
 from bumble.gatt import (GATT_CLIENT_CHARACTERISTIC_CONFIGURATION_DESCRIPTOR, Characteristic, CharacteristicValue,
                          Descriptor, Service)
+from bumble import hci
 from bumble.hci import Address, LeFeatureMask
 from bumble.host import Host
 from bumble.keys import MemoryKeyStore
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 SMP_SERVICE_UUID = "8D53DC1D-1DB7-4CD3-868B-8A527460AA84"
 SMP_CHARACTERISTIC_UUID = "DA2E7828-FBCE-4E01-AE9E-261174997C48"
 SMP_HEADER_SIZE = 8
+VENDOR_SERVICE_UUID = "0000fff0-0000-1000-8000-00805f9b34fb"  # stands for whatever a new image adds
+VENDOR_CHARACTERISTIC_UUID = "0000fff1-0000-1000-8000-00805f9b34fb"
 ADVERTISING_INTERVAL_MS = 20  # the shortest legal interval: a reconnect takes ~20 ms
 MONITOR_INTERVAL = 0.005  # how often the peripheral looks at the device's reset/absent state
 DEFAULT_CENTRAL_MTU = 517  # what BlueZ offers in the ATT MTU exchange
@@ -176,6 +180,8 @@ class BlePeripheral:
         radio: Radio | None = None,
         encrypted: bool = False,
         passkey: int | None = None,
+        advertising_interval_ms: float = ADVERTISING_INTERVAL_MS,
+        tables_change: bool = False,
     ) -> None:
         if mtu < 23:
             raise ValueError("ATT MTU is at least 23")
@@ -188,6 +194,7 @@ class BlePeripheral:
         controller = self.controller = Controller(f"ble-{device.name}", link=link, public_address=address)
         self.ble = Device(name=device.name, address=Address(address), host=Host(controller, AsyncPipeSink(controller)))
         self.encrypted = encrypted
+        self.advertising_interval_ms = advertising_interval_ms  # a sleepy device: seconds
         self.characteristic: Characteristic = Characteristic(
             SMP_CHARACTERISTIC_UUID,
             Characteristic.Properties.WRITE_WITHOUT_RESPONSE | Characteristic.Properties.NOTIFY,
@@ -208,6 +215,11 @@ class BlePeripheral:
         self.pairings: list[str] = []  # "ok" or the failure reason, per pairing attempt
         self.ble.add_service(Service(SMP_SERVICE_UUID, [self.characteristic]))
         self.ble.gatt_server.max_mtu = mtu
+        # firmware that lays its attribute table out anew with each image: a vendor service comes
+        # and goes in front of SMP, so a central's cached table points at the wrong handles
+        self.tables_change = tables_change
+        self._table_image: bytes | None = None
+        self.smp_handles: list[int] = [self.characteristic.handle]  # per layout
         self.ble.on("connection", self._on_connection)
 
         self._connection: Connection | None = None
@@ -380,12 +392,39 @@ class BlePeripheral:
             elif self.device.boot_count != self._conn_boot:
                 await self._disconnect(connection, "device rebooted")
         want = self._up() and self._connection is None
+        if want and self.tables_change:
+            self._lay_out_for_running_image()
         if want and not self.ble.is_advertising:
             await self.ble.start_advertising(
-                advertising_interval_min=ADVERTISING_INTERVAL_MS, advertising_interval_max=ADVERTISING_INTERVAL_MS
+                advertising_data=bytes(AdvertisingData([
+                    (AdvertisingData.FLAGS, bytes([0x06])),  # LE General Discoverable, no BR/EDR
+                    (AdvertisingData.COMPLETE_LOCAL_NAME, self.device.name.encode()),
+                ])),
+                advertising_interval_min=self.advertising_interval_ms,
+                advertising_interval_max=self.advertising_interval_ms,
             )
         elif not want and self.ble.is_advertising:
             await self.ble.stop_advertising()
+
+    def _lay_out_for_running_image(self) -> None:
+        image = hashlib.sha256(self.device.active_image()).digest()
+        if image == self._table_image:
+            return
+        first, self._table_image = self._table_image is None, image
+        if first:
+            return
+        server = self.ble.gatt_server
+        server.attributes.clear()
+        server.attributes_by_handle.clear()
+        server.services.clear()
+        self.ble.add_default_services()  # GAP, and GATT with Service Changed and the Database Hash
+        if len(self.smp_handles) % 2:
+            server.add_service(Service(VENDOR_SERVICE_UUID, [Characteristic(
+                VENDOR_CHARACTERISTIC_UUID, Characteristic.Properties.READ, Characteristic.READABLE, b"v")]))
+        server.add_service(Service(SMP_SERVICE_UUID, [self.characteristic]))
+        self.smp_handles.append(self.characteristic.handle)
+        self._event(f"new attribute table for the running image: SMP characteristic at handle "
+                    f"{self.characteristic.handle}")
 
     # --- SMP over GATT ----------------------------------------------------------------------
 
@@ -771,12 +810,25 @@ class BleBench:
 
     async def start(self) -> None:
         if not self._started:
+            _cancel_connections_as_the_spec_says()
             await self.central.power_on()
             self._started = True
 
+    async def find_address(self, name: str, *, timeout: float, adapter: str = "hci0") -> str | None:
+        """Drop-in for `transports.ble.bleak_find_address`: the first peripheral on the bench
+        advertising `name` (its device's name), within `timeout`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for address, peripheral in self.peripherals.items():
+                if peripheral.device.name == name and peripheral.ble.is_advertising:
+                    return address
+            if asyncio.get_running_loop().time() >= deadline:
+                return None
+            await asyncio.sleep(0.01)
+
     async def add(
         self, device: EmulatedDevice, *, address: str | None = None, mtu: int = 247, reassembly: bool = True,
-        encrypted: bool = False,
+        encrypted: bool = False, tables_change: bool = False,
     ) -> BlePeripheral:
         """Serve `device` over BLE at `address` (default: derived from the peripheral count)."""
         await self.start()
@@ -784,7 +836,7 @@ class BleBench:
         if address in self.peripherals:
             raise ValueError(f"{address} is already on the bench")
         peripheral = BlePeripheral(device, self.link, address, mtu=mtu, reassembly=reassembly, radio=self.radio,
-                                   encrypted=encrypted)
+                                   encrypted=encrypted, tables_change=tables_change)
         self.peripherals[address] = peripheral
         await peripheral.start()
         return peripheral
@@ -826,11 +878,11 @@ class BleBench:
 
 async def ble_bench(
     device: EmulatedDevice, *, mtu: int = 247, reassembly: bool = True, address: str | None = None,
-    char_mtu: str = "exchanged", timing: LinkTiming | None = None,
+    char_mtu: str = "exchanged", timing: LinkTiming | None = None, tables_change: bool = False,
 ) -> tuple[BleBench, BlePeripheral]:
     """A bench serving `device`; `bench.client_factory` goes to `BleLink(client_factory=...)`."""
     bench = BleBench(char_mtu=char_mtu, timing=timing)
-    peripheral = await bench.add(device, mtu=mtu, reassembly=reassembly, address=address)
+    peripheral = await bench.add(device, mtu=mtu, reassembly=reassembly, address=address, tables_change=tables_change)
     return bench, peripheral
 
 
@@ -871,6 +923,7 @@ class HostStackBench:
 
     async def start(self) -> None:
         _send_le_acl_from_the_connection_address()
+        _cancel_connections_as_the_spec_says()
         self._transport = await open_transport(self.transport_spec)
         controller = Controller("host", host_source=self._transport.source, host_sink=self._transport.sink,
                                 link=self.link, public_address=self.address)
@@ -880,9 +933,12 @@ class HostStackBench:
         self._controller = controller
 
     async def add(self, device: EmulatedDevice, address: str, *, mtu: int = 517, reassembly: bool = True,
-                  max_write: int | None = None, encrypted: bool = False, passkey: int | None = None) -> BlePeripheral:
+                  max_write: int | None = None, encrypted: bool = False, passkey: int | None = None,
+                  advertising_interval_ms: float = ADVERTISING_INTERVAL_MS,
+                  tables_change: bool = False) -> BlePeripheral:
         peripheral = BlePeripheral(device, self.link, address.upper(), mtu=mtu, reassembly=reassembly,
-                                   max_write=max_write, encrypted=encrypted, passkey=passkey)
+                                   max_write=max_write, encrypted=encrypted, passkey=passkey,
+                                   advertising_interval_ms=advertising_interval_ms, tables_change=tables_change)
         peripheral.controller.le_acl_data_packet_length = self.acl_length
         peripheral.ble.on("connection", lambda _connection: self._count())
         self.peripherals[address.upper()] = peripheral
@@ -923,3 +979,32 @@ def _send_le_acl_from_the_connection_address() -> None:
 
     bumble.controller.Connection.on_acl_pdu = on_acl_pdu
     _PATCHED = True
+
+
+_CANCEL_PATCHED = False
+
+
+def _cancel_connections_as_the_spec_says() -> None:
+    """bumble's controller answers LE Create Connection Cancel with success but keeps the
+    connection pending: the next advertisement from that peripheral completes a connection the
+    host gave up on, and the peripheral then sits connected, unseen, no longer advertising. (The
+    kernel cancels when BlueZ's connect is abandoned, e.g. when bleak's connect is cancelled.) A
+    controller must drop the pending connection and report it with an LE Connection Complete of
+    status Unknown Connection Identifier (Core Vol 4 Part E 7.8.13)."""
+    global _CANCEL_PATCHED
+    if _CANCEL_PATCHED:
+        return
+
+    def on_hci_le_create_connection_cancel_command(self: Any, _command: Any) -> Any:
+        pending, self.pending_le_connection = self.pending_le_connection, None
+        if pending is not None:
+            asyncio.get_running_loop().call_soon(self.send_hci_packet, hci.HCI_LE_Connection_Complete_Event(
+                status=hci.HCI_ErrorCode.UNKNOWN_CONNECTION_IDENTIFIER_ERROR, connection_handle=0,
+                role=hci.Role.CENTRAL, peer_address_type=pending.peer_address.address_type,
+                peer_address=pending.peer_address, connection_interval=0, peripheral_latency=0,
+                supervision_timeout=0, central_clock_accuracy=0))
+            return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.SUCCESS)
+        return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.COMMAND_DISALLOWED_ERROR)
+
+    bumble.controller.Controller.on_hci_le_create_connection_cancel_command = on_hci_le_create_connection_cancel_command
+    _CANCEL_PATCHED = True

@@ -59,11 +59,12 @@ def make_device(**kwargs: Any) -> EmulatedDevice:
 @contextlib.asynccontextmanager
 async def served(
     device: EmulatedDevice, *, mtu: int = 247, device_reassembly: bool = True, char_mtu: str = "exchanged",
-    link_mtu: int | None = None, **link_kwargs: Any
+    link_mtu: int | None = None, tables_change: bool = False, **link_kwargs: Any
 ) -> AsyncIterator[tuple[BleLink, SmpClient, BlePeripheral, BleBench]]:
     """A BLE bench serving `device` (its peripheral takes ATT MTUs up to `mtu`); `link_kwargs` go
     to BleLink (e.g. its `reassembly`), `link_mtu` is the link's configured `mtu`."""
-    bench, peripheral = await ble_bench(device, mtu=mtu, reassembly=device_reassembly, char_mtu=char_mtu)
+    bench, peripheral = await ble_bench(device, mtu=mtu, reassembly=device_reassembly, char_mtu=char_mtu,
+                                        tables_change=tables_change)
     link_kwargs["mtu"] = link_mtu
     link_kwargs.setdefault("connect_timeout", 2.0)
     link = BleLink(peripheral.address, client_factory=bench.client_factory, **link_kwargs)
@@ -129,11 +130,12 @@ async def test_upload_64k_image_in_mtu_sized_writes() -> None:
         assert link.connects == 1
 
 
+@pytest.mark.parametrize("tables_change", [False, True], ids=["same-table", "new-table-per-image"])
 @async_test
-async def test_test_reset_confirm_reconnects_after_the_reset() -> None:
+async def test_test_reset_confirm_reconnects_after_the_reset(tables_change: bool) -> None:
     device = make_device()
     new = parse_mcuboot_image(IMAGE_16K)
-    async with served(device, reassembly=True) as (link, smp, peripheral, _):
+    async with served(device, reassembly=True, tables_change=tables_change) as (link, smp, peripheral, _):
         await smp.upload(IMAGE_16K)
         slots = await smp.test_image(new.tlv_hash)
         assert [s.slot for s in slots if s.pending] == [1]
@@ -147,6 +149,8 @@ async def test_test_reset_confirm_reconnects_after_the_reset() -> None:
         assert link.connects == 2 and peripheral.connections == 2
         slots = await smp.confirm()
         assert next(s for s in slots if s.active).confirmed
+        # the new image moved the SMP characteristic (the link discovers services at each connection)
+        assert len(set(peripheral.smp_handles)) == (2 if tables_change else 1), peripheral.smp_handles
     assert device.confirmed and device.active_image() == IMAGE_16K
     assert device.boot_count == 1
 
@@ -733,6 +737,7 @@ class FakeAgent:
         self.links_up: dict[str, int] = {}
         self.allowed: dict[str, int | None] = {}
         self.forgotten: list[str] = []
+        self.disconnects = 0
 
     def allow(self, address: str, passkey: int | None) -> None:
         self.allowed[address] = passkey
@@ -746,6 +751,9 @@ class FakeAgent:
     async def forget(self, adapter: str, address: str) -> None:
         self.forgotten.append(address)
         self.is_bonded = False
+
+    async def disconnect(self, adapter: str, address: str) -> None:
+        self.disconnects += 1
 
 
 def flapping_client_factory(agent: FakeAgent, path: str) -> Callable[..., Any]:
@@ -778,6 +786,7 @@ async def test_a_bonded_device_whose_link_fails_as_it_comes_up_loses_the_bond_on
     assert agent.allowed == {address: 4242}
     with pytest.raises(LinkError) as second:
         await link.open()
+    assert agent.disconnects == 2  # BlueZ's own attempt is stopped too, after each failure
     if bonded:
         assert "lost its bond" in str(first.value) and agent.forgotten == [address]  # once, not at every try
         assert "lost its bond" not in str(second.value)
@@ -802,3 +811,69 @@ async def test_a_device_that_needs_an_encrypted_link_and_cannot_pair_fails_namin
     finally:
         await link.close()
         await bench.close()
+
+
+@async_test
+async def test_a_device_addressed_by_its_advertised_name_is_found_and_found_again_after_a_reflash(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="transports.ble")
+    bench = BleBench()
+    other = await bench.add(EmulatedDevice("gauge", slot0=RUNNING, boot_banner=False))
+    first = await bench.add(make_device())  # advertises "ble0"
+    link = BleLink(None, advertised_name="ble0", client_factory=bench.client_factory, find_address=bench.find_address,
+                   connect_timeout=1.0)
+    smp = SmpClient(link, timeout=2.0)
+    try:
+        assert link.name == "ble:'ble0'"
+        assert await smp.echo("found") == "found"
+        assert link.address == first.address != other.address
+        assert any(f"found 'ble0' at {first.address}" in r.getMessage() for r in caplog.records)
+        await link.close()
+
+        # reflashed: a new random static address
+        await first.set_absent(True)
+        with pytest.raises(LinkError):
+            await link.open()
+        second = await bench.add(make_device(), address="F0:00:00:00:00:42")
+        assert await smp.echo("again") == "again"
+        assert link.address == second.address == "F0:00:00:00:00:42"
+    finally:
+        await link.close()
+        await bench.close()
+
+
+@async_test
+async def test_a_name_nobody_advertises_ends_within_the_connect_timeout_saying_so() -> None:
+    bench = BleBench()
+    await bench.add(make_device())
+    link = BleLink(None, advertised_name="valve", client_factory=bench.client_factory,
+                   find_address=bench.find_address, connect_timeout=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(LinkError, match="cannot find a device advertising 'valve' on hci0 within 0.3 s"):
+            await link.open()
+        assert time.monotonic() - started < 1.0 and bench.clients == []
+    finally:
+        await bench.close()
+
+
+
+@async_test
+async def test_blezs_stale_copy_of_the_services_makes_the_link_remove_the_device_to_read_them_afresh() -> None:
+    address = "F0:00:00:00:00:01"
+    agent = FakeAgent(bonded=False)
+
+    class Client:  # bleak 0.20.2 after new firmware moved the device's services
+        def __init__(self, address: str, **_: Any) -> None:
+            self.is_connected = False
+
+        async def connect(self) -> None:
+            raise KeyError("org.bluez.GattService1")
+
+        async def disconnect(self) -> None:
+            pass
+
+    link = BleLink(address, connect_timeout=1.0, agent=agent, client_factory=Client)  # type: ignore[arg-type]
+    with pytest.raises(LinkError, match="removed the device from BlueZ to read its services afresh"):
+        await link.open()
+    assert agent.forgotten == [address]

@@ -169,8 +169,9 @@ def test_shipped_example_documents_every_key() -> None:
         assert f"{key} = " in text, key
     sample = (REPO / "config" / "devices.d" / "example.toml.sample").read_text()
     for key in ("name", "transport", "port", "baudrate", "line_delay", "mode", "address", "reassembly",
-                "connect_timeout", "mtu", "window", "passkey", "thing_name", "files", "image", "buf_size", "allow_downgrade"):
-        assert f"\n{key} = " in sample, key
+                "connect_timeout", "mtu", "window", "passkey", "advertised_name", "thing_name", "files", "image",
+                "buf_size", "allow_downgrade"):
+        assert f"\n{key} = " in sample or f"\n# {key} = " in sample, key  # an alternative is commented out
 
 
 # ------------------------------------------------------------------ problems
@@ -263,7 +264,7 @@ def test_missing_device_keys(tmp_path: Path) -> None:
         f"{f}: device[1] name: required key is missing",
         f"{f}: device[1] port: required key is missing",
         f"{f}: device[2] (pump) port: required key is missing",
-        f"{f}: device[3] (tank) address: required key is missing",
+        f"{f}: device[3] (tank) address: required key is missing (or give advertised_name)",
         f'{f}: device[4] (fan) transport: expected one of "uart", "ble", got "can"',
     ]
 
@@ -299,13 +300,19 @@ passkey = 4242
 name = "valve"
 transport = "ble"
 address = "C4:3B:21:9A:00:18"
+
+[[device]]
+name = "gauge"
+transport = "ble"
+advertised_name = "Zephyr Gauge"
 """)
     config = load_config(path)
-    tank, valve = (config.link_settings(d) for d in config.devices)
+    tank, valve, gauge = (config.link_settings(d) for d in config.devices)
+    assert gauge == BleSettings(None, adapter="hci1", advertised_name="Zephyr Gauge")
     assert tank == BleSettings("C4:3B:21:9A:00:17", adapter="hci1", reassembly=True, connect_timeout=7.5, mtu=247,
                                passkey=4242)
     assert valve == BleSettings("C4:3B:21:9A:00:18", adapter="hci1", reassembly=None, connect_timeout=20.0)
-    assert [d.window for d in config.devices] == [2, None]
+    assert [d.window for d in config.devices] == [2, None, None]
 
     path = write_config(tmp_path, MINIMAL + """
 [[device]]
@@ -323,6 +330,16 @@ name = "pump"
 transport = "uart"
 port = "/dev/ttyACM0"
 reassembly = true
+
+[[device]]
+name = "both"
+transport = "ble"
+address = "C4:3B:21:9A:00:19"
+advertised_name = "both"
+
+[[device]]
+name = "neither"
+transport = "ble"
 """)
     assert sorted(str(p) for p in problems_of(path)) == [
         f'{path}: device[1] (tank) connect_timeout: must be greater than 0, got 0',
@@ -331,6 +348,8 @@ reassembly = true
         f'{path}: device[1] (tank) reassembly: expected true or false, got string "yes"',
         f'{path}: device[1] (tank) window: must be between 1 and 8, got 9',
         f"{path}: device[2] (pump) reassembly: applies only to ble devices, this one is uart",
+        f"{path}: device[3] (both) advertised_name: give address or advertised_name, not both",
+        f"{path}: device[4] (neither) address: required key is missing (or give advertised_name)",
     ]
 
 
