@@ -229,15 +229,17 @@ class BleLink:
                         await self._quietly(self._agent.disconnect(self.adapter, self.address))
                 finally:
                     self._release_slot()
-                if self.advertised_name:
-                    self.address = None  # look again next time: a reflash may have changed it
-                if not isinstance(e, Exception):
-                    raise
-                error = e if isinstance(e, LinkError) else LinkError(
-                    f"cannot connect to {self.name}: " + ("timed out" if isinstance(e, TimeoutError) else repr(e)))
-                if isinstance(e, KeyError) and "org.bluez.Gatt" in str(e):
-                    raise await self._stale_services(error) from e
-                raise await self._lost_bond(links_up) or error from e
+                try:
+                    if not isinstance(e, Exception):
+                        raise
+                    error = e if isinstance(e, LinkError) else LinkError(
+                        f"cannot connect to {self.name}: " + ("timed out" if isinstance(e, TimeoutError) else repr(e)))
+                    if isinstance(e, KeyError) and "org.bluez.Gatt" in str(e):
+                        raise await self._stale_services(error) from e
+                    raise await self._lost_bond(links_up) or error from e
+                finally:
+                    if self.advertised_name:
+                        self.address = None  # look again next time: a reflash may have changed it
             self._client, self._char, self._write_size = client, char, write_size
             self._bond_dropped = False
             self._last_sent, self._large_answered = 0, False

@@ -877,3 +877,19 @@ async def test_blezs_stale_copy_of_the_services_makes_the_link_remove_the_device
     with pytest.raises(LinkError, match="removed the device from BlueZ to read its services afresh"):
         await link.open()
     assert agent.forgotten == [address]
+
+
+@async_test
+async def test_a_device_found_by_name_that_lost_its_bond_is_handled_like_one_with_an_address() -> None:
+    address = "F0:00:00:00:00:11"
+    agent = FakeAgent(bonded=True)
+
+    async def find(name: str, *, timeout: float, adapter: str) -> str | None:
+        return address
+
+    link = BleLink(None, advertised_name="lock", connect_timeout=1.0, agent=agent,  # type: ignore[arg-type]
+                   find_address=find,
+                   client_factory=flapping_client_factory(agent, f"/org/bluez/hci0/dev_{address.replace(':', '_')}"))
+    with pytest.raises(LinkError, match="lost its bond"):
+        await link.open()
+    assert agent.forgotten == [address] and link.address is None  # found again at the next open
