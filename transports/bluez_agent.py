@@ -21,6 +21,7 @@ reads the D-Bus signatures from the method annotations.
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,8 @@ AGENT_PATH = "/org/ota_gateway/agent"
 CAPABILITY = "KeyboardDisplay"
 BLUEZ = "org.bluez"
 REJECTED = "org.bluez.Error.Rejected"
+DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")  # destination, path, interface
+AGENT_MANAGER = (BLUEZ, "/org/bluez", "org.bluez.AgentManager1")
 _DEVICE_PATH = re.compile(r"^/org/bluez/[^/]+/dev_((?:[0-9A-F]{2}_){5}[0-9A-F]{2})$")
 
 
@@ -86,8 +89,12 @@ def _agent_interface(policy: PairingPolicy) -> Any:
     from dbus_fast import DBusError
     from dbus_fast.service import ServiceInterface, method
 
-    def refuse(e: PairingRefused) -> DBusError:
-        return DBusError(REJECTED, str(e))
+    def answer(call: Callable[[], Any]) -> Any:
+        """The policy's answer, or its refusal as the error BlueZ expects."""
+        try:
+            return call()
+        except PairingRefused as e:
+            raise DBusError(REJECTED, str(e)) from None
 
     class Agent(ServiceInterface):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -107,10 +114,7 @@ def _agent_interface(policy: PairingPolicy) -> Any:
 
         @method()
         def RequestPasskey(self, device: "o") -> "u":  # noqa: F821, N802
-            try:
-                return policy.passkey(device)
-            except PairingRefused as e:
-                raise refuse(e) from None
+            return answer(lambda: policy.passkey(device))
 
         @method()
         def DisplayPasskey(self, device: "o", passkey: "u", entered: "q") -> None:  # noqa: F821, N802
@@ -118,24 +122,15 @@ def _agent_interface(policy: PairingPolicy) -> Any:
 
         @method()
         def RequestConfirmation(self, device: "o", passkey: "u") -> None:  # noqa: F821, N802
-            try:
-                policy.authorize(device, f"numeric comparison {passkey:06d}")
-            except PairingRefused as e:
-                raise refuse(e) from None
+            answer(lambda: policy.authorize(device, f"numeric comparison {passkey:06d}"))
 
         @method()
         def RequestAuthorization(self, device: "o") -> None:  # noqa: F821, N802
-            try:
-                policy.authorize(device, "Just Works pairing")
-            except PairingRefused as e:
-                raise refuse(e) from None
+            answer(lambda: policy.authorize(device, "Just Works pairing"))
 
         @method()
         def AuthorizeService(self, device: "o", uuid: "s") -> None:  # noqa: F821, N802
-            try:
-                policy.authorize(device, f"service {uuid}")
-            except PairingRefused as e:
-                raise refuse(e) from None
+            answer(lambda: policy.authorize(device, f"service {uuid}"))
 
         @method()
         def Cancel(self) -> None:  # noqa: N802
@@ -184,40 +179,31 @@ class BluezAgent:
                 return False
 
     async def _ensure(self) -> None:
-        from dbus_fast import BusType, Message, MessageType
+        from dbus_fast import BusType
         from dbus_fast.aio import MessageBus
 
         if self._bus is None or not self._bus.connected:
             self._bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
             self._bus.export(AGENT_PATH, _agent_interface(self.policy))
             self._bus.add_message_handler(self._on_message)
-            await self._call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                     interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                     body=[f"type='signal',sender='{BLUEZ}',interface='org.freedesktop.DBus.Properties',"
-                                           "member='PropertiesChanged',arg0='org.bluez.Device1'"]), MessageType)
+            await self._call(*DBUS, "AddMatch", "s", [f"type='signal',sender='{BLUEZ}',interface="
+                                                     "'org.freedesktop.DBus.Properties',member='PropertiesChanged',"
+                                                     "arg0='org.bluez.Device1'"])
             self._registered_with = None
-        owner = await self._call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                         interface="org.freedesktop.DBus", member="GetNameOwner", signature="s",
-                                         body=[BLUEZ]), MessageType)
-        bluetoothd = owner.body[0]
+        bluetoothd = (await self._call(*DBUS, "GetNameOwner", "s", [BLUEZ])).body[0]
         if bluetoothd == self._registered_with:
             return
-        await self._call(Message(destination=BLUEZ, path="/org/bluez", interface="org.bluez.AgentManager1",
-                                 member="RegisterAgent", signature="os", body=[AGENT_PATH, CAPABILITY]),
-                         MessageType, ok_errors=("org.bluez.Error.AlreadyExists",))
-        await self._call(Message(destination=BLUEZ, path="/org/bluez", interface="org.bluez.AgentManager1",
-                                 member="RequestDefaultAgent", signature="o", body=[AGENT_PATH]), MessageType)
+        await self._call(*AGENT_MANAGER, "RegisterAgent", "os", [AGENT_PATH, CAPABILITY],
+                         ok_errors=("org.bluez.Error.AlreadyExists",))
+        await self._call(*AGENT_MANAGER, "RequestDefaultAgent", "o", [AGENT_PATH])
         self._registered_with = bluetoothd
         log.info("pairing agent registered with BlueZ (%s, capability %s)", bluetoothd, CAPABILITY)
 
     async def bonded(self, adapter: str, address: str) -> bool:
         """Whether BlueZ holds a bond (keys) for the device; False when it cannot say."""
-        from dbus_fast import Message, MessageType
-
         try:
-            reply = await self._call(Message(destination=BLUEZ, path=device_path(adapter, address),
-                                             interface="org.freedesktop.DBus.Properties", member="Get",
-                                             signature="ss", body=["org.bluez.Device1", "Paired"]), MessageType)
+            reply = await self._call(BLUEZ, device_path(adapter, address), "org.freedesktop.DBus.Properties", "Get",
+                                     "ss", ["org.bluez.Device1", "Paired"])
             return bool(reply.body[0].value)
         except Exception as e:  # noqa: BLE001 - no bus, no such device
             log.debug("pairing agent: is %s paired? %r", address, e)
@@ -227,28 +213,27 @@ class BluezAgent:
         """Make BlueZ drop the device's link, or the connection attempt it still has under way
         (a cancelled bleak connect leaves it running, and the link it makes holds a slot and
         keeps the device from advertising). Best effort: a device BlueZ does not know is fine."""
-        from dbus_fast import Message, MessageType
-
         try:
-            await self._call(Message(destination=BLUEZ, path=device_path(adapter, address),
-                                     interface="org.bluez.Device1", member="Disconnect"), MessageType)
+            await self._call(BLUEZ, device_path(adapter, address), "org.bluez.Device1", "Disconnect")
         except Exception as e:  # noqa: BLE001 - no bus, no such device, not connected
             log.debug("pairing agent: disconnect %s: %r", address, e)
 
     async def forget(self, adapter: str, address: str) -> None:
         """Remove the device and its keys from BlueZ: the next connection pairs afresh."""
+        await self.disconnect(adapter, address)
+        await self._call(BLUEZ, f"/org/bluez/{adapter}", "org.bluez.Adapter1", "RemoveDevice", "o",
+                         [device_path(adapter, address)])
+
+    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str = "",
+                    body: list[Any] | None = None, ok_errors: tuple[str, ...] = ()) -> Any:
+        """One D-Bus method call on the agent's bus; RuntimeError naming the error if it fails."""
         from dbus_fast import Message, MessageType
 
-        await self.disconnect(adapter, address)
-        await self._call(Message(destination=BLUEZ, path=f"/org/bluez/{adapter}", interface="org.bluez.Adapter1",
-                                 member="RemoveDevice", signature="o", body=[device_path(adapter, address)]),
-                         MessageType)
-
-    async def _call(self, message: Any, message_type: Any, ok_errors: tuple[str, ...] = ()) -> Any:
-        reply = await self._bus.call(message)
-        if reply.message_type == message_type.ERROR and reply.error_name not in ok_errors:
+        reply = await self._bus.call(Message(destination=destination, path=path, interface=interface, member=member,
+                                             signature=signature, body=body or []))
+        if reply.message_type == MessageType.ERROR and reply.error_name not in ok_errors:
             detail = reply.body[0] if reply.body else ""
-            raise RuntimeError(f"{message.member}: {reply.error_name} {detail}".strip())
+            raise RuntimeError(f"{member}: {reply.error_name} {detail}".strip())
         return reply
 
     async def _disconnect(self) -> None:

@@ -73,3 +73,19 @@ def test_the_agent_interface_has_bluezs_methods_and_signatures() -> None:
         "RequestPasskey": ("o", "u"), "DisplayPasskey": ("ouq", ""), "RequestConfirmation": ("ou", ""),
         "RequestAuthorization": ("o", ""), "AuthorizeService": ("os", ""), "Cancel": ("", ""),
     }
+
+
+def test_the_agent_answers_bluez_with_the_policy_and_rejects_strangers_as_bluez_expects() -> None:
+    pytest.importorskip("dbus_fast")
+    from dbus_fast import DBusError
+
+    from transports.bluez_agent import REJECTED, _agent_interface
+
+    agent = _agent_interface(policy())
+    agent.RequestPasskey(PIN_PAD)  # dbus-fast hands the return value to the bus, not to a direct caller
+    agent.RequestAuthorization(LOCK)
+    for call in (lambda: agent.RequestPasskey(STRANGER), lambda: agent.RequestAuthorization(STRANGER),
+                 lambda: agent.RequestConfirmation(STRANGER, 42), lambda: agent.AuthorizeService(STRANGER, "1800")):
+        with pytest.raises(DBusError) as refused:
+            call()
+        assert refused.value.type == REJECTED and "not a configured device" in refused.value.text
