@@ -35,6 +35,7 @@ from transports.smp import SmpClient
 IMAGE = build_mcuboot_image(random.Random(7).randbytes(128 * 1024 - 0x200 - 40), version=(2, 0, 0, 0))
 RUNNING = build_mcuboot_image(random.Random(8).randbytes(4000), version=(1, 0, 0, 0))
 KB = 1000  # as in bench/README.md
+BUF_SIZE = 2475  # the emulated device's SMP reassembly buffer (as Zephyr's default on nRF)
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,13 @@ class Run:
     ceiling_kb_s: float
 
 
-def ceiling(profile: Profile, request_bytes: int, data_bytes: int) -> float:
+def measured(profile: Profile, window: int, seconds: float, events: int) -> Run:
+    return Run(profile.name, window, seconds, len(IMAGE) / seconds / KB, events, ceiling(profile))
+
+
+def ceiling(profile: Profile) -> float:
     """KB/s when every connection event is full of upload requests (and answers fit beside)."""
+    request_bytes, data_bytes = BUF_SIZE, BUF_SIZE - 30  # a full request: its header and CBOR keys take ~30 bytes
     t = profile.timing
     write = min(profile.mtu - 3, 512)
     writes = math.ceil(request_bytes / write)
@@ -77,7 +83,7 @@ def ceiling(profile: Profile, request_bytes: int, data_bytes: int) -> float:
 
 
 async def upload(profile: Profile, window: int) -> Run:
-    device = EmulatedDevice("ble0", slot0=RUNNING, buf_size=2475, buf_count=4, response_delay=profile.processing,
+    device = EmulatedDevice("ble0", slot0=RUNNING, buf_size=BUF_SIZE, buf_count=4, response_delay=profile.processing,
                             boot_banner=False)
     bench, _peripheral = await ble_bench(device, mtu=profile.mtu, reassembly=True, timing=profile.timing)
     link = BleLink(_peripheral.address, client_factory=bench.client_factory, reassembly=True, connect_timeout=5)
@@ -92,9 +98,7 @@ async def upload(profile: Profile, window: int) -> Run:
     finally:
         await link.close()
         await bench.close()
-    request_bytes, data_bytes = 2475, 2475 - 30  # a full request: its header and CBOR keys take ~30 bytes
-    return Run(profile.name, window, seconds, len(IMAGE) / seconds / KB, events,
-               ceiling(profile, request_bytes, data_bytes))
+    return measured(profile, window, seconds, events)
 
 
 async def peer_upload(profile: Profile) -> Run:
@@ -104,7 +108,7 @@ async def peer_upload(profile: Profile) -> Run:
     from smpclient import SMPClient
     from smpclient.transport import ble as smp_ble
 
-    device = EmulatedDevice("ble0", slot0=RUNNING, buf_size=2475, buf_count=4, response_delay=profile.processing,
+    device = EmulatedDevice("ble0", slot0=RUNNING, buf_size=BUF_SIZE, buf_count=4, response_delay=profile.processing,
                             boot_banner=False)
     bench, peripheral = await ble_bench(device, mtu=profile.mtu, reassembly=True, timing=profile.timing)
 
@@ -127,9 +131,7 @@ async def peer_upload(profile: Profile) -> Run:
     finally:
         smp_ble.BleakScanner.find_device_by_address, smp_ble.BleakClient = saved
         await bench.close()
-    request_bytes, data_bytes = 2475, 2475 - 30
-    return Run(profile.name, 0, seconds, len(IMAGE) / seconds / KB, events,
-               ceiling(profile, request_bytes, data_bytes))
+    return measured(profile, 0, seconds, events)
 
 
 async def main(json_out: str | None) -> None:

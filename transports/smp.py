@@ -276,6 +276,13 @@ def first_chunk_fields(total: int, sha: bytes, image: int, limit: int) -> dict[s
 ProgressCallback = Callable[[int, int], None]
 
 
+class _NotAsked:
+    """The device has not been asked yet (None is an answer: the command is not supported)."""
+
+
+NOT_ASKED = _NotAsked()
+
+
 class SmpClient:
     """SMP requests to one device over a Link, one at a time, with their own sequence numbers.
 
@@ -304,8 +311,8 @@ class SmpClient:
         self.stale_discarded = 0
         self.pipeline_fallbacks = 0  # uploads that went on one request at a time after trouble
         self.pipeline_fallback_at = 0  # the device's offset when the last one did
-        self._params: tuple[int, int] | None = None  # the device's answer to params
-        self._params_asked = False
+        # the device's answer to params: (buf_size, buf_count), None if it has no such command
+        self._params: tuple[int, int] | None | _NotAsked = NOT_ASKED
 
     async def request(
         self, op: Op, group: int, cmd: int, body: dict[str, Any], *, timeout: float | None = None
@@ -353,19 +360,19 @@ class SmpClient:
             rsp = await self.request(Op.READ, Group.OS, OsCmd.PARAMS, {})
         except SmpError as e:
             if e.rc == MGMT_ENOTSUP and e.group is None:
-                self._params, self._params_asked = None, True
+                self._params = None
                 return None
             raise
-        self._params, self._params_asked = (_int_field(rsp, "buf_size"), _int_field(rsp, "buf_count")), True
-        return self._params
+        params = self._params = (_int_field(rsp, "buf_size"), _int_field(rsp, "buf_count"))
+        return params
 
     async def upload_window(self) -> int:
         """How many upload requests may be in flight: one, unless the link carries answers in
         order to several requests (`link.pipelining`) and the device said how many buffers it
         has; one of them holds the request being handled, the rest may wait their turn."""
-        if not getattr(self.link, "pipelining", False):
+        if not self.link.pipelining:
             return 1
-        params = self._params if self._params_asked else await self.params()
+        params = await self.params() if isinstance(self._params, _NotAsked) else self._params
         if params is None:
             return 1
         return max(1, min(params[1] - 1, MAX_WINDOW))
