@@ -23,7 +23,7 @@ from .mqtt import MqttClient
 from .relay import RelayManager
 from .report import ExecutionReports, Reporter
 from .sources import CloudFiles, PushedImage, Verifier
-from .state import JobKey, StateDB, TransferKey
+from .state import JobKey, StateDB, StateTooNew, TransferKey
 from .store import FileStore
 from .views import StatusViews
 from .vocab import ACTIVE_WORDS, JobKind, Word
@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level or config.gateway.log_level)
     try:
         return asyncio.run(Daemon(config).run(args.config))
+    except StateTooNew as e:
+        log.error("cannot open the state database, not starting: %s", e)
+        return 1
     except KeyboardInterrupt:
         return 0
 

@@ -17,6 +17,9 @@ port is there and whether its link is released between transfers is the link's b
 A device that cannot be opened or does not answer is `waiting`: retried with backoff (at
 once when its port appears), and failed once it has made no progress for
 `[relay] device_timeout` seconds, counted from `unreachable_since` in the database.
+Progress means new progress: past the transfer's high-water mark of acknowledged upload
+bytes, or a later phase. A device that loses the upload (it goes back below that mark,
+as a crash or reset at the same offset does) fails after MAX_UPLOAD_LOSSES such losses.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ RETRY_INTERVAL_MAX = 30.0  # backoff ceiling while a device is unreachable
 PRESENCE_POLL = 0.25  # how often a missing port is looked for between attempts
 MAX_RESETS = 3  # resets per run to get one test boot (or recovery boot) done
 MAX_SETTLE_RESETS = 2  # resets per run to clear another update's test mark: boot it, then revert it
+MAX_UPLOAD_LOSSES = 3  # times a device may lose an upload it had acknowledged (reboots, crashes)
 
 LinkBuilder = Callable[[LinkSettings], Link]
 
@@ -58,6 +62,53 @@ class RelayImage:
     sha256: str  # of the whole file, hex
     hash: bytes  # MCUboot SHA-256 TLV: what the device lists and what test/confirm take
     version: str
+
+
+@dataclass
+class HighWater:
+    """One upload attempt against the transfer's high-water mark (the most upload bytes the
+    device ever acknowledged, kept in the database). Only bytes past it are progress, so a
+    device that crashes at the same offset every time still runs out of device_timeout; an
+    answer below it (first answer) or below the attempt's last answer means the device lost
+    the upload."""
+
+    acked: int
+    losses: int  # times the device lost the upload, over every attempt
+    saved: int = -1
+    last: int | None = None  # this attempt's last answer
+    last_save: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.saved = self.acked if self.saved < 0 else self.saved
+
+    def lost(self, done: int) -> bool:
+        """Whether this answer means the device lost the upload (counted in `losses`)."""
+        lost = done < (self.acked if self.last is None else self.last)
+        self.losses += lost
+        return lost
+
+    @property
+    def about(self) -> str:
+        return f"about {self.acked / 1024:.0f} KiB" if self.acked >= 1024 else f"{self.acked} bytes"
+
+    def failure(self, device: str, total: int) -> str:
+        return (f"device {device} lost the upload {self.losses} times, each time after at most {self.about} of "
+                f"{total} bytes (does it crash or reset while writing there?)")
+
+    def answered(self, done: int) -> None:
+        self.last, self.acked = done, max(self.acked, done)
+
+    @property
+    def unsaved(self) -> bool:
+        return self.acked > self.saved
+
+    def save_due(self, complete: bool) -> bool:
+        return self.unsaved and (complete or time.monotonic() - self.last_save >= PROGRESS_SAVE_INTERVAL)
+
+    def saving(self) -> int:
+        """The mark to store now."""
+        self.saved, self.last_save = self.acked, time.monotonic()
+        return self.acked
 
 
 class TransferEnded(Exception):
@@ -222,7 +273,7 @@ class DeviceRelay:
             except (LinkError, SmpError, OSError) as e:
                 await self.disconnect()
                 since = self._unreachable(key, e)
-                await self._pause(delay, since)
+                await _pause(self.link, delay, since + self._relay_cfg.device_timeout - time.time())
                 delay = min(delay * 2, max(RETRY_INTERVAL_MAX, self._relay_cfg.retry_interval))
                 continue
             delay = self._relay_cfg.retry_interval
@@ -236,7 +287,9 @@ class DeviceRelay:
                 await asyncio.sleep(self._relay_cfg.retry_interval)
             except SmpError as e:
                 word = self._record(key).word
-                raise TransferEnded(TransferPhase.FAILED, f"device {self.device.name} refused {word}: {e}") from e
+                # an error code is the device's refusal; without one, the answers made no sense
+                what = f"device {self.device.name} refused {word}" if e.rc is not None else f"{word} {self.device.name} stopped"
+                raise TransferEnded(TransferPhase.FAILED, f"{what}: {e}") from e
 
     # reachability
 
@@ -279,16 +332,6 @@ class DeviceRelay:
             self._set(key, phase=TransferPhase.UPLOADING)
             if record.phase is TransferPhase.WAITING:
                 self._log(key, TransferPhase.UPLOADING, "%s is reachable again", self.device.name)
-
-    async def _pause(self, delay: float, since: float) -> None:
-        """Wait before the next attempt: `delay`, less if the device's port appears or its time runs out."""
-        left_until_timeout = since + self._relay_cfg.device_timeout - time.time()
-        end = time.monotonic() + max(0.0, min(delay, left_until_timeout + 0.05))
-        missing = not self.link.present()
-        while (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, PRESENCE_POLL) if missing else left)
-            if missing and self.link.present():
-                return
 
     # the phase machine
 
@@ -400,18 +443,26 @@ class DeviceRelay:
                       probe_offset: int | None = None) -> None:
         data = await asyncio.get_running_loop().run_in_executor(None, image.path.read_bytes)
         self._set(key, phase=TransferPhase.UPLOADING, total=len(data))
-        resumed_at: int | None = None
-        last_save = 0.0
+        record = self._record(key)
+        marks = HighWater(record.high_water, record.restarts)
+
+        def save(done: int) -> None:
+            self._write(key, done=done, total=len(data), high_water=marks.saving(), unreachable_since=None,
+                        notify=False)
 
         def progress(done: int, total: int) -> None:
-            nonlocal resumed_at, last_save
             self._checkpoint()
             self.live_progress = (done, total)
-            resumed_at = done if resumed_at is None else resumed_at
-            now = time.monotonic()
-            if done > resumed_at and (now - last_save >= PROGRESS_SAVE_INTERVAL or done == total):
-                last_save = now
-                self._set(key, done=done, total=total, unreachable_since=None, notify=False)
+            if marks.lost(done):
+                self._set(key, restarts=marks.losses, notify=False)
+                if marks.losses > MAX_UPLOAD_LOSSES:
+                    raise TransferEnded(TransferPhase.FAILED, marks.failure(self.device.name, total))
+                self._log(key, TransferPhase.UPLOADING, "%s went back to offset %d after %s of the upload (%d of %d "
+                          "losses allowed)", self.device.name, done, marks.about, marks.losses, MAX_UPLOAD_LOSSES,
+                          level=logging.WARNING)
+            marks.answered(done)
+            if marks.save_due(done == total):
+                save(done)
             self._on_change(key)
 
         # a recovery bootloader takes one request at a time; an application as many as its buffers
@@ -426,6 +477,8 @@ class DeviceRelay:
         except ValueError as e:  # the device's buffer cannot carry an upload request
             raise TransferEnded(TransferPhase.FAILED, f"cannot upload to {self.device.name}: {e}") from e
         finally:
+            if marks.unsaved:  # however the attempt ended, what the device acknowledged counts
+                save(marks.last if marks.last is not None else marks.acked)
             if client.pipeline_fallbacks > fallbacks:
                 self._log(key, TransferPhase.UPLOADING, "%s gave an unexpected answer to a pipelined upload at "
                           "offset %d; went on one request at a time", self.device.name, client.pipeline_fallback_at,
@@ -490,6 +543,16 @@ class DeviceRelay:
     def _log(self, key: TransferKey, phase: TransferPhase, msg: str, *args: object, level: int = logging.INFO) -> None:
         log.log(level, msg, *args, extra=log_fields(job_id=key.job_id, thing=key.thing, device=key.device,
                                                     phase=phase.word))
+
+
+async def _pause(link: Link, delay: float, left_until_timeout: float) -> None:
+    """Wait before the next attempt: `delay`, less if the device's port appears or its time runs out."""
+    end = time.monotonic() + max(0.0, min(delay, left_until_timeout + 0.05))
+    missing = not link.present()
+    while (left := end - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, PRESENCE_POLL) if missing else left)
+        if missing and link.present():
+            return
 
 
 def _left_half_way(slots: list[ImageSlot], image: int) -> ImageSlot | None:

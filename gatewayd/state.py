@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .vocab import CloudStatus, FilePhase, JobKind, TransferPhase, Word
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: transfers.high_water and transfers.restarts
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -66,11 +66,23 @@ CREATE TABLE IF NOT EXISTS transfers (
     sha256 TEXT,
     version TEXT,
     reason TEXT,
-    unreachable_since REAL,
+    unreachable_since REAL,             -- since when the device makes no new progress (none: it does)
+    high_water INTEGER NOT NULL DEFAULT 0, -- the most upload bytes the device ever acknowledged
+    restarts INTEGER NOT NULL DEFAULT 0,   -- times it went back below high_water (lost the upload)
     updated REAL NOT NULL,
     PRIMARY KEY (thing, job_id, idx, device)
 );
 """
+
+# what each schema version added, for a state.db an older version made
+_MIGRATIONS = {
+    2: ["ALTER TABLE transfers ADD COLUMN high_water INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE transfers ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0"],
+}
+
+
+class StateTooNew(RuntimeError):
+    """state.db was written by a newer release, whose schema this one does not know."""
 
 
 class MissingRecord(LookupError):
@@ -167,6 +179,8 @@ class TransferRecord:
     version: str | None
     reason: str | None
     unreachable_since: float | None
+    high_water: int = 0
+    restarts: int = 0
 
     @property
     def key(self) -> TransferKey:
@@ -183,7 +197,8 @@ class TransferRecord:
 
 _FILE_COLUMNS = frozenset({"phase", "protocol", "block_size", "sha256", "version", "image_hash", "reason", "done",
                            "received"})
-_TRANSFER_COLUMNS = frozenset({"phase", "done", "total", "sha256", "version", "reason", "unreachable_since"})
+_TRANSFER_COLUMNS = frozenset({"phase", "done", "total", "sha256", "version", "reason", "unreachable_since",
+                               "high_water", "restarts"})
 
 
 @dataclass
@@ -198,6 +213,21 @@ class StateDB:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a state.db an older version made up to this schema; newer ones are refused."""
+        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise StateTooNew(f"{self.path} has schema version {found}, newer than this ota-gatewayd's "
+                               f"{SCHEMA_VERSION}: it was written by a newer release "
+                              "(downgraded package?): install that release again, or move the file away to start afresh")
+        if found and found < SCHEMA_VERSION:
+            with self._tx():
+                for version in range(found + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS.get(version, []):
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
 
     def close(self) -> None:

@@ -26,6 +26,8 @@ FULL_SHA = 32  # bytes of the upload's sha256 session id when nothing forces it 
 MAX_STALLS = 3  # upload answers in a row that accept nothing before we give up
 MAX_PACKET = HEADER_SIZE + 0xFFFF  # the header's length field is 16 bits
 MAX_WINDOW = 8  # upload requests in flight at most, whatever the device's buffers
+MAX_UPLOAD_RESTARTS = 3  # times one upload may go back to a lower offset than the device gave before
+UPLOAD_BYTES_FACTOR = 3  # one upload sends at most this many times the image (plus a window of chunks)
 
 
 class Op(IntEnum):
@@ -276,6 +278,41 @@ def first_chunk_fields(total: int, sha: bytes, image: int, limit: int) -> dict[s
 ProgressCallback = Callable[[int, int], None]
 
 
+@dataclass
+class UploadGuard:
+    """Ends an upload that the device keeps from ending. Offsets that go forward, back to 0
+    and forward again would otherwise never stall it: a device's answer below one it gave
+    before is a restart, and both the restarts and the bytes sent are bounded."""
+
+    total: int
+    byte_budget: int
+    sent: int = 0
+    restarts: int = 0
+    high_water: int = 0  # the most the device has acknowledged in this upload
+    last: int | None = None  # the device's last answer
+
+    @classmethod
+    def for_image(cls, total: int, packet_limit: int) -> UploadGuard:
+        return cls(total, UPLOAD_BYTES_FACTOR * total + MAX_WINDOW * packet_limit)
+
+    def sending(self, n: int) -> None:
+        self.sent += n
+        if self.sent > self.byte_budget:
+            raise SmpError(None, Group.IMAGE, f"upload is not progressing: {self.sent} bytes sent for a "
+                                              f"{self.total}-byte image, and the device has acknowledged "
+                                              f"{self.high_water}")
+
+    def answered(self, off: int) -> None:
+        if self.last is not None and off < self.last:
+            self.restarts += 1
+            if self.restarts > MAX_UPLOAD_RESTARTS:
+                raise SmpError(None, Group.IMAGE, f"upload is not progressing: the device went back to a lower "
+                                                  f"offset {self.restarts} times (last from {self.last} to {off}; "
+                                                  f"the most it acknowledged was {self.high_water} of {self.total})")
+        self.last = off
+        self.high_water = max(self.high_water, off)
+
+
 class _NotAsked:
     """The device has not been asked yet (None is an answer: the command is not supported)."""
 
@@ -459,9 +496,10 @@ class SmpClient:
         view = memoryview(data)
         off = probe_offset or 0
         stalls = 0
+        guard = UploadGuard.for_image(total, limit)
         while True:
             if window > 1 and off > 0:
-                off, done = await self._pipelined(view, off, limit, window, first, progress)
+                off, done = await self._pipelined(view, off, limit, window, first, progress, guard)
                 if done:
                     return
                 self.pipeline_fallbacks += 1
@@ -471,11 +509,14 @@ class SmpClient:
             n = _chunk(fields, limit, total - off, off)
             fields["data"] = bytes(view[off : off + n])
             timeout = self.first_chunk_timeout if off == 0 else self.timeout
+            guard.sending(n)
             rsp = await self.request(Op.WRITE, Group.IMAGE, ImageCmd.UPLOAD, fields, timeout=timeout)
             answered = _upload_answer(rsp, total, first)
+            guard.answered(answered)
             stalls = stalls + 1 if answered <= off else 0
             if stalls >= MAX_STALLS:
-                raise SmpError(None, Group.IMAGE, f"upload is not progressing: the device keeps answering {answered}")
+                raise SmpError(None, Group.IMAGE, f"upload is not progressing: the device keeps answering offset "
+                                                  f"{answered}, taking none of the data sent there")
             if progress is not None:
                 progress(answered, total)
             off = answered
@@ -483,7 +524,7 @@ class SmpClient:
                 return
 
     async def _pipelined(self, view: memoryview, off: int, limit: int, window: int, first: dict[str, Any],
-                         progress: ProgressCallback | None) -> tuple[int, bool]:
+                         progress: ProgressCallback | None, guard: UploadGuard) -> tuple[int, bool]:
         """Chunks from `off` on, `window` requests in flight; (the device's offset, whether the
         upload is complete). Returns early, with the device's offset, at the first answer that
         is not the one expected."""
@@ -496,6 +537,7 @@ class SmpClient:
                     fields: dict[str, Any] = {"off": sent}
                     n = _chunk(fields, limit, total - sent, sent)
                     fields["data"] = bytes(view[sent : sent + n])
+                    guard.sending(n)
                     seq, deadline = await self._send(Op.WRITE, Group.IMAGE, ImageCmd.UPLOAD, fields, self.timeout)
                     in_flight.append((seq, sent + n, deadline))
                     sent += n
@@ -503,6 +545,7 @@ class SmpClient:
                 got, raw = await self._receive({s for s, _, _ in in_flight}, deadline, self.timeout)
                 answered = _upload_answer(_decode_answer(raw, Op.WRITE, Group.IMAGE, ImageCmd.UPLOAD, got), total,
                                           first)
+                guard.answered(answered)
                 if got != seq or answered != expected:
                     return answered, False
                 in_flight.popleft()

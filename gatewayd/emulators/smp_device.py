@@ -27,6 +27,12 @@ What it models:
   image list with slot/version/hash only. After a reset it boots the application in slot 0
   (mode becomes "zephyr") unless `stay_in_recovery=True` or slot 0 holds no valid image.
 
+Hostile devices, for the gateway's bounds (issue 11): `crash_at` (the firmware crashes and
+resets each time an upload reaches that offset), `restart_every` (img_mgmt loses its session
+every N upload requests and answers `off: 0`, without a reset: offsets forward, back, forward),
+`lie_ahead` (answers offsets beyond what it received) and `babble` (the console streams that
+many bytes per second of log without a newline, so no SMP frame is ever seen at a line start).
+
 Not modelled: signatures/encryption, multi-image, direct-XIP/RAM-load/overwrite-only modes, baud
 rate (a pty moves bytes instantly), BLE/UDP transports.
 """
@@ -58,6 +64,7 @@ T = TypeVar("T")
 # --- SMP constants (smp.md §1.1, §1.3) -------------------------------------------------------
 
 SMP_HEADER = struct.Struct("!BBHHBB")
+BABBLE = b"<dbg> sensor: sample ready; " * 7  # the `babble` fault's bytes, no newline ever
 OP_READ, OP_READ_RSP, OP_WRITE, OP_WRITE_RSP = 0, 1, 2, 3
 SMP_V1, SMP_V2 = 0, 1
 GROUP_OS, GROUP_IMAGE = 0, 1
@@ -252,6 +259,10 @@ def cbor_encode(obj: Any, *, indefinite: bool) -> bytes:
     return cbor2.dumps(obj)
 
 
+class _Crash(Exception):
+    """The firmware crashed handling the request: no answer, and the device resets."""
+
+
 class _BadRequest(Exception):
     """The request body does not decode as the command expects (Zephyr: MGMT_ERR_EINVAL)."""
 
@@ -436,6 +447,10 @@ class EmulatedDevice:
         stay_in_recovery: bool = False,
         boot_banner: bool = True,
         reset_veto: str | None = None,
+        crash_at: int | None = None,
+        restart_every: int | None = None,
+        lie_ahead: int = 0,
+        babble: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -466,6 +481,12 @@ class EmulatedDevice:
         # fault knob, a CONFIG_MCUMGR_GRP_OS_RESET_HOOK that vetoes resets: "error" answers
         # `rc` EBUSY (MGMT_CB_ERROR_RC), "silent" answers success and does not reset
         self.reset_veto = reset_veto
+        # hostile-device knobs (see the module docstring)
+        self.crash_at = crash_at
+        self.restart_every = restart_every
+        self.lie_ahead = lie_ahead
+        self.babble = babble
+        self.crashes = 0
 
         self._flash = [bytearray(slot0[: image.total_size] if image else b""), bytearray(slot1)]
         self._swap = SWAP_NONE
@@ -501,6 +522,7 @@ class EmulatedDevice:
         self._memory: Callable[[bytes], None] | None = None  # serve_memory's answer sink
         self._generation = 0
         self._timers: list[asyncio.TimerHandle] = []
+        self._babbler: asyncio.TimerHandle | None = None
 
     # --- public accessors -------------------------------------------------------------------
 
@@ -581,6 +603,8 @@ class EmulatedDevice:
         self._event(f"serving on {self._link} -> {self._tty_name}")
         if self.boot_banner:
             self._banner()
+        if self.babble:
+            self._babble_tick()
 
     async def serve_memory(self, deliver: Callable[[bytes], None]) -> Callable[[bytes], None]:
         """Answer SMP packets handed over in memory, with no framing and no pty (fast tests of a
@@ -602,6 +626,9 @@ class EmulatedDevice:
         return request
 
     async def stop(self) -> None:
+        if self._babbler is not None:
+            self._babbler.cancel()
+            self._babbler = None
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -750,7 +777,8 @@ class EmulatedDevice:
         if self._memory is not None:
             self._memory(response)
         else:
-            self._send(encode_console_frame(response))
+            # a babbling console never ends its line: the frame does not start one
+            self._send((BABBLE if self.babble else b"") + encode_console_frame(response))
 
     def _send(self, data: bytes) -> None:
         if self._master is None:
@@ -799,6 +827,13 @@ class EmulatedDevice:
         self.frames_dropped += 1
         self._event(f"frame dropped: {reason}")
 
+    def _babble_tick(self) -> None:
+        """A log stuck in a loop, printing without a newline, `babble` bytes a second while up."""
+        if self._master is not None and not (self._down or self._absent):
+            self._send(BABBLE * max(1, self.babble // (100 * len(BABBLE))))
+        if self._loop is not None:
+            self._babbler = self._loop.call_later(0.01, self._babble_tick)
+
     def _banner(self) -> None:
         # Zephyr prints its banner on the console the SMP transport shares.
         self._send(f"*** Booting Zephyr OS ({self.name}, {self.mode}) ***\r\n".encode())
@@ -834,6 +869,10 @@ class EmulatedDevice:
         except _BadRequest as exc:
             self._event(f"bad request group {group} cmd {cmd}: {exc}")
             answer = {"rc": MGMT_ERR_EINVAL}
+        except _Crash as exc:
+            self.crashes += 1
+            self._begin_reset(f"crash: {exc}", self.reset_delay)
+            return None
         if isinstance(answer, _GroupError):
             answer = answer.encode(version)
         if self._reset_after_reply:
@@ -994,6 +1033,9 @@ class EmulatedDevice:
         self.upload_chunk_max = max(self.upload_chunk_max, len(data))
         if off is None:
             return self._upload_failed(IMG_ERR_INVALID_OFFSET, "no off")
+        if self.restart_every and self.upload_requests % self.restart_every == 0 and self._session is not None:
+            self._event(f"upload: session lost at off {self._session.off} (restart_every fault)")
+            self._session = None
         if off != 0:
             return self._zephyr_continue(off, data)
         if len(data) < IMAGE_HEADER.size:
@@ -1043,6 +1085,8 @@ class EmulatedDevice:
     def _write_chunk(self, data: bytes) -> dict:
         session = self._session
         assert session is not None
+        if self.crash_at is not None and session.off <= self.crash_at < session.off + len(data):
+            raise _Crash(f"writing offset {self.crash_at}")
         self._flash[1] += data
         session.off += len(data)
         self.upload_bytes_written += len(data)
@@ -1057,7 +1101,8 @@ class EmulatedDevice:
 
     def _upload_ok(self, off: int, match: bool | None = None) -> dict:
         answer: dict[str, Any] = {"rc": 0} if self.legacy_rc else {}
-        answer["off"] = off
+        session = self._session
+        answer["off"] = off + self.lie_ahead if session is not None and off < session.size else off
         if match is not None:
             answer["match"] = match
         return answer

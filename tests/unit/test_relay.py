@@ -23,7 +23,7 @@ from gatewayd.config import (BleConfig, Config, DeviceConfig, GatewayConfig, Mqt
 from gatewayd.emulators.signing import build_mcuboot_image
 from gatewayd.emulators.smp_device import EmulatedDevice
 from gatewayd.mcuboot import inspect_image
-from gatewayd.relay import DeviceRelay, RelayImage, RelayManager, Retired
+from gatewayd.relay import MAX_UPLOAD_LOSSES, DeviceRelay, RelayImage, RelayManager, Retired
 from gatewayd.state import StateDB, TransferKey, TransferRecord
 from gatewayd.vocab import FilePhase, JobKind, TransferPhase
 from memory_link import MemoryLink
@@ -393,6 +393,66 @@ def test_an_absent_device_fails_once_device_timeout_has_passed(tmp_path: Path) -
     assert record.phase is TransferPhase.FAILED
     assert record.reason.startswith("device pump unreachable since ")
     assert "No such file or directory" in record.reason
+
+
+# --- devices that lose the upload: the high-water mark ----------------------------------------
+
+BIG = make_image((1, 3, 0), size=40 * 1024)
+CRASHES_AT = 20_000  # the crash_at fault: the firmware resets each time an upload writes there
+
+
+def test_a_device_that_crashes_at_the_same_offset_every_time_fails_saying_so(tmp_path: Path) -> None:
+    """Each attempt makes progress past where it resumed (0), never past the high-water mark:
+    the losses are counted in the database and end the transfer (issue 11, item 1)."""
+    bench = Bench(tmp_path, image=BIG, crash_at=CRASHES_AT, buf_size=2048)
+    record = run(bench.run())
+    assert record.phase is TransferPhase.FAILED, record
+    assert record.reason == (f"device pump lost the upload {MAX_UPLOAD_LOSSES + 1} times, each time after at most "
+                             f"about {record.high_water / 1024:.0f} KiB of {len(BIG)} bytes (does it crash or reset "
+                             "while writing there?)")
+    assert bench.device.crashes == MAX_UPLOAD_LOSSES + 1
+    assert record.restarts == MAX_UPLOAD_LOSSES + 1 and CRASHES_AT - 2048 < record.high_water <= CRASHES_AT
+
+
+def test_no_new_progress_for_device_timeout_fails_even_between_losses(tmp_path: Path, monkeypatch) -> None:
+    """With losses not counted, device_timeout still ends it: progress below the high-water mark
+    is not progress, so unreachable_since stays from the first loss on."""
+    monkeypatch.setattr("gatewayd.relay.MAX_UPLOAD_LOSSES", 1000)
+    bench = Bench(tmp_path, image=BIG, crash_at=CRASHES_AT, buf_size=2048,
+                  relay=RelayConfig(device_timeout=1.5, retry_interval=0.05, request_timeout=0.2))
+    record = run(bench.run())
+    assert record.phase is TransferPhase.FAILED, record
+    assert record.reason.startswith("device pump unreachable since ")
+    assert bench.device.crashes >= 2
+
+
+def test_losses_counted_by_an_earlier_run_of_the_daemon_still_count(tmp_path: Path) -> None:
+    bench = Bench(tmp_path, image=BIG, crash_at=CRASHES_AT, buf_size=2048)
+    bench.stored(phase=TransferPhase.UPLOADING, total=len(BIG), done=18_000, high_water=18_000,
+                 restarts=MAX_UPLOAD_LOSSES)
+    record = run(bench.run())
+    assert record.phase is TransferPhase.FAILED and "lost the upload" in record.reason
+    assert bench.device.crashes == 0  # the first answer (a new session at 0) was one loss too many
+
+
+def test_a_device_power_cycled_once_mid_upload_is_updated(tmp_path: Path) -> None:
+    bench = Bench(tmp_path, image=BIG, buf_size=2048, response_delay=0.005)
+
+    async def scenario() -> TransferRecord:
+        async def cut() -> None:
+            while (bench.device.upload_offset or 0) < 20_000:
+                await asyncio.sleep(0.01)
+            bench.device.power_cycle(down_for=0.1)
+
+        cutter = asyncio.ensure_future(cut())
+        try:
+            return await bench.run()
+        finally:
+            cutter.cancel()
+
+    record = run(scenario())
+    assert record.phase is TransferPhase.SUCCEEDED and bench.device.active_image() == BIG
+    assert record.restarts == 1
 
 
 # --- MCUboot serial recovery: _recovery_step -------------------------------------------------
