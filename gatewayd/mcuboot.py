@@ -16,6 +16,7 @@ Decisions:
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import struct
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ def inspect_image(path: Path) -> ImageInfo:
             return _inspect(f)
     except OSError as exc:
         raise ImageError(f"image {path} could not be read: {exc.strerror or exc}") from None
+
+
+def inspect_image_bytes(data: bytes) -> ImageInfo:
+    return _inspect(io.BytesIO(data))
 
 
 def _inspect(f: BinaryIO) -> ImageInfo:

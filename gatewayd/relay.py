@@ -25,6 +25,7 @@ as a crash or reset at the same offset does) fails after MAX_UPLOAD_LOSSES such 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -441,7 +442,7 @@ class DeviceRelay:
 
     async def _upload(self, key: TransferKey, image: RelayImage, client: SmpClient,
                       probe_offset: int | None = None) -> None:
-        data = await asyncio.get_running_loop().run_in_executor(None, image.path.read_bytes)
+        data = await asyncio.get_running_loop().run_in_executor(None, _read_verified, image, self.device.name)
         self._set(key, phase=TransferPhase.UPLOADING, total=len(data))
         record = self._record(key)
         marks = HighWater(record.high_water, record.restarts)
@@ -543,6 +544,23 @@ class DeviceRelay:
     def _log(self, key: TransferKey, phase: TransferPhase, msg: str, *args: object, level: int = logging.INFO) -> None:
         log.log(level, msg, *args, extra=log_fields(job_id=key.job_id, thing=key.thing, device=key.device,
                                                     phase=phase.word))
+
+
+def _read_verified(image: RelayImage, device: str) -> bytes:
+    """The image's bytes, exactly those that were verified: the store is read again for each
+    upload, and what is sent is what was hashed here."""
+    try:
+        data = image.path.read_bytes()
+    except OSError as e:
+        raise TransferEnded(TransferPhase.FAILED, f"cannot read the verified image {image.path} for {device}: "
+                                                  f"{e.strerror or e}") from None
+    found = hashlib.sha256(data).hexdigest()
+    if found != image.sha256:
+        image.path.unlink(missing_ok=True)  # a later job fetches it again
+        log.warning("%s changed on disk since it was verified (sha256 now %s); removed it", image.path, found)
+        raise TransferEnded(TransferPhase.FAILED, f"the verified image {image.path.name} changed on disk (sha256 now "
+                                                  f"{found[:16]}...): not sending it to {device}")
+    return data
 
 
 async def _pause(link: Link, delay: float, left_until_timeout: float) -> None:

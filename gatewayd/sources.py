@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,13 +26,13 @@ from .errors import DownloadError, JobFailed
 from .http_download import HttpDownload, HttpDownloadError
 from .jobdoc import DocumentLimits, OtaFile, OtaJob, parse_job_document
 from .logs import log_fields
-from .mcuboot import ImageError, inspect_image
+from .mcuboot import ImageError, ImageInfo, inspect_image_bytes
 from .mqtt import MqttClient
 from .relay import RelayImage
 from .state import FileKey, FileRecord, JobRecord, StateDB
 from .store import FileStore
 from .stream_download import StreamDownload
-from .verify import VerificationError, sha256_file, verify_file
+from .verify import VerificationError, verify_digest
 from .vocab import FilePhase, TransferPhase, Word
 
 log = logging.getLogger("gatewayd.sources")
@@ -85,16 +86,22 @@ class Verifier:
         loop = asyncio.get_running_loop()
         key = FileKey(job.thing, job.job_id, f.index)
 
-        def check_signature() -> bytes:
-            if unsigned:
-                return sha256_file(part)
-            return verify_file(part, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
-                               signature=f.signature, certificate=self._certificates()[f.certfile],
-                               certfile_label=f.certfile)
+        def check() -> tuple[bytes, ImageInfo]:
+            # one read: the signature and the MCUboot checks judge the same bytes (the relay
+            # checks that digest again when it reads the image for an upload)
+            try:
+                data = part.read_bytes()
+            except OSError as exc:
+                raise VerificationError(f"file {part} could not be read: {exc.strerror or exc}") from None
+            digest = hashlib.sha256(data).digest()
+            if not unsigned:
+                verify_digest(digest, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
+                              signature=f.signature, certificate=self._certificates()[f.certfile],
+                              certfile_label=f.certfile)
+            return digest, inspect_image_bytes(data)
 
         try:
-            digest = await loop.run_in_executor(None, check_signature)
-            info = await loop.run_in_executor(None, inspect_image, part)
+            digest, info = await loop.run_in_executor(None, check)
         except (VerificationError, ImageError) as e:
             part.unlink(missing_ok=True)
             reason = f"{label} rejected: {e}"

@@ -102,19 +102,38 @@ def verify_file(
     certfile_label: str,
 ) -> bytes:
     """Check the file against its job-document signature; returns the file's SHA-256."""
-    if hash_name != "sha256":
-        raise VerificationError(f"hash {hash_name!r} is not supported (only sha256)")
-    key = load_signer(certificate, signature_algorithm, certfile_label=certfile_label)
+    _check_hash_name(hash_name)
     try:
         digest = sha256_file(path)
     except OSError as exc:
         raise VerificationError(f"file {path} could not be read: {exc.strerror or exc}") from None
+    verify_digest(digest, signature_algorithm=signature_algorithm, hash_name=hash_name, signature=signature,
+                  certificate=certificate, certfile_label=certfile_label)
+    return digest
+
+
+def verify_digest(
+    digest: bytes,
+    *,
+    signature_algorithm: str,
+    hash_name: str,
+    signature: bytes,
+    certificate: Path,
+    certfile_label: str,
+) -> None:
+    """Check a file's SHA-256 against its job-document signature (raises VerificationError)."""
+    _check_hash_name(hash_name)
+    key = load_signer(certificate, signature_algorithm, certfile_label=certfile_label)
     if not _signature_ok(key, signature, digest):
         raise VerificationError(
             f"signature check failed: the file does not match sig-{hash_name}-"
             f"{signature_algorithm} for certfile {certfile_label}"
         )
-    return digest
+
+
+def _check_hash_name(hash_name: str) -> None:
+    if hash_name != "sha256":
+        raise VerificationError(f"hash {hash_name!r} is not supported (only sha256)")
 
 
 def _signature_ok(key: PublicKey, signature: bytes, digest: bytes) -> bool:

@@ -395,6 +395,18 @@ def test_an_absent_device_fails_once_device_timeout_has_passed(tmp_path: Path) -
     assert "No such file or directory" in record.reason
 
 
+def test_an_image_changed_on_disk_after_it_was_verified_never_reaches_the_device(tmp_path: Path) -> None:
+    bench = Bench(tmp_path)
+    tampered = bytearray(NEW)
+    tampered[100] ^= 0xFF
+    bench.image.path.write_bytes(tampered)
+    record = run(bench.run())
+    assert record.phase is TransferPhase.FAILED
+    assert record.reason.startswith("the verified image image.bin changed on disk (sha256 now ")
+    assert record.reason.endswith("): not sending it to pump")
+    assert bench.uploads() == 0 and not bench.image.path.exists()
+
+
 # --- devices that lose the upload: the high-water mark ----------------------------------------
 
 BIG = make_image((1, 3, 0), size=40 * 1024)
