@@ -32,6 +32,10 @@ MAX_DETAIL_VALUE = 1024
 DETAIL_KEY = re.compile(r"[A-Za-z0-9:_-]{1,128}")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+# afr_ota files[].fileType: 0 is firmware (configOTA_FIRMWARE_UPDATE_FILE_TYPE_ID); the
+# gateway has a policy (relay an MCUboot image) for that type only
+FIRMWARE_FILE_TYPE = 0
+
 # MQTT file streams: GetStream takes block sizes of 256..131072 bytes and returns at most
 # 128 KiB per request (aws-iot-ota.md §3, conformance case 45)
 MIN_BLOCK_SIZE = 256

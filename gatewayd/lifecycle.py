@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .aws import is_job_id
+from .aws import FIRMWARE_FILE_TYPE, is_job_id
 from .cloud import JobExecution
 from .config import Config
 from .errors import JobFailed
-from .jobdoc import JobDocumentError, OtaJob, is_ota_document, safe_label
+from .jobdoc import JobDocumentError, OtaFile, OtaJob, is_ota_document, safe_label
 from .logs import log_fields
 from .relay import RelayImage, RelayManager
 from .sources import ImageSource, parse_ota
@@ -138,6 +138,10 @@ class JobManager:
         except JobDocumentError as e:
             raise JobFailed(Word.REJECTED, str(e)) from e
         for f in ota.files:
+            if f.file_type != FIRMWARE_FILE_TYPE:
+                raise JobFailed(Word.REJECTED, f"{_file_label(f)} has fileType {f.file_type}: this gateway relays "
+                                f"firmware images (fileType {FIRMWARE_FILE_TYPE}) only, and has no policy for other "
+                                "file types")
             try:
                 load_signer(self.config.signing.certificates[f.certfile], f.signature_algorithm,
                             certfile_label=f.certfile)
@@ -150,14 +154,15 @@ class JobManager:
             device = next((d for d in self.config.devices if d.thing_name == thing), None)
             if device is None:
                 raise JobFailed(Word.REJECTED, f"no device on this gateway serves thing {thing}")
-            return {f.index: [device.name] for f in ota.files}
-        targets: dict[int, list[str]] = {}
-        for f in ota.files:
-            names = [d.name for d in self.config.devices if fnmatch.fnmatchcase(f.filepath or "", d.files or d.name)]
-            if not names:
-                raise JobFailed(Word.REJECTED, f"files[{f.index}] ({safe_label(f.filepath) or 'no filepath'}) matches "
-                                "no device on this gateway (see each device's files glob)")
-            targets[f.index] = names
+            targets = {f.index: [device.name] for f in ota.files}
+        else:
+            targets = {f.index: [d.name for d in self.config.devices
+                                 if fnmatch.fnmatchcase(f.filepath or "", d.files or d.name)] for f in ota.files}
+            unmatched = next((f for f in ota.files if not targets[f.index]), None)
+            if unmatched is not None:
+                raise JobFailed(Word.REJECTED, f"{_file_label(unmatched)} matches no device on this gateway (see "
+                                "each device's files glob)")
+        _one_file_per_device(ota, targets)
         return targets
 
     # running jobs
@@ -287,3 +292,19 @@ class JobManager:
     def publish(self, job: JobRecord, final: bool = False) -> None:
         job = self._state.find_job(job.key) or job
         self._kinds[job.kind].publisher.publish(job, final)
+
+
+def _one_file_per_device(ota: OtaJob, targets: Mapping[int, list[str]]) -> None:
+    """A device has one slot to take an image: two files of one job for it would run into that
+    slot one after the other, and the job could end SUCCEEDED with only the last one there."""
+    taken: dict[str, OtaFile] = {}
+    for f in ota.files:
+        for device in targets[f.index]:
+            other = taken.setdefault(device, f)
+            if other is not f:
+                raise JobFailed(Word.REJECTED, f"{_file_label(other)} and {_file_label(f)} both go to device {device}, "
+                                "which takes one image per job: send them in separate jobs")
+
+
+def _file_label(f: OtaFile) -> str:
+    return f"files[{f.index}] ({safe_label(f.filepath) or 'no filepath'})"

@@ -15,6 +15,7 @@ generated gateway.toml.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -138,13 +139,15 @@ class Lab:
 
     def ota_update(self, job_id: str, thing: str, image: bytes, *, filepath: str | None = None,
                    signed_data: bytes | None = None, certfile: str = CERTFILE,
-                   protocols: tuple[str, ...] = ("MQTT",)) -> dict:
+                   protocols: tuple[str, ...] = ("MQTT",), file_type: int | None = None) -> dict:
         """Create a signed OTA update for `thing`, as CreateOTAUpdate would.
 
         `signed_data` signs other bytes than the file (a tampered file). With "HTTP" in
-        `protocols` the file is put in the S3 emulator (see `start_s3`).
+        `protocols` the file is put in the S3 emulator (see `start_s3`). `file_type` sets the
+        file's `fileType`.
         """
-        spec = self._file_spec(job_id, 0, image, filepath, signed_data, certfile, protocols)
+        spec = dataclasses.replace(self._file_spec(job_id, 0, image, filepath, signed_data, certfile, protocols),
+                                   file_type=file_type)
         assert self.aws is not None
         return self.aws.create_ota_update(job_id, [thing], [spec], protocols=protocols)
 
