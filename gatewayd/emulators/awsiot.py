@@ -94,10 +94,19 @@ class ExecutionRecord:
     step_timeout_minutes: int | None = None
 
 
+@dataclass(frozen=True)
+class RawDocument:
+    """A job document given as JSON text and delivered verbatim, for documents that do not
+    survive a round trip through Python objects (e.g. nested deeper than json can recurse).
+    AWS IoT only bounds a document's length (32,768 characters, aws-iot-ota.md §1.2)."""
+
+    text: str
+
+
 @dataclass
 class Job:
     job_id: str
-    document: dict[str, Any]
+    document: dict[str, Any] | RawDocument
     targets: list[str]
     status: str = IN_PROGRESS  # the job itself: IN_PROGRESS, CANCELED or COMPLETED
     created_at: int = 0
@@ -338,7 +347,7 @@ class AwsIotEmulator:
             log.exception("AWS IoT emulator: failed to handle %s", msg.topic)
 
     def _publish(self, topic: str, payload: Any, qos: int | None = None) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+        data = payload if isinstance(payload, bytes) else _dumps(payload).encode()
         client = self._client
         if client is None:
             return
@@ -356,6 +365,8 @@ class AwsIotEmulator:
             self._url_minter = mint
 
     def _deliver_document(self, job_id: str) -> Any:
+        if isinstance(self._jobs[job_id].document, RawDocument):
+            return self._jobs[job_id].document  # spliced in verbatim by _publish
         document = copy.deepcopy(self._jobs[job_id].document)
         mint = getattr(self, "_url_minter", None)
         return _replace_placeholders(document, mint) if mint else document
@@ -366,12 +377,13 @@ class AwsIotEmulator:
 
     # --- jobs: control plane (test side) ---
 
-    def create_job(self, job_id: str, targets: Iterable[str], document: dict[str, Any]) -> Job:
+    def create_job(self, job_id: str, targets: Iterable[str], document: dict[str, Any] | RawDocument) -> Job:
         """CreateJob with one QUEUED execution per target thing."""
         targets = list(targets)
         if not _JOB_ID_RE.fullmatch(job_id):
             raise ValueError(f"job id {job_id!r} must match [a-zA-Z0-9_-]{{1,64}}")
-        if len(json.dumps(document)) > MAX_JOB_DOCUMENT:
+        length = len(document.text) if isinstance(document, RawDocument) else len(json.dumps(document))
+        if length > MAX_JOB_DOCUMENT:
             raise ValueError(f"job document longer than {MAX_JOB_DOCUMENT} characters")
         for thing in targets:
             if not _THING_RE.fullmatch(thing):
@@ -1023,6 +1035,23 @@ class AwsIotEmulator:
             self.create_stream(stream_id, contents, description=f"OTA update {job_id}")
         self.create_job(job_id, targets, document)
         return copy.deepcopy(document)
+
+
+def _dumps(payload: Any) -> str:
+    """Compact JSON with every RawDocument spliced in as its text."""
+    raw: dict[str, str] = {}
+
+    def placeholder(value: Any) -> str:
+        if not isinstance(value, RawDocument):
+            raise TypeError(f"{type(value).__name__} is not JSON serializable")
+        key = f"raw-document-{uuid.uuid4().hex}"
+        raw[key] = value.text
+        return key
+
+    text = json.dumps(payload, separators=(",", ":"), default=placeholder)
+    for key, value in raw.items():
+        text = text.replace(json.dumps(key), value, 1)
+    return text
 
 
 def _fault(

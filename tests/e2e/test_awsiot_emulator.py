@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gatewayd.emulators.awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec
+from gatewayd.emulators.awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec, RawDocument
 from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki, tls_client
 from gatewayd.emulators.signing import make_signer
 
@@ -341,6 +341,19 @@ def test_cancel_plain_leaves_in_progress_and_force_fires_notify_next(emulator, d
     # cancelling the QUEUED head empties the queue
     emulator.cancel_job("job-2")
     assert dev.next_json("jobs/notify-next") == {"timestamp": pytest.approx(time.time(), abs=60)}
+
+
+def test_a_raw_document_is_delivered_verbatim_and_bounded_in_length(emulator, device):
+    dev = device()
+    text = '{"a":' * 1200 + "1" + "}" * 1200  # deeper than Python's json can read or write
+    emulator.create_job("deep", [THING], RawDocument(text))
+    note = dev.next("jobs/notify-next").decode()
+    assert note.startswith('{"timestamp":') and f'"jobId":"deep","thingName":"{THING}","jobDocument":{text},' in note
+    dev.publish("jobs/$next/get", {"clientToken": "t"})
+    reply = dev.next("jobs/$next/get/accepted").decode()
+    assert f'"jobDocument":{text},"status":"QUEUED"' in reply and reply.endswith('"clientToken":"t"}')
+    with pytest.raises(ValueError, match="32768"):
+        emulator.create_job("too-long", [THING], RawDocument("[" + "0," * 16384 + "0]"))
 
 
 def test_jobs_for_many_things_are_independent(emulator, device):
