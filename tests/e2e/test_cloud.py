@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gatewayd.aws import check_status_details
-from gatewayd.cloud import JobExecution, JobsClient, JobsError, parse_execution
+from gatewayd.cloud import JobExecution, JobsClient, JobsError, parse_execution, read_message
 from tests.e2e.fixtures_cloud import Peer, connected_jobs, eventually, make_client
 
 TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"}
@@ -21,7 +21,9 @@ class FakeJobs:
     """The Jobs MQTT API for any thing, answering on accepted/rejected topics.
 
     Knobs: `drop` (ignore the next N requests), `throttle` (answer the next N with
-    RequestThrottled), `misroute` (answer the next N `$next/get` on another thing's topic).
+    RequestThrottled), `misroute` (answer the next N `$next/get` on another thing's topic),
+    `raw_next` (answer the next `$next/get` with this JSON text, `{token}` standing for its
+    clientToken: for documents json.dumps cannot even write).
     """
 
     def __init__(self) -> None:
@@ -32,6 +34,7 @@ class FakeJobs:
         self.drop = 0
         self.throttle = 0
         self.misroute: str | None = None
+        self.raw_next: str | None = None
         self.peer: Peer | None = None
 
     def start(self, broker, pki) -> FakeJobs:
@@ -109,6 +112,9 @@ class FakeJobs:
                 return reply("rejected", {"code": "RequestThrottled", "message": "slow down"})
             if op == "get":
                 if job == "$next":
+                    if self.raw_next is not None:
+                        raw, self.raw_next = self.raw_next, None
+                        return peer.publish(f"{reply_base}/accepted", raw.replace("{token}", token), qos=1)
                     if self.misroute:
                         other, self.misroute = self.misroute, None
                         exe = self._next(other)
@@ -471,3 +477,70 @@ def test_subscription_cap_polls_the_other_things(broker_factory, pki):
     finally:
         fake.stop()
     assert not fake.peer.errors
+
+
+def _nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def _deep_execution(job_id: str, depth: int) -> str:
+    return ('{"jobId":"%s","thingName":"gw-01","status":"QUEUED","versionNumber":1,"executionNumber":1,'
+            '"jobDocument":%s}' % (job_id, _nested(depth)))
+
+
+def test_a_reply_nested_too_deeply_answers_the_call_with_an_unreadable_document(jobs_env):
+    """Issue 11 item 5: a `$next/get` reply nested 1,200 levels deep (Python's json gives up at
+    about 1,000 with RecursionError) still answers the pending request at once, and the job
+    reaches on_execution marked unreadable so that it can be rejected, not asked for again."""
+    broker, pki, fake = jobs_env
+
+    async def main():
+        rec = Recorder()
+        async with connected_jobs(broker, pki, rec, request_timeout=30) as (mc, jobs):
+            await jobs.serve("gw-01")
+            await eventually(lambda: rec.ids("gw-01") == [None], what="initial answer")
+            asked = len(fake.requests)
+            fake.raw_next = ('{"clientToken":"{token}","timestamp":1,"execution":%s}'
+                             % _deep_execution("deep-job", 1200))
+            got = await asyncio.wait_for(jobs.get_next("gw-01"), 5)  # not request_timeout (30 s) later
+            assert len(fake.requests) == asked + 1  # answered by the first reply: not asked again
+            assert got is not None and got.job_id == "deep-job" and got.status == "QUEUED"
+            assert got.document is None
+            assert "nested" in got.document_error and "64" in got.document_error
+            await eventually(lambda: rec.ids("gw-01") == [None, "deep-job"], what="delivered to on_execution")
+            assert rec.calls[-1][1].document_error == got.document_error
+
+            # the same document by notify-next, and a plain one after it
+            fake.peer.publish("$aws/things/gw-01/jobs/notify-next",
+                              '{"timestamp":1,"execution":%s}' % _deep_execution("deep-2", 1200))
+            await eventually(lambda: rec.ids("gw-01")[-1:] == ["deep-2"], what="deep notify-next delivered")
+            assert rec.calls[-1][1].document_error and rec.calls[-1][1].document is None
+            await asyncio.to_thread(fake.create_job, "gw-01", "job-ok", DOC)
+            await eventually(lambda: rec.ids("gw-01")[-1:] == ["job-ok"], what="a plain job after it")
+            assert rec.calls[-1][1].document == DOC and rec.calls[-1][1].document_error is None
+
+    asyncio.run(main())
+
+
+def _read_execution(text: str) -> JobExecution:
+    doc, problem = read_message(text.encode())
+    return parse_execution("gw-01", doc["execution"], unreadable=problem)
+
+
+def test_documents_within_the_depth_limit_are_read_whole():
+    for depth in (1, 30, 62):  # the reply wraps the document in 2 more levels: 64 in all
+        exe = _read_execution('{"execution":%s}' % _deep_execution("j", depth))
+        assert exe.document_error is None
+        level = exe.document
+        for _ in range(depth):
+            level = level["a"]
+        assert level == 1
+    exe = _read_execution('{"execution":%s}' % _deep_execution("j", 63))
+    assert exe.document is None and "nested" in exe.document_error
+    assert exe.job_id == "j" and exe.version_number == 1
+    # brackets inside strings (escaped quotes too) are no nesting
+    key = '"' + '[{\\"' * 100 + '"'
+    exe = _read_execution('{"execution":%s}' % _deep_execution("j", 1).replace('"a"', key))
+    assert exe.document_error is None and list(exe.document.values()) == [1]
+    with pytest.raises(ValueError):
+        read_message(b'{"a": [[[[[' + b"[" * 100)  # cut, and still not JSON

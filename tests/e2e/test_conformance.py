@@ -1,8 +1,10 @@
-"""Conformance cases 1-15 (aws-iot-ota.md §6) against the running daemon.
+"""Conformance cases of aws-iot-ota.md §6 against the running daemon.
 
-Each malformed document is its own job for the gateway thing. Each one must end REJECTED
-with a reason naming what was wrong, the daemon must carry on, and a good job sent after
-all of them must still succeed on the same daemon.
+Cases 1-15: each malformed document is its own job for the gateway thing. Each one must
+end REJECTED with a reason naming what was wrong, the daemon must carry on, and a good job
+sent after all of them must still succeed on the same daemon. Then the cases about jobs
+that change under a transfer (2, 17, 38), a refused `$next/get` (40) and a stream that
+refuses a version (46), and documents too deep to read (issue 11).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 
 
+from gatewayd.emulators.awsiot import RawDocument
 from gatewayd.emulators.lab import Lab
 
 
@@ -96,3 +99,24 @@ def test_a_hostile_filepath_is_only_a_label(lab):
     written = {p.relative_to(lab.root).parts[0] for p in lab.root.rglob("*pump.bin")}
     assert written == set()
     assert not (lab.root.parent / "etc").exists()
+
+
+def test_a_document_nested_too_deeply_is_rejected_and_the_next_job_runs(lab):
+    """Issue 11 item 5: 1,200 levels of nesting (past what Python's json can recurse) must not
+    leave the job QUEUED and asked for every 30 s: the gateway rejects it with its reason,
+    and the job queued behind it runs."""
+    lab.add_device("pump", files="pump*.bin")
+    lab.start()
+    depth = 1200
+    lab.aws.create_job("too-deep", ["gw-01"], RawDocument('{"a":' * depth + "1" + "}" * depth))
+    image = lab.make_image((1, 3, 0))
+    lab.ota_update("behind-too-deep", "gw-01", image, filepath="pump.bin")
+
+    record = lab.wait("gw-01", "too-deep", timeout=20)
+    assert record.status == "REJECTED", record
+    assert record.status_details["phase"] == "rejected"
+    reason = record.status_details["reason"]
+    assert "job document" in reason and "nested" in reason and "64" in reason, reason
+    assert lab.wait("gw-01", "behind-too-deep", timeout=60).status == "SUCCEEDED"
+    assert lab.device("pump").active_image() == image
+    assert lab.daemon.poll() is None
