@@ -239,7 +239,8 @@ class _Requests:
             self._reconnected = asyncio.get_running_loop().create_future()
         return self._reconnected
 
-    def _retry_delay(self, attempt: int) -> float:
+    def retry_delay(self, attempt: int) -> float:
+        """The wait before retry `attempt` (0 first): backoff doubling to max_backoff, drawn from [d/2, d]."""
         base = min(self._max_backoff, self._backoff * 2 ** min(attempt, 30))
         return random.uniform(base / 2, base)
 
@@ -278,11 +279,11 @@ class _Requests:
                     attempt += 1
                     log.warning("no reply to %s (attempt %d): %s; retrying", topic, attempt,
                                 str(e) or "timeout")
-                    await asyncio.sleep(self._retry_delay(attempt - 1) if isinstance(e, MqttError) else 0)
+                    await asyncio.sleep(self.retry_delay(attempt - 1) if isinstance(e, MqttError) else 0)
                     continue
                 if reply.result == "rejected" and reply.doc.get("code") == "RequestThrottled":
                     attempt += 1
-                    delay = self._retry_delay(attempt - 1)
+                    delay = self.retry_delay(attempt - 1)
                     log.info("%s throttled; retrying in %.1f s", topic, delay)
                     call.future = loop.create_future()
                     await asyncio.sleep(delay)
@@ -481,10 +482,25 @@ class JobsClient:
             self._spawn(self._refresh(thing))
 
     async def _refresh(self, thing: str) -> None:
-        try:
-            await self.get_next(thing)
-        except (MqttError, JobsError, ValueError) as e:
-            log.warning("asking for the next job of %s failed: %s", thing, e)
+        """Ask for `thing`'s next job. A request the broker refused (queue full, not authorised)
+        is asked again with backoff while connected and `thing` is served (case 40); each
+        refresh starts from the shortest wait."""
+        attempt = 0
+        while True:
+            try:
+                await self.get_next(thing)
+                return
+            except MqttError as e:
+                if e.code is None or not self._mqtt.connected or thing not in self._served or self._closing:
+                    log.warning("asking for the next job of %s failed: %s", thing, e)
+                    return
+                delay = self._requests.retry_delay(attempt)
+                attempt += 1
+                log.warning("asking for the next job of %s failed: %s; asking again in %.1f s", thing, e, delay)
+                await asyncio.sleep(delay)
+            except (JobsError, ValueError) as e:
+                log.warning("asking for the next job of %s failed: %s", thing, e)
+                return
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]

@@ -8,10 +8,12 @@ import threading
 import time
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 
 from gatewayd.aws import check_status_details
 from gatewayd.cloud import JobExecution, JobsClient, JobsError, parse_execution, read_message
+from gatewayd.mqtt import MqttError
 from tests.e2e.fixtures_cloud import Peer, connected_jobs, eventually, make_client
 
 TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"}
@@ -544,3 +546,56 @@ def test_documents_within_the_depth_limit_are_read_whole():
     assert exe.document_error is None and list(exe.document.values()) == [1]
     with pytest.raises(ValueError):
         read_message(b'{"a": [[[[[' + b"[" * 100)  # cut, and still not JSON
+
+
+def test_a_refused_next_job_request_is_asked_again_with_backoff_while_connected(jobs_env):
+    """Case 40: a `$next/get` whose publish fails with a code (paho's queue full here; a broker's
+    "not authorised" PUBACK is the same error) is asked again with a backoff that doubles up to
+    its cap and starts again from the bottom after a success; not only at the next reconnect,
+    notification or poll."""
+    broker, pki, fake = jobs_env
+    fake.create_job("pump", "pump-job", DOC)
+
+    async def main():
+        rec = Recorder()
+        async with connected_jobs(broker, pki, rec, request_timeout=2, retry_backoff=0.05, max_retry_backoff=0.4,
+                                  max_thing_subscriptions=1, poll_interval=2.5) as (mc, jobs):
+            send = mc.publish
+            refuse = {"left": 6}
+            attempts: list[float] = []
+
+            async def publish(topic, payload, qos=1, timeout=10.0):
+                if topic == "$aws/things/pump/jobs/$next/get":
+                    attempts.append(time.monotonic())
+                    if refuse["left"]:
+                        refuse["left"] -= 1
+                        raise MqttError(f"publish to {topic} failed: {paho.error_string(paho.MQTT_ERR_QUEUE_SIZE)}",
+                                        paho.MQTT_ERR_QUEUE_SIZE)
+                return await send(topic, payload, qos, timeout)
+
+            mc.publish = publish
+            await jobs.serve("gw-01")
+            await jobs.serve("pump")  # polled: asked now, then every poll_interval
+            await eventually(lambda: rec.ids("pump") == ["pump-job"], timeout=3, what="the job after the refusals")
+            assert len(attempts) == 7
+            gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+            for gap, ceiling in zip(gaps, (0.05, 0.1, 0.2, 0.4, 0.4, 0.4)):
+                assert ceiling / 2 - 0.01 <= gap <= ceiling + 0.15, gaps
+
+            # the next poll is refused too: its backoff starts again from the bottom
+            refuse["left"] = 2
+            await eventually(lambda: len(attempts) == 10, timeout=5, what="the next poll and its retries")
+            again = [b - a for a, b in zip(attempts[7:], attempts[8:])]
+            assert all(g <= 0.1 + 0.15 for g in again) and again[0] <= 0.05 + 0.1, again
+            await eventually(lambda: rec.ids("pump") == ["pump-job", "pump-job"], timeout=3, what="polled again")
+
+            # refused for good: it goes on at the cap, and stops once the thing is no longer served
+            refuse["left"] = 10**6
+            start = len(attempts)
+            await eventually(lambda: len(attempts) >= start + 6, timeout=8, what="retries at the cap")
+            await jobs.unserve("pump")
+            stopped = len(attempts)
+            await asyncio.sleep(0.8)
+            assert len(attempts) == stopped
+
+    asyncio.run(main())
