@@ -273,6 +273,7 @@ class AwsIotEmulator:
         self._duplicate: _Fault | None = None
         self._corrupt: _Fault | None = None
         self._paused = False
+        self._notifications_lost = False
         self._hold = False
         self._held: list[tuple[str, bytes]] = []
         self._ready = threading.Event()
@@ -528,7 +529,8 @@ class AwsIotEmulator:
         jobs: dict[str, list[dict[str, Any]]] = {}
         for ex in pending[:NOTIFY_MAX_ENTRIES]:
             jobs.setdefault(ex.status, []).append(self._summary(ex))
-        self._publish(f"$aws/things/{thing}/jobs/notify", {"timestamp": now, "jobs": jobs})
+        if not self._notifications_lost:
+            self._publish(f"$aws/things/{thing}/jobs/notify", {"timestamp": now, "jobs": jobs})
         head = pending[0] if pending else None
         head_id = head.job_id if head else None
         if head_id != self._heads.get(thing):
@@ -536,8 +538,16 @@ class AwsIotEmulator:
             payload: dict[str, Any] = {"timestamp": now}
             if head is not None:
                 payload["execution"] = self._execution_doc(head)
-            self._publish(f"$aws/things/{thing}/jobs/notify-next", payload)
+            if not self._notifications_lost:
+                self._publish(f"$aws/things/{thing}/jobs/notify-next", payload)
         self._changed.notify_all()
+
+    def lose_notifications(self, lost: bool) -> None:
+        """While `lost`, notify and notify-next messages are lost on their way (as to a client
+        that is away); the service still counts them as sent, so a head announced meanwhile
+        is not announced again."""
+        with self._lock:
+            self._notifications_lost = lost
 
     def _set_status(self, ex: ExecutionRecord, status: str, details: dict[str, str] | None) -> None:
         now = self._clock()

@@ -356,6 +356,20 @@ def test_a_raw_document_is_delivered_verbatim_and_bounded_in_length(emulator, de
         emulator.create_job("too-long", [THING], RawDocument("[" + "0," * 16384 + "0]"))
 
 
+def test_lost_notifications_are_not_sent_again(emulator, device):
+    dev = device()
+    emulator.lose_notifications(True)
+    emulator.create_job("job-1", [THING], DOC)
+    emulator.lose_notifications(False)
+    dev.sync()
+    assert dev.pending("jobs/notify-next") == [] and dev.pending("jobs/notify") == []
+    emulator.create_job("job-2", [THING], DOC)  # behind job-1: the head does not change
+    dev.sync()
+    assert dev.pending("jobs/notify-next") == [] and len(dev.pending("jobs/notify")) == 1
+    outcome, reply = dev.request("$next/get", {})
+    assert outcome == "accepted" and reply["execution"]["jobId"] == "job-1"
+
+
 def test_jobs_for_many_things_are_independent(emulator, device):
     a, b = device("node-a"), device("node-b")
     emulator.create_job("job-1", ["node-a", "node-b"], DOC)
