@@ -351,7 +351,8 @@ class JobsClient:
         """Subscribe to `thing_name`'s job topics and ask for its next job.
 
         on_execution is then awaited (in order, per thing) for every notify-next, every
-        `$next/get` reply and after every reconnect.
+        `$next/get` reply and after every reconnect. A notify-next without an execution is
+        followed by a `$next/get`, whose reply comes to on_execution too.
         """
         check_thing_name(thing_name)
         if thing_name in self._served:
@@ -628,6 +629,10 @@ class JobsClient:
             log.warning("ignoring notify-next for %s: %s", thing, e)
             return
         self._deliver(thing, execution)
+        if execution is None and self._mqtt.connected:
+            # Case 2: the head left the queue (a transfer for it stops). Notifications can come
+            # late or be lost, so ask which job is next now rather than wait for the next one.
+            self._spawn(self._refresh(thing))
 
     def _handle_reply(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, payload)

@@ -197,16 +197,18 @@ def test_serve_get_next_and_notify_next(jobs_env):
             # a job for the proxied thing arrives by notify-next
             await asyncio.to_thread(fake.create_job, "pump", "pump-job", {"x": 1})
             await eventually(lambda: rec.ids("pump") == [None, "pump-job"], what="notify-next")
-            # queue empties: notify-next {"timestamp"} means no job
+            # queue empties: notify-next {"timestamp"} means no job, and $next/get confirms it (case 2)
+            asked = len(fake.requests)
             await asyncio.to_thread(fake.cancel_job, "pump", "pump-job")
-            await eventually(lambda: rec.ids("pump") == [None, "pump-job", None], what="empty notify-next")
+            await eventually(lambda: rec.ids("pump") == [None, "pump-job", None, None], what="empty notify-next")
+            assert [t for t, _ in fake.requests[asked:]] == ["$aws/things/pump/jobs/$next/get"]
 
             assert await jobs.describe("gw-01", "job-1") is not None
             assert await jobs.describe("gw-01", "nope") is None
             await jobs.unserve("pump")
             await asyncio.to_thread(fake.create_job, "pump", "pump-job-2", {})
             await asyncio.sleep(0.2)
-            assert rec.ids("pump") == [None, "pump-job", None]
+            assert rec.ids("pump") == [None, "pump-job", None, None]
 
     asyncio.run(main())
 

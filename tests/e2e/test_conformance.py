@@ -10,6 +10,7 @@ refuses a version (46), and documents too deep to read (issue 11).
 from __future__ import annotations
 
 import copy
+import json
 
 
 from gatewayd.emulators.awsiot import RawDocument
@@ -120,3 +121,39 @@ def test_a_document_nested_too_deeply_is_rejected_and_the_next_job_runs(lab):
     assert lab.wait("gw-01", "behind-too-deep", timeout=60).status == "SUCCEEDED"
     assert lab.device("pump").active_image() == image
     assert lab.daemon.poll() is None
+
+
+def _stream(document: dict) -> str:
+    return document["afr_ota"]["streamname"]
+
+
+def _phases(lab: Lab, thing: str, job_id: str) -> list[str]:
+    return [u.get("statusDetails", {}).get("phase") for u in lab.aws.all_updates(thing, job_id)]
+
+
+def test_case_2_an_empty_notify_next_aborts_the_download_and_the_next_job_is_asked_for(lab):
+    """The job being downloaded is cancelled and another one queued; the only notification
+    that arrives is the late one saying the queue emptied. The gateway stops the download,
+    publishes nothing more for that job, and asks which job is next instead of waiting."""
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.start()
+    stream = _stream(lab.ota_update("vanishes", "pump", lab.make_image((1, 1, 0), size=200 * 1024)))
+    lab.aws.pause_streams(True)
+    lab.wait_until("the download to start", lambda: lab.aws.requests(stream) > 0
+                   and "downloading" in _phases(lab, "pump", "vanishes"), 20)
+    updates = len(lab.aws.all_updates("pump", "vanishes"))
+
+    lab.aws.lose_notifications(True)
+    lab.aws.cancel_job("vanishes", force=True)
+    image = lab.make_image((1, 2, 0), seed="next-one")
+    lab.ota_update("next-one", "pump", image)
+    lab.aws.lose_notifications(False)
+    lab.aws.publish_raw("$aws/things/pump/jobs/notify-next", b'{"timestamp": 1}')
+    lab.wait_until("the daemon to abort the download", lambda: "no longer pending" in lab.daemon_log(), 10)
+    lab.aws.pause_streams(False)
+
+    done = lab.wait("pump", "next-one", timeout=30)
+    assert done.status == "SUCCEEDED", done
+    assert dev.active_image() == image
+    assert len(lab.aws.all_updates("pump", "vanishes")) == updates
+    assert list((lab.root / "state" / "partial").iterdir()) == []
