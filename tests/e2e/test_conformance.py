@@ -157,3 +157,56 @@ def test_case_2_an_empty_notify_next_aborts_the_download_and_the_next_job_is_ask
     assert dev.active_image() == image
     assert len(lab.aws.all_updates("pump", "vanishes")) == updates
     assert list((lab.root / "state" / "partial").iterdir()) == []
+
+
+def test_case_17_a_different_job_mid_transfer_aborts_the_old_one_and_deletes_its_part_file(lab):
+    """As FreeRTOS's test_OTA_ReceiveNewJobDocWhileInProgress: a notify-next names another job
+    while a file is half downloaded. The old job is dropped locally (nothing more is said of
+    it), its part file is deleted, and the new job runs."""
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.start()
+    old_stream = _stream(lab.ota_update("old", "pump", lab.make_image((1, 1, 0), size=200 * 1024)))
+    lab.aws.drop_blocks(lambda ref: ref.stream_id == old_stream and ref.index >= 8)
+    part = lab.root / "state" / "partial" / "pump__old__0.part"
+    lab.wait_until("8 blocks of the old file on disk", lambda: part.exists() and part.stat().st_size >= 8 * 1024
+                   and "downloading" in _phases(lab, "pump", "old"), 20)
+    updates = len(lab.aws.all_updates("pump", "old"))
+
+    image = lab.make_image((1, 2, 0), seed="new")
+    document = lab.ota_update("new", "pump", image)  # queued behind "old": no notify-next from AWS
+    new = lab.aws.execution("pump", "new")
+    execution = {"jobId": "new", "thingName": "pump", "jobDocument": document, "status": "QUEUED",
+                 "queuedAt": new.queued_at, "lastUpdatedAt": new.last_updated_at,
+                 "versionNumber": new.version_number, "executionNumber": new.execution_number}
+    lab.aws.publish_raw("$aws/things/pump/jobs/notify-next",
+                        json.dumps({"timestamp": new.queued_at, "execution": execution}).encode())
+
+    done = lab.wait("pump", "new", timeout=30)
+    assert done.status == "SUCCEEDED", done
+    assert dev.active_image() == image
+    assert not part.exists()
+    assert list((lab.root / "state" / "partial").iterdir()) == []
+    old = lab.aws.execution("pump", "old")
+    assert len(old.updates) == updates and old.status == "IN_PROGRESS"  # aborted locally only
+
+
+def test_case_38_a_plain_cancel_while_in_progress_lets_the_job_finish_and_report(lab):
+    """A CancelJob without --force leaves IN_PROGRESS executions alone (aws-iot-ota.md §1.3):
+    the download in progress goes on, and the job ends SUCCEEDED like any other."""
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.start()
+    image = lab.make_image((1, 1, 0), size=96 * 1024)
+    stream = _stream(lab.ota_update("plain-cancel", "pump", image))
+    lab.aws.pause_streams(True, hold=True)
+    lab.wait_until("the download to start", lambda: lab.aws.requests(stream) > 0
+                   and lab.aws.execution("pump", "plain-cancel").status == "IN_PROGRESS", 20)
+
+    lab.aws.cancel_job("plain-cancel")
+    assert lab.aws.job("plain-cancel").status == "CANCELED"
+    lab.aws.pause_streams(False)
+
+    done = lab.wait("pump", "plain-cancel", timeout=60)
+    assert done.status == "SUCCEEDED", done
+    assert done.status_details["phase"] == "succeeded"
+    assert dev.active_image() == image and dev.confirmed
+    assert {"downloading", "uploading", "succeeded"} <= set(_phases(lab, "pump", "plain-cancel"))
