@@ -147,6 +147,7 @@ class StreamStats:
     bytes_served: int = 0
     rejections: list[tuple[str, str]] = field(default_factory=list)  # (code, message)
     request_log: list[dict[str, Any]] = field(default_factory=list)
+    describes: int = 0  # DescribeStream requests
 
 
 @dataclass
@@ -272,6 +273,7 @@ class AwsIotEmulator:
         self._drop: _Fault | None = None
         self._duplicate: _Fault | None = None
         self._corrupt: _Fault | None = None
+        self._refusals: dict[str, list[tuple[str, str]]] = {}  # stream -> (code, message) for its next requests
         self._paused = False
         self._notifications_lost = False
         self._hold = False
@@ -791,9 +793,17 @@ class AwsIotEmulator:
         with self._lock:
             self._corrupt = _fault(predicate, probability, seed, mode=mode)
 
+    def reject_stream_requests(self, stream_id: str, code: str, *, count: int = 1, message: str | None = None) -> None:
+        """Reject the next `count` GetStream requests of the stream with `code` (e.g. ETagMismatch:
+        the S3 object behind the stream changed, aws-iot-ota.md §3.2), after the request checks."""
+        with self._lock:
+            self._refusals.setdefault(stream_id, []).extend(
+                [(code, message or f"{code} injected by the emulator")] * count)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._drop = self._duplicate = self._corrupt = None
+            self._refusals.clear()
 
     def pause_streams(self, paused: bool, *, hold: bool = False) -> None:
         """While paused GetStream requests get no answer. With `hold`, they are answered on resume."""
@@ -812,6 +822,7 @@ class AwsIotEmulator:
             return
         with self._lock:
             if op == "describe":
+                self._stats.setdefault(parts[4], StreamStats()).describes += 1
                 self._describe_stream(parts, fmt, payload)
                 return
             self._stats.setdefault(parts[4], StreamStats()).requests += 1
@@ -880,6 +891,8 @@ class AwsIotEmulator:
             stats.request_log.append(dict(request))
             token = self._stream_token(request)
             file_id, data, block_size, indices = self._select_blocks(stream_id, fmt, request)
+            if self._refusals.get(stream_id):
+                raise _Rejected(*self._refusals[stream_id].pop(0))
         except _Rejected as rej:
             self._reject_stream(thing, stream_id, fmt, rej, token)
             return

@@ -533,6 +533,23 @@ def test_describe_stream(emulator, device, stream):
     assert body["s"] == 2 and body["r"] == [{"f": 0, "z": 300}] and "c" not in body
 
 
+def test_injected_stream_rejections_come_after_the_checks_and_run_out(emulator, device, stream):
+    dev = device()
+    emulator.reject_stream_requests(stream, "ETagMismatch", count=2)
+    good = {"c": "e", "f": 0, "l": 4096, "o": 0, "b": b"\x01", "n": 1}
+    dev.publish(f"streams/{stream}/get/cbor", cbor2.dumps(dict(good, l=100)))
+    assert cbor2.loads(dev.next(f"streams/{stream}/rejected/cbor"))["o"] == "BlockSizeOutOfBounds"
+    for _ in range(2):
+        dev.publish(f"streams/{stream}/get/cbor", cbor2.dumps(good))
+        body = cbor2.loads(dev.next(f"streams/{stream}/rejected/cbor"))
+        assert body["o"] == "ETagMismatch" and body["c"] == "e" and body["m"]
+    dev.publish(f"streams/{stream}/get/cbor", cbor2.dumps(good))
+    assert cbor2.loads(dev.next(f"streams/{stream}/data/cbor"))["i"] == 0
+    dev.stream_sync(stream)
+    stats = emulator.stream_stats(stream)
+    assert stats.describes == 1 and [code for code, _ in stats.rejections].count("ETagMismatch") == 2
+
+
 def test_json_stream_variant(emulator, device, stream):
     dev = device()
     dev.publish(f"streams/{stream}/get/json", {"c": "j", "f": 0, "l": 4096, "o": 0, "b": "0x05", "n": 3})
