@@ -210,3 +210,36 @@ def test_case_38_a_plain_cancel_while_in_progress_lets_the_job_finish_and_report
     assert done.status_details["phase"] == "succeeded"
     assert dev.active_image() == image and dev.confirmed
     assert {"downloading", "uploading", "succeeded"} <= set(_phases(lab, "pump", "plain-cancel"))
+
+
+def test_case_46_a_stream_that_says_it_changed_gets_one_fresh_look(lab):
+    """A GetStream rejected with ETagMismatch: the gateway describes the stream and reads the
+    job again, once; the download then goes on. If the stream keeps refusing, the job fails
+    with a reason naming the stream and the code."""
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.start()
+
+    lab.aws.pause_streams(True, hold=True)
+    image = lab.make_image((1, 1, 0), seed="once")
+    stream = _stream(lab.ota_update("etag-once", "pump", image))
+    lab.aws.reject_stream_requests(stream, "ETagMismatch", message="The S3 object changed")
+    lab.aws.pause_streams(False)
+    done = lab.wait("pump", "etag-once", timeout=30)
+    assert done.status == "SUCCEEDED", done
+    assert dev.active_image() == image
+    stats = lab.aws.stream_stats(stream)
+    assert stats.describes == 1 and [code for code, _ in stats.rejections] == ["ETagMismatch"]
+    requests = lab.aws.stream_requests(stream)
+    assert "s" not in requests[0] and all(r.get("s") == 1 for r in requests[1:])
+
+    lab.aws.pause_streams(True, hold=True)
+    stream = _stream(lab.ota_update("etag-always", "pump", lab.make_image((1, 2, 0), seed="always")))
+    lab.aws.reject_stream_requests(stream, "ETagMismatch", count=10, message="The S3 object changed")
+    lab.aws.pause_streams(False)
+    done = lab.wait("pump", "etag-always", timeout=30)
+    assert done.status == "FAILED", done
+    reason = done.status_details["reason"]
+    assert stream in reason and "ETagMismatch" in reason and "again" in reason, reason
+    assert lab.aws.stream_stats(stream).describes == 1 and lab.aws.requests(stream) == 2
+    assert dev.active_image() == image
+    assert list((lab.root / "state" / "partial").iterdir()) == []
