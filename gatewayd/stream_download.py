@@ -411,7 +411,7 @@ class StreamDownload:
         try:
             request = encode_describe_stream(self._describe_token)
             for _attempt in range(DESCRIBE_ATTEMPTS):
-                await self._publish(self._describe_topic, request, "the description")
+                await self._publish(self._describe_topic, request, "the DescribeStream request")
                 self.stats.describes += 1
                 described = await self._description(fd, queue, what)
                 if described is not None:
