@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ log = logging.getLogger("gatewayd.cloud")
 _GONE = ("ResourceNotFound", "TerminalStateReached")
 _STOP = object()
 MIN_POLL_GAP = 0.02  # s between two poll requests: AWS IoT allows ~100 publishes/s per connection
+# Levels of JSON nesting read in one Jobs message. An afr_ota document sits 6 levels deep in a
+# reply; Python's json gives up near 1,000 levels with RecursionError, and so would every later
+# json.dumps of the document: anything deeper than this is cut before it is parsed.
+MAX_MESSAGE_DEPTH = 64
+_JSON_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 class JobsError(Exception):
@@ -54,8 +60,9 @@ class JobExecution:
     status: str
     version_number: int
     execution_number: int | None
-    document: Any  # the raw jobDocument object
+    document: Any  # the raw jobDocument object (None when it could not be read)
     status_details: dict[str, str] = field(default_factory=dict)
+    document_error: str | None = None  # why the document could not be read: reject the job
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,47 @@ def _int_or_none(value: Any) -> int | None:
     return None
 
 
-def parse_execution(thing: str, obj: Any) -> JobExecution:
-    """A JobExecution object from a Jobs reply or notification; raises ValueError."""
+def read_message(payload: bytes | str) -> tuple[Any, str | None]:
+    """A Jobs message's JSON and, when it nests deeper than MAX_MESSAGE_DEPTH, why its deep
+    parts were cut (each replaced by null); raises ValueError when it is not JSON."""
+    text = payload.decode("utf-8") if isinstance(payload, bytes) else payload  # UnicodeError is a ValueError
+    if text.count("{") + text.count("[") <= MAX_MESSAGE_DEPTH:
+        return json.loads(text), None
+    cut = _cut_below(text, MAX_MESSAGE_DEPTH)
+    if cut == text:
+        return json.loads(text), None
+    return json.loads(cut), f"it has more than {MAX_MESSAGE_DEPTH} levels of nested JSON"
+
+
+def _cut_below(text: str, max_depth: int) -> str:
+    """`text` with every object or array that starts deeper than `max_depth` replaced by null."""
+    parts: list[str] = []
+    depth = 0
+    kept_until = 0
+    cut_from: int | None = None
+    for token in _JSON_STRING_OR_BRACKET.finditer(text):
+        char = token.group()
+        if char in "{[":
+            depth += 1
+            if depth == max_depth + 1:
+                cut_from = token.start()
+        elif char in "}]":
+            depth -= 1
+            if depth == max_depth and cut_from is not None:
+                parts += [text[kept_until:cut_from], "null"]
+                kept_until, cut_from = token.end(), None
+    if cut_from is not None:  # never closed: keep the rest cut, json.loads will say it is broken
+        parts += [text[kept_until:cut_from], "null"]
+        kept_until = len(text)
+    parts.append(text[kept_until:])
+    return "".join(parts)
+
+
+def parse_execution(thing: str, obj: Any, *, unreadable: str | None = None) -> JobExecution:
+    """A JobExecution object from a Jobs reply or notification; raises ValueError.
+
+    `unreadable`: why the message it came in was not read whole (`read_message`); the
+    execution then carries no document, only `document_error`."""
     if not isinstance(obj, dict):
         raise ValueError("execution is not an object")
     job_id = obj.get("jobId")
@@ -98,9 +144,12 @@ def parse_execution(thing: str, obj: Any) -> JobExecution:
     document = obj.get("jobDocument")
     if isinstance(document, str):  # over MQTT it is an object; tolerate the HTTP shape
         try:
-            document = json.loads(document)
+            document, inner = read_message(document)
+            unreadable = unreadable or inner
         except ValueError:
             pass
+    if unreadable is not None:
+        document = None
     details = obj.get("statusDetails") or {}
     if not isinstance(details, dict):
         raise ValueError("statusDetails is not an object")
@@ -112,6 +161,7 @@ def parse_execution(thing: str, obj: Any) -> JobExecution:
         execution_number=_int_or_none(obj.get("executionNumber")),
         document=document,
         status_details={str(k): str(v) for k, v in details.items()},
+        document_error=None if unreadable is None else f"the job document cannot be read: {unreadable}",
     )
 
 
@@ -125,12 +175,19 @@ def _execution_state(doc: dict[str, Any]) -> tuple[str | None, int | None, dict[
             {str(k): str(v) for k, v in details.items()} if isinstance(details, dict) else None)
 
 
+@dataclass(frozen=True)
+class _Reply:
+    result: str  # "accepted" | "rejected"
+    doc: dict[str, Any]
+    unreadable: str | None = None  # why the message was not read whole (read_message)
+
+
 @dataclass
 class _Call:
     thing: str
     job: str  # job id or "$next"
     op: str  # "get" | "update"
-    future: asyncio.Future[tuple[str, dict[str, Any]]]
+    future: asyncio.Future[_Reply]
 
 
 class _Requests:
@@ -165,8 +222,8 @@ class _Requests:
             if call.thing == thing and not call.future.done():
                 call.future.set_exception(JobsError("NotServed", f"{thing} is no longer served"))
 
-    def answered(self, topic: str, thing: str, job: str, op: str, result: str, doc: dict[str, Any]) -> None:
-        token = doc.get("clientToken")
+    def answered(self, topic: str, thing: str, job: str, op: str, reply: _Reply) -> None:
+        token = reply.doc.get("clientToken")
         call = self._calls.get(token) if isinstance(token, str) else None
         if call is None:
             return
@@ -175,19 +232,20 @@ class _Requests:
                         call.job, call.op)
             return
         if not call.future.done():
-            call.future.set_result((result, doc))
+            call.future.set_result(reply)
 
     def _next_connect(self) -> asyncio.Future[None]:
         if self._reconnected is None or self._reconnected.done():
             self._reconnected = asyncio.get_running_loop().create_future()
         return self._reconnected
 
-    def _retry_delay(self, attempt: int) -> float:
+    def retry_delay(self, attempt: int) -> float:
+        """The wait before retry `attempt` (0 first): backoff doubling to max_backoff, drawn from [d/2, d]."""
         base = min(self._max_backoff, self._backoff * 2 ** min(attempt, 30))
         return random.uniform(base / 2, base)
 
     async def ask(self, thing: str, job: str, op: str, body: dict[str, Any],
-                  served: Callable[[str], bool]) -> tuple[str, dict[str, Any]]:
+                  served: Callable[[str], bool]) -> _Reply:
         """Publish a request and wait for its reply, retrying lost ones while connected."""
         topic = f"$aws/things/{thing}/jobs/{job}/{op}"
         loop = asyncio.get_running_loop()
@@ -212,7 +270,7 @@ class _Requests:
                             log.info("no reply to %s before the connection was lost; asking again", topic)
                             continue
                         raise asyncio.TimeoutError
-                    result, doc = call.future.result()
+                    reply = call.future.result()
                 except (asyncio.TimeoutError, MqttError) as e:
                     if isinstance(e, MqttError) and e.code is not None:
                         raise  # the broker refused it (e.g. not authorised): retrying won't help
@@ -221,16 +279,16 @@ class _Requests:
                     attempt += 1
                     log.warning("no reply to %s (attempt %d): %s; retrying", topic, attempt,
                                 str(e) or "timeout")
-                    await asyncio.sleep(self._retry_delay(attempt - 1) if isinstance(e, MqttError) else 0)
+                    await asyncio.sleep(self.retry_delay(attempt - 1) if isinstance(e, MqttError) else 0)
                     continue
-                if result == "rejected" and doc.get("code") == "RequestThrottled":
+                if reply.result == "rejected" and reply.doc.get("code") == "RequestThrottled":
                     attempt += 1
-                    delay = self._retry_delay(attempt - 1)
+                    delay = self.retry_delay(attempt - 1)
                     log.info("%s throttled; retrying in %.1f s", topic, delay)
                     call.future = loop.create_future()
                     await asyncio.sleep(delay)
                     continue
-                return result, doc
+                return reply
         finally:
             for token in tokens:
                 self._calls.pop(token, None)
@@ -293,7 +351,8 @@ class JobsClient:
         """Subscribe to `thing_name`'s job topics and ask for its next job.
 
         on_execution is then awaited (in order, per thing) for every notify-next, every
-        `$next/get` reply and after every reconnect.
+        `$next/get` reply and after every reconnect. A notify-next without an execution is
+        followed by a `$next/get`, whose reply comes to on_execution too.
         """
         check_thing_name(thing_name)
         if thing_name in self._served:
@@ -424,10 +483,25 @@ class JobsClient:
             self._spawn(self._refresh(thing))
 
     async def _refresh(self, thing: str) -> None:
-        try:
-            await self.get_next(thing)
-        except (MqttError, JobsError, ValueError) as e:
-            log.warning("asking for the next job of %s failed: %s", thing, e)
+        """Ask for `thing`'s next job. A request the broker refused (queue full, not authorised)
+        is asked again with backoff while connected and `thing` is served (case 40); each
+        refresh starts from the shortest wait."""
+        attempt = 0
+        while True:
+            try:
+                await self.get_next(thing)
+                return
+            except MqttError as e:
+                if e.code is None or not self._mqtt.connected or thing not in self._served or self._closing:
+                    log.warning("asking for the next job of %s failed: %s", thing, e)
+                    return
+                delay = self._requests.retry_delay(attempt)
+                attempt += 1
+                log.warning("asking for the next job of %s failed: %s; asking again in %.1f s", thing, e, delay)
+                await asyncio.sleep(delay)
+            except (JobsError, ValueError) as e:
+                log.warning("asking for the next job of %s failed: %s", thing, e)
+                return
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -457,22 +531,22 @@ class JobsClient:
     async def get_next(self, thing_name: str) -> JobExecution | None:
         """DescribeJobExecution for `$next`; the reply also goes to on_execution."""
         check_thing_name(thing_name)
-        result, doc = await self._request(thing_name, "$next", "get", {"includeJobDocument": True})
-        if result == "rejected":
-            raise JobsError(str(doc.get("code", "Unknown")), str(doc.get("message", "")))
-        return self._execution_from(thing_name, doc)
+        reply = await self._request(thing_name, "$next", "get", {"includeJobDocument": True})
+        if reply.result == "rejected":
+            raise JobsError(str(reply.doc.get("code", "Unknown")), str(reply.doc.get("message", "")))
+        return self._execution_from(thing_name, reply.doc, reply.unreadable)
 
     async def describe(self, thing_name: str, job_id: str) -> JobExecution | None:
         """DescribeJobExecution; None when the execution is gone."""
         check_thing_name(thing_name)
         check_job_id(job_id)
-        result, doc = await self._request(thing_name, job_id, "get", {"includeJobDocument": True})
-        if result == "rejected":
-            code = str(doc.get("code", "Unknown"))
+        reply = await self._request(thing_name, job_id, "get", {"includeJobDocument": True})
+        if reply.result == "rejected":
+            code = str(reply.doc.get("code", "Unknown"))
             if code in _GONE:
                 return None
-            raise JobsError(code, str(doc.get("message", "")))
-        return self._execution_from(thing_name, doc)
+            raise JobsError(code, str(reply.doc.get("message", "")))
+        return self._execution_from(thing_name, reply.doc, reply.unreadable)
 
     async def update(
         self,
@@ -503,22 +577,23 @@ class JobsClient:
         if execution_number is not None:
             body["executionNumber"] = execution_number
         body["includeJobExecutionState"] = True
-        result, doc = await self._request(thing_name, job_id, "update", body)
+        reply = await self._request(thing_name, job_id, "update", body)
+        doc = reply.doc
         state_status, version, details = _execution_state(doc)
-        if result == "accepted":
+        if reply.result == "accepted":
             return UpdateResult(True, None, "", state_status, version, details)
         return UpdateResult(False, str(doc.get("code", "Unknown")), str(doc.get("message", "")),
                             state_status, version, details)
 
-    async def _request(self, thing: str, job: str, op: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    async def _request(self, thing: str, job: str, op: str, body: dict[str, Any]) -> _Reply:
         if thing not in self._served:
             raise JobsError("NotServed", f"thing {thing} is not served")
         return await self._requests.ask(thing, job, op, body, lambda t: t in self._served)
 
     # -- incoming --
 
-    def _parse(self, topic: str, payload: bytes) -> tuple[str, list[str], dict[str, Any]] | None:
-        """(thing, rest of topic after jobs/, JSON document) or None to ignore."""
+    def _parse(self, topic: str, payload: bytes) -> tuple[str, list[str], dict[str, Any], str | None] | None:
+        """(thing, rest of topic after jobs/, JSON document, why it was not read whole) or None to ignore."""
         parts = topic.split("/")
         if len(parts) < 5 or parts[:2] != ["$aws", "things"] or parts[3] != "jobs":
             return None
@@ -527,46 +602,52 @@ class JobsClient:
             log.debug("ignoring %s: thing not served", topic)
             return None
         try:
-            doc = json.loads(payload)
+            doc, unreadable = read_message(payload)
         except ValueError:
             log.warning("ignoring invalid JSON on %s", topic)
             return None
         if not isinstance(doc, dict):
             log.warning("ignoring non-object JSON on %s", topic)
             return None
-        return thing, parts[4:], doc
+        if unreadable is not None:
+            log.warning("message on %s cut: %s", topic, unreadable)
+        return thing, parts[4:], doc, unreadable
 
-    def _execution_from(self, thing: str, doc: dict[str, Any]) -> JobExecution | None:
+    def _execution_from(self, thing: str, doc: dict[str, Any], unreadable: str | None = None) -> JobExecution | None:
         if "execution" not in doc or doc["execution"] is None:
             return None  # {"clientToken","timestamp"} / {"timestamp"}: no job
-        return parse_execution(thing, doc["execution"])
+        return parse_execution(thing, doc["execution"], unreadable=unreadable)
 
     def _handle_notify_next(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, payload)
         if parsed is None:
             return
-        thing, _, doc = parsed
+        thing, _, doc, unreadable = parsed
         try:
-            execution = self._execution_from(thing, doc)
+            execution = self._execution_from(thing, doc, unreadable)
         except ValueError as e:
             log.warning("ignoring notify-next for %s: %s", thing, e)
             return
         self._deliver(thing, execution)
+        if execution is None and self._mqtt.connected:
+            # Case 2: the head left the queue (a transfer for it stops). Notifications can come
+            # late or be lost, so ask which job is next now rather than wait for the next one.
+            self._spawn(self._refresh(thing))
 
     def _handle_reply(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, payload)
         if parsed is None:
             return
-        thing, rest, doc = parsed
+        thing, rest, doc, unreadable = parsed
         if len(rest) != 3 or rest[2] not in ("accepted", "rejected"):
             return
         job, op, result = rest
         if job == "$next" and op == "get":
             if result == "accepted":
                 try:
-                    self._deliver(thing, self._execution_from(thing, doc))
+                    self._deliver(thing, self._execution_from(thing, doc, unreadable))
                 except ValueError as e:
                     log.warning("ignoring $next/get reply for %s: %s", thing, e)
             else:
                 log.warning("$next/get rejected for %s: %s %s", thing, doc.get("code"), doc.get("message", ""))
-        self._requests.answered(topic, thing, job, op, result, doc)
+        self._requests.answered(topic, thing, job, op, _Reply(result, doc, unreadable))

@@ -130,6 +130,8 @@ class JobManager:
         self.start(self._state.job(key))
 
     def _parse(self, execution: JobExecution) -> OtaJob:
+        if execution.document_error is not None:
+            raise JobFailed(Word.REJECTED, execution.document_error)
         doc = execution.document
         if not is_ota_document(doc):
             raise JobFailed(Word.REJECTED, "the job document has no afr_ota object: this gateway runs only OTA jobs")

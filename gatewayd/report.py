@@ -5,7 +5,10 @@ map (at most 10 keys, values of 1 to 1,024 characters); `ExecutionReports` build
 job from the status views. `Reporter` sends them: at most one update per execution every
 `min_interval` seconds plus one at every change of status word, always with
 `expectedVersion`, and it keeps trying a final update until the cloud accepts it or says
-the execution is gone.
+the execution is gone. An update refused with VersionMismatch is sent again on the version
+the cloud names, at once, at most `max_version_resends` times in a row; then it waits
+`retry_interval` before the next round, so a cloud that keeps moving the version costs one
+short burst per pause, never a tight loop.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .aws import MAX_DETAIL_VALUE, MAX_STATUS_DETAILS, TERMINAL_STATUSES, detail_value
-from .cloud import JobsClient
+from .cloud import JobsClient, UpdateResult
 from .logs import log_fields
 from .mqtt import MqttClient
 from .state import JobKey, JobRecord, StateDB
@@ -129,13 +132,17 @@ class Reporter:
         connection: MqttClient | None = None,  # updates wait for it instead of polling
         min_interval: float = 2.0,
         retry_interval: float = 5.0,
+        max_version_resends: int = 5,
     ) -> None:
+        if max_version_resends < 0:
+            raise ValueError("max_version_resends must be 0 or more")
         self._cloud = cloud
         self._connection = connection
         self._state = state
         self._on_gone = on_gone
         self._min_interval = min_interval
         self._retry_interval = retry_interval
+        self._max_version_resends = max_version_resends
         self._executions: dict[JobKey, _Execution] = {}
 
     def post(self, key: JobKey, status: CloudStatus, details: dict[str, str], *, final: bool = False) -> None:
@@ -184,7 +191,13 @@ class Reporter:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            if await self._send(ex, pending):
+            try:
+                done = await self._send(ex, pending)
+            except Exception:  # noqa: BLE001 - a bug must not lose the final update: pause, try again
+                log.exception("sending the status update of %s failed", ex.key.job_id,
+                              extra=log_fields(job_id=ex.key.job_id, thing=ex.key.thing, phase=pending.word))
+                done = False
+            if done:
                 if ex.queue and ex.queue[0] is pending:
                     ex.queue.pop(0)
             else:
@@ -203,29 +216,40 @@ class Reporter:
     async def _send(self, ex: _Execution, pending: _Pending) -> bool:
         """True when this update needs no more sending (accepted, or the execution is gone)."""
         key = ex.key
-        job = self._state.find_job(key)
-        if job is None or job.final_sent:
-            return True
         fields = log_fields(job_id=key.job_id, thing=key.thing, phase=pending.word)
-        try:
-            result = await self._cloud.update(
-                key.thing, key.job_id, pending.status, pending.details,
-                expected_version=job.version_number, execution_number=job.execution_number)
-        except Exception as e:  # not connected, timeout: keep it and try again
-            log.info("status update for %s not sent yet: %s", key.job_id, e, extra=fields)
-            return False
+        for _resend in range(self._max_version_resends + 1):
+            job = self._state.find_job(key)
+            if job is None or job.final_sent:
+                return True
+            try:
+                result = await self._cloud.update(
+                    key.thing, key.job_id, pending.status, pending.details,
+                    expected_version=job.version_number, execution_number=job.execution_number)
+            except Exception as e:  # not connected, timeout: keep it and try again
+                log.info("status update for %s not sent yet: %s", key.job_id, e, extra=fields)
+                return False
+            if result.code != "VersionMismatch":
+                return await self._answered(ex, pending, result, fields)
+            if result.status in TERMINAL_STATUSES:
+                return await self._gone(ex, f"execution is already {result.status}", fields)
+            if result.version_number is None:
+                return False
+            # someone (an earlier run of ours) updated it meanwhile: ours is newer, send on its version
+            self._state.record_cloud_state(key, _cloud_status(result.status), result.version_number)
+            log.info("execution version moved to %s; sending again", result.version_number, extra=fields)
+        log.warning("%s update for %s not accepted: the execution's version moved %d times in a row (now %s), "
+                    "something else keeps updating it; trying again in %.1f s", pending.status, key.job_id,
+                    self._max_version_resends + 1, result.version_number, self._retry_interval, extra=fields)
+        return False
+
+    async def _answered(self, ex: _Execution, pending: _Pending, result: UpdateResult, fields: dict) -> bool:
+        """The cloud's answer other than VersionMismatch; True when the update needs no more sending."""
+        key = ex.key
         if result.accepted:
             ex.last_word, ex.last_sent = pending.word, time.monotonic()
             self._state.record_cloud_state(key, pending.status, result.version_number, final_sent=pending.final)
             log.debug("sent %s %s", pending.status, pending.details, extra=fields)
             return True
-        if result.code == "VersionMismatch":
-            if result.status in TERMINAL_STATUSES:
-                return await self._gone(ex, f"execution is already {result.status}", fields)
-            # someone (an earlier run of ours) updated it meanwhile: ours is newer, send on its version
-            self._state.record_cloud_state(key, _cloud_status(result.status), result.version_number)
-            log.info("execution version moved to %s; sending again", result.version_number, extra=fields)
-            return await self._send(ex, pending) if result.version_number is not None else False
         if result.code in GONE_CODES:
             return await self._gone(ex, f"{result.code}: {result.message}", fields)
         if result.code in ("RequestThrottled", "InternalError", None):

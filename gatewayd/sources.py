@@ -24,14 +24,14 @@ from .cloud import JobsClient
 from .config import Config
 from .errors import DownloadError, JobFailed
 from .http_download import HttpDownload, HttpDownloadError
-from .jobdoc import DocumentLimits, OtaFile, OtaJob, parse_job_document
+from .jobdoc import DocumentLimits, JobDocumentError, OtaFile, OtaJob, parse_job_document
 from .logs import log_fields
 from .mcuboot import ImageError, ImageInfo, inspect_image_bytes
 from .mqtt import MqttClient
 from .relay import RelayImage
 from .state import FileKey, FileRecord, JobRecord, StateDB
 from .store import FileStore
-from .stream_download import StreamDownload
+from .stream_download import StreamDownload, StreamFile
 from .verify import VerificationError, verify_digest
 from .vocab import FilePhase, TransferPhase, Word
 
@@ -191,7 +191,8 @@ class CloudFiles:
                 file_id=f.fileid, file_size=f.filesize, block_size=block_size,
                 blocks_per_request=config.ota.blocks_per_request, part_path=part,
                 received=record.received, save_progress=save_blocks, on_progress=progress,
-                request_timeout=config.ota.request_timeout, max_idle_requests=config.ota.max_idle_requests).run()
+                request_timeout=config.ota.request_timeout, max_idle_requests=config.ota.max_idle_requests,
+                reread_job=lambda: self._stream_file(job, f.index)).run()
             return
 
         async def save_bytes(done: int) -> None:
@@ -212,6 +213,19 @@ class CloudFiles:
         if not url:
             raise HttpDownloadError(f"the job document no longer has an update_data_url for files[{idx}]")
         return url
+
+    async def _stream_file(self, job: JobRecord, idx: int) -> StreamFile:
+        """Where the job document, read again, puts files[idx] (a stream said it changed: case 46)."""
+        execution = await self._cloud.describe(job.thing, job.job_id)
+        if execution is None:
+            raise DownloadError(f"job {job.job_id} is no longer available in the cloud")
+        try:
+            ota = parse_ota(job.job_id, execution.document, self._config())
+        except JobDocumentError as e:
+            raise DownloadError(f"the job document read again is not usable: {e}") from e
+        if idx >= len(ota.files):
+            raise DownloadError(f"the job document read again has no files[{idx}]")
+        return StreamFile(ota.stream_name or "", ota.files[idx].fileid, ota.files[idx].filesize)
 
     def _forget_download(self, key: FileKey, **values: Any) -> None:
         self._store.discard_part(key)

@@ -9,6 +9,12 @@ them the download fails. Bad messages are discarded and never reset that count, 
 stream that sends only garbage fails the same way. While the MQTT connection is down the
 download waits for it instead of spending requests.
 
+A rejection that says the stream changed (VersionMismatch, ETagMismatch: case 46) earns one
+fresh look, once per download: DescribeStream (at most DESCRIBE_ATTEMPTS requests) must
+still list the file with its size, the job document read again (`reread_job`) must still
+name this stream, file and size; then the requests go on, pinned to the version described.
+The same rejection after that, or any change found, ends the download.
+
 Crash safety: `save_progress` only ever receives blocks that were fsynced before it was
 called, so after a crash or power cut the stored bitmap never claims a block that is not on
 disk, and at most one window of written-but-unsaved blocks is fetched again. A daemon
@@ -32,10 +38,13 @@ from .mqtt import MqttClient, MqttError
 from .store import fsync_dir, pwrite_all
 from .streams import (
     Bitmap,
+    StreamDescription,
     StreamMessageError,
     block_length,
     decode_data_block,
+    decode_description,
     decode_rejection,
+    encode_describe_stream,
     encode_get_stream,
     max_blocks_per_request,
     n_blocks,
@@ -48,6 +57,18 @@ IDLE_BACKOFF_CAP = 4  # the idle wait grows request_timeout x1, x2, x4, x4, ...
 # Rejections worth another try (the idle count still bounds them); any other code is final.
 TRANSIENT_REJECTIONS = frozenset({"InternalError", "RequestThrottled", "Throttling", "ServiceUnavailable",
                                   "Unknown"})
+# Rejections saying the stream changed under the download: worth one fresh look (case 46).
+CHANGED_STREAM_REJECTIONS = frozenset({"VersionMismatch", "ETagMismatch"})
+DESCRIBE_ATTEMPTS = 3  # DescribeStream requests, request_timeout apart, before giving up
+
+
+@dataclass(frozen=True)
+class StreamFile:
+    """Where a job's file is served, as its job document says."""
+
+    stream_name: str
+    file_id: int
+    file_size: int
 
 
 @dataclass
@@ -57,6 +78,7 @@ class DownloadStats:
     duplicates: int = 0
     discarded: int = 0  # malformed or mismatched messages
     rejections: int = 0
+    describes: int = 0  # DescribeStream requests
 
 
 class StreamDownload:
@@ -76,10 +98,14 @@ class StreamDownload:
         on_progress: Callable[[int, int], None] | None = None,
         request_timeout: float = 10.0,
         max_idle_requests: int = 32,
+        reread_job: Callable[[], Awaitable[StreamFile]] | None = None,
     ) -> None:
         """Parameters that cannot work (block size outside 256..131072, file id outside
         0..255, a file needing more blocks than a stream serves, a stored bitmap of the
-        wrong length, an invalid thing or stream name) make run() raise DownloadError."""
+        wrong length, an invalid thing or stream name) make run() raise DownloadError.
+
+        `reread_job` reads the job document again and says where it puts this file now
+        (raising DownloadError if it cannot); without it only the stream is described."""
         self._problem = _check(thing_name, stream_name, file_id, file_size, block_size)
         count = n_blocks(file_size, block_size) if self._problem is None else 0
         self._bitmap = Bitmap.all_missing(count)
@@ -102,11 +128,17 @@ class StreamDownload:
         self._on_progress = on_progress
         self._timeout = request_timeout
         self._max_idle = max_idle_requests
+        self._reread_job = reread_job
         self._token = f"{file_id}-{secrets.token_hex(4)}"
+        self._describe_token = f"d{self._token}"
+        self._stream_version: int | None = None  # sent as `s` once described
+        self._looked_again = False
         base = f"$aws/things/{thing_name}/streams/{stream_name}"
         self._get_topic = f"{base}/get/cbor"
         self._data_topic = f"{base}/data/cbor"
         self._rejected_topic = f"{base}/rejected/cbor"
+        self._describe_topic = f"{base}/describe/cbor"
+        self._description_topic = f"{base}/description/cbor"
         self._task: asyncio.Task[None] | None = None
         self._since_progress = 0
         self._idle_since = 0.0  # loop time of the first request without a new block
@@ -237,8 +269,11 @@ class StreamDownload:
                     except asyncio.TimeoutError:
                         break
                 if kind == "rejected":
-                    self._rejected(payload)
-                elif self._accept(fd, payload):
+                    changed = self._rejected(payload)
+                    if changed is not None:
+                        await self._look_again(fd, queue, *changed)
+                        break  # ask again at once, on the version just described
+                elif kind == "data" and self._accept(fd, payload):
                     got += 1
                     deadline = loop.time() + self._timeout
             if got < window and self._since_progress >= self._max_idle:
@@ -254,25 +289,31 @@ class StreamDownload:
             offset=0,
             bitmap=self._bitmap.to_request_bytes(),
             n=window,
+            stream_version=self._stream_version,
         )
+        await self._publish(self._get_topic, payload, "the request")
+        self.stats.requests += 1
+        if self._since_progress == 0:
+            self._idle_since = asyncio.get_running_loop().time()
+        self._since_progress += 1
+        log.debug("stream %s: requested %d of %d missing blocks (%d without progress)", self.stream_name,
+                  window, self._bitmap.missing_count, self._since_progress)
+
+    async def _publish(self, topic: str, payload: bytes, what: str) -> None:
+        """Publish once connected; a publish lost without a PUBACK counts as sent (the idle
+        timer asks again), one the broker refused ends the download."""
         while True:
             if not self._mqtt.ready:  # our data subscription must be back before asking
                 log.info("stream %s: waiting for the MQTT connection", self.stream_name)
                 await self._mqtt.wait_connected()
             try:
-                await self._mqtt.publish(self._get_topic, payload, qos=1)
+                await self._mqtt.publish(topic, payload, qos=1)
             except MqttError as e:
                 if e.code is not None:
-                    raise DownloadError(f"the broker refused the request for stream {self.stream_name}: {e}") from e
+                    raise DownloadError(f"the broker refused {what} for stream {self.stream_name}: {e}") from e
                 if not self._mqtt.connected:
                     continue
-                log.debug("stream %s: request not acknowledged: %s", self.stream_name, e)
-            self.stats.requests += 1
-            if self._since_progress == 0:
-                self._idle_since = asyncio.get_running_loop().time()
-            self._since_progress += 1
-            log.debug("stream %s: requested %d of %d missing blocks (%d without progress)", self.stream_name,
-                      window, self._bitmap.missing_count, self._since_progress)
+                log.debug("stream %s: %s not acknowledged: %s", self.stream_name, what, e)
             return
 
     def _discard(self, why: str) -> bool:
@@ -308,10 +349,12 @@ class StreamDownload:
                 log.exception("on_progress failed")
         return True
 
-    def _rejected(self, payload: bytes) -> None:
+    def _rejected(self, payload: bytes) -> tuple[str, str] | None:
+        """(code, message) of a rejection saying the stream changed; None for one to wait out
+        or not ours; raises DownloadError for any other."""
         token = rejection_client_token(payload)
         if token is not None and token != self._token:
-            return  # another download's request
+            return None  # another download's request, or one of ours from before a fresh look
         try:
             code, message = decode_rejection(payload)
         except StreamMessageError:
@@ -319,9 +362,95 @@ class StreamDownload:
         self.stats.rejections += 1
         if code in TRANSIENT_REJECTIONS:
             log.warning("stream %s rejected a request: %s %s; will retry", self.stream_name, code, message)
-            return
+            return None
+        if code in CHANGED_STREAM_REJECTIONS:
+            return code, message
         raise DownloadError(f"stream {self.stream_name} rejected the request: {code}"
                             + (f" ({message})" if message else ""))
+
+    async def _look_again(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]], code: str, message: str) -> None:
+        """Case 46, once: describe the stream, read the job again, go on pinned to the version
+        described if both still serve this file as it was; else DownloadError."""
+        what = f"stream {self.stream_name} rejected the request: {code}" + (f" ({message})" if message else "")
+        if self._looked_again:
+            raise DownloadError(f"{what}, again after the stream was described and the job read anew")
+        self._looked_again = True
+        log.warning("%s; describing the stream and reading the job again", what)
+        described = await self._describe(fd, queue, what)
+        size = described.file_sizes.get(self.file_id)
+        if size is None:
+            raise DownloadError(f"{what}, and the stream no longer has file {self.file_id}")
+        if size != self.file_size:
+            raise DownloadError(f"{what}, and file {self.file_id} of the stream is now {size} bytes, "
+                                f"not the {self.file_size} of the job")
+        if self._reread_job is not None:
+            try:
+                now = await self._reread_job()
+            except DownloadError as e:
+                raise DownloadError(f"{what}, and reading the job again failed: {e.reason}") from e
+            except Exception as e:  # noqa: BLE001 - not connected, no reply: the look is over
+                raise DownloadError(f"{what}, and reading the job again failed: {e}") from e
+            if now != StreamFile(self.stream_name, self.file_id, self.file_size):
+                raise DownloadError(f"{what}, and the job document now names file {now.file_id} "
+                                    f"({now.file_size} bytes) of stream {now.stream_name}")
+        self._stream_version = described.version
+        self._token = f"{self.file_id}-{secrets.token_hex(4)}"  # late rejections of older requests are not ours
+        log.info("stream %s is at version %d and still serves file %d; asking again on that version",
+                 self.stream_name, described.version, self.file_id)
+
+    async def _describe(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]], what: str) -> StreamDescription:
+        """DescribeStream, up to DESCRIBE_ATTEMPTS requests; blocks arriving meanwhile are kept."""
+
+        def on_description(_topic: str, payload: bytes) -> None:
+            queue.put_nowait(("description", payload))
+
+        try:
+            await self._mqtt.subscribe(self._description_topic, on_description, qos=1)
+        except MqttError as e:
+            raise DownloadError(f"{what}, and describing the stream failed: {e}") from e
+        try:
+            request = encode_describe_stream(self._describe_token)
+            for _attempt in range(DESCRIBE_ATTEMPTS):
+                await self._publish(self._describe_topic, request, "the DescribeStream request")
+                self.stats.describes += 1
+                described = await self._description(fd, queue, what)
+                if described is not None:
+                    return described
+            raise DownloadError(f"{what}, and the stream did not answer {DESCRIBE_ATTEMPTS} requests to describe it")
+        finally:
+            try:
+                await self._mqtt.unsubscribe(self._description_topic, on_description)
+            except Exception:  # noqa: BLE001 - cleanup must not mask the real outcome
+                log.debug("unsubscribe %s failed", self._description_topic, exc_info=True)
+
+    async def _description(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]],
+                           what: str) -> StreamDescription | None:
+        """The reply to our DescribeStream within request_timeout, or None."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                kind, payload = await asyncio.wait_for(queue.get(), remaining)
+            except asyncio.TimeoutError:
+                return None
+            if kind == "data":
+                self._accept(fd, payload)
+            elif kind == "rejected" and rejection_client_token(payload) == self._describe_token:
+                try:
+                    code, message = decode_rejection(payload)
+                except StreamMessageError:
+                    code, message = "Unknown", "undecodable rejection"
+                raise DownloadError(f"{what}, and describing the stream was refused: {code}"
+                                    + (f" ({message})" if message else ""))
+            elif kind == "description":
+                try:
+                    described = decode_description(payload)
+                except StreamMessageError as e:
+                    log.debug("stream %s: discarding a description: %s", self.stream_name, e)
+                    continue
+                if described.client_token in (None, self._describe_token):
+                    return described
+        return None
 
     async def _persist(self, fd: int) -> None:
         # fsync first: the database must never claim a block that is not on disk.

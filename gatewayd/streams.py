@@ -218,6 +218,37 @@ def decode_data_block(payload: bytes) -> DataBlock:
     return DataBlock(file_id, index, length, data, _opt_text(obj, "c"))
 
 
+@dataclass(frozen=True)
+class StreamDescription:
+    """A DescribeStream reply {c?, s, d?, r: [{f, z}]}: the stream's version and its files' sizes."""
+
+    version: int
+    file_sizes: dict[int, int]  # file id -> size in bytes
+    client_token: str | None = None
+
+
+def encode_describe_stream(client_token: str | None) -> bytes:
+    """DescribeStream request: only the optional client token `c`."""
+    if client_token is not None and len(client_token.encode()) > MAX_CLIENT_TOKEN:
+        raise ValueError("client token longer than 64 bytes")
+    return cbor2.dumps({} if client_token is None else {"c": client_token})
+
+
+def decode_description(payload: bytes) -> StreamDescription:
+    """A DescribeStream reply; raises StreamMessageError."""
+    obj = _loads_map(payload)
+    version = _int(obj, "s")
+    files = obj.get("r")
+    if not isinstance(files, list):
+        raise StreamMessageError("'r' is not an array of files")
+    sizes: dict[int, int] = {}
+    for entry in files:
+        if not isinstance(entry, dict):
+            raise StreamMessageError("an entry of 'r' is not a map")
+        sizes[_int(entry, "f")] = _int(entry, "z")
+    return StreamDescription(version, sizes, _opt_text(obj, "c"))
+
+
 def decode_rejection(payload: bytes) -> tuple[str, str]:
     """(code, message) of a `rejected` reply; accepts o/m and code/message."""
     obj = _loads_map(payload)

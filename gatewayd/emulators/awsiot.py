@@ -94,10 +94,19 @@ class ExecutionRecord:
     step_timeout_minutes: int | None = None
 
 
+@dataclass(frozen=True)
+class RawDocument:
+    """A job document given as JSON text and delivered verbatim, for documents that do not
+    survive a round trip through Python objects (e.g. nested deeper than json can recurse).
+    AWS IoT only bounds a document's length (32,768 characters, aws-iot-ota.md §1.2)."""
+
+    text: str
+
+
 @dataclass
 class Job:
     job_id: str
-    document: dict[str, Any]
+    document: dict[str, Any] | RawDocument
     targets: list[str]
     status: str = IN_PROGRESS  # the job itself: IN_PROGRESS, CANCELED or COMPLETED
     created_at: int = 0
@@ -138,6 +147,7 @@ class StreamStats:
     bytes_served: int = 0
     rejections: list[tuple[str, str]] = field(default_factory=list)  # (code, message)
     request_log: list[dict[str, Any]] = field(default_factory=list)
+    describes: int = 0  # DescribeStream requests
 
 
 @dataclass
@@ -263,7 +273,9 @@ class AwsIotEmulator:
         self._drop: _Fault | None = None
         self._duplicate: _Fault | None = None
         self._corrupt: _Fault | None = None
+        self._refusals: dict[str, list[tuple[str, str]]] = {}  # stream -> (code, message) for its next requests
         self._paused = False
+        self._notifications_lost = False
         self._hold = False
         self._held: list[tuple[str, bytes]] = []
         self._ready = threading.Event()
@@ -338,7 +350,7 @@ class AwsIotEmulator:
             log.exception("AWS IoT emulator: failed to handle %s", msg.topic)
 
     def _publish(self, topic: str, payload: Any, qos: int | None = None) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+        data = payload if isinstance(payload, bytes) else _dumps(payload).encode()
         client = self._client
         if client is None:
             return
@@ -356,6 +368,8 @@ class AwsIotEmulator:
             self._url_minter = mint
 
     def _deliver_document(self, job_id: str) -> Any:
+        if isinstance(self._jobs[job_id].document, RawDocument):
+            return self._jobs[job_id].document  # spliced in verbatim by _publish
         document = copy.deepcopy(self._jobs[job_id].document)
         mint = getattr(self, "_url_minter", None)
         return _replace_placeholders(document, mint) if mint else document
@@ -366,12 +380,13 @@ class AwsIotEmulator:
 
     # --- jobs: control plane (test side) ---
 
-    def create_job(self, job_id: str, targets: Iterable[str], document: dict[str, Any]) -> Job:
+    def create_job(self, job_id: str, targets: Iterable[str], document: dict[str, Any] | RawDocument) -> Job:
         """CreateJob with one QUEUED execution per target thing."""
         targets = list(targets)
         if not _JOB_ID_RE.fullmatch(job_id):
             raise ValueError(f"job id {job_id!r} must match [a-zA-Z0-9_-]{{1,64}}")
-        if len(json.dumps(document)) > MAX_JOB_DOCUMENT:
+        length = len(document.text) if isinstance(document, RawDocument) else len(json.dumps(document))
+        if length > MAX_JOB_DOCUMENT:
             raise ValueError(f"job document longer than {MAX_JOB_DOCUMENT} characters")
         for thing in targets:
             if not _THING_RE.fullmatch(thing):
@@ -516,7 +531,8 @@ class AwsIotEmulator:
         jobs: dict[str, list[dict[str, Any]]] = {}
         for ex in pending[:NOTIFY_MAX_ENTRIES]:
             jobs.setdefault(ex.status, []).append(self._summary(ex))
-        self._publish(f"$aws/things/{thing}/jobs/notify", {"timestamp": now, "jobs": jobs})
+        if not self._notifications_lost:
+            self._publish(f"$aws/things/{thing}/jobs/notify", {"timestamp": now, "jobs": jobs})
         head = pending[0] if pending else None
         head_id = head.job_id if head else None
         if head_id != self._heads.get(thing):
@@ -524,8 +540,16 @@ class AwsIotEmulator:
             payload: dict[str, Any] = {"timestamp": now}
             if head is not None:
                 payload["execution"] = self._execution_doc(head)
-            self._publish(f"$aws/things/{thing}/jobs/notify-next", payload)
+            if not self._notifications_lost:
+                self._publish(f"$aws/things/{thing}/jobs/notify-next", payload)
         self._changed.notify_all()
+
+    def lose_notifications(self, lost: bool) -> None:
+        """While `lost`, notify and notify-next messages are lost on their way (as to a client
+        that is away); the service still counts them as sent, so a head announced meanwhile
+        is not announced again."""
+        with self._lock:
+            self._notifications_lost = lost
 
     def _set_status(self, ex: ExecutionRecord, status: str, details: dict[str, str] | None) -> None:
         now = self._clock()
@@ -769,9 +793,17 @@ class AwsIotEmulator:
         with self._lock:
             self._corrupt = _fault(predicate, probability, seed, mode=mode)
 
+    def reject_stream_requests(self, stream_id: str, code: str, *, count: int = 1, message: str | None = None) -> None:
+        """Reject the next `count` GetStream requests of the stream with `code` (e.g. ETagMismatch:
+        the S3 object behind the stream changed, aws-iot-ota.md §3.2), after the request checks."""
+        with self._lock:
+            self._refusals.setdefault(stream_id, []).extend(
+                [(code, message or f"{code} injected by the emulator")] * count)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._drop = self._duplicate = self._corrupt = None
+            self._refusals.clear()
 
     def pause_streams(self, paused: bool, *, hold: bool = False) -> None:
         """While paused GetStream requests get no answer. With `hold`, they are answered on resume."""
@@ -790,6 +822,7 @@ class AwsIotEmulator:
             return
         with self._lock:
             if op == "describe":
+                self._stats.setdefault(parts[4], StreamStats()).describes += 1
                 self._describe_stream(parts, fmt, payload)
                 return
             self._stats.setdefault(parts[4], StreamStats()).requests += 1
@@ -858,6 +891,8 @@ class AwsIotEmulator:
             stats.request_log.append(dict(request))
             token = self._stream_token(request)
             file_id, data, block_size, indices = self._select_blocks(stream_id, fmt, request)
+            if self._refusals.get(stream_id):
+                raise _Rejected(*self._refusals[stream_id].pop(0))
         except _Rejected as rej:
             self._reject_stream(thing, stream_id, fmt, rej, token)
             return
@@ -1023,6 +1058,23 @@ class AwsIotEmulator:
             self.create_stream(stream_id, contents, description=f"OTA update {job_id}")
         self.create_job(job_id, targets, document)
         return copy.deepcopy(document)
+
+
+def _dumps(payload: Any) -> str:
+    """Compact JSON with every RawDocument spliced in as its text."""
+    raw: dict[str, str] = {}
+
+    def placeholder(value: Any) -> str:
+        if not isinstance(value, RawDocument):
+            raise TypeError(f"{type(value).__name__} is not JSON serializable")
+        key = f"raw-document-{uuid.uuid4().hex}"
+        raw[key] = value.text
+        return key
+
+    text = json.dumps(payload, separators=(",", ":"), default=placeholder)
+    for key, value in raw.items():
+        text = text.replace(json.dumps(key), value, 1)
+    return text
 
 
 def _fault(

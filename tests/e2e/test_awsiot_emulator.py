@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gatewayd.emulators.awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec
+from gatewayd.emulators.awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec, RawDocument
 from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki, tls_client
 from gatewayd.emulators.signing import make_signer
 
@@ -343,6 +343,33 @@ def test_cancel_plain_leaves_in_progress_and_force_fires_notify_next(emulator, d
     assert dev.next_json("jobs/notify-next") == {"timestamp": pytest.approx(time.time(), abs=60)}
 
 
+def test_a_raw_document_is_delivered_verbatim_and_bounded_in_length(emulator, device):
+    dev = device()
+    text = '{"a":' * 1200 + "1" + "}" * 1200  # deeper than Python's json can read or write
+    emulator.create_job("deep", [THING], RawDocument(text))
+    note = dev.next("jobs/notify-next").decode()
+    assert note.startswith('{"timestamp":') and f'"jobId":"deep","thingName":"{THING}","jobDocument":{text},' in note
+    dev.publish("jobs/$next/get", {"clientToken": "t"})
+    reply = dev.next("jobs/$next/get/accepted").decode()
+    assert f'"jobDocument":{text},"status":"QUEUED"' in reply and reply.endswith('"clientToken":"t"}')
+    with pytest.raises(ValueError, match="32768"):
+        emulator.create_job("too-long", [THING], RawDocument("[" + "0," * 16384 + "0]"))
+
+
+def test_lost_notifications_are_not_sent_again(emulator, device):
+    dev = device()
+    emulator.lose_notifications(True)
+    emulator.create_job("job-1", [THING], DOC)
+    emulator.lose_notifications(False)
+    dev.sync()
+    assert dev.pending("jobs/notify-next") == [] and dev.pending("jobs/notify") == []
+    emulator.create_job("job-2", [THING], DOC)  # behind job-1: the head does not change
+    dev.sync()
+    assert dev.pending("jobs/notify-next") == [] and len(dev.pending("jobs/notify")) == 1
+    outcome, reply = dev.request("$next/get", {})
+    assert outcome == "accepted" and reply["execution"]["jobId"] == "job-1"
+
+
 def test_jobs_for_many_things_are_independent(emulator, device):
     a, b = device("node-a"), device("node-b")
     emulator.create_job("job-1", ["node-a", "node-b"], DOC)
@@ -504,6 +531,23 @@ def test_describe_stream(emulator, device, stream):
     dev.publish(f"streams/{stream}/describe/cbor", b"")
     body = cbor2.loads(dev.next(f"streams/{stream}/description/cbor"))
     assert body["s"] == 2 and body["r"] == [{"f": 0, "z": 300}] and "c" not in body
+
+
+def test_injected_stream_rejections_come_after_the_checks_and_run_out(emulator, device, stream):
+    dev = device()
+    emulator.reject_stream_requests(stream, "ETagMismatch", count=2)
+    good = {"c": "e", "f": 0, "l": 4096, "o": 0, "b": b"\x01", "n": 1}
+    dev.publish(f"streams/{stream}/get/cbor", cbor2.dumps(dict(good, l=100)))
+    assert cbor2.loads(dev.next(f"streams/{stream}/rejected/cbor"))["o"] == "BlockSizeOutOfBounds"
+    for _ in range(2):
+        dev.publish(f"streams/{stream}/get/cbor", cbor2.dumps(good))
+        body = cbor2.loads(dev.next(f"streams/{stream}/rejected/cbor"))
+        assert body["o"] == "ETagMismatch" and body["c"] == "e" and body["m"]
+    dev.publish(f"streams/{stream}/get/cbor", cbor2.dumps(good))
+    assert cbor2.loads(dev.next(f"streams/{stream}/data/cbor"))["i"] == 0
+    dev.stream_sync(stream)
+    stats = emulator.stream_stats(stream)
+    assert stats.describes == 1 and [code for code, _ in stats.rejections].count("ETagMismatch") == 2
 
 
 def test_json_stream_variant(emulator, device, stream):

@@ -8,10 +8,12 @@ import threading
 import time
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 
 from gatewayd.aws import check_status_details
-from gatewayd.cloud import JobExecution, JobsClient, JobsError, parse_execution
+from gatewayd.cloud import JobExecution, JobsClient, JobsError, parse_execution, read_message
+from gatewayd.mqtt import MqttError
 from tests.e2e.fixtures_cloud import Peer, connected_jobs, eventually, make_client
 
 TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"}
@@ -21,7 +23,9 @@ class FakeJobs:
     """The Jobs MQTT API for any thing, answering on accepted/rejected topics.
 
     Knobs: `drop` (ignore the next N requests), `throttle` (answer the next N with
-    RequestThrottled), `misroute` (answer the next N `$next/get` on another thing's topic).
+    RequestThrottled), `misroute` (answer the next N `$next/get` on another thing's topic),
+    `raw_next` (answer the next `$next/get` with this JSON text, `{token}` standing for its
+    clientToken: for documents json.dumps cannot even write).
     """
 
     def __init__(self) -> None:
@@ -32,6 +36,7 @@ class FakeJobs:
         self.drop = 0
         self.throttle = 0
         self.misroute: str | None = None
+        self.raw_next: str | None = None
         self.peer: Peer | None = None
 
     def start(self, broker, pki) -> FakeJobs:
@@ -109,6 +114,9 @@ class FakeJobs:
                 return reply("rejected", {"code": "RequestThrottled", "message": "slow down"})
             if op == "get":
                 if job == "$next":
+                    if self.raw_next is not None:
+                        raw, self.raw_next = self.raw_next, None
+                        return peer.publish(f"{reply_base}/accepted", raw.replace("{token}", token), qos=1)
                     if self.misroute:
                         other, self.misroute = self.misroute, None
                         exe = self._next(other)
@@ -189,16 +197,18 @@ def test_serve_get_next_and_notify_next(jobs_env):
             # a job for the proxied thing arrives by notify-next
             await asyncio.to_thread(fake.create_job, "pump", "pump-job", {"x": 1})
             await eventually(lambda: rec.ids("pump") == [None, "pump-job"], what="notify-next")
-            # queue empties: notify-next {"timestamp"} means no job
+            # queue empties: notify-next {"timestamp"} means no job, and $next/get confirms it (case 2)
+            asked = len(fake.requests)
             await asyncio.to_thread(fake.cancel_job, "pump", "pump-job")
-            await eventually(lambda: rec.ids("pump") == [None, "pump-job", None], what="empty notify-next")
+            await eventually(lambda: rec.ids("pump") == [None, "pump-job", None, None], what="empty notify-next")
+            assert [t for t, _ in fake.requests[asked:]] == ["$aws/things/pump/jobs/$next/get"]
 
             assert await jobs.describe("gw-01", "job-1") is not None
             assert await jobs.describe("gw-01", "nope") is None
             await jobs.unserve("pump")
             await asyncio.to_thread(fake.create_job, "pump", "pump-job-2", {})
             await asyncio.sleep(0.2)
-            assert rec.ids("pump") == [None, "pump-job", None]
+            assert rec.ids("pump") == [None, "pump-job", None, None]
 
     asyncio.run(main())
 
@@ -471,3 +481,123 @@ def test_subscription_cap_polls_the_other_things(broker_factory, pki):
     finally:
         fake.stop()
     assert not fake.peer.errors
+
+
+def _nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def _deep_execution(job_id: str, depth: int) -> str:
+    return ('{"jobId":"%s","thingName":"gw-01","status":"QUEUED","versionNumber":1,"executionNumber":1,'
+            '"jobDocument":%s}' % (job_id, _nested(depth)))
+
+
+def test_a_reply_nested_too_deeply_answers_the_call_with_an_unreadable_document(jobs_env):
+    """Issue 11 item 5: a `$next/get` reply nested 1,200 levels deep (Python's json gives up at
+    about 1,000 with RecursionError) still answers the pending request at once, and the job
+    reaches on_execution marked unreadable so that it can be rejected, not asked for again."""
+    broker, pki, fake = jobs_env
+
+    async def main():
+        rec = Recorder()
+        async with connected_jobs(broker, pki, rec, request_timeout=30) as (mc, jobs):
+            await jobs.serve("gw-01")
+            await eventually(lambda: rec.ids("gw-01") == [None], what="initial answer")
+            asked = len(fake.requests)
+            fake.raw_next = ('{"clientToken":"{token}","timestamp":1,"execution":%s}'
+                             % _deep_execution("deep-job", 1200))
+            got = await asyncio.wait_for(jobs.get_next("gw-01"), 5)  # not request_timeout (30 s) later
+            assert len(fake.requests) == asked + 1  # answered by the first reply: not asked again
+            assert got is not None and got.job_id == "deep-job" and got.status == "QUEUED"
+            assert got.document is None
+            assert "nested" in got.document_error and "64" in got.document_error
+            await eventually(lambda: rec.ids("gw-01") == [None, "deep-job"], what="delivered to on_execution")
+            assert rec.calls[-1][1].document_error == got.document_error
+
+            # the same document by notify-next, and a plain one after it
+            fake.peer.publish("$aws/things/gw-01/jobs/notify-next",
+                              '{"timestamp":1,"execution":%s}' % _deep_execution("deep-2", 1200))
+            await eventually(lambda: rec.ids("gw-01")[-1:] == ["deep-2"], what="deep notify-next delivered")
+            assert rec.calls[-1][1].document_error and rec.calls[-1][1].document is None
+            await asyncio.to_thread(fake.create_job, "gw-01", "job-ok", DOC)
+            await eventually(lambda: rec.ids("gw-01")[-1:] == ["job-ok"], what="a plain job after it")
+            assert rec.calls[-1][1].document == DOC and rec.calls[-1][1].document_error is None
+
+    asyncio.run(main())
+
+
+def _read_execution(text: str) -> JobExecution:
+    doc, problem = read_message(text.encode())
+    return parse_execution("gw-01", doc["execution"], unreadable=problem)
+
+
+def test_documents_within_the_depth_limit_are_read_whole():
+    for depth in (1, 30, 62):  # the reply wraps the document in 2 more levels: 64 in all
+        exe = _read_execution('{"execution":%s}' % _deep_execution("j", depth))
+        assert exe.document_error is None
+        level = exe.document
+        for _ in range(depth):
+            level = level["a"]
+        assert level == 1
+    exe = _read_execution('{"execution":%s}' % _deep_execution("j", 63))
+    assert exe.document is None and "nested" in exe.document_error
+    assert exe.job_id == "j" and exe.version_number == 1
+    # brackets inside strings (escaped quotes too) are no nesting
+    key = '"' + '[{\\"' * 100 + '"'
+    exe = _read_execution('{"execution":%s}' % _deep_execution("j", 1).replace('"a"', key))
+    assert exe.document_error is None and list(exe.document.values()) == [1]
+    with pytest.raises(ValueError):
+        read_message(b'{"a": [[[[[' + b"[" * 100)  # cut, and still not JSON
+
+
+def test_a_refused_next_job_request_is_asked_again_with_backoff_while_connected(jobs_env):
+    """Case 40: a `$next/get` whose publish fails with a code (paho's queue full here; a broker's
+    "not authorised" PUBACK is the same error) is asked again with a backoff that doubles up to
+    its cap and starts again from the bottom after a success; not only at the next reconnect,
+    notification or poll."""
+    broker, pki, fake = jobs_env
+    fake.create_job("pump", "pump-job", DOC)
+
+    async def main():
+        rec = Recorder()
+        async with connected_jobs(broker, pki, rec, request_timeout=2, retry_backoff=0.05, max_retry_backoff=0.4,
+                                  max_thing_subscriptions=1, poll_interval=2.5) as (mc, jobs):
+            send = mc.publish
+            refuse = {"left": 6}
+            attempts: list[float] = []
+
+            async def publish(topic, payload, qos=1, timeout=10.0):
+                if topic == "$aws/things/pump/jobs/$next/get":
+                    attempts.append(time.monotonic())
+                    if refuse["left"]:
+                        refuse["left"] -= 1
+                        raise MqttError(f"publish to {topic} failed: {paho.error_string(paho.MQTT_ERR_QUEUE_SIZE)}",
+                                        paho.MQTT_ERR_QUEUE_SIZE)
+                return await send(topic, payload, qos, timeout)
+
+            mc.publish = publish
+            await jobs.serve("gw-01")
+            await jobs.serve("pump")  # polled: asked now, then every poll_interval
+            await eventually(lambda: rec.ids("pump") == ["pump-job"], timeout=3, what="the job after the refusals")
+            assert len(attempts) == 7
+            gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+            for gap, ceiling in zip(gaps, (0.05, 0.1, 0.2, 0.4, 0.4, 0.4)):
+                assert ceiling / 2 - 0.01 <= gap <= ceiling + 0.15, gaps
+
+            # the next poll is refused too: its backoff starts again from the bottom
+            refuse["left"] = 2
+            await eventually(lambda: len(attempts) == 10, timeout=5, what="the next poll and its retries")
+            again = [b - a for a, b in zip(attempts[7:], attempts[8:])]
+            assert all(g <= 0.1 + 0.15 for g in again) and again[0] <= 0.05 + 0.1, again
+            await eventually(lambda: rec.ids("pump") == ["pump-job", "pump-job"], timeout=3, what="polled again")
+
+            # refused for good: it goes on at the cap, and stops once the thing is no longer served
+            refuse["left"] = 10**6
+            start = len(attempts)
+            await eventually(lambda: len(attempts) >= start + 6, timeout=8, what="retries at the cap")
+            await jobs.unserve("pump")
+            stopped = len(attempts)
+            await asyncio.sleep(0.8)
+            assert len(attempts) == stopped
+
+    asyncio.run(main())

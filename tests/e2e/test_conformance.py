@@ -1,15 +1,19 @@
-"""Conformance cases 1-15 (aws-iot-ota.md §6) against the running daemon.
+"""Conformance cases of aws-iot-ota.md §6 against the running daemon.
 
-Each malformed document is its own job for the gateway thing. Each one must end REJECTED
-with a reason naming what was wrong, the daemon must carry on, and a good job sent after
-all of them must still succeed on the same daemon.
+Cases 1-15: each malformed document is its own job for the gateway thing. Each one must
+end REJECTED with a reason naming what was wrong, the daemon must carry on, and a good job
+sent after all of them must still succeed on the same daemon. Then the cases about jobs
+that change under a transfer (2, 17, 38), a refused `$next/get` (40) and a stream that
+refuses a version (46), and documents too deep to read (issue 11).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 
 
+from gatewayd.emulators.awsiot import RawDocument
 from gatewayd.emulators.lab import Lab
 
 
@@ -96,3 +100,146 @@ def test_a_hostile_filepath_is_only_a_label(lab):
     written = {p.relative_to(lab.root).parts[0] for p in lab.root.rglob("*pump.bin")}
     assert written == set()
     assert not (lab.root.parent / "etc").exists()
+
+
+def test_a_document_nested_too_deeply_is_rejected_and_the_next_job_runs(lab):
+    """Issue 11 item 5: 1,200 levels of nesting (past what Python's json can recurse) must not
+    leave the job QUEUED and asked for every 30 s: the gateway rejects it with its reason,
+    and the job queued behind it runs."""
+    lab.add_device("pump", files="pump*.bin")
+    lab.start()
+    depth = 1200
+    lab.aws.create_job("too-deep", ["gw-01"], RawDocument('{"a":' * depth + "1" + "}" * depth))
+    image = lab.make_image((1, 3, 0))
+    lab.ota_update("behind-too-deep", "gw-01", image, filepath="pump.bin")
+
+    record = lab.wait("gw-01", "too-deep", timeout=20)
+    assert record.status == "REJECTED", record
+    assert record.status_details["phase"] == "rejected"
+    reason = record.status_details["reason"]
+    assert "job document" in reason and "nested" in reason and "64" in reason, reason
+    assert lab.wait("gw-01", "behind-too-deep", timeout=60).status == "SUCCEEDED"
+    assert lab.device("pump").active_image() == image
+    assert lab.daemon.poll() is None
+
+
+def _stream(document: dict) -> str:
+    return document["afr_ota"]["streamname"]
+
+
+def _phases(lab: Lab, thing: str, job_id: str) -> list[str]:
+    return [u.get("statusDetails", {}).get("phase") for u in lab.aws.all_updates(thing, job_id)]
+
+
+def test_case_2_an_empty_notify_next_aborts_the_download_and_the_next_job_is_asked_for(lab):
+    """The job being downloaded is cancelled and another one queued; the only notification
+    that arrives is the late one saying the queue emptied. The gateway stops the download,
+    publishes nothing more for that job, and asks which job is next instead of waiting."""
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.start()
+    stream = _stream(lab.ota_update("vanishes", "pump", lab.make_image((1, 1, 0), size=200 * 1024)))
+    lab.aws.pause_streams(True)
+    lab.wait_until("the download to start", lambda: lab.aws.requests(stream) > 0
+                   and "downloading" in _phases(lab, "pump", "vanishes"), 20)
+    updates = len(lab.aws.all_updates("pump", "vanishes"))
+
+    lab.aws.lose_notifications(True)
+    lab.aws.cancel_job("vanishes", force=True)
+    image = lab.make_image((1, 2, 0), seed="next-one")
+    lab.ota_update("next-one", "pump", image)
+    lab.aws.lose_notifications(False)
+    lab.aws.publish_raw("$aws/things/pump/jobs/notify-next", b'{"timestamp": 1}')
+    lab.wait_until("the daemon to abort the download", lambda: "no longer pending" in lab.daemon_log(), 10)
+    lab.aws.pause_streams(False)
+
+    done = lab.wait("pump", "next-one", timeout=30)
+    assert done.status == "SUCCEEDED", done
+    assert dev.active_image() == image
+    assert len(lab.aws.all_updates("pump", "vanishes")) == updates
+    assert list((lab.root / "state" / "partial").iterdir()) == []
+
+
+def test_case_17_a_different_job_mid_transfer_aborts_the_old_one_and_deletes_its_part_file(lab):
+    """As FreeRTOS's test_OTA_ReceiveNewJobDocWhileInProgress: a notify-next names another job
+    while a file is half downloaded. The old job is dropped locally (nothing more is said of
+    it), its part file is deleted, and the new job runs."""
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.start()
+    old_stream = _stream(lab.ota_update("old", "pump", lab.make_image((1, 1, 0), size=200 * 1024)))
+    lab.aws.drop_blocks(lambda ref: ref.stream_id == old_stream and ref.index >= 8)
+    part = lab.root / "state" / "partial" / "pump__old__0.part"
+    lab.wait_until("8 blocks of the old file on disk", lambda: part.exists() and part.stat().st_size >= 8 * 1024
+                   and "downloading" in _phases(lab, "pump", "old"), 20)
+    updates = len(lab.aws.all_updates("pump", "old"))
+
+    image = lab.make_image((1, 2, 0), seed="new")
+    document = lab.ota_update("new", "pump", image)  # queued behind "old": no notify-next from AWS
+    new = lab.aws.execution("pump", "new")
+    execution = {"jobId": "new", "thingName": "pump", "jobDocument": document, "status": "QUEUED",
+                 "queuedAt": new.queued_at, "lastUpdatedAt": new.last_updated_at,
+                 "versionNumber": new.version_number, "executionNumber": new.execution_number}
+    lab.aws.publish_raw("$aws/things/pump/jobs/notify-next",
+                        json.dumps({"timestamp": new.queued_at, "execution": execution}).encode())
+
+    done = lab.wait("pump", "new", timeout=30)
+    assert done.status == "SUCCEEDED", done
+    assert dev.active_image() == image
+    assert not part.exists()
+    assert list((lab.root / "state" / "partial").iterdir()) == []
+    old = lab.aws.execution("pump", "old")
+    assert len(old.updates) == updates and old.status == "IN_PROGRESS"  # aborted locally only
+
+
+def test_case_38_a_plain_cancel_while_in_progress_lets_the_job_finish_and_report(lab):
+    """A CancelJob without --force leaves IN_PROGRESS executions alone (aws-iot-ota.md §1.3):
+    the download in progress goes on, and the job ends SUCCEEDED like any other."""
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.start()
+    image = lab.make_image((1, 1, 0), size=96 * 1024)
+    stream = _stream(lab.ota_update("plain-cancel", "pump", image))
+    lab.aws.pause_streams(True, hold=True)
+    lab.wait_until("the download to start", lambda: lab.aws.requests(stream) > 0
+                   and lab.aws.execution("pump", "plain-cancel").status == "IN_PROGRESS", 20)
+
+    lab.aws.cancel_job("plain-cancel")
+    assert lab.aws.job("plain-cancel").status == "CANCELED"
+    lab.aws.pause_streams(False)
+
+    done = lab.wait("pump", "plain-cancel", timeout=60)
+    assert done.status == "SUCCEEDED", done
+    assert done.status_details["phase"] == "succeeded"
+    assert dev.active_image() == image and dev.confirmed
+    assert {"downloading", "uploading", "succeeded"} <= set(_phases(lab, "pump", "plain-cancel"))
+
+
+def test_case_46_a_stream_that_says_it_changed_gets_one_fresh_look(lab):
+    """A GetStream rejected with ETagMismatch: the gateway describes the stream and reads the
+    job again, once; the download then goes on. If the stream keeps refusing, the job fails
+    with a reason naming the stream and the code."""
+    dev = lab.add_device("pump", thing_name="pump")
+    lab.start()
+
+    lab.aws.pause_streams(True, hold=True)
+    image = lab.make_image((1, 1, 0), seed="once")
+    stream = _stream(lab.ota_update("etag-once", "pump", image))
+    lab.aws.reject_stream_requests(stream, "ETagMismatch", message="The S3 object changed")
+    lab.aws.pause_streams(False)
+    done = lab.wait("pump", "etag-once", timeout=30)
+    assert done.status == "SUCCEEDED", done
+    assert dev.active_image() == image
+    stats = lab.aws.stream_stats(stream)
+    assert stats.describes == 1 and [code for code, _ in stats.rejections] == ["ETagMismatch"]
+    requests = lab.aws.stream_requests(stream)
+    assert "s" not in requests[0] and all(r.get("s") == 1 for r in requests[1:])
+
+    lab.aws.pause_streams(True, hold=True)
+    stream = _stream(lab.ota_update("etag-always", "pump", lab.make_image((1, 2, 0), seed="always")))
+    lab.aws.reject_stream_requests(stream, "ETagMismatch", count=10, message="The S3 object changed")
+    lab.aws.pause_streams(False)
+    done = lab.wait("pump", "etag-always", timeout=30)
+    assert done.status == "FAILED", done
+    reason = done.status_details["reason"]
+    assert stream in reason and "ETagMismatch" in reason and "again" in reason, reason
+    assert lab.aws.stream_stats(stream).describes == 1 and lab.aws.requests(stream) == 2
+    assert dev.active_image() == image
+    assert list((lab.root / "state" / "partial").iterdir()) == []

@@ -13,7 +13,7 @@ import cbor2
 import pytest
 
 from gatewayd.errors import DownloadError
-from gatewayd.stream_download import StreamDownload
+from gatewayd.stream_download import StreamDownload, StreamFile
 from tests.e2e.fixtures_cloud import Peer, make_client
 
 THING = "gw-01"
@@ -24,7 +24,10 @@ class FakeStream:
     """Serves GetStream requests for one stream: `files` maps file id -> bytes.
 
     Fault knobs: duplicate every block, prepend malformed messages, drop given block
-    indexes (once each), ignore the first `ignore_requests` requests, reject with a code.
+    indexes (once each), ignore the first `ignore_requests` requests, reject with a code
+    (every request, or the next ones in `reject_next`). DescribeStream is answered with
+    `version` and the files' sizes (`described_sizes` overrides them); a request whose `s`
+    is not `version` is rejected VersionMismatch, as the service does.
     """
 
     def __init__(self, files: dict[int, bytes]) -> None:
@@ -38,11 +41,17 @@ class FakeStream:
         self.drop: set[int] = set()
         self.ignore_requests = 0
         self.reject_with: str | None = None
+        self.reject_next: list[str] = []
+        self.version = 1
+        self.described_sizes: dict[int, int] | None = None
+        self.describe_reject: str | None = None
+        self.describes: list[dict] = []
+        self.update_after: int | None = None  # UpdateStream (version + 1) once this many blocks were served
         self.peer: Peer | None = None
 
     def start(self, broker, pki) -> FakeStream:
         self.peer = Peer(broker, pki, responder=self.respond).start()
-        self.peer.subscribe("$aws/things/+/streams/+/get/cbor")
+        self.peer.subscribe("$aws/things/+/streams/+/get/cbor", "$aws/things/+/streams/+/describe/cbor")
         return self
 
     def stop(self) -> None:
@@ -52,9 +61,22 @@ class FakeStream:
     def served_blocks(self) -> list[int]:
         return [i for req in self.served for i in req]
 
+    def describe(self, peer: Peer, base: str, req: dict) -> None:
+        with self.lock:
+            self.describes.append(req)
+        if self.describe_reject:
+            reply = {"o": self.describe_reject, "m": "describe rejected by the fake", **({"c": req["c"]} if "c" in req else {})}
+            return peer.publish(f"{base}/rejected/cbor", cbor2.dumps(reply), qos=0)
+        sizes = self.described_sizes or {f: len(data) for f, data in self.files.items()}
+        reply = {**({"c": req["c"]} if "c" in req else {}), "s": self.version, "d": "fake",
+                 "r": [{"f": f, "z": z} for f, z in sorted(sizes.items())]}
+        peer.publish(f"{base}/description/cbor", cbor2.dumps(reply), qos=1)
+
     def respond(self, peer: Peer, topic: str, payload: bytes) -> None:
         base = topic.rsplit("/", 2)[0]
-        req = cbor2.loads(payload)
+        req = cbor2.loads(payload) if payload else {}
+        if topic.endswith("/describe/cbor"):
+            return self.describe(peer, base, req)
         with self.lock:
             self.requests.append(req)
             if self.ignore_requests:
@@ -72,6 +94,10 @@ class FakeStream:
 
         if self.reject_with:
             return reject(self.reject_with)
+        if self.reject_next:
+            return reject(self.reject_next.pop(0))
+        if "s" in req and req["s"] != self.version:
+            return reject("VersionMismatch")
         size = req["l"]
         if not 256 <= size <= 131072:
             return reject("BlockSizeOutOfBounds")
@@ -106,6 +132,8 @@ class FakeStream:
                 peer.publish(f"{base}/data/cbor", cbor2.dumps(msg), qos=0)
             served.append(i)
         self.served.append(served)
+        if self.update_after is not None and len(self.served_blocks()) >= self.update_after:
+            self.version, self.update_after = self.version + 1, None
 
     @staticmethod
     def bad_variants(f: int, i: int, chunk: bytes, size: int, count: int) -> list[bytes]:
@@ -355,7 +383,7 @@ def test_unknown_file_is_final(env, tmp_path):
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("code", ["BlockSizeOutOfBounds", "Unauthorized", "ETagMismatch"])
+@pytest.mark.parametrize("code", ["BlockSizeOutOfBounds", "Unauthorized", "InvalidRequest"])
 def test_rejections_are_final_with_the_code(env, tmp_path, code):
     broker, pki, stream, data = env
     stream.reject_with = code
@@ -469,6 +497,132 @@ def test_stored_progress_without_the_file_starts_over_and_long_files_are_cut(env
         again = make_download(mc, tmp_path, progress, received=b"\xff\x07")
         await again.run()
         assert part.read_bytes() == data and len(stream.requests) == 1
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+class Rereads:
+    """reread_job for a download: says where the job document puts the file now."""
+
+    def __init__(self, answer: StreamFile | Exception) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    async def __call__(self) -> StreamFile:
+        self.calls += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+SAME = StreamFile(STREAM, 3, 10 * 1024 + 100)
+
+
+@pytest.mark.parametrize("code", ["VersionMismatch", "ETagMismatch"])
+def test_a_changed_stream_rejection_gets_one_fresh_look_then_the_download_goes_on(env, tmp_path, fsync_spy, code):
+    """Case 46: the stream is described and the job read again, once; both still serve the
+    file as it was, so the requests go on, pinned to the version described."""
+    broker, pki, stream, data = env
+    stream.version = 7
+    stream.drop = {5}  # one more request after the look: it carries s=7
+    stream.reject_next = [code]
+
+    async def main():
+        mc = await connected(broker, pki)
+        progress = Progress(tmp_path / "file.part", data, 1024)
+        fsync_spy.append(progress)
+        rereads = Rereads(SAME)
+        dl = make_download(mc, tmp_path, progress, reread_job=rereads)
+        await asyncio.wait_for(dl.run(), 10)
+        assert (tmp_path / "file.part").read_bytes() == data
+        assert rereads.calls == 1 and dl.stats.describes == 1 and len(stream.describes) == 1
+        assert "s" not in stream.requests[0] and all(r["s"] == 7 for r in stream.requests[1:])
+        assert len({r["c"] for r in stream.requests[1:]} | {stream.requests[0]["c"]}) == 2
+        assert stream.describes[0]["c"] != stream.requests[0]["c"]
+        assert not any("streams" in f for f in mc._subscriptions.handlers)
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("code", ["VersionMismatch", "ETagMismatch"])
+def test_a_changed_stream_rejection_that_persists_fails_naming_the_stream_and_the_code(env, tmp_path, code):
+    broker, pki, stream, data = env
+    stream.reject_next = [code, code, code]
+
+    async def main():
+        mc = await connected(broker, pki)
+        rereads = Rereads(SAME)
+        dl = make_download(mc, tmp_path, Progress(tmp_path / "file.part", data, 1024), reread_job=rereads)
+        with pytest.raises(DownloadError) as caught:
+            await asyncio.wait_for(dl.run(), 10)
+        assert STREAM in caught.value.reason and code in caught.value.reason and "again" in caught.value.reason
+        assert rereads.calls == 1 and len(stream.describes) == 1 and len(stream.requests) == 2
+        assert not any("streams" in f for f in mc._subscriptions.handlers)
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+def test_a_stream_updated_after_the_fresh_look_fails_with_version_mismatch(env, tmp_path, fsync_spy):
+    """Once pinned to a version, an UpdateStream under the download is a VersionMismatch from
+    the service itself; the one fresh look is spent, so the download ends."""
+    broker, pki, stream, data = env
+    stream.reject_next = ["ETagMismatch"]
+    stream.update_after = 4
+
+    async def main():
+        mc = await connected(broker, pki)
+        progress = Progress(tmp_path / "file.part", data, 1024)
+        fsync_spy.append(progress)
+        dl = make_download(mc, tmp_path, progress, blocks_per_request=2)
+        with pytest.raises(DownloadError, match=f"{STREAM} rejected the request: VersionMismatch.*again"):
+            await asyncio.wait_for(dl.run(), 10)
+        assert len(stream.describes) == 1 and dl.stats.blocks == 4 and stream.version == 2
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("file gone", "no longer has file 3"),
+    ("file resized", "now 5000 bytes, not the 10340 of the job"),
+    ("describe refused", "describing the stream was refused: ResourceNotFound"),
+    ("describe unanswered", "did not answer 3 requests to describe it"),
+    ("job names another file", "job document now names file 4 (3000 bytes)"),
+    ("job gone", "reading the job again failed: job j-1 is no longer available"),
+    ("job read fails", "reading the job again failed: not connected"),
+])
+def test_what_changed_in_the_stream_or_the_job_ends_the_download(env, tmp_path, change, expected):
+    broker, pki, stream, data = env
+    stream.reject_next = ["ETagMismatch"]
+    rereads = Rereads(SAME)
+    if change == "file gone":
+        stream.described_sizes = {4: 3000}
+    elif change == "file resized":
+        stream.described_sizes = {3: 5000, 4: 3000}
+    elif change == "describe refused":
+        stream.describe_reject = "ResourceNotFound"
+    elif change == "describe unanswered":
+        stream.peer.client.unsubscribe("$aws/things/+/streams/+/describe/cbor")
+    elif change == "job names another file":
+        rereads = Rereads(StreamFile(STREAM, 4, 3000))
+    elif change == "job gone":
+        rereads = Rereads(DownloadError("job j-1 is no longer available in the cloud"))
+    else:
+        rereads = Rereads(ConnectionError("not connected"))
+
+    async def main():
+        mc = await connected(broker, pki)
+        dl = make_download(mc, tmp_path, Progress(tmp_path / "file.part", data, 1024), reread_job=rereads)
+        with pytest.raises(DownloadError) as caught:
+            await asyncio.wait_for(dl.run(), 10)
+        reason = caught.value.reason
+        assert reason.startswith(f"stream {STREAM} rejected the request: ETagMismatch"), reason
+        assert expected in reason, reason
+        assert len(stream.requests) == 1  # nothing more asked of a stream that changed
+        assert not any("streams" in f for f in mc._subscriptions.handlers)
         await mc.stop()
 
     asyncio.run(main())

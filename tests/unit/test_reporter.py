@@ -7,6 +7,8 @@ would (versions, VersionMismatch, terminal executions).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 
 from gatewayd.report import Reporter
@@ -32,11 +34,18 @@ class FakeJobs:
         self.sent: list[tuple[str, dict, int | None]] = []
         self.fail_times = 0
         self.terminal_by_other = False
+        self.moved_by_other = 0  # the next N updates find the version moved on by another client
+        self.calls: list[float] = []  # when each update was asked for
 
     async def update(self, thing, job_id, status, details, *, expected_version=None, execution_number=None):
+        self.calls.append(time.monotonic())
         if self.fail_times:
             self.fail_times -= 1
             raise ConnectionError("not connected")
+        if self.moved_by_other:
+            self.moved_by_other -= 1
+            self.version += 1
+            return Result(False, "VersionMismatch", "stale", self.status, self.version)
         if self.status in ("SUCCEEDED", "FAILED", "CANCELED"):
             return Result(False, "InvalidStateTransition", "terminal", self.status, self.version)
         if expected_version is not None and expected_version != self.version:
@@ -47,7 +56,7 @@ class FakeJobs:
         return Result(True, status=status, version_number=self.version)
 
 
-def _reporter(tmp_path, jobs, gone=None):
+def _reporter(tmp_path, jobs, gone=None, **options):
     state = StateDB(tmp_path / "s.db")
     state.add_job(KEY, JobKind.PROXIED, {}, 1, 1)
     gone_calls = gone if gone is not None else []
@@ -55,7 +64,8 @@ def _reporter(tmp_path, jobs, gone=None):
     async def on_gone(key):
         gone_calls.append(key)
 
-    return state, Reporter(jobs, state, on_gone=on_gone, min_interval=0.3, retry_interval=0.05)
+    options = {"min_interval": 0.3, "retry_interval": 0.05, **options}
+    return state, Reporter(jobs, state, on_gone=on_gone, **options)
 
 
 def test_progress_is_throttled_but_every_word_and_the_final_go_out(tmp_path):
@@ -112,3 +122,44 @@ def test_an_execution_gone_in_the_cloud_stops_the_updates(tmp_path):
     assert gone == [KEY]
     assert jobs.sent == []
     assert state.job(KEY).final_sent
+
+
+def test_a_final_update_refused_as_stale_a_thousand_times_still_goes_out(tmp_path):
+    """Issue 11 item 6: each VersionMismatch resent the update from inside the last attempt;
+    after about 980 refusals the reporter died with RecursionError and the final was lost
+    until the daemon restarted."""
+    jobs = FakeJobs()
+    jobs.moved_by_other = 1200
+
+    async def scenario():
+        state, rep = _reporter(tmp_path, jobs, retry_interval=0.001)
+        rep.post(KEY, "SUCCEEDED", {"phase": "succeeded"}, final=True)
+        await rep.flush(30)
+        return state
+
+    state = asyncio.run(scenario())
+    assert jobs.moved_by_other == 0
+    assert jobs.sent == [("SUCCEEDED", {"phase": "succeeded"}, jobs.version - 1)]
+    assert state.job(KEY).final_sent
+
+
+def test_resends_after_version_mismatches_are_capped_then_paused_and_logged(tmp_path, caplog):
+    jobs = FakeJobs()
+    jobs.moved_by_other = 7
+    caplog.set_level(logging.INFO, logger="gatewayd.report")
+
+    async def scenario():
+        state, rep = _reporter(tmp_path, jobs, retry_interval=0.2, max_version_resends=3)
+        rep.post(KEY, "FAILED", {"phase": "failed", "reason": "x"}, final=True)
+        await rep.flush(10)
+        return state
+
+    state = asyncio.run(scenario())
+    assert state.job(KEY).final_sent and jobs.sent == [("FAILED", {"phase": "failed", "reason": "x"}, 8)]
+    # 8 updates: bursts of 1 + 3 resends, a pause of retry_interval after each full burst
+    gaps = [b - a for a, b in zip(jobs.calls, jobs.calls[1:])]
+    assert len(jobs.calls) == 8
+    assert [g >= 0.18 for g in gaps] == [False, False, False, True, False, False, False], gaps
+    capped = [r.getMessage() for r in caplog.records if "in a row" in r.getMessage()]
+    assert len(capped) == 1, caplog.text
+    assert "moved 4 times in a row" in capped[0] and "now 5" in capped[0] and "again in 0.2 s" in capped[0]

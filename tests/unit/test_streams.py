@@ -11,8 +11,11 @@ from gatewayd.streams import (
     Bitmap,
     StreamMessageError,
     block_length,
+    StreamDescription,
     decode_data_block,
+    decode_description,
     decode_rejection,
+    encode_describe_stream,
     encode_get_stream,
     max_blocks_per_request,
     n_blocks,
@@ -164,3 +167,27 @@ def test_n_blocks_and_lengths():
     assert n_blocks(1, 4096) == 1 and n_blocks(4096, 4096) == 1 and n_blocks(4097, 4096) == 2
     with pytest.raises(ValueError):
         block_length(2, 4097, 4096)
+
+
+def test_describe_stream_request_and_reply():
+    assert cbor2.loads(encode_describe_stream("d-1")) == {"c": "d-1"}
+    assert encode_describe_stream(None) == b"\xa0"
+    with pytest.raises(ValueError):
+        encode_describe_stream("x" * 65)
+    reply = cbor2.dumps({"c": "d-1", "s": 3, "d": "OTA update", "r": [{"f": 0, "z": 10240}, {"f": 3, "z": 7}]})
+    assert decode_description(reply) == StreamDescription(3, {0: 10240, 3: 7}, "d-1")
+    assert decode_description(cbor2.dumps({"s": 1, "r": []})) == StreamDescription(1, {}, None)
+
+
+@pytest.mark.parametrize("reply", [
+    {"r": []},  # no version
+    {"s": "1", "r": []},
+    {"s": 1},  # no files
+    {"s": 1, "r": {"f": 0, "z": 1}},
+    {"s": 1, "r": [[0, 1]]},
+    {"s": 1, "r": [{"f": 0}]},
+    {"s": 1, "r": [{"f": 0, "z": -1}]},
+])
+def test_malformed_descriptions_raise(reply):
+    with pytest.raises(StreamMessageError):
+        decode_description(cbor2.dumps(reply))
