@@ -45,6 +45,8 @@ SOCKET_MODE = 0o660
 UPLOAD_CHUNK = 64 * 1024
 HANG_UP_TIMEOUT = 5.0  # seconds a client may take to close after our last line
 CLOSE_TIMEOUT = 5.0  # seconds our last bytes may take to leave before the connection is cut
+CONNECT_TIMEOUT = 5.0  # seconds a client tries again while the daemon's accept queue is full
+CONNECT_RETRY = 0.05
 SEND_EVENT = "send"
 
 Response = dict[str, Any]
@@ -429,10 +431,32 @@ async def _close_within(writer: asyncio.StreamWriter, timeout: float) -> None:
 # ------------------------------------------------------------------ client side
 
 
+async def _connect(path: Path) -> socket.socket:
+    """A connected socket. A full accept queue (EAGAIN: the daemon is behind on accepting) is
+    tried again for CONNECT_TIMEOUT s; asyncio's sock_connect would take it for a connection."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONNECT_TIMEOUT
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))  # AF_UNIX: done at once, or EAGAIN; never in progress
+            return sock
+        except BlockingIOError:
+            sock.close()
+        except BaseException:
+            sock.close()
+            raise
+        if loop.time() >= deadline:
+            raise ControlError(f"ota-gatewayd takes no connection at {path}: its queue of new "
+                               f"connections stayed full for {CONNECT_TIMEOUT:g} s")
+        await asyncio.sleep(CONNECT_RETRY)
+
+
 async def _open(path: Path, cmd: str, args: dict[str, Any]
                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
-        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
+        sock = await _connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         raise DaemonNotRunning(f"ota-gatewayd is not running (no control socket at {path})") from None
     except PermissionError:
@@ -440,9 +464,17 @@ async def _open(path: Path, cmd: str, args: dict[str, Any]
                            "socket's group") from None
     except OSError as e:
         raise ControlError(f"cannot reach ota-gatewayd at {path}: {e.strerror or e}") from None
-    writer.write(_encode({**args, "cmd": cmd}))
-    await writer.drain()
-    return reader, writer
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, _encode({**args, "cmd": cmd}))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it hung up at once (too busy): the line it left first says why, and is read next
+    except OSError as e:
+        sock.close()
+        raise ControlError(f"cannot reach ota-gatewayd at {path}: {e.strerror or e}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE)
 
 
 def _decode(line: bytes) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import shutil
 import socket
 import stat
@@ -15,6 +16,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
+from gatewayd import control
 from gatewayd.control import (
     ControlError,
     ControlLimits,
@@ -404,5 +406,42 @@ def test_a_client_that_reads_nothing_is_cut_off(tmp_path: Path) -> None:
             assert state.get("closed") and server.connections == 0
             writer.close()
             assert await request(path, "status") == STATUS
+
+    run(scenario())
+
+
+def test_the_refusal_is_read_even_when_the_daemon_hung_up_before_the_request_went_out(
+        tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "control.sock"
+    release = asyncio.Event()
+    real_connect = control._connect
+
+    async def hold(req: dict[str, Any]) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    async def connect_and_wait_for_hang_up(where: Path) -> socket.socket:
+        sock = await real_connect(where)
+        poller = select.poll()
+        poller.register(sock, select.POLLHUP)
+        for _ in range(200):  # the daemon refuses and closes before this client writes
+            if poller.poll(0):
+                break
+            await asyncio.sleep(0.01)
+        return sock
+
+    async def scenario() -> None:
+        async with ControlServer(path, {"hold": hold}, limits=ControlLimits(max_clients=1)) as server:
+            holder = asyncio.create_task(request(path, "hold"))
+            while server.commands_running < 1:
+                await asyncio.sleep(0.01)
+            monkeypatch.setattr(control, "_connect", connect_and_wait_for_hang_up)
+            with pytest.raises(ControlError, match="^ota-gatewayd is busy"):
+                await request(path, "status")
+            with pytest.raises(ControlError, match="^ota-gatewayd is busy"):
+                async for _ in stream(path, "push"):
+                    pass
+            release.set()
+            await holder
 
     run(scenario())
