@@ -445,3 +445,45 @@ def test_the_refusal_is_read_even_when_the_daemon_hung_up_before_the_request_wen
             await holder
 
     run(scenario())
+
+
+def test_a_full_accept_queue_is_waited_out_then_named(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "control.sock"
+    monkeypatch.setattr(control, "CONNECT_TIMEOUT", 0.3)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)  # a daemon too busy to accept: the queue holds what the kernel allows
+    queued = []
+    try:
+        while True:  # fill the queue
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            queued.append(sock)
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                break
+        with pytest.raises(ControlError, match=r"takes no connection at .*: its queue of new connections "
+                                               r"stayed full for 0.3 s"):
+            run(request(path, "status"))
+
+        def catch_up() -> None:
+            for _ in queued[:-1]:  # the last one was refused, never queued
+                listener.accept()[0].close()
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            conn.sendall(b'{"answered": true}\n')
+            conn.close()
+
+        async def daemon_catches_up_while_the_client_waits() -> dict[str, Any]:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.1, catch_up)
+            loop.call_later(0.2, answer)
+            return await request(path, "status")
+
+        assert run(daemon_catches_up_while_the_client_waits()) == {"answered": True}
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()
