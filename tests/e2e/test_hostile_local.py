@@ -11,6 +11,7 @@ import contextlib
 import json
 import resource
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -91,3 +92,42 @@ def test_idle_control_clients_leave_status_and_the_daemons_own_files_alone(lab: 
     log = lab.daemon_log()
     assert "Too many open files" not in log
     assert log.count("control socket full") == 1, "logged once per burst, not once per connection"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_daemons_files_are_private_whatever_its_umask(lab: Lab) -> None:
+    dev = lab.add_device("pump")
+    lab.start_cloud()
+    lab.start_daemon(wrapper=["sh", "-c", 'umask 000 && exec "$@"', "sh"])
+    lab.wait_control()
+    with open(f"/proc/{lab.daemon.pid}/status") as f:
+        assert "Umask:\t0000\n" in f.readlines()
+    image = lab.make_image((1, 1, 0), size=32 * 1024)
+    partial = lab.root / "state" / "partial"
+
+    # a pushed image, half of it on its way
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(lab.root / "control.sock"))
+    answers = sock.makefile("rb")
+    sock.sendall(json.dumps({"cmd": "push", "device": "pump", "size": len(image), "name": "pump.bin",
+                             "signature": lab.signer.sign(image)}).encode() + b"\n")
+    assert json.loads(answers.readline())["event"] == "send"
+    sock.sendall(image[: len(image) // 2])
+    lab.wait_until("half the image on disk", lambda: any(p.stat().st_size for p in partial.glob("*.part")), 10)
+
+    (part,) = partial.glob("*.part")
+    assert _mode(part) == 0o600
+    assert [_mode(lab.root / "state" / d) for d in ("", "partial", "images")] == [0o750, 0o750, 0o750]
+    state = {p.name: _mode(p) for p in (lab.root / "state").glob("state.db*")}
+    assert state == {"state.db": 0o600, "state.db-shm": 0o600, "state.db-wal": 0o600}
+
+    sock.sendall(image[len(image) // 2:])
+    last = {}
+    for line in answers:
+        last = json.loads(line)
+    sock.close()
+    assert last.get("status") == "SUCCEEDED", last
+    assert dev.active_image() == image
