@@ -17,7 +17,8 @@ more than its share (ControlLimits): the request line must be complete within
 served at once. When that many are open, a new connection takes the place of the oldest
 one that is not running a command (it has sent no request yet, or has its answer and is
 being hung up on); when every place runs a command, the new one is refused with one error
-line. Either is logged once per burst, with the counts when the socket empties again.
+line. A burst of either is logged once as it starts, and once with its counts when no
+more than half the places are taken again.
 """
 
 from __future__ import annotations
