@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20  # an answer line the client accepts (status of a large fleet)
 SOCKET_MODE = 0o660
+SOCKET_DIR_MODE = 0o755  # a folder made for the socket (systemd's RuntimeDirectory= makes it 0750)
 
 UPLOAD_CHUNK = 64 * 1024
 HANG_UP_TIMEOUT = 5.0  # seconds a client may take to close after our last line
@@ -199,7 +200,8 @@ class ControlServer:
         self._inode: int | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # under a umask of 0 a made folder would be 0777: anyone could put their own socket there
+        self.path.parent.mkdir(mode=SOCKET_DIR_MODE, parents=True, exist_ok=True)
         await self._remove_stale_socket()
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path),
                                                        limit=self.limits.max_request)

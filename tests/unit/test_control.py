@@ -93,6 +93,21 @@ def test_status_round_trip_and_socket_mode(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_folder_made_for_the_socket_is_not_writable_by_others_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "control.sock"
+
+    async def scenario() -> None:
+        async with ControlServer(path, HANDLERS):
+            assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o755
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+
+    saved = os.umask(0)
+    try:
+        run(scenario())
+    finally:
+        os.umask(saved)
+
+
 def test_streaming_handler(tmp_path: Path) -> None:
     path = tmp_path / "control.sock"
 
