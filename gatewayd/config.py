@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import grp
 import json
 import math
 import os
+import pwd
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/ota-gateway/gateway.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/ota-gateway")
 DEFAULT_CONTROL_SOCKET = Path("/run/ota-gateway/control.sock")
 DEVICES_DIR_NAME = "devices.d"
+# the account the package runs the daemon as (debian/ota-gateway.sysusers)
+DAEMON_USER = "ota-gateway"
 
 # Smaller SMP buffers cannot carry an upload chunk with its CBOR envelope.
 MIN_BUF_SIZE = 64
@@ -62,6 +67,42 @@ class ConfigError(Exception):
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+@dataclass(frozen=True)
+class Writers:
+    """Who may change a file the daemon trusts: root and the daemon's user, the ones who may
+    push an unsigned image anyway. Group write is fine for root's group, and for the daemon
+    user's own group while no one else is in it (operators join ota-gateway to use the ctl)."""
+
+    user: str  # the daemon's user, as messages name it
+    uids: frozenset[int]
+    gids: frozenset[int]
+
+    @property
+    def names(self) -> str:
+        return "root" if self.user == "root" else f"root and {self.user}"
+
+
+def trusted_writers() -> Writers:
+    """Root and the daemon's user: the packaged `ota-gateway` account when it exists, else
+    (a development setup) the account running this. The same whoever asks, so that
+    check-config run as root judges the files as the daemon running as ota-gateway will."""
+    try:
+        user = pwd.getpwnam(DAEMON_USER)
+    except KeyError:
+        try:
+            user = pwd.getpwuid(os.geteuid())
+        except KeyError:  # an account without a passwd entry (containers)
+            return Writers(str(os.geteuid()), frozenset({0, os.geteuid()}), frozenset({0}))
+    gids = {0}
+    try:
+        group = grp.getgrgid(user.pw_gid)
+        if all(member == user.pw_name for member in group.gr_mem):
+            gids.add(user.pw_gid)
+    except KeyError:
+        pass
+    return Writers(user.pw_name, frozenset({0, user.pw_uid}), frozenset(gids))
 
 
 @dataclass(frozen=True)
@@ -177,7 +218,10 @@ def load_config(path: Path) -> Config:
     path = Path(os.path.abspath(path))
     problems: list[Problem] = []
     base = path.parent
+    writers = trusted_writers()
     main = _parse_toml(path, problems)
+    if main is not None:
+        _check_writers(path, "", "configuration file", path, writers, problems)
     devices: list[DeviceConfig] = []
     if main is not None:
         for key, value in main.items():
@@ -193,10 +237,14 @@ def load_config(path: Path) -> Config:
         ble = _ble(path, _section(path, main, "ble", problems), problems)
         devices += _device_entries(path, main, problems)
 
-    for file in _device_files(base / DEVICES_DIR_NAME, problems):
+    devices_dir = base / DEVICES_DIR_NAME
+    if devices_dir.is_dir():  # whoever may add a file here may add a device
+        _check_writers(path, "", "devices folder", devices_dir, writers, problems)
+    for file in _device_files(devices_dir, problems):
         extra = _parse_toml(file, problems)
         if extra is None:
             continue
+        _check_writers(file, "", "configuration file", file, writers, problems)
         for key, value in extra.items():
             if key != "device":
                 kind = "section" if isinstance(value, dict) else "key"
@@ -207,7 +255,7 @@ def load_config(path: Path) -> Config:
 
     _check_unique(devices, gateway.thing_name if main is not None else "", base, problems)
     if main is not None:
-        _check_files(path, mqtt, ota, signing, problems)
+        _check_files(path, mqtt, ota, signing, writers, problems)
     if problems:
         raise ConfigError(problems)
     return Config(path, gateway, mqtt, ota, signing, relay, ble, tuple(devices))
@@ -476,10 +524,12 @@ def _check_unique(devices: list[DeviceConfig], gateway_thing: str, base: Path,
             things[d.thing_name] = d
 
 
-def _check_files(file: Path, mqtt: MqttConfig, ota: OtaConfig, signing: SigningConfig,
+def _check_files(file: Path, mqtt: MqttConfig, ota: OtaConfig, signing: SigningConfig, writers: Writers,
                  problems: list[Problem]) -> None:
-    for key, path in (("[mqtt] ca_file", mqtt.ca_file), ("[mqtt] cert_file", mqtt.cert_file),
-                      ("[mqtt] key_file", mqtt.key_file)):
+    named = [("[mqtt] ca_file", "CA certificate", mqtt.ca_file),
+             ("[mqtt] cert_file", "client certificate", mqtt.cert_file),
+             ("[mqtt] key_file", "private key", mqtt.key_file)]
+    for key, _, path in named:
         if path != Path():
             _check_readable(file, key, path, problems)
     if mqtt.key_file != Path():
@@ -494,8 +544,89 @@ def _check_files(file: Path, mqtt: MqttConfig, ota: OtaConfig, signing: SigningC
                                     f"chmod 640 {mqtt.key_file}"))
     if ota.https_ca_file is not None:
         _check_readable(file, "[ota] https_ca_file", ota.https_ca_file, problems)
+        named.append(("[ota] https_ca_file", "CA bundle", ota.https_ca_file))
     for name, path in signing.certificates.items():
-        _check_readable(file, f"[signing] certificates.{json.dumps(name)}", path, problems)
+        key = f"[signing] certificates.{json.dumps(name)}"
+        _check_readable(file, key, path, problems)
+        named.append((key, "signing certificate", path))
+    for key, what, path in named:
+        if path != Path():
+            _check_writers(file, key, what, path, writers, problems)
+
+
+def _check_writers(file: Path, key: str, what: str, path: Path, writers: Writers,
+                   problems: list[Problem]) -> None:
+    """Refuse a file that anyone but root and the daemon's user could change: by its owner
+    and mode, or by replacing it in a folder they may write (a sticky folder only lets the
+    owners of its entries replace them)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # _check_readable or _parse_toml reports it
+    issue = _who_else_writes(path, st, writers, sticky_ok=False)
+    if issue:
+        problems.append(Problem(file, key, f"{what} {path} is {issue.text}; allow only {writers.names} "
+                                f"to change it, e.g. {issue.fix}"))
+        return
+    for folder in _folders_above(path):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        issue = _who_else_writes(folder, st, writers, sticky_ok=True)
+        if issue:
+            problems.append(Problem(file, key, f"{what} {path} is in folder {folder}, which is {issue.text}; "
+                                    f"allow only {writers.names} to change it, e.g. {issue.fix}"))
+            return
+
+
+@dataclass(frozen=True)
+class _WriterIssue:
+    text: str  # "writable by every user (mode 0666)", "owned by user bob"
+    fix: str  # the command that mends it
+
+
+def _who_else_writes(path: Path, st: os.stat_result, writers: Writers, *, sticky_ok: bool) -> _WriterIssue | None:
+    mode = stat.S_IMODE(st.st_mode)
+    others: list[str] = []
+    if not (sticky_ok and mode & stat.S_ISVTX):
+        if mode & 0o020 and st.st_gid not in writers.gids:
+            others.append(f"group {_group_name(st.st_gid)}")
+        if mode & 0o002:
+            others.append("every user")
+    texts, fixes = [], []
+    if others:
+        texts.append(f"writable by {' and '.join(others)} (mode {mode:04o})")
+        fixes.append(f"chmod {mode & ~0o022:o} {path}")
+    if st.st_uid not in writers.uids:
+        texts.append(f"owned by user {_user_name(st.st_uid)}")
+        fixes.append(f"chown root {path}")
+    return _WriterIssue(" and ".join(texts), " and ".join(fixes)) if texts else None
+
+
+def _folders_above(path: Path) -> list[Path]:
+    """The folders whose writers could replace `path`: those above the name as given (where
+    a symlink may sit), then those above the file it resolves to; each nearest first."""
+    seen: list[Path] = []
+    for start in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        for folder in start.parents:
+            if folder not in seen:
+                seen.append(folder)
+    return seen
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _check_readable(file: Path, key: str, path: Path, problems: list[Problem]) -> None:

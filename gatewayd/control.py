@@ -10,6 +10,15 @@ A command that carries a file (`push`) sends its bytes only when the daemon asks
 with `{"event": "send", "size": N}`: N raw bytes then follow the request line. So a refusal
 (unknown device, file too large) costs no transfer, and no file larger than the daemon
 accepts ever sits in a request line.
+
+The socket is shared by every operator and script on the gateway, so no client may hold
+more than its share (ControlLimits): the request line must be complete within
+`request_timeout` and at most `max_request` bytes, and at most `max_clients` connections are
+served at once. When that many are open, a new connection takes the place of the oldest
+one that is not running a command (it has sent no request yet, or has its answer and is
+being hung up on); when every place runs a command, the new one is refused with one error
+line. A burst of either is logged once as it starts, and once with its counts when no
+more than half the places are taken again.
 """
 
 from __future__ import annotations
@@ -31,14 +40,33 @@ from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Mapping, U
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 1 << 20
+MAX_LINE = 1 << 20  # an answer line the client accepts (status of a large fleet)
 SOCKET_MODE = 0o660
+SOCKET_DIR_MODE = 0o755  # a folder made for the socket (systemd's RuntimeDirectory= makes it 0750)
 
 UPLOAD_CHUNK = 64 * 1024
 HANG_UP_TIMEOUT = 5.0  # seconds a client may take to close after our last line
+CLOSE_TIMEOUT = 5.0  # seconds our last bytes may take to leave before the connection is cut
+CONNECT_TIMEOUT = 5.0  # seconds a client tries again while the daemon's accept queue is full
+CONNECT_RETRY = 0.05
 SEND_EVENT = "send"
 
 Response = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ControlLimits:
+    """What one client of the control socket may hold (see the module's docstring)."""
+
+    # connections served at once: a push holds one for its whole update, `status --watch`
+    # one per request; 64 leaves the daemon most of the 1024 descriptors a service gets
+    max_clients: int = 64
+    # seconds from connect until the request line is complete; ota-gatewayctl sends it at once
+    request_timeout: float = 10.0
+    # bytes in a request line; the largest real one (push with an RSA-4096 signature) is < 1 KiB
+    max_request: int = 64 * 1024
+    # seconds a client may leave an answer line unread before it is cut off
+    send_timeout: float = 30.0
 
 
 class ControlError(Exception):
@@ -126,6 +154,30 @@ class _ClientGone(Exception):
     pass
 
 
+class _NoRequest(Exception):
+    """The client sent no complete request line in time; it has been told."""
+
+
+@dataclass(eq=False)
+class _Connection:
+    writer: asyncio.StreamWriter
+    running: bool = False  # a command is at work: the connection keeps its place
+    answered: bool = False  # a line went out: no error line may follow the answer
+    dropped: str | None = None  # why it had to give its place to a newer connection
+
+
+@dataclass
+class _TurnedAway:
+    """Connections refused or dropped while the socket was full, since the burst began."""
+
+    refused: int = 0
+    dropped: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.refused or self.dropped)
+
+
 class ControlServer:
     """Serves `handlers` (command name -> handler) on a Unix socket at `path`.
 
@@ -134,20 +186,25 @@ class ControlServer:
     `{"error": ...}` line and never stop the server.
     """
 
-    def __init__(self, path: Path, handlers: Mapping[str, Handler], *, mode: int = SOCKET_MODE):
+    def __init__(self, path: Path, handlers: Mapping[str, Handler], *, mode: int = SOCKET_MODE,
+                 limits: ControlLimits = ControlLimits()):
         self.path = Path(path)
         self.handlers: dict[str, Handler] = dict(handlers)
         self.mode = mode
+        self.limits = limits
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # every connection, to end them on close()
+        self._places: dict[asyncio.Task[None], _Connection] = {}  # the ones served, oldest first
+        self._turned_away = _TurnedAway()
         self._socket_gid = os.getgid()
         self._inode: int | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # under a umask of 0 a made folder would be 0777: anyone could put their own socket there
+        self.path.parent.mkdir(mode=SOCKET_DIR_MODE, parents=True, exist_ok=True)
         await self._remove_stale_socket()
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path),
-                                                       limit=MAX_LINE)
+                                                       limit=self.limits.max_request)
         os.chmod(self.path, self.mode)
         st = os.stat(self.path)
         self._socket_gid, self._inode = st.st_gid, st.st_ino
@@ -172,9 +229,9 @@ class ControlServer:
         if self._server is None:
             return
         self._server.close()
-        for task in list(self._connections):
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
         with contextlib.suppress(OSError):
@@ -188,58 +245,126 @@ class ControlServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def connections(self) -> int:
+        """Connections holding a place now."""
+        return len(self._places)
+
+    @property
+    def commands_running(self) -> int:
+        return sum(conn.running for conn in self._places.values())
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._tasks.add(task)
+        conn = _Connection(writer)
         try:
-            await self._serve(reader, writer)
+            if not self._take_place(task, conn):
+                # one line fits in an empty socket buffer: no waiting on this client
+                writer.write(_encode({"error": self._busy_text()}))
+                return
+            await self._serve(conn, reader, writer)
             await _hang_up(reader, writer)
-        except (_ClientGone, ConnectionError, asyncio.IncompleteReadError):
+        except (_ClientGone, _NoRequest, ConnectionError, asyncio.IncompleteReadError):
             pass
-        except asyncio.CancelledError:  # close() ends the connections; nothing waits for this task
-            pass
+        except asyncio.CancelledError:  # close() or a newer connection ends it; nothing waits for it
+            if conn.dropped and not conn.answered:
+                with contextlib.suppress(Exception):
+                    writer.write(_encode({"error": conn.dropped}))
         finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self._tasks.discard(task)
+            self._leave(task)
+            await _close_within(writer, CLOSE_TIMEOUT)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _take_place(self, task: asyncio.Task[None], conn: _Connection) -> bool:
+        """Give the new connection a place, if need be the oldest idle one's; False: refuse it."""
+        if len(self._places) >= self.limits.max_clients:
+            idle = next((t for t, c in self._places.items() if not c.running), None)
+            if idle is None:
+                self._note_turned_away(refused=True)
+                return False
+            self._drop(idle)
+        self._places[task] = conn
+        return True
+
+    def _drop(self, task: asyncio.Task[None]) -> None:
+        conn = self._places.pop(task)
+        conn.dropped = (f"ota-gatewayd dropped this connection: it had sent no request and a newer one "
+                        f"needed its place ({self.limits.max_clients} connections at most)")
+        self._note_turned_away(refused=False)
+        task.cancel()
+
+    def _busy_text(self) -> str:
+        return (f"ota-gatewayd is busy: it serves {self.limits.max_clients} control connections at once "
+                "and all of them are running commands; try again in a moment")
+
+    def _note_turned_away(self, *, refused: bool) -> None:
+        if not self._turned_away.any:
+            log.warning("control socket full (%d connections): dropping idle connections and refusing "
+                        "new ones while it stays full", self.limits.max_clients)
+        if refused:
+            self._turned_away.refused += 1
+        else:
+            self._turned_away.dropped += 1
+
+    def _leave(self, task: asyncio.Task[None]) -> None:
+        self._places.pop(task, None)
+        if self._turned_away.any and len(self._places) <= self.limits.max_clients // 2:
+            log.warning("control socket no longer full: %d connections refused and %d idle ones dropped "
+                        "meanwhile", self._turned_away.refused, self._turned_away.dropped)
+            self._turned_away = _TurnedAway()
+
+    async def _serve(self, conn: _Connection, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         creds = peer_credentials(sock)
         if not peer_allowed(creds, self._socket_gid):
             log.warning("control socket: refused uid %d (pid %d)", creds.uid, creds.pid)
-            await self._send(writer, {"error": f"permission denied: uid {creds.uid} is not root, "
-                                      f"the daemon's user or in group {_group_name(self._socket_gid)}"})
+            await self._send(conn, {"error": f"permission denied: uid {creds.uid} is not root, "
+                                    f"the daemon's user or in group {_group_name(self._socket_gid)}"})
             return
-        try:
-            line = await reader.readline()
-        except (ValueError, asyncio.LimitOverrunError):
-            await self._send(writer, {"error": f"request longer than {MAX_LINE} bytes"})
-            return
+        line = await self._request_line(conn, reader)
         if not line.strip():
             return
         try:
             request = json.loads(line)
         except ValueError as e:
-            await self._send(writer, {"error": f"invalid request: not JSON ({e})"})
+            await self._send(conn, {"error": f"invalid request: not JSON ({e})"})
             return
         cmd = request.get("cmd") if isinstance(request, dict) else None
         if not isinstance(cmd, str):
-            await self._send(writer, {"error": 'invalid request: expected {"cmd": "...", ...}'})
+            await self._send(conn, {"error": 'invalid request: expected {"cmd": "...", ...}'})
             return
         handler = self.handlers.get(cmd)
         if handler is None:
             known = ", ".join(sorted(self.handlers))
-            await self._send(writer, {"error": f"unknown command {cmd!r} (known: {known})"})
+            await self._send(conn, {"error": f"unknown command {cmd!r} (known: {known})"})
             return
         req = Request(request)
         req.peer, req.body = creds, reader
-        await self._run(cmd, handler, req, writer)
+        conn.running = True
+        try:
+            await self._run(cmd, handler, req, conn)
+        finally:
+            conn.running = False
+
+    async def _request_line(self, conn: _Connection, reader: asyncio.StreamReader) -> bytes:
+        """The request line; raises _NoRequest (after telling the client) when it is too slow."""
+        limits = self.limits
+        try:
+            async with asyncio.timeout(limits.request_timeout):
+                return await reader.readline()
+        except TimeoutError:
+            log.debug("control socket: no request line within %g s, closing", limits.request_timeout)
+            await self._send(conn, {"error": f"no complete request line within {limits.request_timeout:g} s"})
+            raise _NoRequest() from None
+        except (ValueError, asyncio.LimitOverrunError):
+            await self._send(conn, {"error": f"request longer than {limits.max_request} bytes"})
+            return b""
 
     async def _run(self, cmd: str, handler: Handler, request: Request,
-                   writer: asyncio.StreamWriter) -> None:
+                   conn: _Connection) -> None:
         try:
             result = handler(request)
             if inspect.isawaitable(result):
@@ -248,28 +373,34 @@ class ControlServer:
                 iterator = result
                 try:
                     async for event in iterator:
-                        await self._send(writer, event)
+                        await self._send(conn, event)
                 finally:
                     # a client that went away must not leave the handler suspended
                     if hasattr(iterator, "aclose"):
                         await iterator.aclose()
             else:
-                await self._send(writer, {} if result is None else result)
+                await self._send(conn, {} if result is None else result)
         except (_ClientGone, asyncio.CancelledError):
             raise
         except Refused as e:
             log.info("control command %r refused: %s", cmd, e)
-            await self._send(writer, {"error": _error_text(e)})
+            await self._send(conn, {"error": _error_text(e)})
         except Exception as e:
             log.exception("control command %r failed", cmd)
-            await self._send(writer, {"error": _error_text(e)})
+            await self._send(conn, {"error": _error_text(e)})
 
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
+    async def _send(self, conn: _Connection, obj: Any) -> None:
         data = _encode(obj)
         try:
-            writer.write(data)
-            await writer.drain()
+            conn.writer.write(data)
+            conn.answered = True
+            async with asyncio.timeout(self.limits.send_timeout):
+                await conn.writer.drain()
+        except TimeoutError:
+            log.debug("control socket: client left %d bytes unread for %g s, cutting it off",
+                      conn.writer.transport.get_write_buffer_size(), self.limits.send_timeout)
+            conn.writer.transport.abort()
+            raise _ClientGone() from None
         except (ConnectionError, RuntimeError) as e:
             raise _ClientGone() from e
 
@@ -287,13 +418,48 @@ async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
                 pass
 
 
+async def _close_within(writer: asyncio.StreamWriter, timeout: float) -> None:
+    """Close, letting our last bytes leave for at most `timeout` s (a client that reads
+    nothing would otherwise keep the connection, and its descriptor, for ever)."""
+    writer.close()
+    try:
+        async with asyncio.timeout(timeout):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except Exception:  # the connection's own error: it is closed all the same
+        pass
+
+
 # ------------------------------------------------------------------ client side
+
+
+async def _connect(path: Path) -> socket.socket:
+    """A connected socket. A full accept queue (EAGAIN: the daemon is behind on accepting) is
+    tried again for CONNECT_TIMEOUT s; asyncio's sock_connect would take it for a connection."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONNECT_TIMEOUT
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))  # AF_UNIX: done at once, or EAGAIN; never in progress
+            return sock
+        except BlockingIOError:
+            sock.close()
+        except BaseException:
+            sock.close()
+            raise
+        if loop.time() >= deadline:
+            raise ControlError(f"ota-gatewayd takes no connection at {path}: its queue of new "
+                               f"connections stayed full for {CONNECT_TIMEOUT:g} s")
+        await asyncio.sleep(CONNECT_RETRY)
 
 
 async def _open(path: Path, cmd: str, args: dict[str, Any]
                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
-        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
+        sock = await _connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         raise DaemonNotRunning(f"ota-gatewayd is not running (no control socket at {path})") from None
     except PermissionError:
@@ -301,9 +467,17 @@ async def _open(path: Path, cmd: str, args: dict[str, Any]
                            "socket's group") from None
     except OSError as e:
         raise ControlError(f"cannot reach ota-gatewayd at {path}: {e.strerror or e}") from None
-    writer.write(_encode({**args, "cmd": cmd}))
-    await writer.drain()
-    return reader, writer
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, _encode({**args, "cmd": cmd}))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it hung up at once (too busy): the line it left first says why, and is read next
+    except OSError as e:
+        sock.close()
+        raise ControlError(f"cannot reach ota-gatewayd at {path}: {e.strerror or e}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE)
 
 
 def _decode(line: bytes) -> Response:

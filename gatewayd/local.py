@@ -213,7 +213,8 @@ class LocalUpdates:
         part = self._store.part_path(key)
         got = 0
         try:
-            with open(part, "wb") as out:
+            # 0600 whatever the umask, as the downloads' part files
+            with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as out:
                 while got < size:
                     try:
                         chunk = await asyncio.wait_for(read.read(min(RECEIVE_CHUNK, size - got)), RECEIVE_IDLE_TIMEOUT)

@@ -13,14 +13,24 @@ None for a job that may not exist.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .vocab import CloudStatus, FilePhase, JobKind, TransferPhase, Word
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 2  # 2: transfers.high_water and transfers.restarts
+# state.db holds presigned download URLs: only the daemon's user reads it. SQLite gives the
+# files it creates beside it (-wal, -shm, -journal) the database's own mode.
+DB_MODE = 0o600
+STATE_DIR_MODE = 0o750  # as the unit's StateDirectoryMode=
+_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -207,7 +217,8 @@ class StateDB:
     _db: sqlite3.Connection = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        _make_private(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -220,8 +231,8 @@ class StateDB:
         found = self._db.execute("PRAGMA user_version").fetchone()[0]
         if found > SCHEMA_VERSION:
             raise StateTooNew(f"{self.path} has schema version {found}, newer than this ota-gatewayd's "
-                               f"{SCHEMA_VERSION}: it was written by a newer release "
-                              "(downgraded package?): install that release again, or move the file away to start afresh")
+                              f"{SCHEMA_VERSION}: it was written by a newer release (downgraded package?): "
+                              "install that release again, or move the file away to start afresh")
         if found and found < SCHEMA_VERSION:
             with self._tx():
                 for version in range(found + 1, SCHEMA_VERSION + 1):
@@ -375,6 +386,33 @@ class StateDB:
             self._db.execute(
                 f"UPDATE transfers SET {cols}, updated=? WHERE thing=? AND job_id=? AND idx=? AND device=?",
                 (*_plain(values), time.time(), key.thing, key.job_id, key.idx, key.device))
+
+
+def _make_private(path: Path) -> None:
+    """Create the database file DB_MODE whatever the umask (SQLite would make it 0644), and
+    take group and others' access from one an older version left, and from its side files."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, DB_MODE)
+    try:
+        _restrict(fd, path)
+    finally:
+        os.close(fd)
+    for suffix in _SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        try:
+            fd = os.open(side, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            _restrict(fd, side)
+        finally:
+            os.close(fd)
+
+
+def _restrict(fd: int, path: Path) -> None:
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & ~DB_MODE:
+        os.fchmod(fd, DB_MODE)
+        log.info("%s was mode %04o (it holds presigned URLs); now %04o", path, mode, DB_MODE)
 
 
 class _Transaction:

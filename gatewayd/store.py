@@ -21,8 +21,9 @@ class FileStore:
     def __init__(self, state_dir: Path) -> None:
         self.partial = state_dir / "partial"
         self.images = state_dir / "images"
-        self.partial.mkdir(parents=True, exist_ok=True)
-        self.images.mkdir(parents=True, exist_ok=True)
+        # not 0777 under a umask of 0: whoever may write here may swap a verified file
+        self.partial.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self.images.mkdir(mode=0o750, parents=True, exist_ok=True)
 
     def part_path(self, key: FileKey) -> Path:
         safe_thing = key.thing.replace(":", "_")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from gatewayd import config as config_module
 from gatewayd.config import (
     DEFAULT_CONTROL_SOCKET,
     DEFAULT_STATE_DIR,
@@ -19,6 +22,8 @@ from gatewayd.config import (
     summary,
 )
 
+from gatewayd.ctl import main as ctl_main
+from gatewayd.daemon import main as daemon_main
 from transports.link import BleSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +37,16 @@ endpoint = "example-ats.iot.eu-west-1.amazonaws.com"
 ca_file = "ca.pem"
 cert_file = "gw.cert.pem"
 key_file = "keys/gw.key"
+"""
+SIGNING = """
+[signing]
+certificates = { "ota_signer.pem" = "signer.pem" }
+"""
+DEVICE = """
+[[device]]
+name = "pump"
+transport = "uart"
+port = "/dev/ttyACM0"
 """
 
 
@@ -530,3 +545,144 @@ def test_read_control_socket(tmp_path: Path) -> None:
     assert read_control_socket(path) == tmp_path / "run" / "ctl.sock"
     path.write_text("not toml [")
     assert read_control_socket(path) == DEFAULT_CONTROL_SOCKET
+
+
+# ------------------------------------------------------------------ who may change trusted files
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+STRANGER = 54321  # a uid and gid with no account
+
+
+@pytest.fixture
+def daemon_user_nobody(monkeypatch) -> pwd.struct_passwd:
+    """The daemon runs as `nobody` (as the package runs it as ota-gateway): root and nobody
+    may change its files, whoever loads the config."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    monkeypatch.setattr(config_module, "DAEMON_USER", "nobody")
+    return nobody
+
+
+@pytest.mark.parametrize("name,key,what", [
+    ("signer.pem", '[signing] certificates."ota_signer.pem"', "signing certificate"),
+    ("ca.pem", "[mqtt] ca_file", "CA certificate"),
+    ("gw.cert.pem", "[mqtt] cert_file", "client certificate"),
+])
+def test_world_writable_certificate_refused(tmp_path: Path, daemon_user_nobody, name: str, key: str,
+                                            what: str) -> None:
+    path = write_config(tmp_path, MINIMAL + SIGNING)
+    os.chmod(tmp_path / name, 0o666)
+    assert only_problem(path) == (f"{path}: {key}: {what} {tmp_path}/{name} is writable by every user "
+                                  f"(mode 0666); allow only root and nobody to change it, e.g. "
+                                  f"chmod 644 {tmp_path}/{name}")
+
+
+def test_world_writable_configuration_files_refused(tmp_path: Path, daemon_user_nobody) -> None:
+    path = write_config(tmp_path, MINIMAL, {"site.toml": DEVICE})
+    os.chmod(path, 0o646)
+    site = tmp_path / "devices.d" / "site.toml"
+    os.chmod(site, 0o662)
+    assert [str(p) for p in problems_of(path)] == [
+        f"{path}: configuration file {path} is writable by every user (mode 0646); allow only root and "
+        f"nobody to change it, e.g. chmod 644 {path}",
+        f"{site}: configuration file {site} is writable by every user (mode 0662); allow only root and "
+        f"nobody to change it, e.g. chmod 640 {site}",
+    ]
+
+
+@needs_root
+def test_group_writable_only_by_root_or_the_daemon_users_own_group(tmp_path: Path, daemon_user_nobody) -> None:
+    path = write_config(tmp_path, MINIMAL + SIGNING)
+    signer = tmp_path / "signer.pem"
+    os.chmod(signer, 0o664)
+    for gid in (0, daemon_user_nobody.pw_gid):  # nogroup: nobody else is in it
+        os.chown(signer, 0, gid)
+        load_config(path)
+    os.chown(signer, 0, STRANGER)
+    assert only_problem(path) == (
+        f'{path}: [signing] certificates."ota_signer.pem": signing certificate {signer} is writable by '
+        f"group {STRANGER} (mode 0664); allow only root and nobody to change it, e.g. chmod 644 {signer}")
+
+
+@needs_root
+def test_the_daemon_users_group_may_not_write_once_operators_are_in_it(tmp_path: Path, monkeypatch,
+                                                                      daemon_user_nobody) -> None:
+    nogroup = grp.getgrgid(daemon_user_nobody.pw_gid)
+    with_an_operator = grp.struct_group((nogroup.gr_name, nogroup.gr_passwd, nogroup.gr_gid, ["alice"]))
+    real_getgrgid = grp.getgrgid
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: with_an_operator if gid == nogroup.gr_gid
+                        else real_getgrgid(gid))
+    path = write_config(tmp_path, MINIMAL + SIGNING)
+    signer = tmp_path / "signer.pem"
+    os.chown(signer, 0, nogroup.gr_gid)
+    os.chmod(signer, 0o664)
+    assert f"is writable by group {nogroup.gr_name} (mode 0664)" in only_problem(path)
+
+
+@needs_root
+def test_files_owned_by_another_user_refused(tmp_path: Path, daemon_user_nobody) -> None:
+    path = write_config(tmp_path, MINIMAL + SIGNING)
+    signer = tmp_path / "signer.pem"
+    os.chown(signer, daemon_user_nobody.pw_uid, 0)
+    load_config(path)  # the daemon's own user may own it
+    os.chown(signer, STRANGER, 0)
+    assert only_problem(path) == (
+        f'{path}: [signing] certificates."ota_signer.pem": signing certificate {signer} is owned by user '
+        f"{STRANGER}; allow only root and nobody to change it, e.g. chown root {signer}")
+    os.chmod(signer, 0o666)
+    assert only_problem(path).endswith(
+        f"is writable by every user (mode 0666) and owned by user {STRANGER}; allow only root and nobody to "
+        f"change it, e.g. chmod 644 {signer} and chown root {signer}")
+
+
+def test_a_folder_others_may_write_lets_them_replace_the_file(tmp_path: Path, daemon_user_nobody) -> None:
+    path = write_config(tmp_path, MINIMAL)
+    keys = tmp_path / "keys"
+    os.chmod(keys, 0o777)
+    assert only_problem(path) == (
+        f"{path}: [mqtt] key_file: private key {keys}/gw.key is in folder {keys}, which is writable by every "
+        f"user (mode 0777); allow only root and nobody to change it, e.g. chmod 755 {keys}")
+    os.chmod(keys, 0o1777)  # sticky, like /tmp: only the file's owner may replace it
+    load_config(path)
+
+
+def test_a_devices_folder_others_may_write_is_refused_even_empty(tmp_path: Path, daemon_user_nobody) -> None:
+    path = write_config(tmp_path, MINIMAL)
+    (tmp_path / "devices.d").mkdir()
+    os.chmod(tmp_path / "devices.d", 0o1777)  # sticky does not stop anyone adding a device
+    assert only_problem(path).startswith(f"{path}: devices folder {tmp_path}/devices.d is writable by every user")
+
+
+def test_a_symlinked_certificate_is_judged_where_it_points(tmp_path: Path, daemon_user_nobody) -> None:
+    path = write_config(tmp_path, MINIMAL + SIGNING.replace('"signer.pem"', '"link.pem"'))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "signer.pem").write_text("-----BEGIN X-----\n")
+    (tmp_path / "link.pem").symlink_to(shared / "signer.pem")
+    load_config(path)
+    os.chmod(shared, 0o777)
+    assert f"is in folder {shared}, which is writable by every user" in only_problem(path)
+
+
+def test_without_the_packaged_user_the_running_user_is_the_daemons(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(config_module, "DAEMON_USER", "no-such-user-for-ota-gateway")
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    writers = config_module.trusted_writers()
+    assert writers.user == me and writers.uids == {0, os.geteuid()}
+    path = write_config(tmp_path, MINIMAL + SIGNING)
+    os.chmod(tmp_path / "signer.pem", 0o646)
+    assert only_problem(path).endswith(f"allow only {writers.names} to change it, e.g. chmod 644 "
+                                       f"{tmp_path}/signer.pem")
+
+
+def test_check_config_and_the_daemon_refuse_the_same_files(tmp_path: Path, daemon_user_nobody, capsys) -> None:
+    path = write_config(tmp_path, MINIMAL + SIGNING)
+    os.chmod(tmp_path / "signer.pem", 0o666)
+    expected = str(only_problem(path))
+
+    assert ctl_main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().out == expected + "\n"
+    assert daemon_main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"ota-gatewayd: configuration is not valid, not starting:\n{expected}\n"

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 
 from gatewayd import config as config_module
-from gatewayd.control import ControlServer
+from gatewayd.control import ControlLimits, ControlServer
 from gatewayd.ctl import format_devices, main
 from gatewayd.display import format_status, progress_bar
+from gatewayd.emulators.signing import build_mcuboot_image
 
 REPO = Path(__file__).resolve().parents[2]
 CTL = REPO / ".venv" / "bin" / "ota-gatewayctl"
@@ -77,9 +80,9 @@ def write_bad_config(folder: Path) -> Path:
 class DaemonThread:
     """A ControlServer on its own event loop in a thread, as the daemon would run it."""
 
-    def __init__(self, path: Path, handlers: dict[str, Any]):
+    def __init__(self, path: Path, handlers: dict[str, Any], limits: ControlLimits = ControlLimits()):
         self.loop = asyncio.new_event_loop()
-        self.server = ControlServer(path, handlers)
+        self.server = ControlServer(path, handlers, limits=limits)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> "DaemonThread":
@@ -257,3 +260,33 @@ def test_unloadable_config_falls_back_to_default_socket(tmp_path: Path, capsys,
         broken.write_text("[gateway\n")
         assert main(["--config", str(broken), "status", "--json"]) == 0
         assert json.loads(capsys.readouterr().out) == STATUS
+
+
+def test_a_busy_daemon_is_one_line_on_stderr(tmp_path: Path, capsys) -> None:
+    sock = tmp_path / "control.sock"
+    path = write_valid_config(tmp_path, sock)
+    release = threading.Event()
+
+    async def hold(req: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        return {}
+
+    busy = ("ota-gatewayctl: ota-gatewayd is busy: it serves 1 control connections at once and all of "
+            "them are running commands; try again in a moment\n")
+    with DaemonThread(sock, {**HANDLERS, "hold": hold}, ControlLimits(max_clients=1)) as daemon:
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            holder.connect(str(sock))
+            holder.sendall(b'{"cmd": "hold"}\n')
+            deadline = time.monotonic() + 5
+            while daemon.server.commands_running < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert main(["--config", str(path), "status"]) == 1
+            assert capsys.readouterr().err == busy
+            image = tmp_path / "pump.bin"
+            image.write_bytes(build_mcuboot_image(b"firmware" * 64))
+            assert main(["--config", str(path), "push", str(image), "--device", "pump", "--unsigned"]) == 1
+        finally:
+            release.set()
+            holder.close()
+    assert capsys.readouterr().err == busy

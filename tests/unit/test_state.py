@@ -1,6 +1,8 @@
 """The state database keeps jobs, download bitmaps and transfers across a reopen."""
 
+import os
 import sqlite3
+import stat
 
 import pytest
 
@@ -83,3 +85,48 @@ def test_a_status_this_version_does_not_know_does_not_stop_it_reading_the_job(tm
     con.close()
     db = StateDB(tmp_path / "state.db")
     assert [(j.job_id, j.cloud_status) for j in db.open_jobs()] == [("j", None)]
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (outside systemd's UMask= it is the caller's)."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield os.umask
+    os.umask(saved)
+
+
+def _modes(folder):
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o000], ids=lambda mask: f"umask {mask:03o}")
+def test_the_database_and_its_wal_are_private_whatever_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    state_dir = tmp_path / "state"
+    db = StateDB(state_dir / "state.db")
+    db.add_job(JobKey("gw-01", "job1"), JobKind.GATEWAY, {"files": [{"url": "https://s3/presigned?X-Amz-Signature=1"}]})
+    # while it is open, the write-ahead log and its index are on disk beside it
+    assert _modes(state_dir) == {"state.db": 0o600, "state.db-shm": 0o600, "state.db-wal": 0o600}
+    db.close()
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o750
+
+
+def test_an_older_readable_database_and_its_leftovers_are_made_private(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("CREATE TABLE t (x)")
+    old.close()
+    leftovers = [tmp_path / "state.db-wal", tmp_path / "state.db-journal"]  # an older daemon's crash
+    for file in [path, *leftovers]:
+        file.touch()
+        os.chmod(file, 0o644)
+
+    caplog.set_level("INFO", logger="gatewayd.state")
+    db = StateDB(path)
+    db.add_job(JobKey("gw-01", "job1"), JobKind.GATEWAY, {})
+    assert {name: mode for name, mode in _modes(tmp_path).items() if name.startswith("state.db")} == {
+        "state.db": 0o600, "state.db-journal": 0o600, "state.db-shm": 0o600, "state.db-wal": 0o600}
+    db.close()
+    assert f"{path} was mode 0644" in caplog.text
