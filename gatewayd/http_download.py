@@ -10,7 +10,8 @@ http.client is blocking: connecting and reading run in executor threads, one bou
 a time, so the event loop never waits on the network or the disk. Cancelling the task shuts
 the socket down, which wakes the worker at once.
 
-The presigned URL is a bearer credential until it expires, so its query string is never logged.
+The presigned URL is a bearer credential until it expires, so its query string is never logged,
+and it is only ever sent over TLS: a plain http:// URL is refused.
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ class _Refresh(_Retry):
 
 
 class _Wire:
-    """One HTTP connection, used by one worker thread at a time and abortable from any thread."""
+    """One HTTPS connection, used by one worker thread at a time and abortable from any thread."""
 
-    def __init__(self, conn: http.client.HTTPConnection) -> None:
+    def __init__(self, conn: http.client.HTTPSConnection) -> None:
         self.conn = conn
         self._lock = threading.Lock()
         self._aborted = False
@@ -277,13 +278,10 @@ class HttpDownload:
         start = self._pos
         if start > 0:
             headers["Range"] = f"bytes={start}-"
-        if parts.scheme == "https":
-            if self._ssl is None:  # reading the CA store is file I/O
-                self._ssl = await asyncio.to_thread(self._make_ssl_context)
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.hostname or "", parts.port, timeout=self._timeout, context=self._ssl)
-        else:
-            conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self._timeout)
+        if self._ssl is None:  # reading the CA store is file I/O
+            self._ssl = await asyncio.to_thread(self._make_ssl_context)
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=self._timeout,
+                                           context=self._ssl)
         wire = _Wire(conn)
         resp: http.client.HTTPResponse | None = None
         self.stats.requests += 1
@@ -437,15 +435,25 @@ class HttpDownload:
 
 
 def _check_url(url: str) -> str:
-    """The URL's host for messages; HttpDownloadError if it cannot be fetched."""
+    """The URL's host for messages; HttpDownloadError if it cannot or must not be fetched."""
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        port = parts.port  # raises ValueError for a bad port
     except ValueError as e:
         raise HttpDownloadError(f"invalid download URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise HttpDownloadError(f"unsupported download URL (scheme {parts.scheme!r}); want http(s)://host/...")
-    return parts.hostname
+        raise HttpDownloadError(f"unsupported download URL (scheme {parts.scheme!r}); want https://host/...")
+    host = parts.hostname
+    if parts.scheme != "https":
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+        where = f"{parts.scheme}://{netloc}{_shorten_path(parts.path or '/')}"
+        raise HttpDownloadError(f"refusing {where}: over plain http:// the URL's signature (a credential) and "
+                                "the firmware would travel in clear text; only https:// URLs are fetched")
+    return host
+
+
+def _shorten_path(path: str, limit: int = 120) -> str:
+    return path if len(path) <= limit else path[:limit] + "..."
 
 
 def _content_length(resp: http.client.HTTPResponse) -> int | None:

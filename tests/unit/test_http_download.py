@@ -1,4 +1,8 @@
-"""HttpDownload against the S3 emulator (and a few raw sockets for answers S3 never gives)."""
+"""HttpDownload against the S3 emulator (and a few raw sockets for answers S3 never gives).
+
+Every server here speaks HTTPS with the test PKI, whose CA the system store trusts through
+SSL_CERT_FILE (`trust_the_test_ca`), as a gateway with a private CA would be set up.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import os
 import socket
 import socketserver
+import ssl
 import threading
 import time
 import urllib.error
@@ -26,10 +31,21 @@ pytestmark = pytest.mark.timeout(60)
 KEY = "firmware/pump-1.2.3.bin"
 
 
+@pytest.fixture(autouse=True)
+def trust_the_test_ca(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_file))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
 @pytest.fixture
-def s3(tmp_path: Path) -> Iterator[S3Emulator]:
-    with S3Emulator(tmp_path / "s3") as emulator:
+def s3(tmp_path: Path, pki: Pki) -> Iterator[S3Emulator]:
+    with S3Emulator(tmp_path / "s3", tls=(pki.server.cert_file, pki.server.key_file)) as emulator:
         yield emulator
+
+
+def without_query(url: str) -> str:
+    """How messages name a presigned URL: never with its query string (the credential)."""
+    return url.split("?")[0]
 
 
 def payload(n: int) -> bytes:
@@ -203,7 +219,7 @@ def test_complete_part_file_needs_no_request(s3: S3Emulator, tmp_path: Path) -> 
     data = payload(5_000)
     part = tmp_path / "f.part"
     part.write_bytes(data)
-    out = download("http://127.0.0.1:9/never", part, len(data), have=len(data))
+    out = download("https://127.0.0.1:9/never", part, len(data), have=len(data))
     assert out.error is None and out.data == data
     assert out.saves == []  # already recorded
     assert out.progress == [(len(data), len(data))]
@@ -324,7 +340,7 @@ def test_unreachable_server(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
-    out = download(f"http://127.0.0.1:{port}/b/k?X-Amz-Signature=secret", tmp_path / "f.part", 100,
+    out = download(f"https://127.0.0.1:{port}/b/k?X-Amz-Signature=secret", tmp_path / "f.part", 100,
                    max_attempts=2)
     assert out.error is not None
     assert out.error.reason.startswith("cannot reach 127.0.0.1: ConnectionRefusedError")
@@ -450,18 +466,18 @@ def test_https_needs_the_ca(tmp_path: Path, pki: Pki, monkeypatch: pytest.Monkey
         assert out.error is None and out.data == data
 
 
-def test_refresh_from_http_to_https_uses_the_ca_file(s3: S3Emulator, tmp_path: Path, pki: Pki,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refresh_to_another_host_uses_the_ca_file(s3: S3Emulator, tmp_path: Path, pki: Pki,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     data = payload(10_000)
     s3.put(KEY, data)
     s3.fail_next(1, status=403)
-    with S3Emulator(tmp_path / "tls", tls=(pki.server.cert_file, pki.server.key_file)) as secure:
-        secure.put(KEY, data)
+    with S3Emulator(tmp_path / "other", tls=(pki.server.cert_file, pki.server.key_file)) as other:
+        other.put(KEY, data)
         out = download(s3.presign(KEY, 60), tmp_path / "f.part", len(data), ca_file=pki.ca_file,
-                       refresh=lambda: secure.presign(KEY, 60))
+                       refresh=lambda: other.presign(KEY, 60))
         assert out.error is None and out.data == data
-        assert statuses(secure) == [200]
+        assert statuses(s3) == [403] and statuses(other) == [200]
 
 
 def test_missing_ca_file_is_reported(s3: S3Emulator, tmp_path: Path) -> None:
@@ -474,6 +490,33 @@ def test_bad_urls_are_refused(tmp_path: Path) -> None:
         with pytest.raises(HttpDownloadError):
             HttpDownload(url=url, file_size=1, part_path=tmp_path / "p", have=0,
                          save_progress=None, refresh_url=None)  # type: ignore[arg-type]
+
+
+def test_plain_http_urls_are_refused(tmp_path: Path) -> None:
+    # Over http:// the URL's signature (a bearer credential until it expires) and the firmware
+    # would cross the network in clear text.
+    with pytest.raises(HttpDownloadError) as caught:
+        HttpDownload(url="http://s3.example.com/ota-firmware/pump.bin?X-Amz-Signature=secret", file_size=1,
+                     part_path=tmp_path / "p", have=0, save_progress=None, refresh_url=None)  # type: ignore[arg-type]
+    assert caught.value.reason == ("refusing http://s3.example.com/ota-firmware/pump.bin: over plain http:// the "
+                                   "URL's signature (a credential) and the firmware would travel in clear text; "
+                                   "only https:// URLs are fetched")
+
+
+def test_a_refreshed_plain_http_url_is_refused(s3: S3Emulator, tmp_path: Path) -> None:
+    s3.put(KEY, b"x" * 100)
+    s3.fail_next(1, status=403)
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+        insecure = f"http://127.0.0.1:{plain.getsockname()[1]}/ota-firmware/{KEY}?X-Amz-Signature=secret"
+        out = download(s3.presign(KEY, 60), tmp_path / "f.part", 100, refresh=lambda: insecure)
+        assert out.error is not None
+        assert out.error.reason.startswith(f"URL refresh failed: refusing {without_query(insecure)}: "
+                                           "over plain http://")
+        assert "secret" not in out.error.reason
+        assert statuses(s3) == [403]
+        plain.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            plain.accept()  # nobody ever connected to the plain-HTTP server
 
 
 def test_cancel_closes_the_connection_promptly(s3: S3Emulator, tmp_path: Path) -> None:
@@ -514,16 +557,23 @@ def test_cancel_closes_the_connection_promptly(s3: S3Emulator, tmp_path: Path) -
 
 
 class RawServer(socketserver.ThreadingTCPServer):
+    """Answers each request with `respond(request headers, socket)`, over TLS."""
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, respond: Callable[[dict[str, str], socket.socket], None]) -> None:
+    def __init__(self, respond: Callable[[dict[str, str], socket.socket], None], tls: ssl.SSLContext) -> None:
         self.respond = respond
+        self.tls = tls
         self.seen: list[dict[str, str]] = []
         self.stop_event = threading.Event()
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(inner) -> None:
+                try:
+                    inner.request.do_handshake()
+                except (OSError, ssl.SSLError):
+                    return
                 head = b""
                 while b"\r\n\r\n" not in head:
                     chunk = inner.request.recv(4096)
@@ -539,9 +589,14 @@ class RawServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
+    def get_request(self) -> tuple[ssl.SSLSocket, object]:
+        sock, addr = super().get_request()
+        # The handshake runs in the handler thread, so a stuck client cannot block accept().
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/bucket/key?X-Amz-Signature=abc"
+        return f"https://127.0.0.1:{self.server_address[1]}/bucket/key?X-Amz-Signature=abc"
 
     def close(self) -> None:
         self.stop_event.set()
@@ -549,12 +604,18 @@ class RawServer(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
+def server_tls(pki: Pki) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(pki.server.cert_file), str(pki.server.key_file))
+    return context
+
+
 @pytest.fixture
-def raw_server() -> Iterator[Callable[[Callable[[dict[str, str], socket.socket], None]], RawServer]]:
+def raw_server(pki: Pki) -> Iterator[Callable[[Callable[[dict[str, str], socket.socket], None]], RawServer]]:
     servers: list[RawServer] = []
 
     def make(respond: Callable[[dict[str, str], socket.socket], None]) -> RawServer:
-        servers.append(RawServer(respond))
+        servers.append(RawServer(respond, server_tls(pki)))
         return servers[-1]
 
     yield make
