@@ -42,7 +42,8 @@ REFRESH_STATUSES = frozenset({400, 403, 404})  # CSDK demo: ask for the job docu
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 USER_AGENT = "ota-gateway"
 
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+# 20 digits hold any offset; more would only make int() slow or raise (Python's 4300-digit limit).
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d{1,20})-(\d{1,20})/(\d{1,20}|\*)\s*$", re.IGNORECASE)
 _S3_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _S3_MESSAGE = re.compile(rb"<Message>([^<]{1,300})</Message>")
 
@@ -322,10 +323,13 @@ class HttpDownload:
             return self.file_size
         content_range = resp.getheader("Content-Range") or ""
         m = _CONTENT_RANGE.match(content_range.strip())
-        if m is None or int(m.group(1)) != start or int(m.group(2)) < start:
+        if m is None:  # nothing on disk is in question: ask again from the same byte
+            raise _Retry(f"{self._host} answered a request for bytes {start}- with an unreadable Content-Range "
+                         f"{_shorten(content_range)}")
+        first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+        if first != start or last < start:
             raise _Restart(f"{self._host} answered a request for bytes {start}- with Content-Range "
                            f"{content_range!r}")
-        first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
         if total != "*" and int(total) != self.file_size:
             raise HttpDownloadError(self._size_mismatch(int(total)))
         if last >= self.file_size:
@@ -454,6 +458,11 @@ def _check_url(url: str) -> str:
 
 def _shorten_path(path: str, limit: int = 120) -> str:
     return path if len(path) <= limit else path[:limit] + "..."
+
+
+def _shorten(header: str, limit: int = 60) -> str:
+    """A header value for a message: quoted, and cut if a server sent something huge."""
+    return repr(header) if len(header) <= limit else f"{header[:limit]!r}... ({len(header)} characters)"
 
 
 def _content_length(resp: http.client.HTTPResponse) -> int | None:

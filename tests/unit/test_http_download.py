@@ -718,6 +718,52 @@ def test_unexpected_status_is_final(raw_server, tmp_path: Path) -> None:
     assert len(server.seen) == 1
 
 
+# -- answers no server should give --
+
+
+def send_head(sock: socket.socket, status: str, *headers: str) -> None:
+    sock.sendall(f"HTTP/1.1 {status}\r\n".encode() + b"".join(f"{h}\r\n".encode() for h in headers) + b"\r\n")
+
+
+@pytest.mark.parametrize("field", ["first", "last", "total"])
+def test_a_content_range_with_thousands_of_digits_is_a_bad_answer(raw_server, tmp_path: Path, field: str) -> None:
+    data = payload(4096)
+    huge = "9" * 5000  # past Python's 4300-digit limit for int()
+    values = {"first": f"bytes {huge}-4095/4096", "last": f"bytes 1000-{huge}/4096",
+              "total": f"bytes 1000-4095/{huge}"}
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if len(server.seen) == 1:
+            send_head(sock, "206 Partial Content", f"Content-Range: {values[field]}", "Content-Length: 3096")
+        else:
+            send_head(sock, "206 Partial Content", "Content-Range: bytes 1000-4095/4096", "Content-Length: 3096")
+        sock.sendall(data[1000:])
+
+    server = raw_server(respond)
+    part = tmp_path / "f.part"
+    part.write_bytes(data[:1000])
+    out = download(server.url, part, len(data), have=1000)
+    assert out.error is None and out.data == data
+    # asked again from the same byte: nothing on disk is in question
+    assert [h.get("range") for h in server.seen] == ["bytes=1000-", "bytes=1000-"]
+
+
+def test_an_unreadable_content_range_is_named_briefly(raw_server, tmp_path: Path) -> None:
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        send_head(sock, "206 Partial Content", "Content-Range: bytes " + "1" * 5000 + "-2/3", "Content-Length: 10")
+        sock.sendall(b"x" * 10)
+
+    server = raw_server(respond)
+    part = tmp_path / "f.part"
+    part.write_bytes(b"y" * 10)
+    out = download(server.url, part, 20, have=10, max_attempts=2)
+    assert out.error is not None
+    reason = out.error.reason
+    assert "127.0.0.1 answered a request for bytes 10- with an unreadable Content-Range 'bytes 1111" in reason
+    assert reason.endswith("... (5010 characters) after 2 attempts")
+    assert len(reason) < 400
+
+
 def test_module_uses_only_the_standard_library() -> None:
     source = Path(http_download.__file__).read_text()
     for name in ("requests", "httpx", "aiohttp", "urllib3"):
