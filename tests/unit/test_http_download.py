@@ -24,7 +24,7 @@ import pytest
 from gatewayd import http_download
 from gatewayd.emulators.broker import Pki
 from gatewayd.emulators.s3 import S3Emulator
-from gatewayd.http_download import SAVE_INTERVAL, HttpDownload, HttpDownloadError
+from gatewayd.http_download import MAX_ATTEMPTS, SAVE_INTERVAL, HttpDownload, HttpDownloadError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,8 +70,10 @@ def download(
     have: int = 0,
     refresh: Callable[[], str] | None = None,
     check_save: Callable[[int], None] | None = None,
+    deadline: float = 20.0,
     **kwargs,
 ) -> Outcome:
+    """Run one download; fail the test if it is still running after `deadline` seconds."""
     out = Outcome(b"")
 
     async def save_progress(n: int) -> None:
@@ -90,8 +92,15 @@ def download(
     dl = HttpDownload(url=url, file_size=file_size, part_path=part, have=have, save_progress=save_progress,
                       refresh_url=refresh_url, on_progress=lambda d, t: out.progress.append((d, t)), **kwargs)
     out.download = dl
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(dl.run(), deadline)
+        except TimeoutError:
+            raise AssertionError(f"the download was still running after {deadline} s: {dl.stats}") from None
+
     try:
-        asyncio.run(dl.run())
+        asyncio.run(bounded())
     except HttpDownloadError as e:
         out.error = e
     out.data = part.read_bytes() if part.exists() else b""
@@ -303,7 +312,8 @@ def test_refreshed_urls_that_keep_failing_end_the_download(s3: S3Emulator, tmp_p
     time.sleep(0.05)
     out = download(stale, tmp_path / "f.part", 100, refresh=lambda: stale, max_attempts=3)
     assert out.error is not None
-    assert out.error.reason == "HTTP 403 from 127.0.0.1 after 3 attempts (AccessDenied: Request has expired)"
+    assert out.error.reason == (f"{without_query(stale)}: HTTP 403 from 127.0.0.1 (AccessDenied: Request has "
+                                "expired); 3 requests in a row got no further than byte 0 of 100")
     assert out.refreshes == 2
     assert len(s3.requests) == 3
 
@@ -320,10 +330,12 @@ def test_server_errors_then_success(s3: S3Emulator, tmp_path: Path) -> None:
 def test_persistent_server_errors_fail_after_max_attempts(s3: S3Emulator, tmp_path: Path) -> None:
     s3.put(KEY, b"x" * 1000)
     s3.fail_next(100, status=500)
-    out = download(s3.presign(KEY, 60), tmp_path / "f.part", 1000, max_attempts=4)
+    url = s3.presign(KEY, 60)
+    out = download(url, tmp_path / "f.part", 1000, max_attempts=4)
     assert out.error is not None
-    assert out.error.reason == ("HTTP 500 from 127.0.0.1 after 4 attempts "
-                                "(InternalError: We encountered an internal error. Please try again.)")
+    assert out.error.reason == (f"{without_query(url)}: HTTP 500 from 127.0.0.1 (InternalError: We encountered "
+                                "an internal error. Please try again.); 4 requests in a row got no further than "
+                                "byte 0 of 1000")
     assert statuses(s3) == [500] * 4
 
 
@@ -343,8 +355,9 @@ def test_unreachable_server(tmp_path: Path) -> None:
     out = download(f"https://127.0.0.1:{port}/b/k?X-Amz-Signature=secret", tmp_path / "f.part", 100,
                    max_attempts=2)
     assert out.error is not None
-    assert out.error.reason.startswith("cannot reach 127.0.0.1: ConnectionRefusedError")
-    assert out.error.reason.endswith("after 2 attempts")
+    assert out.error.reason.startswith(f"https://127.0.0.1:{port}/b/k: cannot reach 127.0.0.1: "
+                                       "ConnectionRefusedError")
+    assert out.error.reason.endswith("; 2 requests in a row got no further than byte 0 of 100")
     assert "secret" not in out.error.reason
 
 
@@ -672,8 +685,8 @@ def test_stalled_body_times_out(raw_server, tmp_path: Path) -> None:
     started = time.monotonic()
     out = download(server.url, tmp_path / "f.part", 1000, timeout=0.2, max_attempts=2)
     assert out.error is not None
-    assert out.error.reason.startswith("transfer from 127.0.0.1 failed after byte 0: timed out")
-    assert out.error.reason.endswith("after 2 attempts")
+    assert out.error.reason == (f"{without_query(server.url)}: transfer from 127.0.0.1 failed after byte 0: "
+                                "timed out; 2 requests in a row got no further than byte 0 of 1000")
     assert time.monotonic() - started < 2
 
 
@@ -718,11 +731,139 @@ def test_unexpected_status_is_final(raw_server, tmp_path: Path) -> None:
     assert len(server.seen) == 1
 
 
-# -- answers no server should give --
+# -- answers no server should give, and hostile servers: every loop ends, saying what the server did --
 
 
 def send_head(sock: socket.socket, status: str, *headers: str) -> None:
     sock.sendall(f"HTTP/1.1 {status}\r\n".encode() + b"".join(f"{h}\r\n".encode() for h in headers) + b"\r\n")
+
+
+def test_cut_at_half_then_a_wrong_resume_range_ends_on_the_high_water_mark(raw_server, tmp_path: Path) -> None:
+    # Each round trip makes the file grow to half and start over: progress against the last
+    # attempt every other request, none against the most ever on disk.
+    data = payload(8000)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if "range" in headers:
+            send_head(sock, "206 Partial Content", "Content-Range: bytes 0-7999/8000", "Content-Length: 8000")
+            sock.sendall(data)
+        else:
+            send_head(sock, "200 OK", "Content-Length: 8000")
+            sock.sendall(data[:4000])  # and the connection closes
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data), retry_delay=0.001)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 answered a request for bytes 4000- with "
+                                f"Content-Range 'bytes 0-7999/8000'; {MAX_ATTEMPTS} requests in a row got only "
+                                "4000 bytes further, to byte 4000 of 8000")
+    assert len(server.seen) == MAX_ATTEMPTS
+
+
+def test_high_water_mark_budget_counts_from_the_last_real_progress(raw_server, tmp_path: Path) -> None:
+    data = payload(8000)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if "range" in headers:
+            send_head(sock, "206 Partial Content", "Content-Range: bytes 0-7999/8000", "Content-Length: 8000")
+            sock.sendall(data)
+        else:
+            send_head(sock, "200 OK", "Content-Length: 8000")
+            sock.sendall(data[:4000])
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data), retry_delay=0.001, max_attempts=4,
+                   progress_step=1000, max_restarts=100)
+    assert out.error is not None
+    # the first cut is progress (4000 >= 1000 new bytes); the 4 requests after it are not
+    assert out.error.reason.endswith("; 4 requests in a row got no further than byte 4000 of 8000")
+    assert [h.get("range") for h in server.seen] == [None, "bytes=4000-"] * 2 + [None]
+    assert out.download is not None and out.download.stats.restarts == 2
+
+
+def test_restarts_from_byte_0_are_capped(raw_server, tmp_path: Path) -> None:
+    # Each pass gets a little further before the server makes us start over: progress every
+    # time, but the bytes transferred grow with the square of the file size.
+    data = payload(100_000)
+    passes = []
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if "range" in headers:
+            send_head(sock, "206 Partial Content", "Content-Range: bytes 0-99999/100000", "Content-Length: 100000")
+            sock.sendall(data)
+        else:
+            passes.append(1)
+            send_head(sock, "200 OK", "Content-Length: 100000")
+            sock.sendall(data[:1000 * len(passes)])
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data), retry_delay=0.001, max_attempts=100,
+                   progress_step=500, max_restarts=3)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 3 restarts from byte 0 without getting past byte "
+                                "4000 of 100000, then again: 127.0.0.1 answered a request for bytes 4000- with "
+                                "Content-Range 'bytes 0-99999/100000'")
+    assert len(passes) == 4 and len(server.seen) == 8
+
+
+def trickle(server: RawServer, sock: socket.socket, interval: float) -> None:
+    """Send one byte every `interval` seconds until the test ends or the client hangs up."""
+    while not server.stop_event.wait(interval):
+        try:
+            sock.sendall(b"x")
+        except OSError:
+            return
+
+
+def test_a_body_trickling_below_the_minimum_rate_is_given_up(raw_server, tmp_path: Path) -> None:
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        first = start_of(headers)
+        send_head(sock, "206 Partial Content", f"Content-Range: bytes {first}-99999/100000",
+                  f"Content-Length: {100_000 - first}")
+        trickle(server, sock, 0.02)  # 50 bytes/s, fast enough for any socket timeout
+
+    server = raw_server(respond)
+    started = time.monotonic()
+    out = download(server.url, tmp_path / "f.part", 100_000, timeout=5, retry_delay=0.001, max_attempts=3,
+                   min_rate=1000, rate_window=0.3)
+    assert out.error is not None
+    reason = out.error.reason
+    assert reason.startswith(f"{without_query(server.url)}: 127.0.0.1 sent ")
+    assert "bytes in 0.3 s, below the minimum of 1000 bytes/s; 3 requests in a row got only " in reason
+    starts = [start_of(h) for h in server.seen]
+    assert len(starts) == 3 and starts[0] < starts[1] < starts[2]  # resumed each time: not a restart
+    assert time.monotonic() - started < 5
+
+
+def test_a_response_head_trickling_in_is_given_up(raw_server, tmp_path: Path) -> None:
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nX-Padding: ")
+        trickle(server, sock, 0.02)  # a header line that never ends
+
+    server = raw_server(respond)
+    started = time.monotonic()
+    out = download(server.url, tmp_path / "f.part", 1000, timeout=0.5, retry_delay=0.001, max_attempts=2)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 did not complete its TLS handshake and "
+                                "response headers within 0.5 s; 2 requests in a row got no further than byte 0 "
+                                "of 1000")
+    assert time.monotonic() - started < 5
+
+
+def test_many_small_206_answers_are_bounded(raw_server, tmp_path: Path) -> None:
+    data = payload(100_000)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        first = start_of(headers)
+        send_head(sock, "206 Partial Content", f"Content-Range: bytes {first}-{first}/100000", "Content-Length: 1")
+        sock.sendall(data[first:first + 1])
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data), max_attempts=5)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 answered a request for bytes 4- with "
+                                "bytes 4-4 only; 5 requests in a row got only 5 bytes further, to byte 5 of 100000")
+    assert len(server.seen) == 5
 
 
 @pytest.mark.parametrize("field", ["first", "last", "total"])
@@ -760,7 +901,7 @@ def test_an_unreadable_content_range_is_named_briefly(raw_server, tmp_path: Path
     assert out.error is not None
     reason = out.error.reason
     assert "127.0.0.1 answered a request for bytes 10- with an unreadable Content-Range 'bytes 1111" in reason
-    assert reason.endswith("... (5010 characters) after 2 attempts")
+    assert "... (5010 characters); 2 requests in a row got no further than byte 10 of 20" in reason
     assert len(reason) < 400
 
 
