@@ -308,7 +308,7 @@ class HttpDownload:
                 continue
             if isinstance(failure, _Restart):
                 await self._restart(fd, str(failure))
-            delay = self._backoff(misses)
+            delay = self._backoff(max(misses, 1))  # 0 after a failure that still brought progress
             log.warning("download from %s: %s; retrying in %.1f s from byte %d (%d of %d requests without "
                         "progress)", self._host, str(failure), delay, self._pos, misses, self._max_attempts)
             await asyncio.sleep(delay)

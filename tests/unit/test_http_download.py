@@ -348,6 +348,16 @@ def test_backoff_grows(s3: S3Emulator, tmp_path: Path) -> None:
     assert time.monotonic() - started >= 0.1 + 0.2 + 0.4
 
 
+def test_a_cut_after_progress_waits_the_retry_delay(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(100_000)
+    s3.put(KEY, data)
+    s3.drop_after(80_000)  # progress, then a cut: the first retry of a fresh budget
+    started = time.monotonic()
+    out = download(s3.presign(KEY, 60), tmp_path / "f.part", len(data), retry_delay=0.5)
+    assert out.error is None and out.data == data
+    assert time.monotonic() - started >= 0.5
+
+
 def test_unreachable_server(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
