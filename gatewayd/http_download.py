@@ -33,9 +33,8 @@ import re
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -150,20 +149,8 @@ class _RateFloor:
 
     min_rate: float
     window: float
-    started: float = field(default_factory=time.monotonic)
-    got: int = 0
-
-    def count(self, n: int) -> str | None:
-        """Add n bytes; a sentence if a window has passed with too few."""
-        self.got += n
-        now = time.monotonic()
-        elapsed = now - self.started
-        if elapsed < self.window:
-            return None
-        if self.got < self.min_rate * elapsed:
-            return f"{self.got} bytes in {elapsed:.1f} s, below the minimum of {self.min_rate:g} bytes/s"
-        self.started, self.got = now, 0
-        return None
+    got: int = 0  # body bytes so far, counted by the worker thread
+    tripped: str | None = None  # why the watchdog aborted the body
 
 
 class HttpDownload:
@@ -429,17 +416,21 @@ class HttpDownload:
         if resp.status == 200 and start > 0:
             await self._restart(fd, f"{self._host} ignored the Range request")
         floor = _RateFloor(self._min_rate, self._rate_window)
-        while True:
-            body: _Body = await self._in_thread(wire, True, self._pump, resp, fd, self._pos, end, floor)
-            if body.pos > self._pos:
-                self.stats.bytes_received += body.pos - self._pos
-                self._pos = body.pos
-                await self._record(body.pos)
-                self._progress()
-            if body.error is not None:
-                raise (_TooSlow if body.too_slow else _Retry)(body.error)
-            if body.ended:
-                break
+        watchdog = asyncio.create_task(self._watch_rate(wire, floor))
+        try:
+            while True:
+                body: _Body = await self._in_thread(wire, True, self._pump, resp, fd, self._pos, end, floor)
+                if body.pos > self._pos:
+                    self.stats.bytes_received += body.pos - self._pos
+                    self._pos = body.pos
+                    await self._record(body.pos)
+                    self._progress()
+                if body.error is not None:
+                    raise (_TooSlow if body.too_slow else _Retry)(body.error)
+                if body.ended:
+                    break
+        finally:
+            watchdog.cancel()
         if self._pos < end:  # the body ended properly (chunked), yet short
             if end == self.file_size:
                 raise HttpDownloadError(self._size_mismatch(self._pos))
@@ -447,10 +438,26 @@ class HttpDownload:
         if end < self.file_size:
             raise _Partial(f"{self._host} answered a request for bytes {start}- with bytes {start}-{end - 1} only")
 
+    async def _watch_rate(self, wire: _Wire, floor: _RateFloor) -> None:
+        """Abort the body once a window passes with too few bytes. Checked here, not by the worker
+        between reads: one read of a chunked body can take hours when a server trickles its
+        chunk-size line a byte at a time, each byte well within the socket timeout."""
+        if floor.min_rate <= 0:
+            return
+        while True:
+            before = floor.got
+            await asyncio.sleep(floor.window)
+            got = floor.got - before
+            if got < floor.min_rate * floor.window:
+                floor.tripped = (f"{self._host} sent {got} bytes of the file in {floor.window:g} s, below the "
+                                 f"minimum of {floor.min_rate:g} bytes/s")
+                wire.abort()
+                return
+
     def _pump(self, resp: http.client.HTTPResponse, fd: int, pos: int, end: int, floor: _RateFloor) -> _Body:
         """Worker thread: append body bytes at `pos` until save_interval bytes, the end of the
-        body (expected at file offset `end`), a failure or a rate below `floor`; fsync before
-        returning."""
+        body (expected at file offset `end`) or a failure; fsync before returning. Counts the
+        bytes in `floor` and reports its verdict if it cut the body short."""
         stop = pos + self._save_interval
         result = _Body(pos, False)
         try:
@@ -478,13 +485,12 @@ class HttpDownload:
                     break
                 pwrite_all(fd, data, result.pos)
                 result.pos += len(data)
-                slow = floor.count(len(data))
-                if slow is not None and result.pos < end:
-                    result.error, result.too_slow = f"{self._host} sent {slow}", True
-                    break
+                floor.got += len(data)
         finally:
             if result.pos > pos:
                 os.fsync(fd)
+        if floor.tripped is not None and result.pos < end:  # whatever the aborted read looked like
+            result.error, result.too_slow, result.ended = floor.tripped, True, False
         return result
 
     async def _error_detail(self, wire: _Wire, resp: http.client.HTTPResponse) -> str:

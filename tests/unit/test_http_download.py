@@ -839,9 +839,27 @@ def test_a_body_trickling_below_the_minimum_rate_is_given_up(raw_server, tmp_pat
     assert out.error is not None
     reason = out.error.reason
     assert reason.startswith(f"{without_query(server.url)}: 127.0.0.1 sent ")
-    assert "bytes in 0.3 s, below the minimum of 1000 bytes/s; 3 requests in a row got only " in reason
+    assert "bytes of the file in 0.3 s, below the minimum of 1000 bytes/s; 3 requests in a row got only " in reason
     starts = [start_of(h) for h in server.seen]
     assert len(starts) == 3 and starts[0] < starts[1] < starts[2]  # resumed each time: not a restart
+    assert time.monotonic() - started < 5
+
+
+def test_a_chunk_size_line_trickling_in_is_given_up(raw_server, tmp_path: Path) -> None:
+    # One read of a chunked body first reads the whole chunk-size line (up to 64 KiB).
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        send_head(sock, "200 OK", "Transfer-Encoding: chunked")
+        sock.sendall(b"10;padding=")
+        trickle(server, sock, 0.02)
+
+    server = raw_server(respond)
+    started = time.monotonic()
+    out = download(server.url, tmp_path / "f.part", 100_000, timeout=5, retry_delay=0.001, max_attempts=2,
+                   min_rate=1000, rate_window=0.3)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 sent 0 bytes of the file in 0.3 s, "
+                                "below the minimum of 1000 bytes/s; 2 requests in a row got no further than byte 0 "
+                                "of 100000")
     assert time.monotonic() - started < 5
 
 
