@@ -10,7 +10,17 @@ http.client is blocking: connecting and reading run in executor threads, one bou
 a time, so the event loop never waits on the network or the disk. Cancelling the task shuts
 the socket down, which wakes the worker at once.
 
-The presigned URL is a bearer credential until it expires, so its query string is never logged.
+The presigned URL is a bearer credential until it expires, so its query string is never logged,
+and it is only ever sent over TLS: a plain http:// URL is refused.
+
+A server may be hostile or broken, so every loop ends, with a reason that says what the server
+did:
+- requests in a row that do not carry the high-water mark (the most bytes ever durably on
+  disk) `progress_step` bytes further: at most `max_attempts`. Measured against the high-water
+  mark, not the previous attempt, so "cut at half, then make us start over" is no progress;
+- restarts from byte 0: at most `max_restarts`;
+- each attempt: the response head (TCP connect, TLS handshake, status and headers) within
+  `timeout`, then the body at `min_rate` bytes/s or more over every `rate_window` seconds.
 """
 
 from __future__ import annotations
@@ -37,11 +47,17 @@ log = logging.getLogger("gatewayd.http_download")
 SAVE_INTERVAL = 256 * 1024  # bytes between fsync + save_progress
 READ_CHUNK = 64 * 1024
 MAX_RETRY_DELAY = 60.0
+MAX_ATTEMPTS = 8  # requests in a row without PROGRESS_STEP new bytes
+PROGRESS_STEP = 64 * 1024
+MAX_RESTARTS = 4  # times the part file may be started over from byte 0
+MIN_RATE = 1024.0  # bytes/s a response body must average over each RATE_WINDOW
+RATE_WINDOW = 60.0  # seconds; longer than the socket timeout, so a silent server fails on that first
 REFRESH_STATUSES = frozenset({400, 403, 404})  # CSDK demo: ask for the job document again
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 USER_AGENT = "ota-gateway"
 
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+# 20 digits hold any offset; more would only make int() slow or raise (Python's 4300-digit limit).
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d{1,20})-(\d{1,20})/(\d{1,20}|\*)\s*$", re.IGNORECASE)
 _S3_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _S3_MESSAGE = re.compile(rb"<Message>([^<]{1,300})</Message>")
 
@@ -78,15 +94,25 @@ class _Refresh(_Retry):
     """The URL is stale: get a fresh one from the job document."""
 
 
-class _Wire:
-    """One HTTP connection, used by one worker thread at a time and abortable from any thread."""
+class _TooSlow(_Retry):
+    """The body came slower than the minimum rate: never counts as progress."""
 
-    def __init__(self, conn: http.client.HTTPConnection) -> None:
+
+class _Partial(_Retry):
+    """A 206 for less than the rest of the file, complete as such: ask for the remainder at once."""
+
+
+class _Wire:
+    """One HTTPS connection, used by one worker thread at a time and abortable from any thread."""
+
+    def __init__(self, conn: http.client.HTTPSConnection) -> None:
         self.conn = conn
         self._lock = threading.Lock()
         self._aborted = False
 
     def open(self, target: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        # The socket timeout bounds the whole TLS handshake (ssl, since Python 3.5) but each read
+        # of the headers only one at a time: _attempt puts a deadline on the whole head.
         self.conn.connect()
         with self._lock:
             if self._aborted:
@@ -114,6 +140,17 @@ class _Body:
     pos: int  # bytes of the file on disk (written and fsynced)
     ended: bool  # the response body is complete per its framing
     error: str | None = None  # a network failure cut the body
+    too_slow: bool = False  # the error is the minimum rate
+
+
+@dataclass
+class _RateFloor:
+    """A response body must bring `min_rate` bytes/s, averaged over each `window` seconds."""
+
+    min_rate: float
+    window: float
+    got: int = 0  # body bytes so far, counted by the worker thread
+    tripped: str | None = None  # why the watchdog aborted the body
 
 
 class HttpDownload:
@@ -129,19 +166,28 @@ class HttpDownload:
         on_progress: Callable[[int, int], None] | None = None,
         ca_file: Path | None = None,
         timeout: float = 30.0,
-        max_attempts: int = 8,
+        max_attempts: int = MAX_ATTEMPTS,
         retry_delay: float = 1.0,
         save_interval: int = SAVE_INTERVAL,
+        progress_step: int = PROGRESS_STEP,
+        max_restarts: int = MAX_RESTARTS,
+        min_rate: float = MIN_RATE,
+        rate_window: float = RATE_WINDOW,
     ) -> None:
-        """`have`: bytes of part_path already fsynced and recorded. `max_attempts`: failed
-        tries in a row (without new bytes) before giving up; a stale URL counts as one.
+        """`have`: bytes of part_path already fsynced and recorded. `timeout`: for each socket
+        operation, and for the whole response head. `max_attempts`: requests in a row that do
+        not bring the high-water mark `progress_step` bytes further (or to the end) before
+        giving up; a stale URL counts as one. `max_restarts`: times the file may be started over
+        from byte 0. `min_rate`: bytes/s a body must bring over each `rate_window` seconds.
         Raises HttpDownloadError for a URL or size that cannot work."""
         if file_size <= 0:
             raise HttpDownloadError(f"file size {file_size} is not positive")
-        if timeout <= 0 or max_attempts < 1 or retry_delay < 0 or save_interval < 1:
-            raise ValueError("timeout, max_attempts and save_interval must be positive, retry_delay >= 0")
+        if (timeout <= 0 or max_attempts < 1 or retry_delay < 0 or save_interval < 1 or progress_step < 1
+                or max_restarts < 0 or min_rate < 0 or rate_window <= 0):
+            raise ValueError("timeout, max_attempts, save_interval, progress_step and rate_window must be "
+                             "positive; retry_delay, max_restarts and min_rate not negative")
         self._url = url
-        self._host = _check_url(url)
+        self._host, self._where = _check_url(url)
         self.file_size = file_size
         self.part_path = Path(part_path)
         self._have = max(0, have)
@@ -153,8 +199,13 @@ class HttpDownload:
         self._max_attempts = max_attempts
         self._retry_delay = retry_delay
         self._save_interval = save_interval
+        self._progress_step = progress_step
+        self._max_restarts = max_restarts
+        self._min_rate = min_rate
+        self._rate_window = rate_window
         self._ssl: ssl.SSLContext | None = None
         self._pos = 0
+        self._high_water = 0  # the most bytes ever on disk (fsynced) in this run
         self._saved = self._have
         self._reported = -1
         self._started = False
@@ -205,6 +256,7 @@ class HttpDownload:
         # Bytes past the recorded count were never fsynced+recorded together: not trusted.
         if size != pos:
             await _disk(_truncate, fd, pos)
+        self._high_water = pos
 
     def _make_ssl_context(self) -> ssl.SSLContext:
         try:
@@ -215,33 +267,46 @@ class HttpDownload:
             raise HttpDownloadError(f"cannot load the CA file {self._ca_file}: {e}") from e
 
     async def _download(self, fd: int) -> None:
-        failures = 0
+        base = self._high_water  # the high-water mark when `misses` was last reset
+        misses = 0  # requests in a row that did not carry the high-water mark progress_step further
         while self._pos < self.file_size:
-            before = self._pos
             try:
                 await self._attempt(fd)
-                continue  # a 206 for part of the rest: ask for the remainder
+                return  # the whole rest of the file is on disk
             except _Retry as e:
                 failure = e
-            finally:
-                if self._pos > before:
-                    failures = 0
-            failures += 1
-            if failures >= self._max_attempts:
-                raise HttpDownloadError(f"{failure.reason} after {failures} attempts{failure.detail}") from None
+            self._high_water = max(self._high_water, self._pos)
+            if (self._high_water >= min(base + self._progress_step, self.file_size)
+                    and not isinstance(failure, _TooSlow)):
+                base, misses = self._high_water, 0
+            else:
+                misses += 1
+            if misses >= self._max_attempts:
+                raise HttpDownloadError(self._no_progress(failure, misses, base)) from None
+            if isinstance(failure, _Partial):
+                log.debug("download from %s: %s; asking for the rest", self._host, failure)
+                continue  # some servers cap the size of a range
             self.stats.retries += 1
             if isinstance(failure, _Refresh):
                 # A stale URL is expected on long transfers: no wait for the first refresh.
-                if failures > 1:
-                    await asyncio.sleep(self._backoff(failures - 1))
+                if misses > 1:
+                    await asyncio.sleep(self._backoff(misses - 1))
                 await self._new_url(str(failure))
                 continue
             if isinstance(failure, _Restart):
                 await self._restart(fd, str(failure))
-            delay = self._backoff(failures)
-            log.warning("download from %s: %s; retrying in %.1f s from byte %d (attempt %d of %d)",
-                        self._host, str(failure), delay, self._pos, failures + 1, self._max_attempts)
+            delay = self._backoff(max(misses, 1))  # 0 after a failure that still brought progress
+            log.warning("download from %s: %s; retrying in %.1f s from byte %d (%d of %d requests without "
+                        "progress)", self._host, str(failure), delay, self._pos, misses, self._max_attempts)
             await asyncio.sleep(delay)
+
+    def _no_progress(self, failure: _Retry, misses: int, base: int) -> str:
+        gained = self._high_water - base
+        if gained == 0:
+            progress = f"got no further than byte {self._high_water} of {self.file_size}"
+        else:
+            progress = f"got only {gained} bytes further, to byte {self._high_water} of {self.file_size}"
+        return f"{self._where}: {failure.reason}{failure.detail}; {misses} requests in a row {progress}"
 
     def _backoff(self, failures: int) -> float:
         return min(self._retry_delay * 2 ** (failures - 1), MAX_RETRY_DELAY)
@@ -250,19 +315,22 @@ class HttpDownload:
         log.info("download from %s: %s; asking the job document for a fresh URL", self._host, why)
         try:
             url = await self._refresh_url()
-            host = _check_url(url)
+            host, where = _check_url(url)
         except asyncio.CancelledError:
             raise
         except HttpDownloadError as e:
             raise HttpDownloadError(f"URL refresh failed: {e.reason}") from e
         except Exception as e:  # noqa: BLE001 - any failure of the job layer ends this download
             raise HttpDownloadError(f"URL refresh failed: {e or type(e).__name__}") from e
-        self._url, self._host = url, host
+        self._url, self._host, self._where = url, host, where
         self.stats.url_refreshes += 1
 
     async def _restart(self, fd: int, why: str) -> None:
         if self._pos == 0:
             return
+        if self.stats.restarts >= self._max_restarts:
+            raise HttpDownloadError(f"{self._where}: {self.stats.restarts} restarts from byte 0 without getting past "
+                                    f"byte {self._high_water} of {self.file_size}, then again: {why}")
         log.warning("download from %s: %s; starting over from byte 0", self._host, why)
         self._pos = 0
         self.stats.restarts += 1
@@ -277,24 +345,26 @@ class HttpDownload:
         start = self._pos
         if start > 0:
             headers["Range"] = f"bytes={start}-"
-        if parts.scheme == "https":
-            if self._ssl is None:  # reading the CA store is file I/O
-                self._ssl = await asyncio.to_thread(self._make_ssl_context)
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.hostname or "", parts.port, timeout=self._timeout, context=self._ssl)
-        else:
-            conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self._timeout)
+        if self._ssl is None:  # reading the CA store is file I/O
+            self._ssl = await asyncio.to_thread(self._make_ssl_context)
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=self._timeout,
+                                           context=self._ssl)
         wire = _Wire(conn)
         resp: http.client.HTTPResponse | None = None
         self.stats.requests += 1
+        head_deadline = asyncio.timeout(self._timeout)
         try:
             try:
-                resp = await self._in_thread(wire, False, wire.open, target, headers)
+                async with head_deadline:
+                    resp = await self._in_thread(wire, False, wire.open, target, headers)
             except ssl.SSLCertVerificationError as e:
                 raise HttpDownloadError(
                     f"TLS certificate of {self._host} not trusted ({e.verify_message or e}); "
                     "set [ota] https_ca_file or SSL_CERT_FILE if it uses a private CA") from e
             except (OSError, http.client.HTTPException) as e:
+                if head_deadline.expired():  # a server trickling its handshake or headers
+                    raise _Retry(f"{self._host} did not complete its TLS handshake and response headers "
+                                 f"within {self._timeout:g} s") from e
                 raise _Retry(f"cannot reach {self._host}: {_describe(e)}") from e
             end = await self._answer(wire, resp, start)
             await self._body(wire, fd, resp, start, end)
@@ -324,10 +394,13 @@ class HttpDownload:
             return self.file_size
         content_range = resp.getheader("Content-Range") or ""
         m = _CONTENT_RANGE.match(content_range.strip())
-        if m is None or int(m.group(1)) != start or int(m.group(2)) < start:
+        if m is None:  # nothing on disk is in question: ask again from the same byte
+            raise _Retry(f"{self._host} answered a request for bytes {start}- with an unreadable Content-Range "
+                         f"{_shorten(content_range)}")
+        first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+        if first != start or last < start:
             raise _Restart(f"{self._host} answered a request for bytes {start}- with Content-Range "
                            f"{content_range!r}")
-        first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
         if total != "*" and int(total) != self.file_size:
             raise HttpDownloadError(self._size_mismatch(int(total)))
         if last >= self.file_size:
@@ -341,26 +414,50 @@ class HttpDownload:
 
     async def _body(self, wire: _Wire, fd: int, resp: http.client.HTTPResponse, start: int, end: int) -> None:
         if resp.status == 200 and start > 0:
-            await self._restart(fd, "the server ignored the Range request")
-        while True:
-            body: _Body = await self._in_thread(wire, True, self._pump, resp, fd, self._pos, end)
-            if body.pos > self._pos:
-                self.stats.bytes_received += body.pos - self._pos
-                self._pos = body.pos
-                await self._record(body.pos)
-                self._progress()
-            if body.error is not None:
-                raise _Retry(body.error)
-            if body.ended:
-                break
+            await self._restart(fd, f"{self._host} ignored the Range request")
+        floor = _RateFloor(self._min_rate, self._rate_window)
+        watchdog = asyncio.create_task(self._watch_rate(wire, floor))
+        try:
+            while True:
+                body: _Body = await self._in_thread(wire, True, self._pump, resp, fd, self._pos, end, floor)
+                if body.pos > self._pos:
+                    self.stats.bytes_received += body.pos - self._pos
+                    self._pos = body.pos
+                    await self._record(body.pos)
+                    self._progress()
+                if body.error is not None:
+                    raise (_TooSlow if body.too_slow else _Retry)(body.error)
+                if body.ended:
+                    break
+        finally:
+            watchdog.cancel()
         if self._pos < end:  # the body ended properly (chunked), yet short
             if end == self.file_size:
                 raise HttpDownloadError(self._size_mismatch(self._pos))
             raise _Retry(f"{self._host} sent bytes {start}-{self._pos - 1} for Content-Range end {end - 1}")
+        if end < self.file_size:
+            raise _Partial(f"{self._host} answered a request for bytes {start}- with bytes {start}-{end - 1} only")
 
-    def _pump(self, resp: http.client.HTTPResponse, fd: int, pos: int, end: int) -> _Body:
+    async def _watch_rate(self, wire: _Wire, floor: _RateFloor) -> None:
+        """Abort the body once a window passes with too few bytes. Checked here, not by the worker
+        between reads: one read of a chunked body can take hours when a server trickles its
+        chunk-size line a byte at a time, each byte well within the socket timeout."""
+        if floor.min_rate <= 0:
+            return
+        while True:
+            before = floor.got
+            await asyncio.sleep(floor.window)
+            got = floor.got - before
+            if got < floor.min_rate * floor.window:
+                floor.tripped = (f"{self._host} sent {got} bytes of the file in {floor.window:g} s, below the "
+                                 f"minimum of {floor.min_rate:g} bytes/s")
+                wire.abort()
+                return
+
+    def _pump(self, resp: http.client.HTTPResponse, fd: int, pos: int, end: int, floor: _RateFloor) -> _Body:
         """Worker thread: append body bytes at `pos` until save_interval bytes, the end of the
-        body (expected at file offset `end`) or a failure; fsync before returning."""
+        body (expected at file offset `end`) or a failure; fsync before returning. Counts the
+        bytes in `floor` and reports its verdict if it cut the body short."""
         stop = pos + self._save_interval
         result = _Body(pos, False)
         try:
@@ -388,16 +485,20 @@ class HttpDownload:
                     break
                 pwrite_all(fd, data, result.pos)
                 result.pos += len(data)
+                floor.got += len(data)
         finally:
             if result.pos > pos:
                 os.fsync(fd)
+        if floor.tripped is not None and result.pos < end:  # whatever the aborted read looked like
+            result.error, result.too_slow, result.ended = floor.tripped, True, False
         return result
 
     async def _error_detail(self, wire: _Wire, resp: http.client.HTTPResponse) -> str:
         """' (Code: Message)' from an S3 error body, or ''."""
         try:
-            body = await self._in_thread(wire, False, resp.read, 8192)
-        except (OSError, http.client.HTTPException):
+            async with asyncio.timeout(self._timeout):
+                body = await self._in_thread(wire, False, resp.read, 8192)
+        except (OSError, http.client.HTTPException):  # TimeoutError too
             return ""
         code, message = _S3_CODE.search(body), _S3_MESSAGE.search(body)
         if code is None:
@@ -436,16 +537,32 @@ class HttpDownload:
                 log.exception("on_progress failed")
 
 
-def _check_url(url: str) -> str:
-    """The URL's host for messages; HttpDownloadError if it cannot be fetched."""
+def _check_url(url: str) -> tuple[str, str]:
+    """The URL's host, and the URL without its query (the credential), for messages;
+    HttpDownloadError if it cannot or must not be fetched."""
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        port = parts.port  # raises ValueError for a bad port
     except ValueError as e:
         raise HttpDownloadError(f"invalid download URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise HttpDownloadError(f"unsupported download URL (scheme {parts.scheme!r}); want http(s)://host/...")
-    return parts.hostname
+        raise HttpDownloadError(f"unsupported download URL (scheme {parts.scheme!r}); want https://host/...")
+    host = parts.hostname
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    where = f"{parts.scheme}://{netloc}{_shorten_path(parts.path or '/')}"
+    if parts.scheme != "https":
+        raise HttpDownloadError(f"refusing {where}: over plain http:// the URL's signature (a credential) and "
+                                "the firmware would travel in clear text; only https:// URLs are fetched")
+    return host, where
+
+
+def _shorten_path(path: str, limit: int = 120) -> str:
+    return path if len(path) <= limit else path[:limit] + "..."
+
+
+def _shorten(header: str, limit: int = 60) -> str:
+    """A header value for a message: quoted, and cut if a server sent something huge."""
+    return repr(header) if len(header) <= limit else f"{header[:limit]!r}... ({len(header)} characters)"
 
 
 def _content_length(resp: http.client.HTTPResponse) -> int | None:

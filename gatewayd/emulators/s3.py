@@ -41,6 +41,8 @@ _DATE_FORMAT = "%Y%m%dT%H%M%S"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 _SLICE = 16 * 1024
 _ERROR_TEXT = {
+    301: ("PermanentRedirect", "The bucket you are attempting to access must be addressed using the specified "
+          "endpoint. Please send all future requests to this endpoint."),
     500: ("InternalError", "We encountered an internal error. Please try again."),
     503: ("SlowDown", "Please reduce your request rate."),
     400: ("InvalidRequest", "Invalid request."),

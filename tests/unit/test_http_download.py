@@ -1,4 +1,8 @@
-"""HttpDownload against the S3 emulator (and a few raw sockets for answers S3 never gives)."""
+"""HttpDownload against the S3 emulator (and a few raw sockets for answers S3 never gives).
+
+Every server here speaks HTTPS with the test PKI, whose CA the system store trusts through
+SSL_CERT_FILE (`trust_the_test_ca`), as a gateway with a private CA would be set up.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import os
 import socket
 import socketserver
+import ssl
 import threading
 import time
 import urllib.error
@@ -19,17 +24,28 @@ import pytest
 from gatewayd import http_download
 from gatewayd.emulators.broker import Pki
 from gatewayd.emulators.s3 import S3Emulator
-from gatewayd.http_download import SAVE_INTERVAL, HttpDownload, HttpDownloadError
+from gatewayd.http_download import MAX_ATTEMPTS, SAVE_INTERVAL, HttpDownload, HttpDownloadError
 
 pytestmark = pytest.mark.timeout(60)
 
 KEY = "firmware/pump-1.2.3.bin"
 
 
+@pytest.fixture(autouse=True)
+def trust_the_test_ca(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_file))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
 @pytest.fixture
-def s3(tmp_path: Path) -> Iterator[S3Emulator]:
-    with S3Emulator(tmp_path / "s3") as emulator:
+def s3(tmp_path: Path, pki: Pki) -> Iterator[S3Emulator]:
+    with S3Emulator(tmp_path / "s3", tls=(pki.server.cert_file, pki.server.key_file)) as emulator:
         yield emulator
+
+
+def without_query(url: str) -> str:
+    """How messages name a presigned URL: never with its query string (the credential)."""
+    return url.split("?")[0]
 
 
 def payload(n: int) -> bytes:
@@ -54,8 +70,10 @@ def download(
     have: int = 0,
     refresh: Callable[[], str] | None = None,
     check_save: Callable[[int], None] | None = None,
+    deadline: float = 20.0,
     **kwargs,
 ) -> Outcome:
+    """Run one download; fail the test if it is still running after `deadline` seconds."""
     out = Outcome(b"")
 
     async def save_progress(n: int) -> None:
@@ -74,8 +92,15 @@ def download(
     dl = HttpDownload(url=url, file_size=file_size, part_path=part, have=have, save_progress=save_progress,
                       refresh_url=refresh_url, on_progress=lambda d, t: out.progress.append((d, t)), **kwargs)
     out.download = dl
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(dl.run(), deadline)
+        except TimeoutError:
+            raise AssertionError(f"the download was still running after {deadline} s: {dl.stats}") from None
+
     try:
-        asyncio.run(dl.run())
+        asyncio.run(bounded())
     except HttpDownloadError as e:
         out.error = e
     out.data = part.read_bytes() if part.exists() else b""
@@ -203,7 +228,7 @@ def test_complete_part_file_needs_no_request(s3: S3Emulator, tmp_path: Path) -> 
     data = payload(5_000)
     part = tmp_path / "f.part"
     part.write_bytes(data)
-    out = download("http://127.0.0.1:9/never", part, len(data), have=len(data))
+    out = download("https://127.0.0.1:9/never", part, len(data), have=len(data))
     assert out.error is None and out.data == data
     assert out.saves == []  # already recorded
     assert out.progress == [(len(data), len(data))]
@@ -287,7 +312,8 @@ def test_refreshed_urls_that_keep_failing_end_the_download(s3: S3Emulator, tmp_p
     time.sleep(0.05)
     out = download(stale, tmp_path / "f.part", 100, refresh=lambda: stale, max_attempts=3)
     assert out.error is not None
-    assert out.error.reason == "HTTP 403 from 127.0.0.1 after 3 attempts (AccessDenied: Request has expired)"
+    assert out.error.reason == (f"{without_query(stale)}: HTTP 403 from 127.0.0.1 (AccessDenied: Request has "
+                                "expired); 3 requests in a row got no further than byte 0 of 100")
     assert out.refreshes == 2
     assert len(s3.requests) == 3
 
@@ -304,10 +330,12 @@ def test_server_errors_then_success(s3: S3Emulator, tmp_path: Path) -> None:
 def test_persistent_server_errors_fail_after_max_attempts(s3: S3Emulator, tmp_path: Path) -> None:
     s3.put(KEY, b"x" * 1000)
     s3.fail_next(100, status=500)
-    out = download(s3.presign(KEY, 60), tmp_path / "f.part", 1000, max_attempts=4)
+    url = s3.presign(KEY, 60)
+    out = download(url, tmp_path / "f.part", 1000, max_attempts=4)
     assert out.error is not None
-    assert out.error.reason == ("HTTP 500 from 127.0.0.1 after 4 attempts "
-                                "(InternalError: We encountered an internal error. Please try again.)")
+    assert out.error.reason == (f"{without_query(url)}: HTTP 500 from 127.0.0.1 (InternalError: We encountered "
+                                "an internal error. Please try again.); 4 requests in a row got no further than "
+                                "byte 0 of 1000")
     assert statuses(s3) == [500] * 4
 
 
@@ -320,15 +348,26 @@ def test_backoff_grows(s3: S3Emulator, tmp_path: Path) -> None:
     assert time.monotonic() - started >= 0.1 + 0.2 + 0.4
 
 
+def test_a_cut_after_progress_waits_the_retry_delay(s3: S3Emulator, tmp_path: Path) -> None:
+    data = payload(100_000)
+    s3.put(KEY, data)
+    s3.drop_after(80_000)  # progress, then a cut: the first retry of a fresh budget
+    started = time.monotonic()
+    out = download(s3.presign(KEY, 60), tmp_path / "f.part", len(data), retry_delay=0.5)
+    assert out.error is None and out.data == data
+    assert time.monotonic() - started >= 0.5
+
+
 def test_unreachable_server(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
-    out = download(f"http://127.0.0.1:{port}/b/k?X-Amz-Signature=secret", tmp_path / "f.part", 100,
+    out = download(f"https://127.0.0.1:{port}/b/k?X-Amz-Signature=secret", tmp_path / "f.part", 100,
                    max_attempts=2)
     assert out.error is not None
-    assert out.error.reason.startswith("cannot reach 127.0.0.1: ConnectionRefusedError")
-    assert out.error.reason.endswith("after 2 attempts")
+    assert out.error.reason.startswith(f"https://127.0.0.1:{port}/b/k: cannot reach 127.0.0.1: "
+                                       "ConnectionRefusedError")
+    assert out.error.reason.endswith("; 2 requests in a row got no further than byte 0 of 100")
     assert "secret" not in out.error.reason
 
 
@@ -450,18 +489,18 @@ def test_https_needs_the_ca(tmp_path: Path, pki: Pki, monkeypatch: pytest.Monkey
         assert out.error is None and out.data == data
 
 
-def test_refresh_from_http_to_https_uses_the_ca_file(s3: S3Emulator, tmp_path: Path, pki: Pki,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refresh_to_another_host_uses_the_ca_file(s3: S3Emulator, tmp_path: Path, pki: Pki,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     data = payload(10_000)
     s3.put(KEY, data)
     s3.fail_next(1, status=403)
-    with S3Emulator(tmp_path / "tls", tls=(pki.server.cert_file, pki.server.key_file)) as secure:
-        secure.put(KEY, data)
+    with S3Emulator(tmp_path / "other", tls=(pki.server.cert_file, pki.server.key_file)) as other:
+        other.put(KEY, data)
         out = download(s3.presign(KEY, 60), tmp_path / "f.part", len(data), ca_file=pki.ca_file,
-                       refresh=lambda: secure.presign(KEY, 60))
+                       refresh=lambda: other.presign(KEY, 60))
         assert out.error is None and out.data == data
-        assert statuses(secure) == [200]
+        assert statuses(s3) == [403] and statuses(other) == [200]
 
 
 def test_missing_ca_file_is_reported(s3: S3Emulator, tmp_path: Path) -> None:
@@ -474,6 +513,33 @@ def test_bad_urls_are_refused(tmp_path: Path) -> None:
         with pytest.raises(HttpDownloadError):
             HttpDownload(url=url, file_size=1, part_path=tmp_path / "p", have=0,
                          save_progress=None, refresh_url=None)  # type: ignore[arg-type]
+
+
+def test_plain_http_urls_are_refused(tmp_path: Path) -> None:
+    # Over http:// the URL's signature (a bearer credential until it expires) and the firmware
+    # would cross the network in clear text.
+    with pytest.raises(HttpDownloadError) as caught:
+        HttpDownload(url="http://s3.example.com/ota-firmware/pump.bin?X-Amz-Signature=secret", file_size=1,
+                     part_path=tmp_path / "p", have=0, save_progress=None, refresh_url=None)  # type: ignore[arg-type]
+    assert caught.value.reason == ("refusing http://s3.example.com/ota-firmware/pump.bin: over plain http:// the "
+                                   "URL's signature (a credential) and the firmware would travel in clear text; "
+                                   "only https:// URLs are fetched")
+
+
+def test_a_refreshed_plain_http_url_is_refused(s3: S3Emulator, tmp_path: Path) -> None:
+    s3.put(KEY, b"x" * 100)
+    s3.fail_next(1, status=403)
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+        insecure = f"http://127.0.0.1:{plain.getsockname()[1]}/ota-firmware/{KEY}?X-Amz-Signature=secret"
+        out = download(s3.presign(KEY, 60), tmp_path / "f.part", 100, refresh=lambda: insecure)
+        assert out.error is not None
+        assert out.error.reason.startswith(f"URL refresh failed: refusing {without_query(insecure)}: "
+                                           "over plain http://")
+        assert "secret" not in out.error.reason
+        assert statuses(s3) == [403]
+        plain.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            plain.accept()  # nobody ever connected to the plain-HTTP server
 
 
 def test_cancel_closes_the_connection_promptly(s3: S3Emulator, tmp_path: Path) -> None:
@@ -514,16 +580,23 @@ def test_cancel_closes_the_connection_promptly(s3: S3Emulator, tmp_path: Path) -
 
 
 class RawServer(socketserver.ThreadingTCPServer):
+    """Answers each request with `respond(request headers, socket)`, over TLS."""
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, respond: Callable[[dict[str, str], socket.socket], None]) -> None:
+    def __init__(self, respond: Callable[[dict[str, str], socket.socket], None], tls: ssl.SSLContext) -> None:
         self.respond = respond
+        self.tls = tls
         self.seen: list[dict[str, str]] = []
         self.stop_event = threading.Event()
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(inner) -> None:
+                try:
+                    inner.request.do_handshake()
+                except (OSError, ssl.SSLError):
+                    return
                 head = b""
                 while b"\r\n\r\n" not in head:
                     chunk = inner.request.recv(4096)
@@ -539,9 +612,14 @@ class RawServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
+    def get_request(self) -> tuple[ssl.SSLSocket, object]:
+        sock, addr = super().get_request()
+        # The handshake runs in the handler thread, so a stuck client cannot block accept().
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/bucket/key?X-Amz-Signature=abc"
+        return f"https://127.0.0.1:{self.server_address[1]}/bucket/key?X-Amz-Signature=abc"
 
     def close(self) -> None:
         self.stop_event.set()
@@ -549,12 +627,18 @@ class RawServer(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
+def server_tls(pki: Pki) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(pki.server.cert_file), str(pki.server.key_file))
+    return context
+
+
 @pytest.fixture
-def raw_server() -> Iterator[Callable[[Callable[[dict[str, str], socket.socket], None]], RawServer]]:
+def raw_server(pki: Pki) -> Iterator[Callable[[Callable[[dict[str, str], socket.socket], None]], RawServer]]:
     servers: list[RawServer] = []
 
     def make(respond: Callable[[dict[str, str], socket.socket], None]) -> RawServer:
-        servers.append(RawServer(respond))
+        servers.append(RawServer(respond, server_tls(pki)))
         return servers[-1]
 
     yield make
@@ -611,8 +695,8 @@ def test_stalled_body_times_out(raw_server, tmp_path: Path) -> None:
     started = time.monotonic()
     out = download(server.url, tmp_path / "f.part", 1000, timeout=0.2, max_attempts=2)
     assert out.error is not None
-    assert out.error.reason.startswith("transfer from 127.0.0.1 failed after byte 0: timed out")
-    assert out.error.reason.endswith("after 2 attempts")
+    assert out.error.reason == (f"{without_query(server.url)}: transfer from 127.0.0.1 failed after byte 0: "
+                                "timed out; 2 requests in a row got no further than byte 0 of 1000")
     assert time.monotonic() - started < 2
 
 
@@ -655,6 +739,198 @@ def test_unexpected_status_is_final(raw_server, tmp_path: Path) -> None:
     out = download(server.url, tmp_path / "f.part", 20)
     assert out.error is not None and out.error.reason == "HTTP 301 from 127.0.0.1"
     assert len(server.seen) == 1
+
+
+# -- answers no server should give, and hostile servers: every loop ends, saying what the server did --
+
+
+def send_head(sock: socket.socket, status: str, *headers: str) -> None:
+    sock.sendall(f"HTTP/1.1 {status}\r\n".encode() + b"".join(f"{h}\r\n".encode() for h in headers) + b"\r\n")
+
+
+def test_cut_at_half_then_a_wrong_resume_range_ends_on_the_high_water_mark(raw_server, tmp_path: Path) -> None:
+    # Each round trip makes the file grow to half and start over: progress against the last
+    # attempt every other request, none against the most ever on disk.
+    data = payload(8000)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if "range" in headers:
+            send_head(sock, "206 Partial Content", "Content-Range: bytes 0-7999/8000", "Content-Length: 8000")
+            sock.sendall(data)
+        else:
+            send_head(sock, "200 OK", "Content-Length: 8000")
+            sock.sendall(data[:4000])  # and the connection closes
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data), retry_delay=0.001)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 answered a request for bytes 4000- with "
+                                f"Content-Range 'bytes 0-7999/8000'; {MAX_ATTEMPTS} requests in a row got only "
+                                "4000 bytes further, to byte 4000 of 8000")
+    assert len(server.seen) == MAX_ATTEMPTS
+
+
+def test_high_water_mark_budget_counts_from_the_last_real_progress(raw_server, tmp_path: Path) -> None:
+    data = payload(8000)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if "range" in headers:
+            send_head(sock, "206 Partial Content", "Content-Range: bytes 0-7999/8000", "Content-Length: 8000")
+            sock.sendall(data)
+        else:
+            send_head(sock, "200 OK", "Content-Length: 8000")
+            sock.sendall(data[:4000])
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data), retry_delay=0.001, max_attempts=4,
+                   progress_step=1000, max_restarts=100)
+    assert out.error is not None
+    # the first cut is progress (4000 >= 1000 new bytes); the 4 requests after it are not
+    assert out.error.reason.endswith("; 4 requests in a row got no further than byte 4000 of 8000")
+    assert [h.get("range") for h in server.seen] == [None, "bytes=4000-"] * 2 + [None]
+    assert out.download is not None and out.download.stats.restarts == 2
+
+
+def test_restarts_from_byte_0_are_capped(raw_server, tmp_path: Path) -> None:
+    # Each pass gets a little further before the server makes us start over: progress every
+    # time, but the bytes transferred grow with the square of the file size.
+    data = payload(100_000)
+    passes = []
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if "range" in headers:
+            send_head(sock, "206 Partial Content", "Content-Range: bytes 0-99999/100000", "Content-Length: 100000")
+            sock.sendall(data)
+        else:
+            passes.append(1)
+            send_head(sock, "200 OK", "Content-Length: 100000")
+            sock.sendall(data[:1000 * len(passes)])
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data), retry_delay=0.001, max_attempts=100,
+                   progress_step=500, max_restarts=3)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 3 restarts from byte 0 without getting past byte "
+                                "4000 of 100000, then again: 127.0.0.1 answered a request for bytes 4000- with "
+                                "Content-Range 'bytes 0-99999/100000'")
+    assert len(passes) == 4 and len(server.seen) == 8
+
+
+def trickle(server: RawServer, sock: socket.socket, interval: float) -> None:
+    """Send one byte every `interval` seconds until the test ends or the client hangs up."""
+    while not server.stop_event.wait(interval):
+        try:
+            sock.sendall(b"x")
+        except OSError:
+            return
+
+
+def test_a_body_trickling_below_the_minimum_rate_is_given_up(raw_server, tmp_path: Path) -> None:
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        first = start_of(headers)
+        send_head(sock, "206 Partial Content", f"Content-Range: bytes {first}-99999/100000",
+                  f"Content-Length: {100_000 - first}")
+        trickle(server, sock, 0.02)  # 50 bytes/s, fast enough for any socket timeout
+
+    server = raw_server(respond)
+    started = time.monotonic()
+    out = download(server.url, tmp_path / "f.part", 100_000, timeout=5, retry_delay=0.001, max_attempts=3,
+                   min_rate=1000, rate_window=0.3)
+    assert out.error is not None
+    reason = out.error.reason
+    assert reason.startswith(f"{without_query(server.url)}: 127.0.0.1 sent ")
+    assert "bytes of the file in 0.3 s, below the minimum of 1000 bytes/s; 3 requests in a row got only " in reason
+    starts = [start_of(h) for h in server.seen]
+    assert len(starts) == 3 and starts[0] < starts[1] < starts[2]  # resumed each time: not a restart
+    assert time.monotonic() - started < 5
+
+
+def test_a_chunk_size_line_trickling_in_is_given_up(raw_server, tmp_path: Path) -> None:
+    # One read of a chunked body first reads the whole chunk-size line (up to 64 KiB).
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        send_head(sock, "200 OK", "Transfer-Encoding: chunked")
+        sock.sendall(b"10;padding=")
+        trickle(server, sock, 0.02)
+
+    server = raw_server(respond)
+    started = time.monotonic()
+    out = download(server.url, tmp_path / "f.part", 100_000, timeout=5, retry_delay=0.001, max_attempts=2,
+                   min_rate=1000, rate_window=0.3)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 sent 0 bytes of the file in 0.3 s, "
+                                "below the minimum of 1000 bytes/s; 2 requests in a row got no further than byte 0 "
+                                "of 100000")
+    assert time.monotonic() - started < 5
+
+
+def test_a_response_head_trickling_in_is_given_up(raw_server, tmp_path: Path) -> None:
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nX-Padding: ")
+        trickle(server, sock, 0.02)  # a header line that never ends
+
+    server = raw_server(respond)
+    started = time.monotonic()
+    out = download(server.url, tmp_path / "f.part", 1000, timeout=0.5, retry_delay=0.001, max_attempts=2)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 did not complete its TLS handshake and "
+                                "response headers within 0.5 s; 2 requests in a row got no further than byte 0 "
+                                "of 1000")
+    assert time.monotonic() - started < 5
+
+
+def test_many_small_206_answers_are_bounded(raw_server, tmp_path: Path) -> None:
+    data = payload(100_000)
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        first = start_of(headers)
+        send_head(sock, "206 Partial Content", f"Content-Range: bytes {first}-{first}/100000", "Content-Length: 1")
+        sock.sendall(data[first:first + 1])
+
+    server = raw_server(respond)
+    out = download(server.url, tmp_path / "f.part", len(data), max_attempts=5)
+    assert out.error is not None
+    assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 answered a request for bytes 4- with "
+                                "bytes 4-4 only; 5 requests in a row got only 5 bytes further, to byte 5 of 100000")
+    assert len(server.seen) == 5
+
+
+@pytest.mark.parametrize("field", ["first", "last", "total"])
+def test_a_content_range_with_thousands_of_digits_is_a_bad_answer(raw_server, tmp_path: Path, field: str) -> None:
+    data = payload(4096)
+    huge = "9" * 5000  # past Python's 4300-digit limit for int()
+    values = {"first": f"bytes {huge}-4095/4096", "last": f"bytes 1000-{huge}/4096",
+              "total": f"bytes 1000-4095/{huge}"}
+
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if len(server.seen) == 1:
+            send_head(sock, "206 Partial Content", f"Content-Range: {values[field]}", "Content-Length: 3096")
+        else:
+            send_head(sock, "206 Partial Content", "Content-Range: bytes 1000-4095/4096", "Content-Length: 3096")
+        sock.sendall(data[1000:])
+
+    server = raw_server(respond)
+    part = tmp_path / "f.part"
+    part.write_bytes(data[:1000])
+    out = download(server.url, part, len(data), have=1000)
+    assert out.error is None and out.data == data
+    # asked again from the same byte: nothing on disk is in question
+    assert [h.get("range") for h in server.seen] == ["bytes=1000-", "bytes=1000-"]
+
+
+def test_an_unreadable_content_range_is_named_briefly(raw_server, tmp_path: Path) -> None:
+    def respond(_headers: dict[str, str], sock: socket.socket) -> None:
+        send_head(sock, "206 Partial Content", "Content-Range: bytes " + "1" * 5000 + "-2/3", "Content-Length: 10")
+        sock.sendall(b"x" * 10)
+
+    server = raw_server(respond)
+    part = tmp_path / "f.part"
+    part.write_bytes(b"y" * 10)
+    out = download(server.url, part, 20, have=10, max_attempts=2)
+    assert out.error is not None
+    reason = out.error.reason
+    assert "127.0.0.1 answered a request for bytes 10- with an unreadable Content-Range 'bytes 1111" in reason
+    assert "... (5010 characters); 2 requests in a row got no further than byte 10 of 20" in reason
+    assert len(reason) < 400
 
 
 def test_module_uses_only_the_standard_library() -> None:
