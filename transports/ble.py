@@ -298,7 +298,7 @@ class BleLink:
         log.warning("%s: connected but could not use the link although BlueZ holds a bond with the device: "
                     "it has probably lost the bond (reflashed?); removing the bond to pair again", self.name)
         try:
-            await self._agent.forget(self.adapter, self.address)
+            await self._agent.forget(self.adapter, self.address, catch_link_within=self.connect_timeout)
         except Exception as e:  # noqa: BLE001 - the error below says what happened
             return LinkError(f"cannot use {self.name}: it seems to have lost its bond with the gateway, "
                              f"and removing the bond failed: {e}")

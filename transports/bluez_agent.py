@@ -149,6 +149,7 @@ class BluezAgent:
         self._lock = asyncio.Lock()
         self._warned = False
         self.links_up: dict[str, int] = {}  # device path -> times BlueZ said Connected: true
+        self._link_waiters: dict[str, asyncio.Future[None]] = {}  # device path -> its next link up
 
     def _on_message(self, message: Any) -> None:
         """Count each device's link coming up: a link that comes up and then fails before it can
@@ -157,6 +158,9 @@ class BluezAgent:
         if (message.member == "PropertiesChanged" and message.body and message.body[0] == "org.bluez.Device1"
                 and getattr(message.body[1].get("Connected"), "value", None) is True):
             self.links_up[message.path] = self.links_up.get(message.path, 0) + 1
+            waiter = self._link_waiters.pop(message.path, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def allow(self, address: str, passkey: int | None) -> None:
         self.policy.allow(address, passkey)
@@ -218,11 +222,32 @@ class BluezAgent:
         except Exception as e:  # noqa: BLE001 - no bus, no such device, not connected
             log.debug("pairing agent: disconnect %s: %r", address, e)
 
-    async def forget(self, adapter: str, address: str) -> None:
-        """Remove the device and its keys from BlueZ: the next connection pairs afresh."""
-        await self.disconnect(adapter, address)
-        await self._call(BLUEZ, f"/org/bluez/{adapter}", "org.bluez.Adapter1", "RemoveDevice", "o",
-                         [device_path(adapter, address)])
+    async def forget(self, adapter: str, address: str, catch_link_within: float = 0.0) -> None:
+        """Remove the device and its keys from BlueZ: the next connection pairs afresh.
+
+        With `catch_link_within`, first wait up to that long for the device's next link (the
+        kernel reconnects a bonded device each time it advertises) and remove it while that link
+        is up. Removed between two links, the kernel cancels a connection it has under way,
+        and when the controller completes it all the same (the cancel comes too late), Linux 6.1
+        keeps that link with no owner: the device stays connected to nobody and stops
+        advertising, unreachable until it resets."""
+        path = device_path(adapter, address)
+        if not (catch_link_within > 0 and await self._next_link(path, catch_link_within)):
+            await self.disconnect(adapter, address)
+        await self._call(BLUEZ, f"/org/bluez/{adapter}", "org.bluez.Adapter1", "RemoveDevice", "o", [path])
+
+    async def _next_link(self, path: str, timeout: float) -> bool:
+        """Whether BlueZ says the device's link is up within `timeout` seconds."""
+        waiter = self._link_waiters[path] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if self._link_waiters.get(path) is waiter:
+                del self._link_waiters[path]
 
     async def _call(self, destination: str, path: str, interface: str, member: str, signature: str = "",
                     body: list[Any] | None = None, ok_errors: tuple[str, ...] = ()) -> Any:

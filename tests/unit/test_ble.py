@@ -748,8 +748,9 @@ class FakeAgent:
     async def bonded(self, adapter: str, address: str) -> bool:
         return self.is_bonded
 
-    async def forget(self, adapter: str, address: str) -> None:
+    async def forget(self, adapter: str, address: str, catch_link_within: float = 0.0) -> None:
         self.forgotten.append(address)
+        self.caught_within = catch_link_within
         self.is_bonded = False
 
     async def disconnect(self, adapter: str, address: str) -> None:

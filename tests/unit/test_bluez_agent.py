@@ -89,3 +89,59 @@ def test_the_agent_answers_bluez_with_the_policy_and_rejects_strangers_as_bluez_
         with pytest.raises(DBusError) as refused:
             call()
         assert refused.value.type == REJECTED and "not a configured device" in refused.value.text
+
+
+class _Signal:
+    """A PropertiesChanged signal as dbus-fast hands it to the agent's message handler."""
+
+    def __init__(self, path: str, connected: bool) -> None:
+        class Variant:
+            value = connected
+
+        self.member, self.path = "PropertiesChanged", path
+        self.body = ["org.bluez.Device1", {"Connected": Variant()}, []]
+
+
+def _recording_agent() -> tuple[BluezAgent, list[tuple[float, str]]]:
+    agent = BluezAgent()
+    calls: list[tuple[float, str]] = []
+
+    async def call(destination: str, path: str, interface: str, member: str, *_: object, **__: object) -> None:
+        calls.append((asyncio.get_running_loop().time(), member))
+
+    agent._call = call  # type: ignore[method-assign]
+    return agent, calls
+
+
+def test_a_lost_bond_is_removed_while_the_devices_next_link_is_up() -> None:
+    """Removed between two of the kernel's reconnections, the connection under way is cancelled
+    and may complete all the same, leaving Linux 6.1 a link with no owner: wait for the link."""
+    agent, calls = _recording_agent()
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        up_at = loop.time() + 0.2
+        loop.call_later(0.1, agent._on_message, _Signal(LOCK, False))
+        loop.call_later(0.2, agent._on_message, _Signal(LOCK, True))
+        await agent.forget("hci0", "F0:00:00:00:00:11", catch_link_within=2.0)
+        return up_at
+
+    up_at = asyncio.run(scenario())
+    assert [member for _, member in calls] == ["RemoveDevice"]  # no Disconnect: the removal takes the link down
+    assert calls[0][0] >= up_at - 0.01
+    assert agent.links_up == {LOCK: 1}
+
+
+def test_a_device_whose_link_does_not_come_is_disconnected_and_removed_after_the_wait() -> None:
+    agent, calls = _recording_agent()
+    started = asyncio.run(_timed(agent.forget("hci0", "F0:00:00:00:00:11", catch_link_within=0.2)))
+    assert [member for _, member in calls] == ["Disconnect", "RemoveDevice"]
+    assert 0.2 <= started < 1.0
+    assert agent._link_waiters == {}
+
+
+async def _timed(coro: object) -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await coro  # type: ignore[misc]
+    return loop.time() - start
