@@ -177,7 +177,7 @@ def _loads_map(payload: bytes) -> dict[Any, Any]:
     try:
         obj = cbor2.loads(payload)
     except Exception as e:  # noqa: BLE001 - cbor2 raises several types on garbage
-        raise StreamMessageError(f"undecodable CBOR: {e}") from e
+        raise StreamMessageError(f"undecodable CBOR: {e!r}") from e
     if not isinstance(obj, dict):
         raise StreamMessageError(f"expected a CBOR map, got {type(obj).__name__}")
     return obj
