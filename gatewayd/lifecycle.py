@@ -101,7 +101,14 @@ class JobManager:
             return
         known = self._state.find_job(JobKey(thing, execution.job_id))
         if known is not None:
-            if not known.final_sent and known.key not in self._running:
+            if known.final_sent or known.key in self._running:
+                return
+            if known.final_status:
+                # decided, and AWS IoT has not taken the final update yet: say it again, never
+                # run the job again (a redelivery after each reconnect or poll would otherwise
+                # download it again, and could even decide it anew)
+                self.publish(known, final=True)
+            else:
                 self.start(known)
             return
         await self._accept(thing, execution)

@@ -35,6 +35,10 @@ log = logging.getLogger("gatewayd.local")
 LOCAL_THING = ""  # a local update belongs to no AWS IoT thing
 FOLLOW_INTERVAL = 0.25  # seconds between progress events sent to `push`
 RECEIVE_IDLE_TIMEOUT = 30.0  # seconds a pushed image may stall before the push fails (and frees the device)
+# a client that trickles bytes just often enough never stalls: it must also send this many
+# bytes per second, over each window of this many seconds
+RECEIVE_MIN_RATE = 1024
+RECEIVE_RATE_WINDOW = 60.0
 RECEIVE_CHUNK = 64 * 1024
 
 
@@ -212,6 +216,8 @@ class LocalUpdates:
         size = self._state.file(key).size
         part = self._store.part_path(key)
         got = 0
+        loop = asyncio.get_running_loop()
+        window_start, window_got = loop.time(), 0
         try:
             # 0600 whatever the umask, as the downloads' part files
             with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as out:
@@ -225,6 +231,12 @@ class LocalUpdates:
                         raise ConnectionError(f"the connection closed after {got} of {size} bytes")
                     out.write(chunk)
                     got += len(chunk)
+                    window_got += len(chunk)
+                    if got < size and loop.time() - window_start >= RECEIVE_RATE_WINDOW:
+                        if window_got < RECEIVE_MIN_RATE * RECEIVE_RATE_WINDOW:
+                            raise ConnectionError(f"only {window_got} bytes arrived in {RECEIVE_RATE_WINDOW:g} s "
+                                                  f"(below {RECEIVE_MIN_RATE} bytes/s), after {got} of {size} bytes")
+                        window_start, window_got = loop.time(), 0
                 out.flush()
                 await asyncio.get_running_loop().run_in_executor(None, os.fsync, out.fileno())
         except (OSError, ConnectionError) as e:

@@ -529,7 +529,11 @@ class DeviceRelay:
         return self._state.transfer(key)
 
     def _advance(self, key: TransferKey, phase: TransferPhase) -> None:
-        """Move to the next phase: the device made progress, so it is not unreachable."""
+        """Move to the next phase: the device made progress, so it is not unreachable. Taking
+        the same step again is no progress: a device that lists its images but never answers
+        the test mark or the confirm must still run out of device_timeout."""
+        if self._record(key).phase is phase:
+            return
         self._set(key, phase=phase, unreachable_since=None)
 
     def _set(self, key: TransferKey, notify: bool = True, **values: object) -> None:

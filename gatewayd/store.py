@@ -8,6 +8,7 @@ they were stored, and an image by the hex digest of its own bytes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -69,6 +70,8 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
+        if written == 0:  # a regular file never does this; a loop on it would never end
+            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset}")
         view = view[written:]
         offset += written
 

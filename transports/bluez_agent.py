@@ -33,6 +33,7 @@ BLUEZ = "org.bluez"
 REJECTED = "org.bluez.Error.Rejected"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")  # destination, path, interface
 AGENT_MANAGER = (BLUEZ, "/org/bluez", "org.bluez.AgentManager1")
+CALL_TIMEOUT = 25.0  # seconds for one D-Bus call: libdbus's own default, which dbus-fast does not apply
 _DEVICE_PATH = re.compile(r"^/org/bluez/[^/]+/dev_((?:[0-9A-F]{2}_){5}[0-9A-F]{2})$")
 
 
@@ -254,8 +255,12 @@ class BluezAgent:
         """One D-Bus method call on the agent's bus; RuntimeError naming the error if it fails."""
         from dbus_fast import Message, MessageType
 
-        reply = await self._bus.call(Message(destination=destination, path=path, interface=interface, member=member,
-                                             signature=signature, body=body or []))
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                reply = await self._bus.call(Message(destination=destination, path=path, interface=interface,
+                                                     member=member, signature=signature, body=body or []))
+        except TimeoutError:
+            raise RuntimeError(f"{member}: {destination} did not answer within {CALL_TIMEOUT:g} s") from None
         if reply.message_type == MessageType.ERROR and reply.error_name not in ok_errors:
             detail = reply.body[0] if reply.body else ""
             raise RuntimeError(f"{member}: {reply.error_name} {detail}".strip())

@@ -145,3 +145,19 @@ async def _timed(coro: object) -> float:
     start = loop.time()
     await coro  # type: ignore[misc]
     return loop.time() - start
+
+
+def test_a_bluetoothd_that_never_answers_a_call_ends_it_with_a_reason(monkeypatch) -> None:
+    pytest.importorskip("dbus_fast")
+    import transports.bluez_agent as agent_module
+
+    monkeypatch.setattr(agent_module, "CALL_TIMEOUT", 0.1)
+
+    class SilentBus:
+        async def call(self, _message: object) -> None:
+            await asyncio.Event().wait()
+
+    agent = BluezAgent()
+    agent._bus = SilentBus()
+    with pytest.raises(RuntimeError, match="RemoveDevice: org.bluez did not answer within 0.1 s"):
+        asyncio.run(asyncio.wait_for(agent.forget("hci0", "F0:00:00:00:00:11"), 5))

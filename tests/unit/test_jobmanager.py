@@ -354,6 +354,30 @@ def test_a_repeated_notification_does_not_start_the_job_twice(tmp_path: Path, si
     assert gw.source.fetched == ["a.bin"] and gw.told.final(key)[0] is CloudStatus.SUCCEEDED
 
 
+@pytest.mark.parametrize("story", ["rejected at once", "succeeded"])
+def test_a_decided_job_delivered_again_is_not_run_again(tmp_path: Path, signer: Signer, story: str) -> None:
+    """Until AWS IoT takes the final update, every reconnect or poll delivers the execution
+    again: the gateway repeats its final word, and neither fetches nor decides anything anew."""
+    rejected = story == "rejected at once"
+    thing, filepath = (GATEWAY, "motor.bin") if rejected else ("pump", "a.bin")  # motor.bin matches no device
+    key = JobKey(thing, "decided")
+
+    async def scenario(gw: Gateway) -> None:
+        execution = gw.execution(thing, "decided", [(filepath, make_image((2, 0, 0)))])
+        await gw.jobs.on_execution(thing, execution)
+        await gw.settle(key)
+        for _ in range(3):
+            await gw.jobs.on_execution(thing, execution)
+            await asyncio.sleep(0.1)
+
+    gw = run(tmp_path, signer, {"pump": {"thing_name": "pump"}}, scenario)
+    finals = [u for u in gw.told.updates[key] if u[0] is not None]
+    expected = CloudStatus.REJECTED if rejected else CloudStatus.SUCCEEDED
+    assert len(finals) == 4 and {status for status, _, _ in finals} == {expected}
+    assert gw.source.fetched == ([] if rejected else [filepath])
+    assert gw.state.job(key).final_status is expected
+
+
 def test_a_download_that_fails_leaves_no_progress_behind(tmp_path: Path, signer: Signer) -> None:
     key = JobKey("pump", "cut")
 

@@ -76,6 +76,27 @@ def test_a_stalled_push_fails_and_frees_the_device(tmp_path, monkeypatch) -> Non
     run(scenario())
 
 
+def test_a_push_trickling_below_the_minimum_rate_fails_although_it_never_stalls(tmp_path, monkeypatch) -> None:
+    """100 bytes every 20 ms never trips the idle timeout; over 0.3 s windows that is about
+    5 KB/s, below the 50 KB/s asked for here."""
+    monkeypatch.setattr(local_module, "RECEIVE_RATE_WINDOW", 0.3)
+    monkeypatch.setattr(local_module, "RECEIVE_MIN_RATE", 50_000)
+
+    class Slow(Trickle):
+        async def read(self, n: int) -> bytes:
+            await asyncio.sleep(0.02)
+            return await super().read(n)
+
+    async def scenario() -> None:
+        local, state = make_local(tmp_path)
+        job = local.start(push_request())
+        with pytest.raises(PushRefused, match=r"only \d+ bytes arrived in 0.3 s \(below 50000 bytes/s\), after"):
+            await local.receive(job, Slow(IMAGE, then="stall"))
+        assert state.job(job.key).final_status == "FAILED"
+
+    run(scenario())
+
+
 def test_a_push_whose_client_goes_away_fails_with_how_much_arrived(tmp_path) -> None:
     async def scenario() -> None:
         local, state = make_local(tmp_path)

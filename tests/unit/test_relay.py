@@ -407,6 +407,26 @@ def test_an_image_changed_on_disk_after_it_was_verified_never_reaches_the_device
     assert bench.uploads() == 0 and not bench.image.path.exists()
 
 
+@pytest.mark.parametrize("silent_on", ["test", "confirm"])
+def test_a_device_that_never_answers_the_test_mark_or_the_confirm_runs_out_of_device_timeout(
+        tmp_path: Path, silent_on: str) -> None:
+    """It answers its image list, so it is reached every time; taking the same step again is
+    no progress, and device_timeout ends it."""
+    bench = Bench(tmp_path, relay=RelayConfig(device_timeout=1.0, retry_interval=0.05, request_timeout=0.2))
+    confirm = silent_on == "confirm"
+
+    def swallow(packet: bytes) -> bytes | None:
+        if is_request(packet, 1, 0) and cbor2.loads(packet[8:]).get("confirm", False) is confirm:
+            return b""  # the device stays silent: the request times out
+        return None
+
+    bench.link.intercept = swallow
+    record = run(bench.run())
+    assert record.phase is TransferPhase.FAILED, record
+    assert record.reason.startswith("device pump unreachable since "), record.reason
+    assert "no answer within 0.2 s" in record.reason
+
+
 # --- devices that lose the upload: the high-water mark ----------------------------------------
 
 BIG = make_image((1, 3, 0), size=40 * 1024)
