@@ -347,7 +347,8 @@ class PushView:
         done, total = dev.get("done"), dev.get("total")
         bar = progress_bar(done, total) if phase == Word.UPLOADING else ""
         amount = f" {human_bytes(done)}/{human_bytes(total)}" if bar else ""
-        self.out.write(f"\r\x1b[K{self.device}: {phase or Word.QUEUED} {bar}{amount}".rstrip())
+        why = f" ({dev['reason']})" if phase == Word.WAITING and dev.get("reason") else ""
+        self.out.write(f"\r\x1b[K{self.device}: {phase or Word.QUEUED} {bar}{amount}{why}".rstrip())
         self.out.flush()
         self._line = True
 

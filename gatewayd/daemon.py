@@ -49,7 +49,7 @@ class Daemon:
                                 poll_interval=m.poll_interval)
         self.relays = RelayManager(config, self.state, self._transfer_changed,
                                    LinkFactory(config.ble.max_connections))
-        self.views = StatusViews(self.state, self.relays.live_progress)
+        self.views = StatusViews(self.state, self.relays.live_progress, self.relays.present)
         self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt)
         reports = ExecutionReports(self.reporter, self.views, self.state)
         self.followers = Followers(self.state, self.views)

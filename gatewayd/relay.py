@@ -295,25 +295,26 @@ class DeviceRelay:
     # reachability
 
     def _unreachable(self, key: TransferKey, error: Exception) -> float:
-        """The device cannot be opened or does not answer: `waiting` before the upload is done."""
+        """The device cannot be opened or does not answer: `waiting` before the upload is done.
+        The last reason is kept with the transfer, for `status` and `push` to show."""
         record = self._record(key)
         since = self._check_timeout(record, error)
         if record.phase in (TransferPhase.QUEUED, TransferPhase.UPLOADING):
-            self._set(key, phase=TransferPhase.WAITING, unreachable_since=since)
+            self._set(key, phase=TransferPhase.WAITING, unreachable_since=since, reason=str(error))
             self._log(key, TransferPhase.WAITING, "%s not reachable, waiting for it: %s", self.device.name, error)
         elif record.unreachable_since is None:
-            self._set(key, unreachable_since=since)
+            self._set(key, unreachable_since=since, reason=str(error))
             self._log(key, record.phase, "%s not reachable during %s: %s", self.device.name,
                       record.word, error, level=logging.WARNING)
         else:
+            self._set(key, reason=str(error), notify=record.reason != str(error))
             log.debug("%s still not reachable: %s", self.device.name, error)
         return since
 
     def _link_lost(self, key: TransferKey, error: Exception) -> None:
         record = self._record(key)
         since = self._check_timeout(record, error)
-        if record.unreachable_since is None:
-            self._set(key, unreachable_since=since, notify=False)
+        self._set(key, unreachable_since=since, reason=str(error), notify=False)
         self._log(key, record.phase, "%s: link lost during %s: %s", self.device.name, record.word, error,
                   level=logging.WARNING)
 
@@ -330,7 +331,7 @@ class DeviceRelay:
         # the image list but loses every upload must still time out
         record = self._record(key)
         if record.phase in (TransferPhase.QUEUED, TransferPhase.WAITING):
-            self._set(key, phase=TransferPhase.UPLOADING)
+            self._set(key, phase=TransferPhase.UPLOADING, reason=None)
             if record.phase is TransferPhase.WAITING:
                 self._log(key, TransferPhase.UPLOADING, "%s is reachable again", self.device.name)
 
@@ -534,7 +535,7 @@ class DeviceRelay:
         the test mark or the confirm must still run out of device_timeout."""
         if self._record(key).phase is phase:
             return
-        self._set(key, phase=phase, unreachable_since=None)
+        self._set(key, phase=phase, unreachable_since=None, reason=None)
 
     def _set(self, key: TransferKey, notify: bool = True, **values: object) -> None:
         self._checkpoint()  # every step is written before it is taken: none after a stop
@@ -687,6 +688,11 @@ class RelayManager:
     def live_progress(self, device: str) -> tuple[int, int] | None:
         relay = self._relays.get(device)
         return relay.live_progress if relay else None
+
+    def present(self, device: str) -> bool:
+        """Whether the device can be tried now (a serial port that does not exist cannot)."""
+        relay = self._relays.get(device)
+        return relay is None or relay.link.present()
 
     async def disconnect_all(self) -> None:
         for relay in self._relays.values():

@@ -34,9 +34,11 @@ class DeviceStatus:
 
 
 class StatusViews:
-    def __init__(self, state: StateDB, live_upload: Callable[[str], tuple[int, int] | None]) -> None:
+    def __init__(self, state: StateDB, live_upload: Callable[[str], tuple[int, int] | None],
+                 present: Callable[[str], bool] = lambda _device: True) -> None:
         self._state = state
         self._live_upload = live_upload
+        self._present = present
         self._downloads: dict[JobKey, tuple[int, int]] = {}
 
     def download_progress(self, key: JobKey, progress: tuple[int, int] | None) -> None:
@@ -60,7 +62,7 @@ class StatusViews:
                 detail = f"{100 * done // total}%"
             elif word is Word.SUCCEEDED and t.version:
                 detail = t.version
-            elif t.reason and word in (Word.FAILED, Word.REJECTED):
+            elif t.reason and word in (Word.FAILED, Word.REJECTED, Word.WAITING):
                 detail = t.reason
             out.append(DeviceStatus(t.device, word, detail))
         return out
@@ -102,6 +104,8 @@ class StatusViews:
                 done, total = self.transfer_progress(t)
                 row.update(phase=t.word, done=done, total=total, version=t.version, reason=t.reason,
                            job_id=t.job_id)
+            if (not latest or latest[0].final) and not self._present(d.name):
+                row.update(phase=Word.UNREACHABLE, reason=f"{d.port or 'its port'} does not exist")
             rows.append(row)
         return {"jobs": jobs, "devices": rows}
 

@@ -20,6 +20,7 @@ class Word(StrEnum):
     """design.md's status words, in the order a job goes through them."""
 
     IDLE = "idle"  # a device with no transfer yet (status rows only)
+    UNREACHABLE = "unreachable"  # a device with no transfer under way that cannot be reached now (status rows only)
     QUEUED = "queued"
     RECEIVING = "receiving"  # a local update whose image is still arriving from ota-gatewayctl
     DOWNLOADING = "downloading"

@@ -290,3 +290,16 @@ def test_a_busy_daemon_is_one_line_on_stderr(tmp_path: Path, capsys) -> None:
             release.set()
             holder.close()
     assert capsys.readouterr().err == busy
+
+
+def test_a_push_waiting_for_its_device_says_why() -> None:
+    import io
+
+    from gatewayd.ctl import PushView
+
+    out = io.StringIO()
+    view = PushView(out, as_json=False, device="pump")
+    view.show({"event": "progress", "phase": "waiting", "devices": [
+        {"name": "pump", "phase": "waiting", "done": 0, "total": 0,
+         "reason": "cannot open /dev/ttyNOPE: [Errno 2] No such file or directory"}]})
+    assert out.getvalue().endswith("pump: waiting (cannot open /dev/ttyNOPE: [Errno 2] No such file or directory)")
