@@ -347,8 +347,9 @@ class PushView:
         done, total = dev.get("done"), dev.get("total")
         bar = progress_bar(done, total) if phase == Word.UPLOADING else ""
         amount = f" {human_bytes(done)}/{human_bytes(total)}" if bar else ""
-        why = f" ({dev['reason']})" if phase == Word.WAITING and dev.get("reason") else ""
-        self.out.write(f"\r\x1b[K{self.device}: {phase or Word.QUEUED} {bar}{amount}{why}".rstrip())
+        why = f"({dev['reason']})" if phase == Word.WAITING and dev.get("reason") else ""
+        line = " ".join(part for part in (f"{self.device}: {phase or Word.QUEUED}", f"{bar}{amount}", why) if part)
+        self.out.write(f"\r\x1b[K{line}")
         self.out.flush()
         self._line = True
 
