@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 
 from transports.factory import LinkFactory
 
-from . import notify
+from . import notify, reload
 from .cloud import JobExecution, JobsClient
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .control import SEND_EVENT, ControlServer, Request
@@ -38,7 +38,7 @@ DEVICES_TIMEOUT = 10.0  # seconds `devices` waits for one device's image list
 class Daemon:
     """Builds every part from the configuration and wires them; owns the process's life."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, log_level: str | None = None) -> None:
         self.config = config
         self.state = StateDB(config.gateway.state_dir / "state.db")
         store = FileStore(config.gateway.state_dir)
@@ -69,6 +69,9 @@ class Daemon:
         })
         self._stop = asyncio.Event()
         self._served: set[str] = set()
+        self._log_level = log_level  # from the command line: it wins over the file's, also on reload
+        self._mqtt_files = reload.file_digests(config)
+        self._restart_needed: list[str] = []  # settings a reload read but only a restart applies
 
     # callbacks of the parts built above (bound late: they reach parts built after them)
 
@@ -138,6 +141,7 @@ class Daemon:
         self._stop.set()
 
     async def reload(self, path: Path) -> None:
+        """SIGHUP: apply what can change while running; say what changed and what needs a restart."""
         notify.reloading()
         try:
             try:
@@ -145,10 +149,17 @@ class Daemon:
             except ConfigError as e:
                 log.error("reload refused, keeping the running configuration:\n%s", e)
                 return
-            self.config = config
-            self.jobs.update_config(config)
+            files = reload.file_digests(config)
+            # the MQTT client is built once: its settings and files take a restart
+            change = reload.changes(self.config, config, self._mqtt_files, files, mqtt_reconnects=False)
+            self.config = reload.running(self.config, config, mqtt_reconnects=False)
+            if self._log_level is None:
+                setup_logging(self.config.gateway.log_level)
+            self.jobs.update_config(self.config)
             await self._serve_things()
-            log.info("reloaded configuration: %d devices", len(config.devices))
+            self._restart_needed = sorted(set(self._restart_needed) | set(change.need_restart))
+            log.log(logging.WARNING if change.need_restart else logging.INFO, "reloaded configuration (%d devices): %s",
+                    len(self.config.devices), change.summary())
         finally:
             notify.ready(self._status_line())  # the reload is over for systemd, refused or not
 
@@ -201,6 +212,8 @@ class Daemon:
                    for d in status["devices"] if d["phase"] in ACTIVE_WORDS]
         if working:
             line += "; " + ", ".join(working[:3]) + (f" and {len(working) - 3} more" if len(working) > 3 else "")
+        if self._restart_needed:
+            line += f"; restart to apply {', '.join(self._restart_needed)}"
         return line
 
     async def _shutdown(self) -> None:
@@ -230,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.log_level or config.gateway.log_level)
     try:
-        return asyncio.run(Daemon(config).run(args.config))
+        return asyncio.run(Daemon(config, args.log_level).run(args.config))
     except StateTooNew as e:
         log.error("cannot open the state database, not starting: %s", e)
         return 1

@@ -163,7 +163,7 @@ class DeviceRelay:
     ) -> None:
         self.device = device
         self.link = link
-        self._relay_cfg = relay_config
+        self.relay_config = relay_config
         self._state = state
         self._slots = slots
         self._on_change = on_change
@@ -181,7 +181,7 @@ class DeviceRelay:
         if self._client is None:
             await self.link.open()
             self._client = SmpClient(self.link, buf_size_override=self.device.buf_size,
-                                     timeout=self._relay_cfg.request_timeout)
+                                     timeout=self.relay_config.request_timeout)
         return self._client
 
     async def _reach(self) -> tuple[SmpClient, list[ImageSlot]]:
@@ -266,7 +266,7 @@ class DeviceRelay:
         """Reach the device and take steps until one of them ends the transfer (TransferEnded)."""
         if self._record(key).final:
             return
-        delay = self._relay_cfg.retry_interval
+        delay = self.relay_config.retry_interval
         while True:
             self._checkpoint()
             try:
@@ -274,10 +274,10 @@ class DeviceRelay:
             except (LinkError, SmpError, OSError) as e:
                 await self.disconnect()
                 since = self._unreachable(key, e)
-                await _pause(self.link, delay, since + self._relay_cfg.device_timeout - time.time())
-                delay = min(delay * 2, max(RETRY_INTERVAL_MAX, self._relay_cfg.retry_interval))
+                await _pause(self.link, delay, since + self.relay_config.device_timeout - time.time())
+                delay = min(delay * 2, max(RETRY_INTERVAL_MAX, self.relay_config.retry_interval))
                 continue
-            delay = self._relay_cfg.retry_interval
+            delay = self.relay_config.retry_interval
             self._reached(key)
             try:
                 async with self._slots:
@@ -285,7 +285,7 @@ class DeviceRelay:
             except (LinkError, OSError) as e:
                 await self.disconnect()
                 self._link_lost(key, e)
-                await asyncio.sleep(self._relay_cfg.retry_interval)
+                await asyncio.sleep(self.relay_config.retry_interval)
             except SmpError as e:
                 word = self._record(key).word
                 # an error code is the device's refusal; without one, the answers made no sense
@@ -321,7 +321,7 @@ class DeviceRelay:
     def _check_timeout(self, record: TransferRecord, error: Exception) -> float:
         """Since when the device makes no progress; ends the transfer once that is device_timeout ago."""
         since = record.unreachable_since or time.time()
-        if time.time() - since >= self._relay_cfg.device_timeout:
+        if time.time() - since >= self.relay_config.device_timeout:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
             raise TransferEnded(TransferPhase.FAILED, f"device {self.device.name} unreachable since {stamp}: {error}")
         return since
@@ -506,7 +506,7 @@ class DeviceRelay:
 
     async def _wait_for_return(self) -> None:
         """Wait until the device answers again after a reset (raises LinkError after reset_timeout)."""
-        deadline = time.monotonic() + self._relay_cfg.reset_timeout
+        deadline = time.monotonic() + self.relay_config.reset_timeout
         await asyncio.sleep(RETURN_POLL)
         last_error: Exception | None = None
         while time.monotonic() < deadline:
@@ -521,7 +521,7 @@ class DeviceRelay:
                 last_error = e
                 await self.disconnect()
                 await asyncio.sleep(RETURN_POLL)
-        raise LinkError(f"{self.device.name} did not come back within {self._relay_cfg.reset_timeout:g} s"
+        raise LinkError(f"{self.device.name} did not come back within {self.relay_config.reset_timeout:g} s"
                         f" after the reset: {last_error}")
 
     # state
@@ -639,6 +639,8 @@ class RelayManager:
     def update_devices(self, config: Config) -> None:
         """Apply a new device list: removed or changed devices' relays stop, their work is handed on."""
         wanted = {d.name: (d, config.link_settings(d)) for d in config.devices}
+        for relay in self._relays.values():
+            relay.relay_config = config.relay  # timeouts apply from each relay's next step
         for name in list(self._relays):
             device, settings = wanted.get(name, (None, None))
             if device != self._relays[name].device or settings != self._settings[name]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -68,6 +69,35 @@ def test_ready_watchdog_status_and_a_clean_sigterm(notify_socket, lab):
     assert code == 0, lab.daemon_log()[-2000:]
     assert time.monotonic() - started < 10
     assert any("STOPPING=1" in m for m in _messages(sock, "STOPPING=1", 2) + got)
+
+
+def test_a_reload_applies_what_it_can_and_says_what_needs_a_restart(notify_socket, lab):
+    path, sock = notify_socket
+    lab.add_device("pump", thing_name="pump")
+    lab.start_cloud()
+    lab.start_daemon(env={"NOTIFY_SOCKET": str(path)})
+    _messages(sock, "STATUS=connected", 20)
+
+    lab.config["relay"]["device_timeout"] = 600.0
+    config = lab.write_config()
+    text = config.read_text()
+    assert 'thing_name = "gw-01"' in text and 'log_level = "debug"' in text
+    config.write_text(text.replace('thing_name = "gw-01"', 'thing_name = "gw-02"')
+                      .replace('log_level = "debug"', 'log_level = "info"'))
+    lab.daemon.send_signal(signal.SIGHUP)
+    got = _messages(sock, "READY=1", 10)
+    lab.wait_until("the reload's log line", lambda: "reloaded configuration" in lab.daemon_log(), 10)
+    logged = next(line for line in lab.daemon_log().splitlines() if "reloaded configuration" in line)
+    assert logged.endswith("reloaded configuration (1 devices): applied: [gateway] log_level, [relay] "
+                           "device_timeout; needs a restart to apply: [gateway] thing_name, [mqtt] client_id"), logged
+    status = [line for m in got for line in m.splitlines() if line.startswith("STATUS=")]
+    assert status and status[-1].endswith("; restart to apply [gateway] thing_name, [mqtt] client_id"), got
+    # the running daemon is still gw-01; the new log level holds (no more debug lines)
+    assert json.loads(lab.ctl("status", "--json").stdout)["thing"] == "gw-01"
+    lines = len(lab.daemon_log().splitlines())
+    lab.ctl("status")
+    time.sleep(0.5)
+    assert " DEBUG " not in "\n".join(lab.daemon_log().splitlines()[lines:])
 
 
 def test_ctl_status_and_devices_talk_to_the_running_daemon(lab):

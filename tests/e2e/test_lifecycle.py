@@ -68,7 +68,8 @@ def test_sighup_reload_serves_a_new_device(lab):
     lab.add_device("fan", files="fan-*.bin")
     lab.write_config()
     lab.daemon.send_signal(signal.SIGHUP)
-    lab.wait_until("the reload", lambda: "reloaded configuration: 2 devices" in lab.daemon_log(), 10)
+    lab.wait_until("the reload", lambda: "reloaded configuration (2 devices): applied: devices (added fan)"
+                   in lab.daemon_log(), 10)
     lab.ota_update("fan-after", "gw-01", fan_image, filepath="fan-3.0.0.bin")
     assert lab.wait("gw-01", "fan-after").status == "SUCCEEDED"
     assert lab.device("fan").active_image() == fan_image
