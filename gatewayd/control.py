@@ -461,7 +461,9 @@ async def _open(path: Path, cmd: str, args: dict[str, Any]
     try:
         sock = await _connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
-        raise DaemonNotRunning(f"ota-gatewayd is not running (no control socket at {path})") from None
+        raise DaemonNotRunning(f"ota-gatewayd is not running (no control socket at {path}); start it with "
+                               "`systemctl start ota-gatewayd`, and see why it stopped with "
+                               "`journalctl -u ota-gatewayd`") from None
     except PermissionError:
         raise ControlError(f"permission denied on {path}: run as root or as a member of the "
                            "socket's group") from None

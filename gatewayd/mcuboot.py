@@ -37,6 +37,10 @@ _VERSION = re.compile(r"(\d+)(?:\.(\d+)(?:\.(\d+)(?:\.(\d+))?)?)?(?:\+(\d+))?", 
 _LIMITS = (0xFF, 0xFF, 0xFFFF, 0xFFFFFFFF)
 
 
+# an application binary that was never through imgtool is the usual cause
+SIGN_HINT = " (make one from the application binary with `imgtool sign`)"
+
+
 class ImageError(Exception):
     """The file is not a valid MCUboot image; str says what is wrong."""
 
@@ -70,7 +74,7 @@ def _inspect(f: BinaryIO) -> ImageInfo:
     f.seek(0)
     header = f.read(HEADER_SIZE)
     if len(header) < HEADER_SIZE:
-        raise ImageError(f"not an MCUboot image: the file has only {file_len} bytes")
+        raise ImageError(f"not an MCUboot image: the file has only {file_len} bytes{SIGN_HINT}")
     magic, _load, hdr_size, prot_size, img_size, flags = struct.unpack_from("<IIHHII", header)
     version = struct.unpack_from("<BBHI", header, 20)
     if magic == IMAGE_MAGIC_V1:
@@ -79,7 +83,7 @@ def _inspect(f: BinaryIO) -> ImageInfo:
             " sign it again with a current imgtool"
         )
     if magic != IMAGE_MAGIC:
-        raise ImageError(f"not an MCUboot image: bad magic 0x{magic:08x}")
+        raise ImageError(f"not an MCUboot image: bad magic 0x{magic:08x}{SIGN_HINT}")
     if hdr_size < HEADER_SIZE:
         raise ImageError(f"MCUboot header size {hdr_size} is smaller than the 32-byte header")
     tlv_start = hdr_size + img_size

@@ -599,7 +599,8 @@ def _refuse_downgrade(device: DeviceConfig, image: RelayImage, running: ImageSlo
         return
     if _older(image.version, running.version):
         raise TransferEnded(TransferPhase.REJECTED, f"image {image.version} is older than {running.version} "
-                                                    f"running on {device.name} and the device does not allow downgrades")
+                                                    f"running on {device.name} and the device does not allow downgrades "
+                                                    "(allow_downgrade = true in its [[device]] entry)")
 
 
 def _older(new: str, running: str) -> bool:

@@ -238,7 +238,8 @@ def test_status_without_daemon(tmp_path: Path, capsys) -> None:
     path = write_valid_config(tmp_path, sock)
     assert main(["--config", str(path), "status"]) == 3
     assert capsys.readouterr().err == (f"ota-gatewayctl: ota-gatewayd is not running "
-                                       f"(no control socket at {sock})\n")
+                                       f"(no control socket at {sock}); start it with `systemctl start "
+                                       "ota-gatewayd`, and see why it stopped with `journalctl -u ota-gatewayd`\n")
 
 
 def test_daemon_error_is_exit_1(tmp_path: Path, capsys) -> None:

@@ -215,7 +215,8 @@ def test_a_proxied_job_ends_with_its_devices_word_and_reason(tmp_path: Path, sig
 
     gw = run(tmp_path, signer, {"valve": {"thing_name": "valve"}}, scenario)
     assert gw.told.final(key) == (CloudStatus.FAILED, Word.REJECTED, "image 0.9.0 is older than 1.0.0 running on "
-                                  "valve and the device does not allow downgrades")
+                                  "valve and the device does not allow downgrades (allow_downgrade = true in its "
+                                  "[[device]] entry)")
 
 
 @pytest.mark.parametrize("case, reason", [

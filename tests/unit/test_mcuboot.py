@@ -160,10 +160,11 @@ def test_truncated_tlv_area(tmp_path: Path) -> None:
 
 def test_bad_and_old_magic(tmp_path: Path) -> None:
     assert image_error(tmp_path, build_image(BODY, magic=0x12345678)) == (
-        "not an MCUboot image: bad magic 0x12345678"
+        "not an MCUboot image: bad magic 0x12345678 (make one from the application binary with `imgtool sign`)"
     )
     assert "old v1 magic 0x96f3b83c" in image_error(tmp_path, build_image(BODY, magic=0x96F3B83C))
-    assert image_error(tmp_path, b"\x3d\xb8") == "not an MCUboot image: the file has only 2 bytes"
+    assert image_error(tmp_path, b"\x3d\xb8") == ("not an MCUboot image: the file has only 2 bytes (make one from "
+                                                  "the application binary with `imgtool sign`)")
     assert "bad magic" in image_error(tmp_path, b"\x7fELF" + bytes(100))
 
 

@@ -334,7 +334,8 @@ def test_an_older_image_is_rejected_unless_downgrades_are_allowed(tmp_path: Path
     else:
         assert (record.phase, record.reason) == (
             TransferPhase.REJECTED,
-            "image 0.9.0 is older than 1.0.0 running on pump and the device does not allow downgrades")
+            "image 0.9.0 is older than 1.0.0 running on pump and the device does not allow downgrades "
+        "(allow_downgrade = true in its [[device]] entry)")
         assert bench.uploads() == 0
 
 
