@@ -60,6 +60,7 @@ TRANSIENT_REJECTIONS = frozenset({"InternalError", "RequestThrottled", "Throttli
 # Rejections saying the stream changed under the download: worth one fresh look (case 46).
 CHANGED_STREAM_REJECTIONS = frozenset({"VersionMismatch", "ETagMismatch"})
 DESCRIBE_ATTEMPTS = 3  # DescribeStream requests, request_timeout apart, before giving up
+NOT_CONNECTED_PAUSE = 0.1  # s between a publish refused as "not connected" and the next look at the connection
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,9 @@ class StreamDownload:
                 if e.code is not None:
                     raise DownloadError(f"the broker refused {what} for stream {self.stream_name}: {e}") from e
                 if not self._mqtt.connected:
+                    # Lost since `ready` was read: wait_connected may not know yet, so pause,
+                    # or this loop would never let the event loop hear of the drop.
+                    await asyncio.sleep(NOT_CONNECTED_PAUSE)
                     continue
                 log.debug("stream %s: %s not acknowledged: %s", self.stream_name, what, e)
             return
