@@ -392,7 +392,7 @@ class StreamDownload:
                 now = await self._reread_job()
             except DownloadError as e:
                 raise DownloadError(f"{what}, and reading the job again failed: {e.reason}") from e
-            except Exception as e:  # noqa: BLE001 - not connected, no reply: the look is over
+            except Exception as e:  # noqa: BLE001 - not connected, refused, not served: the look is over
                 raise DownloadError(f"{what}, and reading the job again failed: {e}") from e
             if now != StreamFile(self.stream_name, self.file_id, self.file_size):
                 raise DownloadError(f"{what}, and the job document now names file {now.file_id} "
