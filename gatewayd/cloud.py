@@ -375,7 +375,8 @@ class JobsClient:
         self._max_subs = max_thing_subscriptions
         self._poll_interval = poll_interval
         self._polled: list[str] = []  # served things without a notify-next subscription, in serve order
-        self._polling: set[str] = set()  # polled things with a $next/get in flight
+        self._asking: set[str] = set()  # things with a next-job ask (refresh or poll) in flight
+        self._ask_again: set[str] = set()  # of those, the ones to ask once more when it ends
         self._poller: asyncio.Task[None] | None = None
         self._shared: list[tuple[str, Callable[[str, bytes], None], bool]] = []  # wildcard reply filters
         self._closing = False
@@ -425,7 +426,7 @@ class JobsClient:
         if not subs and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
         if self._mqtt.connected:
-            self._spawn(self._refresh(thing_name))
+            self._ask_for_next(thing_name)
 
     async def _subscribe_shared(self) -> None:
         """With a subscription cap: the wildcard reply filters shared by every thing."""
@@ -454,15 +455,8 @@ class JobsClient:
             gap = max(self._poll_interval / len(things), MIN_POLL_GAP)
             for thing in things:
                 await asyncio.sleep(gap)
-                if thing in self._polled and thing not in self._polling and self._mqtt.connected:
-                    self._polling.add(thing)
-                    self._spawn(self._poll(thing))
-
-    async def _poll(self, thing: str) -> None:
-        try:
-            await self._refresh(thing)
-        finally:
-            self._polling.discard(thing)
+                if thing in self._polled and thing not in self._asking and self._mqtt.connected:
+                    self._ask_for_next(thing)
 
     async def unserve(self, thing_name: str) -> None:
         subs = self._served.pop(thing_name, None)
@@ -500,7 +494,7 @@ class JobsClient:
             return
         log.info("%s now has its own notify-next subscription", thing)
         if self._mqtt.connected:  # a change between the last poll and the SUBACK is not notified
-            self._spawn(self._refresh(thing))
+            self._ask_for_next(thing)
 
     async def close(self) -> None:
         self._closing = True
@@ -520,7 +514,28 @@ class JobsClient:
         self._requests.reconnected()
         # Case 47: after every (re)connect ask again, the job may have moved meanwhile.
         for thing in list(self._served):
-            self._spawn(self._refresh(thing))
+            self._ask_for_next(thing)
+
+    def _ask_for_next(self, thing: str) -> None:
+        """Refresh `thing`'s next job, one ask in flight per thing. Asked while one is in flight,
+        ask once more after it (its answer may predate what made us ask), never more than once."""
+        if thing in self._asking:
+            self._ask_again.add(thing)
+            return
+        self._asking.add(thing)
+        self._spawn(self._asks_for_next(thing))
+
+    async def _asks_for_next(self, thing: str) -> None:
+        try:
+            while True:
+                self._ask_again.discard(thing)
+                await self._refresh(thing)
+                if (thing not in self._ask_again or thing not in self._served or self._closing
+                        or not self._mqtt.connected):
+                    return
+        finally:
+            self._asking.discard(thing)
+            self._ask_again.discard(thing)
 
     async def _refresh(self, thing: str) -> None:
         """Ask for `thing`'s next job. A request the broker refused (queue full, not authorised)
@@ -675,7 +690,7 @@ class JobsClient:
         if execution is None and self._mqtt.connected:
             # Case 2: the head left the queue (a transfer for it stops). Notifications can come
             # late or be lost, so ask which job is next now rather than wait for the next one.
-            self._spawn(self._refresh(thing))
+            self._ask_for_next(thing)
 
     def _handle_reply(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, payload)

@@ -212,3 +212,61 @@ def test_an_https_download_whose_url_refresh_gets_no_answer_fails_with_that_reas
     assert isinstance(error, HttpDownloadError), repr(error)
     assert error.reason == (f"URL refresh failed: AWS IoT did not answer 3 requests for the job document of {JOB} "
                             f"on {THING}")
+
+
+# -- one next-job ask in flight per thing ----------------------------------------------------
+
+
+def test_empty_notifications_and_reconnects_do_not_pile_up_next_job_asks() -> None:
+    """Issue 11: 200 empty notify-next gave 201 refresh tasks asking `$next/get` in parallel."""
+    connection = StandInConnection()  # silent: every ask waits request_timeout, then asks again
+
+    async def scenario() -> tuple[int, int]:
+        jobs = await served_jobs(connection, request_timeout=0.2)
+        tasks_before = len(asyncio.all_tasks())
+        for _ in range(200):
+            connection.deliver(f"$aws/things/{THING}/jobs/notify-next", {"timestamp": 1})
+        for listener in list(connection.listeners) * 50:  # reconnects
+            await listener()
+        await asyncio.sleep(0.5)
+        tasks_added = len(asyncio.all_tasks()) - tasks_before
+        asks = connection.requests_to(NEXT_GET)
+        await jobs.close()
+        return tasks_added, asks
+
+    tasks_added, asks = asyncio.run(scenario())
+    assert tasks_added <= 0, f"{tasks_added} more tasks than before the notifications"
+    # one ask from serve(), re-asked every 0.2 s: 3 or 4 in 0.5 s, not one per notification
+    assert asks <= 5, f"{asks} $next/get requests in 0.5 s"
+
+
+def test_a_notification_during_an_ask_gets_exactly_one_more_ask_after_it() -> None:
+    """The answer in flight may predate what the notification says: ask once more, once."""
+    connection = StandInConnection()
+
+    async def scenario() -> None:
+        jobs = await served_jobs(connection, request_timeout=5)
+        await asyncio.sleep(0.05)
+        assert connection.requests_to(NEXT_GET) == 1
+        for _ in range(20):
+            connection.deliver(f"$aws/things/{THING}/jobs/notify-next", {"timestamp": 1})
+        await asyncio.sleep(0.05)
+        assert connection.requests_to(NEXT_GET) == 1  # the first ask is still in flight
+        answer_last(connection)
+        await asyncio.sleep(0.05)
+        assert connection.requests_to(NEXT_GET) == 2  # exactly one more, for all 20 notifications
+        answer_last(connection)
+        await asyncio.sleep(0.1)
+        assert connection.requests_to(NEXT_GET) == 2
+        connection.deliver(f"$aws/things/{THING}/jobs/notify-next", {"timestamp": 2})  # none in flight now
+        await asyncio.sleep(0.05)
+        assert connection.requests_to(NEXT_GET) == 3
+        await jobs.close()
+
+    asyncio.run(scenario())
+
+
+def answer_last(connection: StandInConnection) -> None:
+    """AWS IoT answers the last `$next/get`: no job."""
+    topic, request = [(t, r) for t, r in connection.published if t == NEXT_GET][-1]
+    connection.deliver(f"{topic}/accepted", {"clientToken": request["clientToken"], "timestamp": 1})
