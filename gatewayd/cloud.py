@@ -53,6 +53,14 @@ class JobsError(Exception):
         self.message = message
 
 
+class NoReply(Exception):
+    """AWS IoT answered none of the requests a one-off read may make."""
+
+    def __init__(self, what: str, requests: int, throttled: int = 0) -> None:
+        note = f" ({throttled} answered RequestThrottled)" if throttled else ""
+        super().__init__(f"AWS IoT did not answer {requests} requests for {what}{note}")
+
+
 @dataclass(frozen=True)
 class JobExecution:
     thing_name: str
@@ -182,6 +190,19 @@ class _Reply:
     unreadable: str | None = None  # why the message was not read whole (read_message)
 
 
+@dataclass(frozen=True)
+class _GiveUp:
+    """A one-off read's budget: `requests` without an answer, then NoReply naming `what`."""
+
+    requests: int
+    what: str
+
+
+def _give_up_if_spent(give_up: _GiveUp | None, unanswered: int, throttled: int) -> None:
+    if give_up is not None and unanswered >= give_up.requests:
+        raise NoReply(give_up.what, unanswered, throttled)
+
+
 @dataclass
 class _Call:
     thing: str
@@ -245,13 +266,17 @@ class _Requests:
         return random.uniform(base / 2, base)
 
     async def ask(self, thing: str, job: str, op: str, body: dict[str, Any],
-                  served: Callable[[str], bool]) -> _Reply:
-        """Publish a request and wait for its reply, retrying lost ones while connected."""
+                  served: Callable[[str], bool], *, give_up: _GiveUp | None = None) -> _Reply:
+        """Publish a request and wait for its reply, retrying lost ones while connected.
+
+        `give_up`: how many requests may go without an answer (no reply in time, lost with the
+        connection, throttled) before NoReply; without it, ask for as long as connected."""
         topic = f"$aws/things/{thing}/jobs/{job}/{op}"
         loop = asyncio.get_running_loop()
         call = _Call(thing, job, op, loop.create_future())
         tokens: list[str] = []
         attempt = 0
+        unanswered = throttled = 0
         try:
             while True:
                 if not served(thing):
@@ -267,6 +292,8 @@ class _Requests:
                                        return_when=asyncio.FIRST_COMPLETED)
                     if not call.future.done():
                         if reconnected.done():
+                            unanswered += 1
+                            _give_up_if_spent(give_up, unanswered, throttled)
                             log.info("no reply to %s before the connection was lost; asking again", topic)
                             continue
                         raise asyncio.TimeoutError
@@ -277,12 +304,17 @@ class _Requests:
                     if not self._mqtt.connected:
                         raise MqttError(f"{op} {topic}: not connected") from e
                     attempt += 1
+                    unanswered += 1
+                    _give_up_if_spent(give_up, unanswered, throttled)
                     log.warning("no reply to %s (attempt %d): %s; retrying", topic, attempt,
                                 str(e) or "timeout")
                     await asyncio.sleep(self.retry_delay(attempt - 1) if isinstance(e, MqttError) else 0)
                     continue
                 if reply.result == "rejected" and reply.doc.get("code") == "RequestThrottled":
                     attempt += 1
+                    unanswered += 1
+                    throttled += 1
+                    _give_up_if_spent(give_up, unanswered, throttled)
                     delay = self.retry_delay(attempt - 1)
                     log.info("%s throttled; retrying in %.1f s", topic, delay)
                     call.future = loop.create_future()
@@ -312,6 +344,7 @@ class JobsClient:
         subscribe_replies: bool = True,
         max_thing_subscriptions: int | None = None,
         poll_interval: float = 60.0,
+        describe_requests: int = 3,
     ) -> None:
         """`subscribe_replies=False` suits AWS IoT itself, which delivers accepted/rejected
         replies to the requesting client unasked: one subscription per thing
@@ -319,15 +352,22 @@ class JobsClient:
 
         `max_thing_subscriptions=None` subscribes every thing (3 filters each, or 1 without
         reply subscriptions); a number N caps the notify-next subscriptions at N, uses shared
-        wildcard filters for the replies and polls the other things every `poll_interval`."""
+        wildcard filters for the replies and polls the other things every `poll_interval`.
+
+        `describe` is a one-off read (a fresh URL, a second look at a changed stream): it
+        gives up with NoReply after `describe_requests` requests without an answer, about
+        that many `request_timeout`s. The next-job flow asks for as long as it is connected."""
         if max_thing_subscriptions is not None and max_thing_subscriptions < 1:
             raise ValueError("max_thing_subscriptions must be at least 1")
+        if describe_requests < 1:
+            raise ValueError("describe_requests must be at least 1")
         if not poll_interval > 0:
             raise ValueError("poll_interval must be greater than 0")
         self._mqtt = mqtt
         self._subscribe_replies = subscribe_replies
         self._on_execution = on_execution
         self._requests = _Requests(mqtt, request_timeout, retry_backoff, max_retry_backoff)
+        self._describe_requests = describe_requests
         self._served: dict[str, list[tuple[str, Callable[[str, bytes], None], bool]]] = {}
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -335,7 +375,8 @@ class JobsClient:
         self._max_subs = max_thing_subscriptions
         self._poll_interval = poll_interval
         self._polled: list[str] = []  # served things without a notify-next subscription, in serve order
-        self._polling: set[str] = set()  # polled things with a $next/get in flight
+        self._asking: set[str] = set()  # things with a next-job ask (refresh or poll) in flight
+        self._ask_again: set[str] = set()  # of those, the ones to ask once more when it ends
         self._poller: asyncio.Task[None] | None = None
         self._shared: list[tuple[str, Callable[[str, bytes], None], bool]] = []  # wildcard reply filters
         self._closing = False
@@ -385,7 +426,7 @@ class JobsClient:
         if not subs and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
         if self._mqtt.connected:
-            self._spawn(self._refresh(thing_name))
+            self._ask_for_next(thing_name)
 
     async def _subscribe_shared(self) -> None:
         """With a subscription cap: the wildcard reply filters shared by every thing."""
@@ -414,15 +455,8 @@ class JobsClient:
             gap = max(self._poll_interval / len(things), MIN_POLL_GAP)
             for thing in things:
                 await asyncio.sleep(gap)
-                if thing in self._polled and thing not in self._polling and self._mqtt.connected:
-                    self._polling.add(thing)
-                    self._spawn(self._poll(thing))
-
-    async def _poll(self, thing: str) -> None:
-        try:
-            await self._refresh(thing)
-        finally:
-            self._polling.discard(thing)
+                if thing in self._polled and thing not in self._asking and self._mqtt.connected:
+                    self._ask_for_next(thing)
 
     async def unserve(self, thing_name: str) -> None:
         subs = self._served.pop(thing_name, None)
@@ -460,7 +494,7 @@ class JobsClient:
             return
         log.info("%s now has its own notify-next subscription", thing)
         if self._mqtt.connected:  # a change between the last poll and the SUBACK is not notified
-            self._spawn(self._refresh(thing))
+            self._ask_for_next(thing)
 
     async def close(self) -> None:
         self._closing = True
@@ -480,7 +514,28 @@ class JobsClient:
         self._requests.reconnected()
         # Case 47: after every (re)connect ask again, the job may have moved meanwhile.
         for thing in list(self._served):
-            self._spawn(self._refresh(thing))
+            self._ask_for_next(thing)
+
+    def _ask_for_next(self, thing: str) -> None:
+        """Refresh `thing`'s next job, one ask in flight per thing. Asked while one is in flight,
+        ask once more after it (its answer may predate what made us ask), never more than once."""
+        if thing in self._asking:
+            self._ask_again.add(thing)
+            return
+        self._asking.add(thing)
+        self._spawn(self._asks_for_next(thing))
+
+    async def _asks_for_next(self, thing: str) -> None:
+        try:
+            while True:
+                self._ask_again.discard(thing)
+                await self._refresh(thing)
+                if (thing not in self._ask_again or thing not in self._served or self._closing
+                        or not self._mqtt.connected):
+                    return
+        finally:
+            self._asking.discard(thing)
+            self._ask_again.discard(thing)
 
     async def _refresh(self, thing: str) -> None:
         """Ask for `thing`'s next job. A request the broker refused (queue full, not authorised)
@@ -537,10 +592,12 @@ class JobsClient:
         return self._execution_from(thing_name, reply.doc, reply.unreadable)
 
     async def describe(self, thing_name: str, job_id: str) -> JobExecution | None:
-        """DescribeJobExecution; None when the execution is gone."""
+        """DescribeJobExecution; None when the execution is gone. Raises NoReply once
+        `describe_requests` requests went without an answer."""
         check_thing_name(thing_name)
         check_job_id(job_id)
-        reply = await self._request(thing_name, job_id, "get", {"includeJobDocument": True})
+        give_up = _GiveUp(self._describe_requests, f"the job document of {job_id} on {thing_name}")
+        reply = await self._request(thing_name, job_id, "get", {"includeJobDocument": True}, give_up)
         if reply.result == "rejected":
             code = str(reply.doc.get("code", "Unknown"))
             if code in _GONE:
@@ -585,10 +642,11 @@ class JobsClient:
         return UpdateResult(False, str(doc.get("code", "Unknown")), str(doc.get("message", "")),
                             state_status, version, details)
 
-    async def _request(self, thing: str, job: str, op: str, body: dict[str, Any]) -> _Reply:
+    async def _request(self, thing: str, job: str, op: str, body: dict[str, Any],
+                       give_up: _GiveUp | None = None) -> _Reply:
         if thing not in self._served:
             raise JobsError("NotServed", f"thing {thing} is not served")
-        return await self._requests.ask(thing, job, op, body, lambda t: t in self._served)
+        return await self._requests.ask(thing, job, op, body, lambda t: t in self._served, give_up=give_up)
 
     # -- incoming --
 
@@ -632,7 +690,7 @@ class JobsClient:
         if execution is None and self._mqtt.connected:
             # Case 2: the head left the queue (a transfer for it stops). Notifications can come
             # late or be lost, so ask which job is next now rather than wait for the next one.
-            self._spawn(self._refresh(thing))
+            self._ask_for_next(thing)
 
     def _handle_reply(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, payload)

@@ -29,6 +29,7 @@ ConnectListener = Callable[[], Awaitable[None]]
 
 MAX_FILTERS_PER_SUBSCRIBE = 8  # AWS IoT Core limit
 _ACK_TIMEOUT = 10.0
+_DROP_NOT_YET_HEARD_PAUSE = 0.01  # s: see _until_ready
 _PAHO2 = hasattr(paho, "CallbackAPIVersion")
 
 
@@ -469,13 +470,14 @@ class MqttClient:
         log.info("stopped")
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until connected and every subscription is restored.
+        """Wait until connected and every subscription is restored (`ready`).
 
         Raises asyncio.TimeoutError after `timeout` seconds.
         """
         if self._ready is None:
             raise MqttError("client not started")
-        await asyncio.wait_for(self._ready.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await _until_ready(self._ready, lambda: self.ready)
 
     def add_connect_listener(self, cb: ConnectListener) -> None:
         """`await cb()` after each (re)connect, once subscriptions are restored."""
@@ -755,6 +757,16 @@ class MqttClient:
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         self._subscriptions.dispatch(topic, payload, self._spawn)
+
+
+async def _until_ready(event: asyncio.Event, ready: Callable[[], bool]) -> None:
+    """Until `ready()`. After a drop the network thread clears the connected flag at once, the
+    loop clears `event` only when it runs _on_disconnected: while the two disagree, let it run."""
+    while not ready():
+        if event.is_set():
+            await asyncio.sleep(_DROP_NOT_YET_HEARD_PAUSE)
+        else:
+            await event.wait()
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:

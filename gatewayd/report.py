@@ -204,12 +204,16 @@ class Reporter:
                 await self._pause_before_retry()
 
     async def _pause_before_retry(self) -> None:
-        """Disconnected: go as soon as the connection is back. Otherwise wait a little."""
+        """Disconnected: go as soon as the connection is back. Otherwise wait a little.
+
+        Whatever wait_connected does, the pause ends early only with the connection up: it can
+        return at once, or raise at once, while the connection is still down."""
         if self._connection is not None and not self._connection.connected:
             try:
                 await self._connection.wait_connected(timeout=60.0)
-                return
-            except Exception:  # still down after a minute: loop round and try again
+            except Exception:  # noqa: BLE001 - still down after a minute, or not started: pause below
+                pass
+            if self._connection.connected:
                 return
         await asyncio.sleep(self._retry_interval)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from .cloud import JobsClient
+from .cloud import JobsClient, NoReply
 from .config import Config
 from .errors import DownloadError, JobFailed
 from .http_download import HttpDownload, HttpDownloadError
@@ -205,7 +205,10 @@ class CloudFiles:
 
     async def _fresh_url(self, job: JobRecord, idx: int) -> str:
         """Presigned URLs expire: AWS IoT mints a new one each time the document is read."""
-        execution = await self._cloud.describe(job.thing, job.job_id)
+        try:
+            execution = await self._cloud.describe(job.thing, job.job_id)
+        except NoReply as e:
+            raise HttpDownloadError(str(e)) from e
         if execution is None:
             raise HttpDownloadError(f"job {job.job_id} is no longer available in the cloud")
         ota = parse_ota(job.job_id, execution.document, self._config())
@@ -216,7 +219,10 @@ class CloudFiles:
 
     async def _stream_file(self, job: JobRecord, idx: int) -> StreamFile:
         """Where the job document, read again, puts files[idx] (a stream said it changed: case 46)."""
-        execution = await self._cloud.describe(job.thing, job.job_id)
+        try:
+            execution = await self._cloud.describe(job.thing, job.job_id)
+        except NoReply as e:
+            raise DownloadError(str(e)) from e
         if execution is None:
             raise DownloadError(f"job {job.job_id} is no longer available in the cloud")
         try:

@@ -60,6 +60,7 @@ TRANSIENT_REJECTIONS = frozenset({"InternalError", "RequestThrottled", "Throttli
 # Rejections saying the stream changed under the download: worth one fresh look (case 46).
 CHANGED_STREAM_REJECTIONS = frozenset({"VersionMismatch", "ETagMismatch"})
 DESCRIBE_ATTEMPTS = 3  # DescribeStream requests, request_timeout apart, before giving up
+NOT_CONNECTED_PAUSE = 0.1  # s between a publish refused as "not connected" and the next look at the connection
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,9 @@ class StreamDownload:
                 if e.code is not None:
                     raise DownloadError(f"the broker refused {what} for stream {self.stream_name}: {e}") from e
                 if not self._mqtt.connected:
+                    # Lost since `ready` was read: wait_connected may not know yet, so pause,
+                    # or this loop would never let the event loop hear of the drop.
+                    await asyncio.sleep(NOT_CONNECTED_PAUSE)
                     continue
                 log.debug("stream %s: %s not acknowledged: %s", self.stream_name, what, e)
             return
@@ -388,7 +392,7 @@ class StreamDownload:
                 now = await self._reread_job()
             except DownloadError as e:
                 raise DownloadError(f"{what}, and reading the job again failed: {e.reason}") from e
-            except Exception as e:  # noqa: BLE001 - not connected, no reply: the look is over
+            except Exception as e:  # noqa: BLE001 - not connected, refused, not served: the look is over
                 raise DownloadError(f"{what}, and reading the job again failed: {e}") from e
             if now != StreamFile(self.stream_name, self.file_id, self.file_size):
                 raise DownloadError(f"{what}, and the job document now names file {now.file_id} "

@@ -12,7 +12,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from gatewayd.aws import check_status_details
-from gatewayd.cloud import JobExecution, JobsClient, JobsError, parse_execution, read_message
+from gatewayd.cloud import JobExecution, JobsClient, JobsError, NoReply, parse_execution, read_message
 from gatewayd.mqtt import MqttError
 from tests.e2e.fixtures_cloud import Peer, connected_jobs, eventually, make_client
 
@@ -264,6 +264,30 @@ def test_lost_and_throttled_replies_are_retried(jobs_env):
             res = await jobs.update("gw-01", "job-1", "IN_PROGRESS", {"phase": "verifying"})
             assert res.accepted and res.version_number == 3
             assert len([t for t, _ in fake.requests if t.endswith("/update")]) == 5
+
+    asyncio.run(main())
+
+
+def test_a_job_document_read_that_gets_no_answer_gives_up_naming_the_job_and_the_thing(jobs_env):
+    """Issue 11: describe (a fresh URL, a second look at a changed stream) re-asked for ever
+    while connected; the next-job flow still does (case 41)."""
+    broker, pki, fake = jobs_env
+    fake.create_job("gw-01", "job-1", DOC)
+
+    async def main():
+        async with connected_jobs(broker, pki, Recorder(), request_timeout=0.3, describe_requests=3) as (mc, jobs):
+            await jobs.serve("gw-01")
+            await eventually(lambda: len(fake.requests) == 1, what="initial $next/get")
+            fake.drop = 10**6
+            started = time.monotonic()
+            with pytest.raises(NoReply) as caught:
+                await asyncio.wait_for(jobs.describe("gw-01", "job-1"), 10)
+            assert str(caught.value) == "AWS IoT did not answer 3 requests for the job document of job-1 on gw-01"
+            assert 0.9 - 0.05 <= time.monotonic() - started <= 0.9 + 2.0
+            assert [t for t, _ in fake.requests].count("$aws/things/gw-01/jobs/job-1/get") == 3
+
+            fake.drop = 1  # one lost reply, then answers again: within the budget
+            assert (await jobs.describe("gw-01", "job-1")).job_id == "job-1"
 
     asyncio.run(main())
 

@@ -8,11 +8,14 @@ import random
 import stat
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import cbor2
 import pytest
 
+from gatewayd.cloud import JobsClient
 from gatewayd.errors import DownloadError
+from gatewayd.sources import CloudFiles
 from gatewayd.stream_download import StreamDownload, StreamFile
 from tests.e2e.fixtures_cloud import Peer, make_client
 
@@ -623,6 +626,35 @@ def test_what_changed_in_the_stream_or_the_job_ends_the_download(env, tmp_path, 
         assert expected in reason, reason
         assert len(stream.requests) == 1  # nothing more asked of a stream that changed
         assert not any("streams" in f for f in mc._subscriptions.handlers)
+        await mc.stop()
+
+    asyncio.run(main())
+
+
+def test_a_second_look_at_a_job_that_gets_no_answer_ends_the_download_saying_so(env, tmp_path):
+    """Issue 11: the job read of the second look (CloudFiles._stream_file) asked AWS IoT for
+    ever while connected; nobody answers Jobs requests on this broker."""
+    broker, pki, stream, data = env
+    stream.reject_next = ["ETagMismatch"]
+
+    async def main():
+        mc = await connected(broker, pki)
+
+        async def nothing(thing, execution):
+            pass
+
+        jobs = JobsClient(mc, nothing, request_timeout=0.2, describe_requests=3)
+        await jobs.serve(THING)
+        files = CloudFiles(lambda: None, None, None, mc, jobs, None)  # only its job read is used
+        job = SimpleNamespace(thing=THING, job_id="j-1")
+        dl = make_download(mc, tmp_path, Progress(tmp_path / "file.part", data, 1024),
+                           reread_job=lambda: files._stream_file(job, 0))
+        with pytest.raises(DownloadError) as caught:
+            await asyncio.wait_for(dl.run(), 10)
+        assert caught.value.reason == (f"stream {STREAM} rejected the request: ETagMismatch (rejected by the fake), "
+                                       f"and reading the job again failed: AWS IoT did not answer 3 requests for "
+                                       f"the job document of j-1 on {THING}")
+        await jobs.close()
         await mc.stop()
 
     asyncio.run(main())

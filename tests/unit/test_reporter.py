@@ -163,3 +163,49 @@ def test_resends_after_version_mismatches_are_capped_then_paused_and_logged(tmp_
     capped = [r.getMessage() for r in caplog.records if "in a row" in r.getMessage()]
     assert len(capped) == 1, caplog.text
     assert "moved 4 times in a row" in capped[0] and "now 5" in capped[0] and "again in 0.2 s" in capped[0]
+
+
+class DropUnheardOfYet:
+    """The MQTT connection as the event loop sees it in the moment after paho's network thread
+    saw it drop: not connected, yet wait_connected returns at once (its event is still set)."""
+
+    connected = False
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        pass
+
+
+class NotConnectedJobs(FakeJobs):
+    """Every update fails at once with "not connected"; after SPIN_LIMIT of them without the
+    reporter yielding, the next one blocks so the test gets to look."""
+
+    SPIN_LIMIT = 1_000
+
+    async def update(self, thing, job_id, status, details, *, expected_version=None, execution_number=None):
+        self.calls.append(time.monotonic())
+        if len(self.calls) >= self.SPIN_LIMIT:
+            await asyncio.Event().wait()
+        raise ConnectionError("update: not connected")
+
+
+def test_an_update_that_finds_no_connection_pauses_even_when_wait_connected_returns_at_once(tmp_path):
+    """Issue 11: a failed update followed by a wait for the connection that came back at once
+    went round again without ever suspending, and the event loop froze."""
+    jobs = NotConnectedJobs()
+    watched = 0.5
+
+    async def scenario():
+        state = StateDB(tmp_path / "s.db")
+        state.add_job(KEY, JobKind.PROXIED, {}, 1, 1)
+
+        async def on_gone(key):
+            pass
+
+        rep = Reporter(jobs, state, on_gone=on_gone, connection=DropUnheardOfYet(), retry_interval=0.05)
+        rep.post(KEY, "SUCCEEDED", {"phase": "succeeded"}, final=True)
+        await asyncio.sleep(watched)
+        await rep.close()
+
+    asyncio.run(scenario())
+    updates = len(jobs.calls)
+    assert updates <= watched / 0.05 + 2, f"{updates} updates in {watched} s: no pause between them"
