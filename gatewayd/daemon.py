@@ -87,8 +87,8 @@ class Daemon:
     # control commands
 
     async def _status(self, _request: dict) -> dict:
-        return {"connected": self.mqtt.connected, "thing": self.config.gateway.thing_name,
-                **self.views.status(self.config.devices)}
+        return {"connected": self.mqtt.connected, "connection_error": self.mqtt.trouble.cause,
+                "thing": self.config.gateway.thing_name, **self.views.status(self.config.devices)}
 
     async def _devices(self, _request: dict) -> dict:
         out = []
@@ -204,7 +204,8 @@ class Daemon:
         """`systemctl status`'s one line: `connected, 1 open job, 3 devices; pump uploading 45%`."""
         status = self.views.status(self.config.devices)
         active = [j for j in status["jobs"] if j["open"]]
-        conn = "connected" if self.mqtt.connected else "disconnected"
+        cause = self.mqtt.trouble.cause
+        conn = "connected" if self.mqtt.connected else f"disconnected ({cause})" if cause else "disconnected"
         line = (f"{conn}, {len(active)} open job{'' if len(active) == 1 else 's'}, "
                 f"{len(self.config.devices)} device{'' if len(self.config.devices) == 1 else 's'}")
         working = [f"{d['name']} {d['phase']}" + (f" {100 * d['done'] // d['total']}%" if d["total"] and

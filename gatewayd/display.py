@@ -53,7 +53,9 @@ def redraw(out: TextIO, lines: list[str], shown: int) -> int:
 
 def format_status(answer: dict[str, Any]) -> list[str]:
     connected = answer.get("connected")
-    lines = [f"AWS IoT: {'connected' if connected else 'not connected'}"]
+    cause = answer.get("connection_error")
+    lines = [f"AWS IoT: {'connected' if connected else 'not connected'}" + (f" ({cause})" if cause and not connected
+                                                                              else "")]
     jobs = answer.get("jobs") or []
     lines.append("")
     if jobs:

@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import logging
 import random
+import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
@@ -124,6 +125,21 @@ class _Paho(paho.Client):
 
     gw_lost: Callable[[BaseException], float | None] | None = None
     gw_stop: threading.Event | None = None
+    gw_last_error: BaseException | None = None  # why the last connection attempt failed
+    gw_log_error: str | None = None  # paho's last error log line (what it swallowed: a TLS alert after the handshake)
+
+    def gw_on_log(self, _client: Any, _userdata: Any, level: int, text: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self.gw_log_error = text
+
+    def reconnect(self) -> Any:
+        # paho calls on_connect_fail without the exception: keep it, so the log can name the cause
+        self.gw_last_error = self.gw_log_error = None
+        try:
+            return super().reconnect()
+        except Exception as exc:
+            self.gw_last_error = exc
+            raise
 
     def loop_forever(self, *args: Any, **kwargs: Any) -> Any:
         while True:
@@ -150,6 +166,83 @@ def _new_paho(client_id: str, protocol: str) -> _Paho:
     if _PAHO2:
         return _Paho(paho.CallbackAPIVersion.VERSION2, **kwargs)
     return _Paho(**kwargs)
+
+
+# --- why a connection fails -------------------------------------------------------------
+
+# OpenSSL's verify codes for a server certificate no CA we trust signed
+_UNKNOWN_CA_CODES = {2, 18, 19, 20, 21}
+
+
+_CLIENT_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "CERTIFICATE_UNKNOWN",
+                       "ACCESS_DENIED", "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED")
+
+
+def connection_failure(exc: BaseException | str | None, host: str, port: int, ca_file: str, cert_file: str) -> str:
+    """One sentence naming why connecting to host:port failed, for the log, `status` and STATUS=.
+    `exc` is what the attempt raised, or the text of what paho logged instead of raising."""
+    where = f"{host}:{port}"
+    if exc is None:
+        return f"cannot connect to {where}"
+    if isinstance(exc, str):
+        if any(alert in exc.upper() for alert in _CLIENT_CERT_ALERTS):
+            return _client_cert_rejected(cert_file, exc)
+        return f"{where} closed the connection before MQTT was up ({exc})"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {host} (DNS: {exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{where} refused the connection (nothing listens there?)"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return f"no answer from {where} (timed out: a firewall, or the wrong port?)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code, message = exc.verify_code, exc.verify_message or str(exc)
+        if code in _UNKNOWN_CA_CODES:
+            return f"TLS: the broker's certificate is not signed by a CA in ca_file {ca_file} (unknown CA: {message})"
+        if code == 62 or "hostname" in message.lower():
+            return f"TLS: the broker's certificate is not for {host} (host name mismatch: {message})"
+        if code == 10:
+            return f"TLS: the broker's certificate has expired ({message})"
+        return f"TLS: the broker's certificate was not accepted ({message})"
+    if isinstance(exc, ssl.SSLError):
+        if any(alert in f"{exc.reason or ''} {exc}".upper() for alert in _CLIENT_CERT_ALERTS):
+            return _client_cert_rejected(cert_file, exc.reason or str(exc))
+        return f"TLS with {where} failed ({exc.reason or exc})"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"cannot connect to {where}: {exc!r}"
+
+
+def _client_cert_rejected(cert_file: str, detail: str) -> str:
+    return (f"TLS: the broker rejected our certificate (cert_file {cert_file}: not registered or not active in "
+            f"AWS IoT, or signed by a CA it does not know; {detail})")
+
+
+@dataclass
+class ConnectionTrouble:
+    """Why the connection is not up; logged once per change of cause, not at every retry."""
+
+    host: str
+    port: int
+    cause: str | None = None
+    refused: str | None = None  # a CONNACK's refusal, which paho follows with a disconnect
+
+    def failed(self, cause: str, delay: float) -> None:
+        cause, self.refused = self.refused or cause, None
+        log.log(logging.WARNING if cause != self.cause else logging.DEBUG, "%s; retrying in %.1f s", cause, delay)
+        self.cause = cause
+
+    def connected(self) -> None:
+        self.cause = None
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any], *args: Any) -> None:
+    """From paho's network thread: run `fn(*args)` on the event loop (if it still runs)."""
+    if loop is None:
+        return
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # loop closed
+        pass
 
 
 # --- topic filters ------------------------------------------------------------------------
@@ -393,6 +486,7 @@ class MqttClient:
         self._key_file = str(key_file)
         self._keepalive = keepalive
         self._backoff = _Backoff(reconnect_min_delay, reconnect_max_delay)
+        self.trouble = ConnectionTrouble(host, self.port)  # why it is not connected, if known
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
@@ -436,6 +530,7 @@ class MqttClient:
         client.on_subscribe = _adapt_subscribe(self._cb_subscribe)
         client.on_unsubscribe = _adapt_unsubscribe(self._cb_unsubscribe)
         client.on_message = self._cb_message
+        client.on_log = client.gw_on_log
         client.gw_lost = self._cb_loop_crashed
         client.gw_stop = self._stop_event = threading.Event()
         self._client = client
@@ -592,16 +687,7 @@ class MqttClient:
         """Network thread: a PUBACK/SUBACK/UNSUBACK (or QoS 0 send) for `mid`."""
         ack = self._acks.arrived(mid, result)
         if ack is not None and ack.future is not None:
-            self._call(_resolve, ack.future, result)
-
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # loop closed
-            pass
+            _call_soon(self._loop, _resolve, ack.future, result)
 
     # -- paho callbacks (network thread) --
 
@@ -614,15 +700,16 @@ class MqttClient:
 
     def _cb_connect(self, res: Result) -> None:
         try:
-            if not res.ok:
-                log.warning("connection to %s:%d refused: %s", self.host, self.port, res.reason)
+            if not res.ok:  # paho disconnects next, and on_disconnect says when it retries
+                self.trouble.refused = f"the broker refused the connection (CONNACK: {res.reason})"
                 return
+            self.trouble.connected()
             self._backoff.attempt = 0
             self._connected = True  # before the snapshot below: see _resubscribe
             self._generation += 1
             log.info("connected to %s:%d", self.host, self.port)
             sent = self._resubscribe()
-            self._call(self._after_connect_soon, self._generation, sent)
+            _call_soon(self._loop, self._after_connect_soon, self._generation, sent)
         except Exception:  # noqa: BLE001
             log.exception("on_connect failed")
 
@@ -630,15 +717,15 @@ class MqttClient:
         try:
             was = self._connected
             self._connected = False
-            self._call(self._on_disconnected)
+            _call_soon(self._loop, self._on_disconnected)
             if self._stopping:
                 log.info("disconnected")
                 return
             delay = self._set_reconnect_delay()
             if was:
                 log.warning("connection lost (%s); reconnecting in %.1f s", res.reason, delay)
-            else:
-                log.info("connection closed (%s); retrying in %.1f s", res.reason, delay)
+            else:  # closed before CONNACK: the cause is in what paho logged (a TLS alert, say)
+                self.trouble.failed(self._failure(getattr(self._client, "gw_log_error", None) or res.reason), delay)
         except Exception:  # noqa: BLE001
             log.exception("on_disconnect failed")
 
@@ -661,7 +748,7 @@ class MqttClient:
             if self._stopping:
                 return
             delay = self._set_reconnect_delay()
-            log.warning("cannot connect to %s:%d; retrying in %.1f s", self.host, self.port, delay)
+            self.trouble.failed(self._failure(getattr(self._client, "gw_last_error", None)), delay)
         except Exception:  # noqa: BLE001
             log.exception("on_connect_fail failed")
 
@@ -673,11 +760,14 @@ class MqttClient:
         delay = self._backoff.next()
         if self._connected:
             self._connected = False
-            self._call(self._on_disconnected)
+            _call_soon(self._loop, self._on_disconnected)
             log.warning("connection lost (%s: %s); reconnecting in %.1f s", type(exc).__name__, exc, delay)
         else:
-            log.warning("connection to %s:%d failed (%s); retrying in %.1f s", self.host, self.port, exc, delay)
+            self.trouble.failed(self._failure(exc), delay)
         return delay
+
+    def _failure(self, exc: BaseException | None) -> str:
+        return connection_failure(exc, self.host, self.port, self._ca_file, self._cert_file)
 
     def _cb_publish(self, mid: int, res: Result) -> None:
         self._ack(mid, res)
@@ -695,7 +785,7 @@ class MqttClient:
         except Exception:  # noqa: BLE001
             log.warning("dropping a message with an undecodable topic")
             return
-        self._call(self._dispatch, topic, payload)
+        _call_soon(self._loop, self._dispatch, topic, payload)
 
     # -- loop side --
 
