@@ -80,10 +80,7 @@ class Lab:
     # devices and images
 
     def make_image(self, version: tuple[int, ...], size: int = 24 * 1024, seed: object = None) -> bytes:
-        """A valid MCUboot image with a deterministic pseudo-random body."""
-        rng = random.Random(f"{seed}-{version}-{size}")
-        payload = rng.randbytes(size)
-        return build_mcuboot_image(payload, version=(tuple(version) + (0, 0, 0, 0))[:4])
+        return make_image(version, size, seed)
 
     def add_device(self, name: str, *, version: tuple[int, ...] = (1, 0, 0), image: bytes | None = None,
                    thing_name: str | None = None, files: str | None = None, **emulator: Any) -> EmulatedDevice:
@@ -299,6 +296,13 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def make_image(version: tuple[int, ...], size: int = 24 * 1024, seed: object = None) -> bytes:
+    """A valid MCUboot image with a deterministic pseudo-random body."""
+    rng = random.Random(f"{seed}-{version}-{size}")
+    payload = rng.randbytes(size)
+    return build_mcuboot_image(payload, version=(tuple(version) + (0, 0, 0, 0))[:4])
 
 
 def image_sha256(image: bytes) -> str:
