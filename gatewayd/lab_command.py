@@ -38,13 +38,12 @@ STOP_TIMEOUT = 30.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
-    dir_help = f"the lab's folder (default: {DEFAULT_DIR})"
 
     p = sub.add_parser("start", help="run a lab until SIGINT or SIGTERM",
                        description="Start mosquitto (mutual TLS), the AWS IoT emulator and emulated devices, "
                                    "write DIR/gateway.toml for ota-gatewayd, and stay up until SIGINT, SIGTERM "
                                    "or `lab stop`. Keys, port and device flash are kept in DIR for the next start.")
-    p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=dir_help)
+    _add_dir(p)
     p.add_argument("--devices", type=int, metavar="N",
                    help="emulated UART devices dev-1..dev-N (default: as last time, first time 2)")
     p.add_argument("--port", type=int, help="the broker's port on 127.0.0.1 (default: as last time, first time "
@@ -63,18 +62,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="with --wait: give up after this long (default 600)")
     p.add_argument("--json", action="store_true", help="print each event as one JSON object per line")
-    p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=dir_help)
+    _add_dir(p)
     p.set_defaults(run=run_job)
 
     p = sub.add_parser("status", help="the lab's devices, their images, and the job executions")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to this long for the lab to answer (a lab just started)")
     p.add_argument("--json", action="store_true", help="print the lab's JSON answer")
-    p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=dir_help)
+    _add_dir(p)
     p.set_defaults(run=run_status)
 
     p = sub.add_parser("stop", help="stop the running lab and wait until it has")
-    p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=dir_help)
+    _add_dir(p)
     p.set_defaults(run=run_stop)
 
     p = sub.add_parser("image", help="write an MCUboot image to send (no lab needed)",
@@ -84,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=24, metavar="KIB", help="body size in KiB (default 24)")
     p.add_argument("--output", "-o", type=Path, required=True, metavar="FILE")
     p.set_defaults(run=run_image)
+
+
+def _add_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"the lab's folder (default: {DEFAULT_DIR})")
 
 
 # ------------------------------------------------------------------ lab start

@@ -103,7 +103,7 @@ class LabSettings:
             return None
         except (OSError, ValueError) as e:
             raise LabError(f"{path}: cannot read the lab's settings ({e}); remove it to start anew") from None
-        port, devices = data.get("port") if isinstance(data, dict) else None, data.get("devices", [])
+        port, devices = (data.get("port"), data.get("devices")) if isinstance(data, dict) else (None, None)
         if not _is_port(port) or not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise LabError(f'{path}: expected {{"port": 1..65535, "devices": [names]}}, got {data!r}; '
                            "remove it to start anew")
@@ -370,8 +370,7 @@ class StandingLab:
         return JobCreated(job_id, things, filepath, len(data), _version(data))
 
     def executions(self, job_id: str | None = None) -> list[ExecutionRecord]:
-        assert self.lab.aws is not None
-        return [ex for ex in self.lab.aws.executions() if job_id is None or ex.job_id == job_id]
+        return self.lab.aws.execution_states(job_id) if self.lab.aws is not None else []
 
     def status(self) -> dict[str, Any]:
         """The lab, its devices with their slots, and every job execution, as plain data."""
