@@ -120,6 +120,8 @@ def run_start(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except (RuntimeError, OSError, TimeoutError) as e:
         return _fail(f"the lab failed: {e}")
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the saving and stopping short
+            signal.signal(sig, signal.SIG_IGN)
         lab.close()
         lock.release()
     _say_stopped(lab, out)
@@ -139,8 +141,9 @@ def _check_port_free(port: int, settings_file: Path) -> None:
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
-            raise LabError(f"port {port} on 127.0.0.1 is taken ({e.strerror}); pass --port, which is kept in "
-                           f"{settings_file}") from None
+            raise LabError(f"port {port} on 127.0.0.1 is taken ({e.strerror}): by another program, or by the "
+                           f"mosquitto of a lab that was killed (`fuser -n tcp {port}` names it); or pass --port, "
+                           f"which is kept in {settings_file}") from None
 
 
 async def _serve(lab: Any, out: TextIO) -> None:
