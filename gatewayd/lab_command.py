@@ -21,11 +21,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, TextIO
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, TextIO
 
 from . import control, notify
 from .display import human_bytes, table
 from .vocab import CloudStatus, Word
+
+if TYPE_CHECKING:  # the emulators are imported only by the commands that run them
+    from .emulators.awsiot import ExecutionRecord
+    from .emulators.standing_lab import StandingLab
 
 DEFAULT_DIR = Path("/var/tmp/ota-lab")
 PROG = "ota-gatewayctl lab"
@@ -146,7 +150,7 @@ def _check_port_free(port: int, settings_file: Path) -> None:
                            f"which is kept in {settings_file}") from None
 
 
-async def _serve(lab: Any, out: TextIO) -> None:
+async def _serve(lab: StandingLab, out: TextIO) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -170,7 +174,7 @@ async def _serve(lab: Any, out: TextIO) -> None:
 class LabHandlers:
     """The running lab's commands on DIR/lab.sock."""
 
-    lab: Any  # StandingLab
+    lab: StandingLab
     stop_event: asyncio.Event
     out: TextIO
 
@@ -185,11 +189,12 @@ class LabHandlers:
         """Ask for the file once the job is possible, create it, and follow it if asked."""
         from .emulators.standing_lab import LabError
 
-        devices, filepath, size = request.get("devices"), request.get("filepath"), request.get("size")
-        if not (isinstance(devices, list) and isinstance(filepath, str) and filepath and isinstance(size, int)):
-            raise control.Refused('job needs "devices" (names), "filepath" and "size"')
+        devices, filepath, size, job_id = (request.get(key) for key in ("devices", "filepath", "size", "job_id"))
+        if not (isinstance(devices, list) and all(isinstance(d, str) for d in devices) and isinstance(filepath, str)
+                and filepath and isinstance(size, int) and isinstance(job_id, (str, type(None)))):
+            raise control.Refused('job needs "devices" (names), "filepath", "size" and maybe "job_id" (text)')
         try:
-            job_id = self.lab.check_job(devices, filepath, size, request.get("job_id"))
+            job_id = self.lab.check_job(devices, filepath, size, job_id)
             yield {"event": control.SEND_EVENT, "size": size, "job_id": job_id}
             try:
                 async with asyncio.timeout(UPLOAD_TIMEOUT):
@@ -203,13 +208,13 @@ class LabHandlers:
                        f"{human_bytes(created.size)}) for {', '.join(created.things)}")
         yield {"event": "created", "job_id": created.job_id, "things": list(created.things),
                "filepath": filepath, "size": created.size, "version": created.version,
-               "signer_certificate": str(self.lab.lab.signer.cert_file)}
+               "signer_certificate": str(self.lab.signer_certificate)}
         if request.get("wait"):
             async for event in _follow(self.lab, created.job_id):
                 yield event
 
 
-async def _follow(lab: Any, job_id: str) -> AsyncIterator[dict[str, Any]]:
+async def _follow(lab: StandingLab, job_id: str) -> AsyncIterator[dict[str, Any]]:
     """One event per change of an execution's status or phase, then the result once all ended."""
     shown: dict[str, tuple[str, str]] = {}
     while True:
@@ -225,7 +230,7 @@ async def _follow(lab: Any, job_id: str) -> AsyncIterator[dict[str, Any]]:
         await asyncio.sleep(FOLLOW_INTERVAL)
 
 
-def _execution(ex: Any) -> dict[str, Any]:
+def _execution(ex: ExecutionRecord) -> dict[str, Any]:
     return {"job_id": ex.job_id, "thing": ex.thing, "status": ex.status, "status_details": dict(ex.status_details)}
 
 
@@ -235,7 +240,7 @@ def _final(status: str) -> bool:
     return status in FINAL
 
 
-async def _print_changes(lab: Any, out: TextIO) -> None:
+async def _print_changes(lab: StandingLab, out: TextIO) -> None:
     """The lab's console: a line whenever an execution's status or phase changes."""
     shown: dict[tuple[str, str], tuple[str, str]] = {}
     while True:
@@ -261,7 +266,7 @@ def describe_execution(ex: dict[str, Any]) -> str:
     return f"{text}: {details['reason']}" if details.get("reason") else text
 
 
-def _say_started(lab: Any, out: TextIO) -> None:
+def _say_started(lab: StandingLab, out: TextIO) -> None:
     status = lab.status()
     root = lab.paths.root
     say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
@@ -292,7 +297,7 @@ def _say_started(lab: Any, out: TextIO) -> None:
     say()
 
 
-def config_problems(lab: Any) -> list[str]:
+def config_problems(lab: StandingLab) -> list[str]:
     """What would keep the daemon from using the lab's configuration: check-config's problems,
     and files the daemon's account could not read."""
     from .config import ConfigError, load_config
@@ -311,7 +316,7 @@ def config_problems(lab: Any) -> list[str]:
     return [f"ota-gatewayd as user {lab.account.name}: {r}" for r in dict.fromkeys(reasons) if r]
 
 
-def _say_stopped(lab: Any, out: TextIO) -> None:
+def _say_stopped(lab: StandingLab, out: TextIO) -> None:
     _log(out, f"lab stopped; {lab.paths.root} keeps its keys, port and the devices' flash for the next start")
 
 

@@ -298,6 +298,10 @@ class StandingLab:
     def made_keys(self) -> bool:
         return self.lab.made_keys
 
+    @property
+    def signer_certificate(self) -> Path:
+        return self.lab.signer.cert_file
+
     def start(self) -> None:
         """Devices, broker, AWS IoT emulator, and the files the daemon reads."""
         for name in self.settings.devices:
@@ -382,7 +386,7 @@ class StandingLab:
         return {"dir": str(self.paths.root), "pid": os.getpid(),
                 "broker": f"{self.lab.broker.host}:{self.lab.broker.port}",
                 "gateway_thing": self.lab.gateway_thing, "config": str(self.paths.config),
-                "certfile": CERTFILE, "signer_certificate": str(self.lab.signer.cert_file),
+                "certfile": CERTFILE, "signer_certificate": str(self.signer_certificate),
                 "devices": devices, "executions": executions}
 
     def _device_status(self, name: str) -> dict[str, Any]:
