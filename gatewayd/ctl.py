@@ -245,6 +245,19 @@ def add_demo(sub: Any) -> None:
     p.set_defaults(run=demo.run)
 
 
+# ------------------------------------------------------------------ lab
+
+
+@subcommand
+def add_lab(sub: Any) -> None:
+    from gatewayd import lab_command
+
+    p = sub.add_parser("lab", help="a local lab that stays up: broker, AWS IoT emulator, devices",
+                       description="Run a lab (mosquitto with mutual TLS, the AWS IoT emulator, emulated "
+                                   "devices) with a ready gateway.toml for ota-gatewayd, and send it signed "
+                                   "jobs. Needs mosquitto installed.")
+    lab_command.add_arguments(p)
+
 
 # ------------------------------------------------------------------ push and cancel
 

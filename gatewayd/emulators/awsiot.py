@@ -35,7 +35,7 @@ import threading
 import time
 import unicodedata
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Protocol
 
 import cbor2
@@ -465,6 +465,12 @@ class AwsIotEmulator:
         """Copies of every execution record."""
         with self._lock:
             return copy.deepcopy(list(self._executions.values()))
+
+    def execution_states(self, job_id: str | None = None) -> list[ExecutionRecord]:
+        """Like `executions()` (of one job, or all) without their histories: cheap enough to poll."""
+        with self._lock:
+            return [replace(ex, status_details=dict(ex.status_details), updates=[], rejections=[])
+                    for ex in self._executions.values() if job_id is None or ex.job_id == job_id]
 
     def all_updates(self, thing: str, job_id: str) -> list[dict[str, Any]]:
         return self.execution(thing, job_id).updates

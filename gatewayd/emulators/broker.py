@@ -39,6 +39,9 @@ class Identity:
     key_file: Path
 
 
+DEFAULT_VALID_DAYS = 30
+
+
 @dataclass
 class Pki:
     """A throw-away certificate authority with a server certificate for localhost."""
@@ -48,6 +51,7 @@ class Pki:
     server: Identity
     _ca_key: ec.EllipticCurvePrivateKey
     _ca_cert: x509.Certificate
+    valid_days: int = DEFAULT_VALID_DAYS  # of the certificates it issues
 
     def client(self, name: str) -> Identity:
         """The identity for `name` (CN = name), made on first use."""
@@ -55,7 +59,7 @@ class Pki:
         key_file = self.directory / f"{name}.private.key"
         if not cert_file.exists():
             key = ec.generate_private_key(ec.SECP256R1())
-            cert = _issue(self._ca_cert, self._ca_key, name, key, server=False)
+            cert = _issue(self._ca_cert, self._ca_key, name, key, server=False, days=self.valid_days)
             _write_key(key_file, key)
             cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return Identity(name, cert_file, key_file)
@@ -79,6 +83,7 @@ def _issue(
     key: ec.EllipticCurvePrivateKey,
     *,
     server: bool,
+    days: int = DEFAULT_VALID_DAYS,
 ) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -89,7 +94,7 @@ def _issue(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
+        .not_valid_after(now + dt.timedelta(days=days))
     )
     # the extensions of RFC 5280 that Python 3.13's strict verification (VERIFY_X509_STRICT) needs
     builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -110,19 +115,51 @@ def _issue(
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def make_pki(directory: Path) -> Pki:
-    """Create a CA and a localhost server certificate in `directory`."""
+def make_pki(directory: Path, valid_days: int = DEFAULT_VALID_DAYS) -> Pki:
+    """Create a CA (ca.pem, its key ca.key) and a localhost server certificate in `directory`;
+    any client identities left there from an earlier CA are removed."""
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.private.key"):
+        stale.unlink()
+        stale.with_name(stale.name.removesuffix(".private.key") + ".cert.pem").unlink(missing_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _issue(None, ca_key, "ota-gateway test CA", ca_key, server=False)
+    ca_cert = _issue(None, ca_key, "ota-gateway test CA", ca_key, server=False, days=valid_days)
     ca_file = directory / "ca.pem"
     ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(directory / "ca.key", ca_key)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _issue(ca_cert, ca_key, "localhost", server_key, server=True)
+    server_cert = _issue(ca_cert, ca_key, "localhost", server_key, server=True, days=valid_days)
     server = Identity("localhost", directory / "server.pem", directory / "server.key")
     server.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(server.key_file, server_key)
-    return Pki(directory, ca_file, server, ca_key, ca_cert)
+    return Pki(directory, ca_file, server, ca_key, ca_cert, valid_days)
+
+
+def open_pki(directory: Path, valid_days: int = DEFAULT_VALID_DAYS, *, margin_days: int = 1) -> tuple[Pki, bool]:
+    """The PKI kept in `directory`, or a new one when there is none or any of its certificates
+    expires within `margin_days` (clients then get new identities). Returns (pki, made)."""
+    ca_file, ca_key_file = directory / "ca.pem", directory / "ca.key"
+    server = Identity("localhost", directory / "server.pem", directory / "server.key")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
+        ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+        certificates = [ca_cert, x509.load_pem_x509_certificate(server.cert_file.read_bytes())]
+        certificates += [x509.load_pem_x509_certificate(f.read_bytes()) for f in directory.glob("*.cert.pem")]
+        server.key_file.stat()
+    except (OSError, ValueError):
+        return make_pki(directory, valid_days), True
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or any(
+            expires_within(cert, margin_days) for cert in certificates):
+        return make_pki(directory, valid_days), True
+    return Pki(directory, ca_file, server, ca_key, ca_cert, valid_days), False
+
+
+def expires_within(cert: x509.Certificate, days: float) -> bool:
+    """Whether `cert` is no longer valid `days` from now."""
+    end = getattr(cert, "not_valid_after_utc", None)  # cryptography 42+; Debian 12's 38 has naive UTC
+    if end is None:
+        end = cert.not_valid_after.replace(tzinfo=dt.timezone.utc)
+    return end - dt.datetime.now(dt.timezone.utc) < dt.timedelta(days=days)
 
 
 def tls_client(ca_file: Path, identity: Identity, client_id: str | None = None) -> mqtt.Client:

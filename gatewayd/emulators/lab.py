@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from .awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec
-from .broker import SERVICE_IDENTITY, Mosquitto, Pki, make_pki
+from .broker import DEFAULT_VALID_DAYS, SERVICE_IDENTITY, Mosquitto, Pki, open_pki
 from .runner import EmulatorThread
 from .s3 import S3Emulator
-from .signing import Signer, build_mcuboot_image, make_signer
+from .signing import Signer, build_mcuboot_image, open_signer
 from .smp_device import EmulatedDevice
 
 FINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "REMOVED", "TIMED_OUT"})
@@ -52,8 +52,11 @@ class Lab:
     root: Path
     gateway_thing: str = "gw-01"
     daemon_args: list[str] = field(default_factory=list)
+    broker_port: int = 0  # 0: a free port
+    valid_days: int = DEFAULT_VALID_DAYS  # of the certificates it makes
     pki: Pki = field(init=False)
     signer: Signer = field(init=False)
+    made_keys: bool = field(init=False)  # False: the PKI and signer of an earlier run in `root` were kept
     devices: dict[str, LabDevice] = field(default_factory=dict, init=False)
     broker: Mosquitto | None = field(default=None, init=False)
     aws: AwsIotEmulator | None = field(default=None, init=False)
@@ -65,8 +68,9 @@ class Lab:
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.pki = make_pki(self.root / "pki")
-        self.signer = make_signer(self.root / "signer")
+        self.pki, made_pki = open_pki(self.root / "pki", self.valid_days)
+        self.signer, made_signer = open_signer(self.root / "signer", valid_days=max(self.valid_days, 365))
+        self.made_keys = made_pki or made_signer
         self._runner = EmulatorThread().start()
         self.config: dict[str, dict[str, Any]] = {
             "ota": {"block_size": 1024, "blocks_per_request": 16, "request_timeout": 2.0},
@@ -76,10 +80,7 @@ class Lab:
     # devices and images
 
     def make_image(self, version: tuple[int, ...], size: int = 24 * 1024, seed: object = None) -> bytes:
-        """A valid MCUboot image with a deterministic pseudo-random body."""
-        rng = random.Random(f"{seed}-{version}-{size}")
-        payload = rng.randbytes(size)
-        return build_mcuboot_image(payload, version=(tuple(version) + (0, 0, 0, 0))[:4])
+        return make_image(version, size, seed)
 
     def add_device(self, name: str, *, version: tuple[int, ...] = (1, 0, 0), image: bytes | None = None,
                    thing_name: str | None = None, files: str | None = None, **emulator: Any) -> EmulatedDevice:
@@ -122,7 +123,7 @@ class Lab:
 
     def start_cloud(self) -> None:
         proxied = [d.settings["thing_name"] for d in self.devices.values() if "thing_name" in d.settings]
-        self.broker = Mosquitto(self.root / "broker", self.pki, {self.gateway_thing: proxied})
+        self.broker = Mosquitto(self.root / "broker", self.pki, {self.gateway_thing: proxied}, port=self.broker_port)
         self.broker.start()
         self.aws = AwsIotEmulator(self.broker.host, self.broker.port, self.pki.ca_file,
                                   self.pki.client(SERVICE_IDENTITY))
@@ -137,10 +138,10 @@ class Lab:
         self.aws.set_url_minter(lambda url: self.s3.presign(url.rsplit("/", 1)[1], self.url_lifetime))
         return self.s3
 
-    def ota_update(self, job_id: str, thing: str, image: bytes, *, filepath: str | None = None,
+    def ota_update(self, job_id: str, thing: str | list[str], image: bytes, *, filepath: str | None = None,
                    signed_data: bytes | None = None, certfile: str = CERTFILE,
                    protocols: tuple[str, ...] = ("MQTT",), file_type: int | None = None) -> dict:
-        """Create a signed OTA update for `thing`, as CreateOTAUpdate would.
+        """Create a signed OTA update for `thing` (or each of a list of things), as CreateOTAUpdate would.
 
         `signed_data` signs other bytes than the file (a tampered file). With "HTTP" in
         `protocols` the file is put in the S3 emulator (see `start_s3`). `file_type` sets the
@@ -149,7 +150,8 @@ class Lab:
         spec = dataclasses.replace(self._file_spec(job_id, 0, image, filepath, signed_data, certfile, protocols),
                                    file_type=file_type)
         assert self.aws is not None
-        return self.aws.create_ota_update(job_id, [thing], [spec], protocols=protocols)
+        targets = [thing] if isinstance(thing, str) else thing
+        return self.aws.create_ota_update(job_id, targets, [spec], protocols=protocols)
 
     def ota_update_files(self, job_id: str, thing: str, files: list[tuple[str, bytes]]) -> dict:
         """One OTA update with several signed files: [(filepath, image), ...]."""
@@ -190,7 +192,8 @@ class Lab:
 
     # the daemon
 
-    def write_config(self) -> Path:
+    def write_config(self, devices_file: Path | None = None) -> Path:
+        """gateway.toml in `root`; the devices go into it, or into `devices_file` (in its devices.d)."""
         assert self.broker is not None
         ident = self.pki.client(self.gateway_thing)
         sections: dict[str, dict[str, Any]] = {
@@ -202,17 +205,14 @@ class Lab:
         }
         for name, values in self.config.items():
             sections.setdefault(name, {}).update(values)
-        lines = []
-        for name, values in sections.items():
-            lines.append(f"[{name}]")
-            lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
-            lines.append("")
-        for d in self.devices.values():
-            lines.append("[[device]]")
-            lines += [f"{key} = {_toml(value)}" for key, value in d.settings.items()]
-            lines.append("")
+        devices = [d.settings for d in self.devices.values()]
         self.config_path = self.root / "gateway.toml"
-        self.config_path.write_text("\n".join(lines))
+        if devices_file is None:
+            self.config_path.write_text(toml_text(sections, devices))
+        else:
+            self.config_path.write_text(toml_text(sections, []))
+            devices_file.parent.mkdir(exist_ok=True)
+            devices_file.write_text(toml_text({}, devices))
         return self.config_path
 
     def start_daemon(self, env: dict[str, str] | None = None, *, stderr: Any = None,
@@ -298,8 +298,29 @@ class Lab:
         self.close()
 
 
+def make_image(version: tuple[int, ...], size: int = 24 * 1024, seed: object = None) -> bytes:
+    """A valid MCUboot image with a deterministic pseudo-random body."""
+    rng = random.Random(f"{seed}-{version}-{size}")
+    payload = rng.randbytes(size)
+    return build_mcuboot_image(payload, version=(tuple(version) + (0, 0, 0, 0))[:4])
+
+
 def image_sha256(image: bytes) -> str:
     return hashlib.sha256(image).hexdigest()
+
+
+def toml_text(sections: dict[str, dict[str, Any]], devices: list[dict[str, Any]]) -> str:
+    """The text of a gateway.toml: its tables, then one [[device]] entry per device."""
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+        lines.append("")
+    for settings in devices:
+        lines.append("[[device]]")
+        lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _toml(value: Any) -> str:

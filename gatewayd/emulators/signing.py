@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .broker import expires_within
 from .smp_device import parse_mcuboot_image
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
@@ -62,7 +63,8 @@ class Signer:
         return self.sign(Path(path).read_bytes())
 
 
-def make_signer(directory: Path, name: str = "ota_signer", algorithm: str = "ecdsa") -> Signer:
+def make_signer(directory: Path, name: str = "ota_signer", algorithm: str = "ecdsa",
+                valid_days: int = 365) -> Signer:
     """Create `<name>.cert.pem` and `<name>.key.pem` in `directory` (ECDSA P-256 or RSA-2048)."""
     if algorithm not in SIGNATURE_KEYS:
         raise ValueError(f"algorithm must be one of {sorted(SIGNATURE_KEYS)}, got {algorithm!r}")
@@ -82,7 +84,7 @@ def make_signer(directory: Path, name: str = "ota_signer", algorithm: str = "ecd
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
+        .not_valid_after(now + dt.timedelta(days=valid_days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -111,6 +113,23 @@ def make_signer(directory: Path, name: str = "ota_signer", algorithm: str = "ecd
     with os.fdopen(fd, "wb") as f:
         f.write(key_bytes)
     return Signer(name, algorithm, key, cert, cert_file, key_file)
+
+
+def open_signer(directory: Path, name: str = "ota_signer", valid_days: int = 365) -> tuple[Signer, bool]:
+    """The signer kept in `directory` (made by `make_signer`), so that what it signed before still
+    verifies; a new ECDSA one when there is none, or its certificate has expired. Returns
+    (signer, made)."""
+    directory = Path(directory)
+    cert_file, key_file = directory / f"{name}.cert.pem", directory / f"{name}.key.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (OSError, ValueError):
+        return make_signer(directory, name, valid_days=valid_days), True
+    if expires_within(cert, days=0) or not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        return make_signer(directory, name, valid_days=valid_days), True
+    algorithm = "ecdsa" if isinstance(key, ec.EllipticCurvePrivateKey) else "rsa"
+    return Signer(name, algorithm, key, cert, cert_file, key_file), False
 
 
 # --- MCUboot images (smp.md §4; layout as written by imgtool) ---
