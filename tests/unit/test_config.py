@@ -685,4 +685,4 @@ def test_check_config_and_the_daemon_refuse_the_same_files(tmp_path: Path, daemo
     assert ctl_main(["check-config", str(path)]) == 1
     assert capsys.readouterr().out == expected + "\n"
     assert daemon_main(["--config", str(path)]) == 2
-    assert capsys.readouterr().err == f"ota-gatewayd: configuration is not valid, not starting:\n{expected}\n"
+    assert capsys.readouterr().err == f"ota-gatewayd: not starting: {expected}\n"
