@@ -118,7 +118,8 @@ def print_json(obj: Any) -> None:
 @subcommand
 def add_check_config(sub: Any) -> None:
     p = sub.add_parser("check-config", help="validate the configuration files (no daemon needed)",
-                       description="Read the main file and devices.d/*.toml beside it; print "
+                       description="Read the main file and devices.d/*.toml beside it, and the files they "
+                                   "name, as the daemon would (run as root: as the daemon's user); print "
                                    "every problem, or a one-line summary when there is none.")
     p.add_argument("path", nargs="?", type=Path, metavar="PATH",
                    help="main configuration file (default: --config)")
@@ -130,7 +131,7 @@ def add_check_config(sub: Any) -> None:
 def run_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config
     try:
-        config = load_config(path)
+        config = load_config(path, as_service_user=True)
     except ConfigError as e:
         if args.json:
             print_json({"ok": False, "path": str(path), "problems": [
