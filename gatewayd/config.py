@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import errno
 import grp
 import json
 import math
@@ -21,10 +22,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
 from transports.link import DEFAULT_CONNECT_TIMEOUT, BleSettings, LinkSettings, UartSettings
 from transports.smp import MAX_WINDOW
 
 from .aws import DEVICE_NAME, MAX_BLOCK_SIZE, MAX_BYTES_PER_REQUEST, MIN_BLOCK_SIZE, THING_NAME
+from .mqtt import MqttError, tls_context
+from .verify import VerificationError, key_algorithm
 
 DEFAULT_CONFIG_PATH = Path("/etc/ota-gateway/gateway.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/ota-gateway")
@@ -32,6 +39,12 @@ DEFAULT_CONTROL_SOCKET = Path("/run/ota-gateway/control.sock")
 DEVICES_DIR_NAME = "devices.d"
 # the account the package runs the daemon as (debian/ota-gateway.sysusers)
 DAEMON_USER = "ota-gateway"
+# the unit's SupplementaryGroups= (debian/ota-gateway.ota-gatewayd.service): the daemon reads with them too
+SERVICE_GROUPS = ("dialout", "bluetooth")
+# the [mqtt] endpoint of the shipped example (config/gateway.toml): no account's endpoint
+PLACEHOLDER_ENDPOINT = "abc123-ats.iot.eu-west-1.amazonaws.com"
+# what BlueZ (and so bleak) takes as a device address
+BLE_ADDRESS = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
 
 # Smaller SMP buffers cannot carry an upload chunk with its CBOR envelope.
 MIN_BUF_SIZE = 64
@@ -59,6 +72,9 @@ class Problem:
     def __str__(self) -> str:
         parts = [str(self.file)] + ([self.key] if self.key else []) + [self.message]
         return ": ".join(parts)
+
+    def as_json(self) -> dict[str, str]:
+        return {"file": str(self.file), "key": self.key, "message": self.message}
 
 
 class ConfigError(Exception):
@@ -213,14 +229,20 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate `path` and `devices.d/*.toml` beside it; raise ConfigError."""
+def load_config(path: Path, *, as_service_user: bool = False) -> Config:
+    """Read and validate `path` and `devices.d/*.toml` beside it; raise ConfigError.
+
+    `as_service_user` (check-config): when this runs as root, also open every file the daemon
+    reads as the daemon's user, as the service will.
+    """
     path = Path(os.path.abspath(path))
     problems: list[Problem] = []
     base = path.parent
     writers = trusted_writers()
+    read: list[_Read] = []  # what the daemon reads, for as_service_user
     main = _parse_toml(path, problems)
     if main is not None:
+        read.append(_Read(path, "", "configuration file", path))
         _check_writers(path, "", "configuration file", path, writers, problems)
     devices: list[DeviceConfig] = []
     if main is not None:
@@ -239,11 +261,13 @@ def load_config(path: Path) -> Config:
 
     devices_dir = base / DEVICES_DIR_NAME
     if devices_dir.is_dir():  # whoever may add a file here may add a device
+        read.append(_Read(path, "", "devices folder", devices_dir))
         _check_writers(path, "", "devices folder", devices_dir, writers, problems)
     for file in _device_files(devices_dir, problems):
         extra = _parse_toml(file, problems)
         if extra is None:
             continue
+        read.append(_Read(file, "", "configuration file", file))
         _check_writers(file, "", "configuration file", file, writers, problems)
         for key, value in extra.items():
             if key != "device":
@@ -254,8 +278,12 @@ def load_config(path: Path) -> Config:
         devices += _device_entries(file, extra, problems)
 
     _check_unique(devices, gateway.thing_name if main is not None else "", base, problems)
+    _check_links_unique(devices, base, problems)
     if main is not None:
-        _check_files(path, mqtt, ota, signing, writers, problems)
+        read += _check_files(path, mqtt, ota, signing, writers, problems)
+        _check_contents(path, mqtt, ota, signing, problems)
+    if as_service_user:
+        _check_read_as_service_user(read, problems)
     if problems:
         raise ConfigError(problems)
     return Config(path, gateway, mqtt, ota, signing, relay, ble, tuple(devices))
@@ -355,6 +383,9 @@ def _mqtt(file: Path, base: Path, sec: dict, thing: str, problems: list[Problem]
     endpoint = t.string("endpoint", required=True) or ""
     if endpoint and ("/" in endpoint or ":" in endpoint or " " in endpoint):
         t.problem("endpoint", f'expected a host name only (no scheme, port or path), got "{endpoint}"')
+    elif endpoint.lower() == PLACEHOLDER_ENDPOINT:
+        t.problem("endpoint", f'"{endpoint}" is the example of the shipped file, not your account\'s endpoint; '
+                              "set the one `aws iot describe-endpoint --endpoint-type iot:Data-ATS` prints")
     config = MqttConfig(
         endpoint=endpoint,
         port=t.integer("port", 8883, minimum=1, maximum=65535),
@@ -471,7 +502,9 @@ def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> Dev
         port=t.string("port", required=transport == "uart") if transport != "ble" else None,
         baudrate=t.integer("baudrate", 115200, minimum=1) if transport != "ble" else 115200,
         line_delay=t.number("line_delay", 0.0, minimum=0.0) if transport != "ble" else 0.0,
-        address=t.string("address", None) if transport != "uart" else None,
+        address=t.string("address", None, pattern=BLE_ADDRESS,
+                         pattern_hint='six pairs of hexadecimal digits joined by colons, e.g. "C4:3B:21:9A:00:17"')
+        if transport != "uart" else None,
         advertised_name=t.string("advertised_name", None) if transport != "uart" else None,
         reassembly=t.boolean("reassembly", None) if transport != "uart" else None,
         connect_timeout=(t.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True)
@@ -524,15 +557,43 @@ def _check_unique(devices: list[DeviceConfig], gateway_thing: str, base: Path,
             things[d.thing_name] = d
 
 
+def _check_links_unique(devices: list[DeviceConfig], base: Path, problems: list[Problem]) -> None:
+    """One serial port, or one Bluetooth address, reaches one device: two entries sharing it
+    would take turns updating the same board, each believing it is theirs."""
+    taken: dict[tuple[str, str], DeviceConfig] = {}
+    for d in devices:
+        if d.transport == "uart" and d.port:
+            key, where = "port", _serial_port_identity(d.port)
+        elif d.transport == "ble" and d.address:
+            key, where = "address", d.address.upper()
+        else:
+            continue
+        other = taken.setdefault((key, where), d)
+        if other is d:
+            continue
+        value = getattr(d, key)
+        same = f'"{value}"' if value == getattr(other, key) else f'"{value}" ({where})'
+        problems.append(Problem(d.source, f"device[{d.entry}] ({d.name}) {key}",
+                                f"{same} is already the {key} of device[{other.entry}] ({other.name}) in "
+                                f"{_rel(other.source, base)}; one {key} reaches one device"))
+
+
+def _serial_port_identity(port: str) -> str:
+    """The device a port names: a pyserial URL as written, a path with its symlinks resolved
+    (/dev/serial/by-id/... and /dev/ttyACM0 may be the same port)."""
+    return port if "://" in port else os.path.realpath(port)
+
+
 def _check_files(file: Path, mqtt: MqttConfig, ota: OtaConfig, signing: SigningConfig, writers: Writers,
-                 problems: list[Problem]) -> None:
+                 problems: list[Problem]) -> list[_Read]:
     named = [("[mqtt] ca_file", "CA certificate", mqtt.ca_file),
              ("[mqtt] cert_file", "client certificate", mqtt.cert_file),
              ("[mqtt] key_file", "private key", mqtt.key_file)]
     for key, _, path in named:
         if path != Path():
             _check_readable(file, key, path, problems)
-    if mqtt.key_file != Path():
+    key_data = _credential_bytes(mqtt.key_file)
+    if key_data is not None and _has_key(_labels(key_data)):  # anything else is refused for what it holds
         try:
             mode = os.stat(mqtt.key_file).st_mode
         except OSError:
@@ -552,6 +613,7 @@ def _check_files(file: Path, mqtt: MqttConfig, ota: OtaConfig, signing: SigningC
     for key, what, path in named:
         if path != Path():
             _check_writers(file, key, what, path, writers, problems)
+    return [_Read(file, key, what, path) for key, what, path in named if path != Path()]
 
 
 def _check_writers(file: Path, key: str, what: str, path: Path, writers: Writers,
@@ -638,6 +700,263 @@ def _check_readable(file: Path, key: str, path: Path, problems: list[Problem]) -
         return
     if empty:
         problems.append(Problem(file, key, f"{path} is empty"))
+
+
+# --------------------------------------------------------------------------- what the files hold
+
+# bigger than any CA bundle (Debian's ca-certificates.crt is ~220 KB); a device node named as a
+# certificate must not be read for ever
+MAX_CREDENTIAL_FILE = 4 << 20
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.S)
+
+
+def _check_contents(file: Path, mqtt: MqttConfig, ota: OtaConfig, signing: SigningConfig,
+                    problems: list[Problem]) -> None:
+    """What each named file holds, judged as the daemon will use it: CA certificates to trust,
+    the gateway's certificate and the private key that belongs to it, signers' certificates.
+    A file that cannot be read was reported already and is not judged."""
+    ca_files = [("[mqtt] ca_file", mqtt.ca_file), ("[ota] https_ca_file", ota.https_ca_file)]
+    for key, path in ca_files:
+        if path is not None and (data := _credential_bytes(path)) is not None:
+            _add(problems, file, key, _ca_bundle_problem(path, data))
+    cert = private = None
+    if (data := _credential_bytes(mqtt.cert_file)) is not None:
+        cert, why = _client_certificate(mqtt.cert_file, data)
+        _add(problems, file, "[mqtt] cert_file", why)
+    if (data := _credential_bytes(mqtt.key_file)) is not None:
+        private, why = _private_key(mqtt.key_file, data)
+        _add(problems, file, "[mqtt] key_file", why)
+    if cert is not None and private is not None:
+        if _spki(cert.public_key()) != _spki(private.public_key()):
+            problems.append(Problem(file, "[mqtt] key_file",
+                                    f"private key {mqtt.key_file} does not belong to the certificate "
+                                    f"{mqtt.cert_file} of [mqtt] cert_file: their public keys differ"))
+        elif not any(p.file == file and p.key == "[mqtt] ca_file" for p in problems):
+            _check_tls_context(file, mqtt, problems)
+    for name, path in signing.certificates.items():
+        if (data := _credential_bytes(path)) is not None:
+            _add(problems, file, f"[signing] certificates.{json.dumps(name)}", _signer_problem(path, data))
+
+
+def _check_tls_context(file: Path, mqtt: MqttConfig, problems: list[Problem]) -> None:
+    """The context the daemon builds to connect: whatever else OpenSSL refuses is found here,
+    not as a traceback when the daemon starts."""
+    try:
+        tls_context(str(mqtt.ca_file), str(mqtt.cert_file), str(mqtt.key_file), mqtt.port)
+    except MqttError as e:
+        problems.append(Problem(file, "[mqtt] cert_file", f"the TLS library refuses ca_file {mqtt.ca_file}, "
+                                f"cert_file {mqtt.cert_file} and key_file {mqtt.key_file}: {e.__cause__ or e}"))
+
+
+def _credential_bytes(path: Path | None) -> bytes | None:
+    if path is None or path == Path():
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CREDENTIAL_FILE + 1)
+    except OSError:
+        return None  # _check_readable said so
+    return data or None
+
+
+def _add(problems: list[Problem], file: Path, key: str, why: str | None) -> None:
+    if why:
+        problems.append(Problem(file, key, why))
+
+
+def _labels(data: bytes) -> list[str]:
+    return [m.group(1).decode() for m in _PEM_BLOCK.finditer(data)]
+
+
+def _has_key(labels: list[str]) -> bool:
+    return any(label.endswith("PRIVATE KEY") for label in labels)
+
+
+def _has_certificate(labels: list[str]) -> bool:
+    return any(label.endswith("CERTIFICATE") for label in labels)
+
+
+def _no_pem_certificate(path: Path, data: bytes) -> str:
+    if len(data) > MAX_CREDENTIAL_FILE:
+        return f"{path} is larger than {MAX_CREDENTIAL_FILE >> 20} MiB: not a certificate file"
+    try:
+        x509.load_der_x509_certificate(data)
+    except ValueError:
+        return f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    return f"{path} is a DER certificate, and the TLS library reads PEM: openssl x509 -inform der -in {path} -out NEW.pem"
+
+
+def _ca_bundle_problem(path: Path, data: bytes) -> str | None:
+    labels = _labels(data)
+    if _has_key(labels):
+        return f"{path} holds a private key, not CA certificates"
+    if not _has_certificate(labels):
+        return _no_pem_certificate(path, data)
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        return f"{path} holds a certificate that cannot be parsed: {_why(e)}"
+    return None
+
+
+def _client_certificate(path: Path, data: bytes) -> tuple[x509.Certificate | None, str | None]:
+    labels = _labels(data)
+    if not _has_certificate(labels):
+        if _has_key(labels):
+            return None, f"{path} holds a private key, not a certificate (are cert_file and key_file swapped?)"
+        return None, _no_pem_certificate(path, data)
+    try:  # the first certificate is the gateway's, as OpenSSL takes it; any others are its chain
+        return x509.load_pem_x509_certificates(data)[0], None
+    except ValueError as e:
+        return None, f"{path} holds a certificate that cannot be parsed: {_why(e)}"
+
+
+def _private_key(path: Path, data: bytes) -> tuple[Any, str | None]:
+    blocks = [m.group(0) for m in _PEM_BLOCK.finditer(data) if m.group(1).endswith(b"PRIVATE KEY")]
+    if not blocks:
+        if _has_certificate(_labels(data)):
+            return None, f"{path} holds a certificate, not a private key (are cert_file and key_file swapped?)"
+        return None, f"{path} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
+    try:
+        return serialization.load_pem_private_key(blocks[0], password=None), None
+    except TypeError:  # encrypted
+        return None, (f"{path} is protected by a passphrase, which the daemon cannot enter; store the key "
+                      f"without one (openssl pkey -in {path} -out NEW), readable only by its owner and group")
+    except (ValueError, UnsupportedAlgorithm) as e:
+        return None, f"{path} holds a private key that cannot be parsed: {_why(e)}"
+
+
+def _signer_problem(path: Path, data: bytes) -> str | None:
+    if _has_key(_labels(data)):
+        return f"{path} holds a private key, not a certificate: the gateway needs only the signer's certificate"
+    try:
+        key_algorithm(path)
+    except VerificationError:
+        return (f"{path} is not a certificate with an EC or RSA public key (X.509 in PEM or DER, or a PEM "
+                "public key): no job's signature could be checked against it")
+    return None
+
+
+def _spki(public_key: Any) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _why(error: Exception) -> str:
+    """cryptography's message without its FAQ link."""
+    return str(error).split(". See https://", 1)[0]
+
+
+# --------------------------------------------------------------------------- read as the service reads
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A file or folder the daemon reads, and how a problem with it is reported."""
+
+    file: Path  # the configuration file that names it
+    key: str
+    what: str  # "private key", "configuration file", ...
+    path: Path
+
+
+def service_user() -> pwd.struct_passwd | None:
+    """The account to judge readability as: the daemon's, when this runs as root and that is
+    another account. Anyone else reads the files as themselves."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = pwd.getpwnam(DAEMON_USER)
+    except KeyError:
+        return None
+    return user if user.pw_uid != 0 else None
+
+
+def _check_read_as_service_user(reads: list[_Read], problems: list[Problem]) -> None:
+    user = service_user()
+    reads = [r for r in reads if r.path.exists()]  # the others were reported already
+    if user is None or not reads:
+        return
+    answers = _open_as(user, _service_groups(user), [r.path for r in reads])
+    for r, (error, folder) in zip(reads, answers or []):
+        if error:
+            problems.append(Problem(r.file, r.key, _unreadable_as(r, user, error, folder)))
+
+
+def _service_groups(user: pwd.struct_passwd) -> list[int]:
+    """The groups systemd gives the service: the user's own (initgroups) and SupplementaryGroups=."""
+    gids = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    for name in SERVICE_GROUPS:
+        try:
+            gids.add(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            pass
+    return sorted(gids)
+
+
+def _open_as(user: pwd.struct_passwd, groups: list[int], paths: list[Path]) -> list[tuple[int, str]] | None:
+    """Open each path in a child process that has become `user`, so that the kernel judges
+    modes, owners, ACLs and every folder on the way as it will judge the daemon. For each path:
+    (0, "") when it opens, else (errno, the first folder on its way the user may not enter, or "").
+    None when the child could not become the user (no CAP_SETUID)."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only os calls from here, then _exit
+        status = 1
+        try:
+            os.close(reader)
+            os.setgroups(groups)
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            out = "\0".join(_try_open(path) for path in paths).encode()
+            while out:
+                out = out[os.write(writer, out):]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        text = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        return None
+    answers = []
+    for record in text.split("\0"):
+        error, _, folder = record.partition(":")
+        answers.append((int(error), folder))
+    return answers
+
+
+def _try_open(path: Path) -> str:
+    try:  # O_NONBLOCK: a FIFO named as a certificate must not hang the check
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY))
+        return "0:"
+    except OSError as e:
+        return f"{e.errno}:{_closed_folder(path)}"
+
+
+def _closed_folder(path: Path) -> str:
+    for start in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        for folder in reversed(start.parents):
+            if not os.access(folder, os.X_OK):
+                return str(folder)
+    return ""
+
+
+def _unreadable_as(read: _Read, user: pwd.struct_passwd, error: int, folder: str) -> str:
+    who = f"user {user.pw_name}, whom the daemon runs as"
+    if folder:
+        return (f"{read.what} {read.path} cannot be read by {who}: folder {folder} does not let it through "
+                f"({_owner_and_mode(Path(folder))})")
+    if error == errno.EACCES:
+        group = _group_name(user.pw_gid)
+        return (f"{read.what} {read.path} cannot be read by {who} ({_owner_and_mode(read.path)}); e.g. "
+                f"chgrp {group} {read.path} and chmod g+rX {read.path}")
+    return f"{read.what} {read.path} cannot be read by {who}: {os.strerror(error)}"
+
+
+def _owner_and_mode(path: Path) -> str:
+    st = os.stat(path)
+    return f"owner {_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 # --------------------------------------------------------------------------- helpers

@@ -117,36 +117,63 @@ def print_json(obj: Any) -> None:
 
 @subcommand
 def add_check_config(sub: Any) -> None:
+    from gatewayd.online_check import DEFAULT_TIMEOUT
+
     p = sub.add_parser("check-config", help="validate the configuration files (no daemon needed)",
-                       description="Read the main file and devices.d/*.toml beside it; print "
+                       description="Read the main file and devices.d/*.toml beside it, and the files they "
+                                   "name, as the daemon would (run as root: as the daemon's user); print "
                                    "every problem, or a one-line summary when there is none.")
     p.add_argument("path", nargs="?", type=Path, metavar="PATH",
                    help="main configuration file (default: --config)")
+    p.add_argument("--online", action="store_true",
+                   help="also resolve the endpoint, connect, do the TLS handshake with the configured CA, "
+                        "certificate and key, and MQTT CONNECT; say in one sentence what failed")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"with --online, the bound of each step (default: {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", action="store_true",
                    help='print {"ok", "path", "problems": [{"file", "key", "message"}], ...}')
     p.set_defaults(run=run_check_config)
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds greater than 0, got {text}")
+    return value
+
+
 def run_check_config(args: argparse.Namespace) -> int:
+    from gatewayd.online_check import check_online, daemon_is_running
+
     path = args.path or args.config
     try:
-        config = load_config(path)
+        config = load_config(path, as_service_user=True)
     except ConfigError as e:
         if args.json:
-            print_json({"ok": False, "path": str(path), "problems": [
-                {"file": str(p.file), "key": p.key, "message": p.message} for p in e.problems]})
+            print_json({"ok": False, "path": str(path), "problems": [p.as_json() for p in e.problems]})
         else:
             for problem in e.problems:
                 print(problem)
         return EXIT_FAILED
+    online = None
+    if args.online:  # a second session with the daemon's client id would make the broker drop the daemon's
+        online = check_online(config, timeout=args.timeout,
+                              mqtt_connect=not daemon_is_running(config.gateway.control_socket))
+    failed = online is not None and not online.ok
     if args.json:
-        print_json({"ok": True, "path": str(path), "problems": [], "thing": config.gateway.thing_name,
-                    "endpoint": f"{config.mqtt.endpoint}:{config.mqtt.port}",
-                    "devices": [{"name": d.name, "transport": d.transport} for d in config.devices],
-                    "signing_certificates": sorted(config.signing.certificates)})
+        answer = {"ok": not failed, "path": str(path),
+                  "problems": [online.problem(config.path).as_json()] if online and failed else [],
+                  "thing": config.gateway.thing_name, "endpoint": f"{config.mqtt.endpoint}:{config.mqtt.port}",
+                  "devices": [{"name": d.name, "transport": d.transport} for d in config.devices],
+                  "signing_certificates": sorted(config.signing.certificates)}
+        if online is not None:
+            answer["online"] = online.as_json()
+        print_json(answer)
     else:
         print(summary(config))
-    return EXIT_OK
+        if online is not None:
+            print(online.problem(config.path) if failed else f"online: {online.message}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # ------------------------------------------------------------------ status

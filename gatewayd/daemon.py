@@ -232,6 +232,9 @@ class Daemon:
         self.state.close()
 
 
+EXIT_CONFIG = 2  # the configuration cannot work: the unit's RestartPreventExitStatus=2 stops the restarts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ota-gatewayd", description="AWS IoT OTA gateway daemon")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="main configuration file")
@@ -240,16 +243,78 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        print(f"ota-gatewayd: configuration is not valid, not starting:\n{e}", file=sys.stderr)
-        return 2
+        return _not_starting(e.problems)
     setup_logging(args.log_level or config.gateway.log_level)
     try:
-        return asyncio.run(Daemon(config, args.log_level).run(args.config))
+        daemon = Daemon(config, args.log_level)  # opens the state database
     except StateTooNew as e:
         log.error("cannot open the state database, not starting: %s", e)
         return 1
+    except Exception as e:
+        return _not_starting([_state_dir_problem(e, config)])
+    try:
+        return asyncio.run(daemon.run(args.config))
     except KeyboardInterrupt:
         return 0
+    except Exception as e:
+        return _not_starting([_start_problem(e, config)])
+
+
+def _not_starting(problems: list[Problem]) -> int:
+    """One line per problem, each naming file, key and reason: what journalctl and
+    `systemctl status` show, with no traceback around it."""
+    for problem in problems:
+        print(f"ota-gatewayd: not starting: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+# The configuration-class failures that only starting finds (load_config checked what it could).
+# Anything else is a bug and is raised again, with its traceback. The imports are here, with
+# main(), so that the Daemon class's own stay as they are.
+
+
+def _state_dir_problem(error: Exception, config: Config) -> Problem:
+    import sqlite3
+
+    from .config import Problem
+
+    state_dir = config.gateway.state_dir
+    if isinstance(error, sqlite3.Error) or (isinstance(error, OSError) and _is_about(error, state_dir)):
+        return Problem(config.path, "[gateway] state_dir",
+                       f"cannot open the state database in {state_dir}: {_reason(error)}")
+    raise error
+
+
+def _start_problem(error: Exception, config: Config) -> Problem:
+    import ssl
+
+    from .config import Problem
+    from .control import ControlError
+    from .mqtt import MqttError
+
+    socket_path = config.gateway.control_socket
+    if isinstance(error, ControlError) or (isinstance(error, OSError) and _is_about(error, socket_path.parent)):
+        return Problem(config.path, "[gateway] control_socket", f"cannot listen on {socket_path}: {_reason(error)}")
+    if isinstance(error, MqttError) and isinstance(error.__cause__, (ssl.SSLError, OSError)):
+        m = config.mqtt  # the files changed since load_config built the same context
+        return Problem(config.path, "[mqtt] cert_file",
+                       f"the TLS library refuses ca_file {m.ca_file}, cert_file {m.cert_file} and key_file "
+                       f"{m.key_file}: {error.__cause__}")
+    raise error
+
+
+def _is_about(error: OSError, folder: Path) -> bool:
+    """The error names `folder`, a folder above it (made on the way) or a file in it."""
+    import os
+
+    if not error.filename:
+        return False
+    path = Path(os.path.abspath(error.filename))
+    return path == folder or path in folder.parents or folder in path.parents
+
+
+def _reason(error: Exception) -> str:
+    return (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ import grp
 import os
 import pwd
 import shutil
+import tempfile
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -24,6 +26,7 @@ from gatewayd.config import (
 
 from gatewayd.ctl import main as ctl_main
 from gatewayd.daemon import main as daemon_main
+from pem_files import pem, write_pem
 from transports.link import BleSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,10 +54,10 @@ port = "/dev/ttyACM0"
 
 
 def make_files(folder: Path) -> None:
-    (folder / "keys").mkdir(parents=True, exist_ok=True)
-    for name in ("ca.pem", "gw.cert.pem", "keys/gw.key", "signer.pem"):
-        (folder / name).write_text("-----BEGIN X-----\n")
-    os.chmod(folder / "keys/gw.key", 0o600)
+    write_pem(folder / "ca.pem", pem().ca)
+    write_pem(folder / "gw.cert.pem", pem().cert)
+    write_pem(folder / "keys" / "gw.key", pem().key, 0o600)
+    write_pem(folder / "signer.pem", pem().signer)
 
 
 def write_config(folder: Path, main: str, devices: dict[str, str] | None = None) -> Path:
@@ -158,15 +161,21 @@ mode = "recovery"
         "3 devices (2 uart, 1 ble), 0 signing certificates")
 
 
-def test_shipped_examples_load(tmp_path: Path) -> None:
-    shutil.copy(REPO / "config" / "gateway.toml", tmp_path / "gateway.toml")
+def test_shipped_examples_load_once_the_placeholder_endpoint_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    shutil.copy(REPO / "config" / "gateway.toml", path)
     (tmp_path / "devices.d").mkdir()
     shutil.copy(REPO / "config" / "devices.d" / "example.toml.sample",
                 tmp_path / "devices.d" / "example.toml")
-    for name in ("AmazonRootCA1.pem", "gw-01.cert.pem", "gw-01.private.key", "signer.pem"):
-        (tmp_path / name).write_text("x\n")
-    os.chmod(tmp_path / "gw-01.private.key", 0o640)
-    config = load_config(tmp_path / "gateway.toml")
+    write_pem(tmp_path / "AmazonRootCA1.pem", pem().ca)
+    write_pem(tmp_path / "gw-01.cert.pem", pem().cert)
+    write_pem(tmp_path / "gw-01.private.key", pem().key, 0o640)
+    write_pem(tmp_path / "signer.pem", pem().signer)
+    assert only_problem(path) == (
+        f'{path}: [mqtt] endpoint: "abc123-ats.iot.eu-west-1.amazonaws.com" is the example of the shipped file, '
+        "not your account's endpoint; set the one `aws iot describe-endpoint --endpoint-type iot:Data-ATS` prints")
+    path.write_text(path.read_text().replace('"abc123-ats.iot', '"a1b2c3d4e5f6g7-ats.iot'))
+    config = load_config(path)
     assert config.signing.certificates.get("ota_signer.pem") == tmp_path / "signer.pem"
     assert [d.name for d in config.devices] == ["pump", "tank-sensor"]
     assert summary(config).endswith("2 devices (1 uart, 1 ble), 1 signing certificate")
@@ -465,7 +474,7 @@ def test_toml_syntax_error_reports_line(tmp_path: Path) -> None:
 def test_syntax_error_in_devices_d_and_other_problems_all_reported(tmp_path: Path) -> None:
     path = write_config(tmp_path, MINIMAL + '\n[mqtt.x]\n', {
         "bad.toml": '[[device]]\nname = "pump\n',
-        "good.toml": '[[device]]\nname = "ok"\ntransport = "ble"\naddress = "a"\nmode = "x"\n'})
+        "good.toml": '[[device]]\nname = "ok"\ntransport = "ble"\naddress = "C4:3B:21:9A:00:17"\nmode = "x"\n'})
     lines = [str(p) for p in problems_of(path)]
     assert lines[0] == f"{path}: [mqtt] x: unknown key"
     assert lines[1].startswith(f"{tmp_path}/devices.d/bad.toml: line 2, column ")
@@ -547,10 +556,176 @@ def test_read_control_socket(tmp_path: Path) -> None:
     assert read_control_socket(path) == DEFAULT_CONTROL_SOCKET
 
 
+# ------------------------------------------------------------------ what the named files hold
+
+
+def test_a_private_key_that_does_not_belong_to_the_certificate(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL)
+    key = write_pem(tmp_path / "keys" / "gw.key", pem().other_key, 0o600)
+    assert only_problem(path) == (f"{path}: [mqtt] key_file: private key {key} does not belong to the certificate "
+                                  f"{tmp_path}/gw.cert.pem of [mqtt] cert_file: their public keys differ")
+
+
+def test_a_private_key_as_ca_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + '[ota]\nhttps_ca_file = "keys/gw.key"\n')
+    write_pem(tmp_path / "ca.pem", pem().key, 0o600)
+    assert [str(p) for p in problems_of(path)] == [
+        f"{path}: [mqtt] ca_file: {tmp_path}/ca.pem holds a private key, not CA certificates",
+        f"{path}: [ota] https_ca_file: {tmp_path}/keys/gw.key holds a private key, not CA certificates"]
+
+
+def test_a_certificate_as_key_file_and_both_swapped(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL)
+    write_pem(tmp_path / "keys" / "gw.key", pem().cert, 0o600)
+    assert only_problem(path) == (f"{path}: [mqtt] key_file: {tmp_path}/keys/gw.key holds a certificate, not a "
+                                  "private key (are cert_file and key_file swapped?)")
+    path.write_text(MINIMAL.replace('cert_file = "gw.cert.pem"', 'cert_file = "keys/gw.key"')
+                    .replace('key_file = "keys/gw.key"', 'key_file = "gw.cert.pem"'))
+    write_pem(tmp_path / "keys" / "gw.key", pem().key, 0o600)
+    assert [str(p) for p in problems_of(path)] == [
+        f"{path}: [mqtt] cert_file: {tmp_path}/keys/gw.key holds a private key, not a certificate (are cert_file "
+        "and key_file swapped?)",
+        f"{path}: [mqtt] key_file: {tmp_path}/gw.cert.pem holds a certificate, not a private key (are cert_file "
+        "and key_file swapped?)"]
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"ota signer: see the wiki\n", "is not a certificate with an EC or RSA public key (X.509 in PEM or DER, or a "
+                                    "PEM public key): no job's signature could be checked against it"),
+    (None, "holds a private key, not a certificate: the gateway needs only the signer's certificate"),
+])
+def test_a_signing_certificate_that_is_no_certificate(tmp_path: Path, content: bytes | None, why: str) -> None:
+    path = write_config(tmp_path, MINIMAL + SIGNING)
+    signer = write_pem(tmp_path / "signer.pem", pem().key if content is None else content, 0o600)
+    assert only_problem(path) == f'{path}: [signing] certificates."ota_signer.pem": {signer} {why}'
+
+
+def test_certificate_files_that_are_text_der_or_encrypted(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    path = write_config(tmp_path, MINIMAL)
+    (tmp_path / "ca.pem").write_text("AmazonRootCA1: download it from https://www.amazontrust.com/repository/\n")
+    der = x509.load_pem_x509_certificate(pem().cert).public_bytes(serialization.Encoding.DER)
+    write_pem(tmp_path / "gw.cert.pem", der)
+    key = serialization.load_pem_private_key(pem().key, None)
+    write_pem(tmp_path / "keys" / "gw.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")), 0o600)
+    assert [str(p) for p in problems_of(path)] == [
+        f"{path}: [mqtt] ca_file: {tmp_path}/ca.pem holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        f"{path}: [mqtt] cert_file: {tmp_path}/gw.cert.pem is a DER certificate, and the TLS library reads PEM: "
+        f"openssl x509 -inform der -in {tmp_path}/gw.cert.pem -out NEW.pem",
+        f"{path}: [mqtt] key_file: {tmp_path}/keys/gw.key is protected by a passphrase, which the daemon cannot "
+        f"enter; store the key without one (openssl pkey -in {tmp_path}/keys/gw.key -out NEW), readable only by "
+        "its owner and group"]
+
+
+def test_a_chain_in_cert_file_and_a_key_after_its_parameters_are_fine(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL)
+    write_pem(tmp_path / "gw.cert.pem", pem().cert + pem().ca)
+    write_pem(tmp_path / "keys" / "gw.key", b"-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n"
+                                            b"-----END EC PARAMETERS-----\n" + pem().key, 0o600)
+    load_config(path)
+
+
+def test_what_the_tls_library_refuses_beyond_these_checks_is_a_problem_too(tmp_path: Path, monkeypatch) -> None:
+    from gatewayd.mqtt import MqttError
+
+    def refuse(*args: object) -> None:
+        raise MqttError("cannot load TLS files") from OSError("[SSL] something new")
+
+    monkeypatch.setattr(config_module, "tls_context", refuse)
+    path = write_config(tmp_path, MINIMAL)
+    assert only_problem(path) == (f"{path}: [mqtt] cert_file: the TLS library refuses ca_file {tmp_path}/ca.pem, "
+                                  f"cert_file {tmp_path}/gw.cert.pem and key_file {tmp_path}/keys/gw.key: "
+                                  "[SSL] something new")
+
+
+# ------------------------------------------------------------------ one device per link
+
+
+def test_two_devices_on_one_serial_port(tmp_path: Path) -> None:
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "ttyACM0").touch()
+    (tmp_path / "dev" / "by-id").mkdir()
+    (tmp_path / "dev" / "by-id" / "usb-pump").symlink_to(tmp_path / "dev" / "ttyACM0")
+    path = write_config(tmp_path, MINIMAL + f"""
+[[device]]
+name = "pump"
+transport = "uart"
+port = "{tmp_path}/dev/ttyACM0"
+[[device]]
+name = "net"
+transport = "uart"
+port = "socket://localhost:4000"
+""", {"site.toml": f"""
+[[device]]
+name = "fan"
+transport = "uart"
+port = "{tmp_path}/dev/ttyACM0"
+[[device]]
+name = "valve"
+transport = "uart"
+port = "{tmp_path}/dev/by-id/usb-pump"
+[[device]]
+name = "net2"
+transport = "uart"
+port = "socket://localhost:4001"
+"""})
+    site = tmp_path / "devices.d" / "site.toml"
+    assert [str(p) for p in problems_of(path)] == [
+        f'{site}: device[1] (fan) port: "{tmp_path}/dev/ttyACM0" is already the port of device[1] (pump) in '
+        "gateway.toml; one port reaches one device",
+        f'{site}: device[2] (valve) port: "{tmp_path}/dev/by-id/usb-pump" ({tmp_path}/dev/ttyACM0) is already '
+        "the port of device[1] (pump) in gateway.toml; one port reaches one device"]
+
+
+def test_two_devices_at_one_bluetooth_address(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + """
+[[device]]
+name = "tank"
+transport = "ble"
+address = "C4:3B:21:9A:00:17"
+[[device]]
+name = "tank2"
+transport = "ble"
+address = "c4:3b:21:9a:00:17"
+""")
+    assert only_problem(path) == (f'{path}: device[2] (tank2) address: "c4:3b:21:9a:00:17" (C4:3B:21:9A:00:17) is '
+                                  "already the address of device[1] (tank) in gateway.toml; one address reaches "
+                                  "one device")
+
+
+@pytest.mark.parametrize("address", ["a", "C4:3B:21:9A:00", "C4-3B-21-9A-00-17", "G4:3B:21:9A:00:17",
+                                     "C4:3B:21:9A:00:17:00", "C43B219A0017", " C4:3B:21:9A:00:17"])
+def test_a_malformed_bluetooth_address(tmp_path: Path, address: str) -> None:
+    path = write_config(tmp_path, MINIMAL + f'[[device]]\nname = "tank"\ntransport = "ble"\naddress = "{address}"\n')
+    assert only_problem(path) == (f'{path}: device[1] (tank) address: "{address}" is not allowed: use six pairs of '
+                                  'hexadecimal digits joined by colons, e.g. "C4:3B:21:9A:00:17"')
+
+
 # ------------------------------------------------------------------ who may change trusted files
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 STRANGER = 54321  # a uid and gid with no account
+
+
+def let_group_read(path: Path, user: pwd.struct_passwd) -> None:
+    """The packaged layout of the private key: root's, readable by the daemon's group."""
+    if os.geteuid() == 0:
+        os.chown(path, 0, user.pw_gid)
+    os.chmod(path, 0o640)
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder every user may enter (tmp_path is under a folder of root's alone), for
+    check-config, which, run as root, opens the files as the daemon's user."""
+    folder = Path(tempfile.mkdtemp(prefix="ota-config-test-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.fixture
@@ -659,7 +834,7 @@ def test_a_symlinked_certificate_is_judged_where_it_points(tmp_path: Path, daemo
     path = write_config(tmp_path, MINIMAL + SIGNING.replace('"signer.pem"', '"link.pem"'))
     shared = tmp_path / "shared"
     shared.mkdir()
-    (shared / "signer.pem").write_text("-----BEGIN X-----\n")
+    write_pem(shared / "signer.pem", pem().signer)
     (tmp_path / "link.pem").symlink_to(shared / "signer.pem")
     load_config(path)
     os.chmod(shared, 0o777)
@@ -677,12 +852,62 @@ def test_without_the_packaged_user_the_running_user_is_the_daemons(tmp_path: Pat
                                        f"{tmp_path}/signer.pem")
 
 
-def test_check_config_and_the_daemon_refuse_the_same_files(tmp_path: Path, daemon_user_nobody, capsys) -> None:
-    path = write_config(tmp_path, MINIMAL + SIGNING)
-    os.chmod(tmp_path / "signer.pem", 0o666)
+def test_check_config_and_the_daemon_refuse_the_same_files(open_folder: Path, daemon_user_nobody, capsys) -> None:
+    path = write_config(open_folder, MINIMAL + SIGNING)
+    let_group_read(open_folder / "keys" / "gw.key", daemon_user_nobody)
+    os.chmod(open_folder / "signer.pem", 0o666)
     expected = str(only_problem(path))
 
     assert ctl_main(["check-config", str(path)]) == 1
     assert capsys.readouterr().out == expected + "\n"
     assert daemon_main(["--config", str(path)]) == 2
-    assert capsys.readouterr().err == f"ota-gatewayd: configuration is not valid, not starting:\n{expected}\n"
+    assert capsys.readouterr().err == f"ota-gatewayd: not starting: {expected}\n"
+
+
+# ------------------------------------------------------------------ read as the daemon's user
+
+
+@needs_root
+def test_check_config_as_root_opens_the_files_as_the_daemons_user(open_folder: Path, daemon_user_nobody,
+                                                                   capsys) -> None:
+    path = write_config(open_folder, MINIMAL + SIGNING)
+    key = open_folder / "keys" / "gw.key"  # root's, 0600: root reads it, the daemon would not
+    load_config(path)  # the daemon, run as root, reads it
+    line = (f"{path}: [mqtt] key_file: private key {key} cannot be read by user nobody, whom the daemon runs as "
+            f"(owner root, group root, mode 0600); e.g. chgrp nogroup {key} and chmod g+rX {key}")
+    assert ctl_main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().out == line + "\n"
+    assert [str(p) for p in problems_of_as_service_user(path)] == [line]
+
+    let_group_read(key, daemon_user_nobody)
+    assert ctl_main(["check-config", str(path)]) == 0
+    capsys.readouterr()
+
+    os.chmod(open_folder / "keys", 0o700)  # the folder, not the file, keeps nobody out
+    assert [str(p) for p in problems_of_as_service_user(path)] == [
+        f"{path}: [mqtt] key_file: private key {key} cannot be read by user nobody, whom the daemon runs as: "
+        f"folder {open_folder}/keys does not let it through (owner root, group root, mode 0700)"]
+
+
+@needs_root
+def test_every_file_the_daemon_reads_is_opened_as_its_user(open_folder: Path, daemon_user_nobody) -> None:
+    path = write_config(open_folder, MINIMAL + SIGNING, {"site.toml": DEVICE})
+    let_group_read(open_folder / "keys" / "gw.key", daemon_user_nobody)
+    for name in ("gateway.toml", "ca.pem", "gw.cert.pem", "signer.pem", "devices.d/site.toml", "devices.d"):
+        os.chmod(open_folder / name, 0o700 if name == "devices.d" else 0o600)
+    site = open_folder / "devices.d" / "site.toml"
+    keys = [(p.file, p.key) for p in problems_of_as_service_user(path)]
+    assert keys == [(path, ""), (path, ""), (site, ""), (path, "[mqtt] ca_file"), (path, "[mqtt] cert_file"),
+                    (path, '[signing] certificates."ota_signer.pem"')]
+
+
+def test_without_the_daemons_user_or_as_another_user_nothing_more_is_checked(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(config_module, "DAEMON_USER", "no-such-user-for-ota-gateway")
+    load_config(write_config(tmp_path, MINIMAL), as_service_user=True)
+    assert config_module.service_user() is None
+
+
+def problems_of_as_service_user(path: Path) -> list[Problem]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, as_service_user=True)
+    return info.value.problems

@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 
 from gatewayd import config as config_module
 from gatewayd.control import ControlLimits, ControlServer
 from gatewayd.ctl import format_devices, main
 from gatewayd.display import format_status, progress_bar
 from gatewayd.emulators.signing import build_mcuboot_image
+from pem_files import pem, write_pem
 
 REPO = Path(__file__).resolve().parents[2]
 CTL = REPO / ".venv" / "bin" / "ota-gatewayctl"
@@ -47,9 +52,9 @@ DEVICES = {"devices": [
 
 def write_valid_config(folder: Path, socket_path: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("ca.pem", "gw.cert.pem", "gw.key"):
-        (folder / name).write_text("x\n")
-    os.chmod(folder / "gw.key", 0o600)
+    write_pem(folder / "ca.pem", pem().ca)
+    write_pem(folder / "gw.cert.pem", pem().cert)
+    write_pem(folder / "gw.key", pem().key, 0o600)
     extra = f'control_socket = "{socket_path}"\n' if socket_path else ""
     path = folder / "gateway.toml"
     path.write_text(f"""\
@@ -111,7 +116,35 @@ HANDLERS = {"status": status_handler, "devices": devices_handler}
 # ------------------------------------------------------------------ check-config
 
 
-def test_check_config_valid(tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def no_daemon_user(monkeypatch) -> None:
+    """A development machine: no ota-gateway account, so check-config reads as whoever runs it
+    (tmp_path is under a folder of root's alone, which the daemon's user could not enter)."""
+    monkeypatch.setattr(config_module, "DAEMON_USER", "no-such-user-for-ota-gateway")
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder every user may enter, for check-config run as a process: as root it opens the
+    files as the packaged daemon's user when that account exists."""
+    folder = Path(tempfile.mkdtemp(prefix="ota-ctl-test-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def readable_by_the_daemon(path: Path) -> None:
+    """The packaged layout of the private key: root's, readable by the ota-gateway group."""
+    try:
+        gid = pwd.getpwnam(config_module.DAEMON_USER).pw_gid
+    except KeyError:
+        return
+    if os.geteuid() == 0:
+        os.chown(path, 0, gid)
+        os.chmod(path, 0o640)
+
+
+def test_check_config_valid(tmp_path: Path, capsys, no_daemon_user) -> None:
     path = write_valid_config(tmp_path)
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
@@ -120,7 +153,7 @@ def test_check_config_valid(tmp_path: Path, capsys) -> None:
     assert main(["--config", str(path), "check-config"]) == 0  # PATH defaults to --config
 
 
-def test_check_config_prints_every_problem(tmp_path: Path, capsys) -> None:
+def test_check_config_prints_every_problem(tmp_path: Path, capsys, no_daemon_user) -> None:
     path = write_bad_config(tmp_path)
     assert main(["check-config", str(path)]) == 1
     lines = capsys.readouterr().out.splitlines()
@@ -131,7 +164,7 @@ def test_check_config_prints_every_problem(tmp_path: Path, capsys) -> None:
     ]
 
 
-def test_check_config_json(tmp_path: Path, capsys) -> None:
+def test_check_config_json(tmp_path: Path, capsys, no_daemon_user) -> None:
     good = write_valid_config(tmp_path / "good")
     assert main(["check-config", "--json", str(good)]) == 0
     answer = json.loads(capsys.readouterr().out)
@@ -147,9 +180,11 @@ def test_check_config_json(tmp_path: Path, capsys) -> None:
     assert answer["problems"][0]["message"] == "expected a string, got integer 3"
 
 
-def test_check_config_console_script(tmp_path: Path) -> None:
-    good = write_valid_config(tmp_path / "good")
-    bad = write_bad_config(tmp_path / "bad")
+def test_check_config_console_script(open_folder: Path, tmp_path: Path) -> None:
+    good = write_valid_config(open_folder / "good")
+    readable_by_the_daemon(open_folder / "good" / "gw.key")
+    bad = write_bad_config(open_folder / "bad")
+    readable_by_the_daemon(open_folder / "bad" / "gw.key")
     result = subprocess.run([str(CTL), "check-config", str(good)], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0, result.stderr
