@@ -688,9 +688,11 @@ def test_the_relay_builds_ble_links_with_each_devices_settings_sharing_the_max_c
     from gatewayd.state import StateDB
     from transports.factory import LinkFactory
 
-    for name in ("ca.pem", "c.pem", "k.pem"):
-        (tmp_path / name).write_text("x")
-    (tmp_path / "k.pem").chmod(0o600)
+    from pem_files import pem, write_pem
+
+    write_pem(tmp_path / "ca.pem", pem().ca)  # the config's checks read what the files hold
+    write_pem(tmp_path / "c.pem", pem().cert)
+    write_pem(tmp_path / "k.pem", pem().key, 0o600)
     (tmp_path / "gateway.toml").write_text(f"""
 [gateway]
 thing_name = "gw"

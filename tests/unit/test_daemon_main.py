@@ -41,7 +41,7 @@ class FailingDaemon:
     def __init__(self, on_build: BaseException | None = None, on_run: BaseException | None = None) -> None:
         self.on_build, self.on_run = on_build, on_run
 
-    def __call__(self, _config: object) -> "FailingDaemon":
+    def __call__(self, _config: object, _log_level: str | None = None) -> "FailingDaemon":
         if self.on_build is not None:
             raise self.on_build
         return self
