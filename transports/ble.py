@@ -222,10 +222,14 @@ class BleLink:
                 if not client.is_connected:
                     raise LinkError(f"cannot open {self.name}: disconnected while setting up")
             except BaseException as e:
+                lost_bond = isinstance(e, Exception) and await self._bond_lost(links_up)
                 try:
                     if client is not None:
                         await self._quietly(client.disconnect())
-                    if self._agent is not None and self.address is not None:
+                    # a bond in doubt is removed while the device's next link is up (BluezAgent.forget):
+                    # a Disconnect now would cancel the kernel's reconnection, and a cancel that crosses
+                    # a completing connection leaves Linux 6.1 a link with no owner
+                    if self._agent is not None and self.address is not None and not lost_bond:
                         await self._quietly(self._agent.disconnect(self.adapter, self.address))
                 finally:
                     self._release_slot()
@@ -236,7 +240,7 @@ class BleLink:
                         f"cannot connect to {self.name}: " + ("timed out" if isinstance(e, TimeoutError) else repr(e)))
                     if isinstance(e, KeyError) and "org.bluez.Gatt" in str(e):
                         raise await self._stale_services(error) from e
-                    raise await self._lost_bond(links_up) or error from e
+                    raise (await self._forget_lost_bond() if lost_bond else error) from e
                 finally:
                     if self.advertised_name:
                         self.address = None  # look again next time: a reflash may have changed it
@@ -285,15 +289,17 @@ class BleLink:
             return 0
         return self._agent.links_up.get(device_path(self.adapter, self.address), 0)
 
-    async def _lost_bond(self, links_up_before: int) -> LinkError | None:
+    async def _bond_lost(self, links_up_before: int) -> bool:
         """After a failed open: if the link came up and still failed while BlueZ holds a bond
         with the device, the device has most likely lost that bond (reflashed, or reset to
-        factory settings) and rejects the old keys: remove the bond, once until the next
-        successful open, so the next connection pairs afresh. The error to raise, or None."""
+        factory settings) and rejects the old keys. Once until the next successful open."""
         if self._agent is None or self._bond_dropped or self._links_up() <= links_up_before:
-            return None
-        if not await self._agent.bonded(self.adapter, self.address):
-            return None
+            return False
+        return await self._agent.bonded(self.adapter, self.address)
+
+    async def _forget_lost_bond(self) -> LinkError:
+        """Remove the bond the device lost, so that the next connection pairs afresh."""
+        assert self._agent is not None
         self._bond_dropped = True
         log.warning("%s: connected but could not use the link although BlueZ holds a bond with the device: "
                     "it has probably lost the bond (reflashed?); removing the bond to pair again", self.name)

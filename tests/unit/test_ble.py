@@ -789,7 +789,9 @@ async def test_a_bonded_device_whose_link_fails_as_it_comes_up_loses_the_bond_on
     assert agent.allowed == {address: 4242}
     with pytest.raises(LinkError) as second:
         await link.open()
-    assert agent.disconnects == 2  # BlueZ's own attempt is stopped too, after each failure
+    # BlueZ's own attempt is stopped too after each failure, except where the bond is removed:
+    # that waits for the kernel's next link to the device, which a Disconnect would cancel
+    assert agent.disconnects == (1 if bonded else 2)
     if bonded:
         assert "lost its bond" in str(first.value) and agent.forgotten == [address]  # once, not at every try
         assert "lost its bond" not in str(second.value)
