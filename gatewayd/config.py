@@ -764,6 +764,15 @@ def _add(problems: list[Problem], file: Path, key: str, why: str | None) -> None
         problems.append(Problem(file, key, why))
 
 
+def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
+    """Every PEM certificate in `data` (x509.load_pem_x509_certificates needs cryptography 39;
+    Debian 12 has 38). ValueError if one cannot be parsed or there is none."""
+    blocks = [m.group(0) for m in _PEM_BLOCK.finditer(data) if m.group(1) == b"CERTIFICATE"]
+    if not blocks:
+        raise ValueError("no PEM certificate")
+    return [x509.load_pem_x509_certificate(block) for block in blocks]
+
+
 def _labels(data: bytes) -> list[str]:
     return [m.group(1).decode() for m in _PEM_BLOCK.finditer(data)]
 
@@ -793,7 +802,7 @@ def _ca_bundle_problem(path: Path, data: bytes) -> str | None:
     if not _has_certificate(labels):
         return _no_pem_certificate(path, data)
     try:
-        x509.load_pem_x509_certificates(data)
+        load_pem_certificates(data)
     except ValueError as e:
         return f"{path} holds a certificate that cannot be parsed: {_why(e)}"
     return None
@@ -806,7 +815,7 @@ def _client_certificate(path: Path, data: bytes) -> tuple[x509.Certificate | Non
             return None, f"{path} holds a private key, not a certificate (are cert_file and key_file swapped?)"
         return None, _no_pem_certificate(path, data)
     try:  # the first certificate is the gateway's, as OpenSSL takes it; any others are its chain
-        return x509.load_pem_x509_certificates(data)[0], None
+        return load_pem_certificates(data)[0], None
     except ValueError as e:
         return None, f"{path} holds a certificate that cannot be parsed: {_why(e)}"
 

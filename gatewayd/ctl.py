@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, BinaryIO, Callable, TextIO
 
-from gatewayd import control
+from gatewayd import control, version
 from gatewayd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, read_control_socket, summary
 from gatewayd.display import format_status, human_bytes, progress_bar, redraw, table
 from gatewayd.vocab import CloudStatus, Word
@@ -41,12 +41,21 @@ def subcommand(add: Callable[[Any], None]) -> Callable[[Any], None]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Control and inspect ota-gatewayd.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="PATH",
                         help=f"main configuration file (default: {DEFAULT_CONFIG_PATH})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
+    for command in sub.choices.values():  # `ota-gatewayctl status --config F` works too
+        _accept_config_after(command)
     return parser
+
+
+def _accept_config_after(parser: argparse.ArgumentParser) -> None:
+    if "--config" not in parser._option_string_actions:
+        parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="PATH",
+                            help="main configuration file (as before the command)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,15 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except control.DaemonNotRunning as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
+        return _failed(args, e, EXIT_NOT_RUNNING)
     except control.ControlError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed(args, e, EXIT_FAILED)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. piped into head
         return EXIT_OK
+
+
+def _failed(args: argparse.Namespace, error: Exception, status: int) -> int:
+    """The error on stderr, and with --json also as an object on stdout, for scripts."""
+    print(f"{PROG}: {error}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print_json({"ok": False, "error": str(error), "exit_status": status})
+    return status
 
 
 # ------------------------------------------------------------------ helpers for subcommands
@@ -189,10 +204,14 @@ def add_status(sub: Any) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    if args.watch and not wants_json(args):
+    if args.watch:  # a terminal gets the table redrawn, a pipe one JSON object per line
         shown = 0
         while True:
-            shown = redraw(sys.stdout, format_status(daemon_request(args, "status")), shown)
+            answer = daemon_request(args, "status")
+            if wants_json(args):
+                print(json.dumps(answer, default=str), flush=True)
+            else:
+                shown = redraw(sys.stdout, format_status(answer), shown)
             time.sleep(1.0)
     answer = daemon_request(args, "status")
     if wants_json(args):
@@ -213,12 +232,13 @@ def add_devices(sub: Any) -> None:
 
 
 def run_devices(args: argparse.Namespace) -> int:
+    """Exit status 1 when a device could not be asked (a script's check of the fleet)."""
     answer = daemon_request(args, "devices")
     if wants_json(args):
         print_json(answer)
     else:
         print("\n".join(format_devices(answer)))
-    return EXIT_OK
+    return EXIT_FAILED if any(d.get("reachable") is False for d in answer.get("devices") or []) else EXIT_OK
 
 
 def _flags(image: dict[str, Any]) -> str:
@@ -309,7 +329,10 @@ def add_push(sub: Any) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    if bool(args.signature) == bool(args.unsigned):
+    if args.signature and args.unsigned:
+        print(f"{PROG} push: --signature and --unsigned contradict each other: give one", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.signature and not args.unsigned:
         print(f"{PROG} push: give the image's code signature (--signature FILE) or --unsigned",
               file=sys.stderr)
         return EXIT_USAGE

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 
 from transports.factory import LinkFactory
 
-from . import notify, reload
+from . import notify, reload, version
 from .cloud import JobExecution, JobsClient
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .control import SEND_EVENT, ControlServer, Request
@@ -237,7 +237,9 @@ EXIT_CONFIG = 2  # the configuration cannot work: the unit's RestartPreventExitS
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ota-gatewayd", description="AWS IoT OTA gateway daemon")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="main configuration file")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                        help=f"main configuration file (default: {DEFAULT_CONFIG_PATH})")
     parser.add_argument("--log-level", default=None, help="debug, info, warning or error")
     args = parser.parse_args(argv)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 from cryptography import x509
 
-from .config import Config, MqttConfig, Problem
+from .config import Config, MqttConfig, Problem, load_pem_certificates
 from .mqtt import tls_context
 
 DEFAULT_TIMEOUT = 10.0  # seconds, for each step
@@ -235,7 +235,7 @@ def _tls_refused(e: ssl.SSLError, m: MqttConfig, when: str) -> tuple[str, str]:
 
 def _expiry_note(cert_file: Path) -> str:
     try:
-        cert = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+        cert = load_pem_certificates(cert_file.read_bytes())[0]
     except (OSError, ValueError):
         return ""
     now = dt.datetime.now(dt.timezone.utc)

@@ -256,10 +256,11 @@ def test_devices(tmp_path: Path, capsys, monkeypatch) -> None:
     sock = tmp_path / "control.sock"
     path = write_valid_config(tmp_path, sock)
     with DaemonThread(sock, HANDLERS):
-        assert main(["--config", str(path), "devices", "--json"]) == 0
+        # tank-sensor could not be asked: a script's check of the fleet sees it in the exit status
+        assert main(["--config", str(path), "devices", "--json"]) == 1
         assert json.loads(capsys.readouterr().out) == DEVICES
         monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-        assert main(["--config", str(path), "devices"]) == 0
+        assert main(["devices", "--config", str(path)]) == 1  # --config after the command too
     lines = capsys.readouterr().out.splitlines()
     assert lines == format_devices(DEVICES)
     assert lines[0] == "pump (uart /dev/ttyACM0)"
@@ -339,3 +340,38 @@ def test_a_push_waiting_for_its_device_says_why() -> None:
         {"name": "pump", "phase": "waiting", "done": 0, "total": 0,
          "reason": "cannot open /dev/ttyNOPE: [Errno 2] No such file or directory"}]})
     assert out.getvalue().endswith("pump: waiting (cannot open /dev/ttyNOPE: [Errno 2] No such file or directory)")
+
+
+def test_both_programs_say_their_version(capsys) -> None:
+    from gatewayd import daemon, version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"ota-gatewayctl {version()}\n"
+    with pytest.raises(SystemExit) as done:
+        daemon.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"ota-gatewayd {version()}\n"
+
+
+def test_status_watch_into_a_pipe_streams_one_json_object_per_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    sock = tmp_path / "control.sock"
+    path = write_valid_config(tmp_path, sock)
+    ticks = iter(range(2))
+
+    def sleep(_seconds: float) -> None:
+        if next(ticks, None) is None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("gatewayd.ctl.time.sleep", sleep)
+    with DaemonThread(sock, HANDLERS):
+        assert main(["--config", str(path), "status", "--watch"]) == 130
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["connected"] is not None for line in lines)
+
+
+def test_with_json_an_error_is_an_object_on_stdout_too(tmp_path: Path, capsys) -> None:
+    sock = tmp_path / "control.sock"
+    path = write_valid_config(tmp_path, sock)
+    for command in (["status"], ["devices"], ["cancel", "--device", "pump"]):
+        assert main(["--config", str(path), *command, "--json"]) == 3
+        out = json.loads(capsys.readouterr().out)
+        assert out["ok"] is False and out["exit_status"] == 3 and "is not running" in out["error"], command

@@ -373,7 +373,7 @@ def test_push_needs_exactly_one_of_signature_and_unsigned(ctl_config: Path, not_
 
     assert ctl.main(base + ["--signature", str(signature), "--unsigned"]) == 2
     err = capsys.readouterr().err
-    assert message in err and "usage:" not in err
+    assert "--signature and --unsigned contradict each other: give one" in err and "usage:" not in err
 
 
 def test_push_refuses_a_file_that_is_not_an_image_before_asking_the_daemon(
