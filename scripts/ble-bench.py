@@ -35,6 +35,10 @@ from gatewayd.emulators.lab import CERTFILE, Lab
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "/mnt/host/out")
 HCI_LOG = OUT / "hci.btsnoop"  # btmon -w, started by guest-run before this bench
 WORK = Path("/srv/ota-ble")  # not /tmp (PrivateTmp=yes) nor /root (ProtectHome=yes)
+# the lost-bond scenarios (scripts/test-ble with OTA_BLE_LOST_BOND=1): on Linux 6.1 a race in the
+# kernel can leave a link with no owner while a lost bond is removed (see README), which stalls
+# every later connection of the run, so they are not part of the default stage
+LOST_BOND = "lost_bond=1" in (Path("options").read_text() if Path("options").exists() else "")
 DROPIN = Path("/etc/systemd/system/ota-gatewayd.service.d/50-pypi-bleak.conf")
 PYPI_PYTHON = "/opt/bleak-latest/bin/python"
 FLEET = ["ble-a", "ble-b", "ble-c", "ble-d"]
@@ -277,18 +281,20 @@ def field(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int,
     # has to pair (lock-a, its bond forgotten once more) can never be reached
     restarted = run("systemctl", "restart", "bluetooth")
     bench.wait_for(lambda: "Powered: yes" in run("bluetoothctl", "show").stdout, 30, 1.0)
-    world.peripherals[LOCKS["lock-a"][0]].forget_bonds()
-    ok, what, seconds = update(bench, lab, "lock-a", f"restart-{major}", (major, 8, 0))
+    if LOST_BOND:  # lock-a must pair again through the new bluetoothd
+        world.peripherals[LOCKS["lock-a"][0]].forget_bonds()
+    device = "lock-a" if LOST_BOND else "lock-b"  # else a bonded device with an encrypted link
+    ok, what, seconds = update(bench, lab, device, f"restart-{major}", (major, 8, 0))
     registered = [text(r) for r in bench.journal(since=since) if "pairing agent registered" in text(r)]
-    bench.check(f"{label}: bluetoothd restarted (rc {restarted.returncode}): the agent registers again and a "
-                "device that must pair is updated", ok and len(registered) >= 2,
-                f"{what}; {len(registered)} registrations this phase")
+    bench.check(f"{label}: bluetoothd restarted (rc {restarted.returncode}): the agent registers again and "
+                f"{device} (encrypted link{', bond lost' if LOST_BOND else ''}) is updated",
+                ok and len(registered) >= 2, f"{what}; {len(registered)} registrations this phase")
 
 
 def pairing(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int, since: str) -> None:
     """Devices whose SMP characteristic needs an encrypted link, paired through the daemon's
-    agent (the first bleak's run pairs them; the second finds them bonded); then one of them
-    loses its bond, as a reflash does, and must be paired again."""
+    agent (the first bleak's run pairs them; the second finds them bonded); then, with
+    LOST_BOND, one of them loses its bond, as a reflash does, and must be paired again."""
     image = lab.make_image((major, 3, 0), size=IMAGE_KIB * 1024, seed=f"lock-{label}")
     lab.ota_update(f"lock-{major}", lab.gateway_thing, image, filepath=f"lock-{major}.3.0.bin")
     record = bench.wait_job(lab, lab.gateway_thing, f"lock-{major}", timeout=150)
@@ -300,6 +306,8 @@ def pairing(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: in
                 and all("ok" in p for p in pairings.values()),
                 f"{record.status if record else 'no result'} {running}; pairings seen by the devices {pairings}; "
                 f"agent: {agent[-4:]}")
+    if not LOST_BOND:
+        return
 
     address = LOCKS["lock-a"][0]
     world.peripherals[address].forget_bonds()

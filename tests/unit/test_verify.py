@@ -225,3 +225,17 @@ def test_job_document_signature_made_with_openssl(tmp_path, firmware) -> None:
     digest = verify_file(firmware, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
                          signature=f.signature, certificate=cert, certfile_label=f.certfile)
     assert digest == sha256_file(firmware)
+
+
+def test_the_readme_recipe_for_a_bench_signer_makes_a_signature_push_accepts(tmp_path, firmware) -> None:
+    """README, `push`: a bench's own key and certificate, made and used with openssl alone."""
+    assert shutil.which("openssl"), "the README's recipe needs the openssl command"
+    key, cert, sig = tmp_path / "bench-signer.key", tmp_path / "bench-signer.pem", tmp_path / "fw.bin.sig"
+    for command in (["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+                    ["openssl", "req", "-new", "-x509", "-key", str(key), "-subj", "/CN=bench signer", "-days",
+                     "3650", "-out", str(cert)],
+                    ["openssl", "dgst", "-sha256", "-sign", str(key), "-out", str(sig), str(firmware)]):
+        subprocess.run(command, check=True, capture_output=True)
+    assert verify_file(firmware, signature_algorithm="ecdsa", hash_name="sha256", signature=sig.read_bytes(),
+                       certificate=cert, certfile_label="bench-signer.pem") == hashlib.sha256(
+        firmware.read_bytes()).digest()
