@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -375,3 +376,40 @@ def test_with_json_an_error_is_an_object_on_stdout_too(tmp_path: Path, capsys) -
         assert main(["--config", str(path), *command, "--json"]) == 3
         out = json.loads(capsys.readouterr().out)
         assert out["ok"] is False and out["exit_status"] == 3 and "is not running" in out["error"], command
+
+
+COMPLETION = Path(__file__).resolve().parents[2] / "config" / "bash-completion" / "ota-gatewayctl"
+
+
+def _subcommands(parser: Any) -> dict[str, Any]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_the_bash_completion_knows_every_command_and_option() -> None:
+    from gatewayd.ctl import build_parser
+
+    script = COMPLETION.read_text()
+    commands = _subcommands(build_parser())
+    assert f'local commands="{" ".join(commands)}"' in script
+    for name, parser in commands.items():
+        options = {o for a in parser._actions for o in a.option_strings} - {"-h"}
+        line = next(line for line in script.splitlines() if line.strip().startswith(f"{name})"))
+        assert set(line.split('options="')[1].split('"')[0].split()) == options, name
+    lab_line = next(line for line in script.splitlines() if "compgen -W" in line and "start" in line)
+    assert set(lab_line.split('compgen -W "')[1].split('"')[0].split()) == set(_subcommands(commands["lab"]))
+
+
+def test_the_bash_completion_completes_in_bash(tmp_path: Path) -> None:
+    bash = shutil.which("bash")
+    assert bash, "the completion is for bash"
+    probe = f"""
+_init_completion() {{ cur="${{COMP_WORDS[COMP_CWORD]}}"; prev="${{COMP_WORDS[COMP_CWORD-1]}}";
+                      words=("${{COMP_WORDS[@]}}"); cword=$COMP_CWORD; }}
+_filedir() {{ COMPREPLY=(FILES); }}
+source {COMPLETION}
+for line in "ota-gatewayctl st" "ota-gatewayctl status --j" "ota-gatewayctl --config f push --si" "ota-gatewayctl lab j"; do
+    read -ra COMP_WORDS <<< "$line"; COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); _ota_gatewayctl; echo "${{COMPREPLY[*]}}"
+done
+"""
+    out = subprocess.run([bash, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["status", "--json", "--signature", "job"]
