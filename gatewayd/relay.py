@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transports.link import Link, LinkError, LinkSettings
@@ -75,12 +75,12 @@ class HighWater:
 
     acked: int
     losses: int  # times the device lost the upload, over every attempt
-    saved: int = -1
+    saved: int = field(init=False)  # the mark as stored
     last: int | None = None  # this attempt's last answer
     last_save: float = 0.0
 
     def __post_init__(self) -> None:
-        self.saved = self.acked if self.saved < 0 else self.saved
+        self.saved = self.acked
 
     def lost(self, done: int) -> bool:
         """Whether this answer means the device lost the upload (counted in `losses`)."""
@@ -307,8 +307,9 @@ class DeviceRelay:
             self._log(key, record.phase, "%s not reachable during %s: %s", self.device.name,
                       record.word, error, level=logging.WARNING)
         else:
-            self._set(key, reason=str(error), notify=record.reason != str(error))
             log.debug("%s still not reachable: %s", self.device.name, error)
+            if record.reason != str(error):  # a retry that fails the same way writes nothing
+                self._set(key, reason=str(error))
         return since
 
     def _link_lost(self, key: TransferKey, error: Exception) -> None:
@@ -530,9 +531,8 @@ class DeviceRelay:
         return self._state.transfer(key)
 
     def _advance(self, key: TransferKey, phase: TransferPhase) -> None:
-        """Move to the next phase: the device made progress, so it is not unreachable. Taking
-        the same step again is no progress: a device that lists its images but never answers
-        the test mark or the confirm must still run out of device_timeout."""
+        """Move to the next phase: progress, so the device is not unreachable. The same step again is
+        not (a device that never answers the test mark or the confirm must run out of device_timeout)."""
         if self._record(key).phase is phase:
             return
         self._set(key, phase=phase, unreachable_since=None, reason=None)

@@ -205,13 +205,7 @@ class CloudFiles:
 
     async def _fresh_url(self, job: JobRecord, idx: int) -> str:
         """Presigned URLs expire: AWS IoT mints a new one each time the document is read."""
-        try:
-            execution = await self._cloud.describe(job.thing, job.job_id)
-        except NoReply as e:
-            raise HttpDownloadError(str(e)) from e
-        if execution is None:
-            raise HttpDownloadError(f"job {job.job_id} is no longer available in the cloud")
-        ota = parse_ota(job.job_id, execution.document, self._config())
+        ota = await self._read_again(job, HttpDownloadError)
         url = ota.files[idx].update_data_url if idx < len(ota.files) else None
         if not url:
             raise HttpDownloadError(f"the job document no longer has an update_data_url for files[{idx}]")
@@ -219,19 +213,23 @@ class CloudFiles:
 
     async def _stream_file(self, job: JobRecord, idx: int) -> StreamFile:
         """Where the job document, read again, puts files[idx] (a stream said it changed: case 46)."""
-        try:
-            execution = await self._cloud.describe(job.thing, job.job_id)
-        except NoReply as e:
-            raise DownloadError(str(e)) from e
-        if execution is None:
-            raise DownloadError(f"job {job.job_id} is no longer available in the cloud")
-        try:
-            ota = parse_ota(job.job_id, execution.document, self._config())
-        except JobDocumentError as e:
-            raise DownloadError(f"the job document read again is not usable: {e}") from e
+        ota = await self._read_again(job, DownloadError)
         if idx >= len(ota.files):
             raise DownloadError(f"the job document read again has no files[{idx}]")
         return StreamFile(ota.stream_name or "", ota.files[idx].fileid, ota.files[idx].filesize)
+
+    async def _read_again(self, job: JobRecord, error: type[Exception]) -> OtaJob:
+        """The job's document read again from AWS IoT; what stops that is an `error`."""
+        try:
+            execution = await self._cloud.describe(job.thing, job.job_id)
+        except NoReply as e:
+            raise error(str(e)) from e
+        if execution is None:
+            raise error(f"job {job.job_id} is no longer available in the cloud")
+        try:
+            return parse_ota(job.job_id, execution.document, self._config())
+        except JobDocumentError as e:
+            raise error(f"the job document read again is not usable: {e}") from e
 
     def _forget_download(self, key: FileKey, **values: Any) -> None:
         self._store.discard_part(key)

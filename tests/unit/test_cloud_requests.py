@@ -107,17 +107,21 @@ async def failure_of(call: Any, within: float) -> BaseException:
 # -- one-off reads give up -----------------------------------------------------------------
 
 
-def test_reading_a_job_document_gives_up_after_its_requests_and_says_what_did_not_answer() -> None:
-    connection = StandInConnection()
-
+def _describe_failure(connection: StandInConnection, requests: int) -> BaseException:
+    """How jobs.describe(THING, JOB) ends when `connection` gets no usable answer."""
     async def scenario() -> BaseException:
-        jobs = await served_jobs(connection, describe_requests=3)
+        jobs = await served_jobs(connection, describe_requests=requests)
         try:
             return await failure_of(jobs.describe(THING, JOB), within=3)
         finally:
             await jobs.close()
 
-    error = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_reading_a_job_document_gives_up_after_its_requests_and_says_what_did_not_answer() -> None:
+    connection = StandInConnection()
+    error = _describe_failure(connection, 3)
     assert isinstance(error, NoReply), repr(error)
     assert str(error) == f"AWS IoT did not answer 3 requests for the job document of {JOB} on {THING}"
     assert connection.requests_to(f"$aws/things/{THING}/jobs/{JOB}/get") == 3
@@ -125,15 +129,7 @@ def test_reading_a_job_document_gives_up_after_its_requests_and_says_what_did_no
 
 def test_a_job_document_read_that_is_only_ever_throttled_gives_up_too() -> None:
     connection = StandInConnection(throttled)
-
-    async def scenario() -> BaseException:
-        jobs = await served_jobs(connection, describe_requests=4)
-        try:
-            return await failure_of(jobs.describe(THING, JOB), within=3)
-        finally:
-            await jobs.close()
-
-    error = asyncio.run(scenario())
+    error = _describe_failure(connection, 4)
     assert isinstance(error, NoReply), repr(error)
     assert str(error) == (f"AWS IoT did not answer 4 requests for the job document of {JOB} on {THING} "
                           "(4 answered RequestThrottled)")

@@ -748,20 +748,26 @@ def send_head(sock: socket.socket, status: str, *headers: str) -> None:
     sock.sendall(f"HTTP/1.1 {status}\r\n".encode() + b"".join(f"{h}\r\n".encode() for h in headers) + b"\r\n")
 
 
+def cut_at_half_then_wrong_resume(data: bytes) -> Callable[[dict[str, str], socket.socket], None]:
+    """A server that sends half the file and closes, and answers every resume from byte 0."""
+    def respond(headers: dict[str, str], sock: socket.socket) -> None:
+        if "range" in headers:
+            send_head(sock, "206 Partial Content", f"Content-Range: bytes 0-{len(data) - 1}/{len(data)}",
+                      f"Content-Length: {len(data)}")
+            sock.sendall(data)
+        else:
+            send_head(sock, "200 OK", f"Content-Length: {len(data)}")
+            sock.sendall(data[:len(data) // 2])  # and the connection closes
+
+    return respond
+
+
 def test_cut_at_half_then_a_wrong_resume_range_ends_on_the_high_water_mark(raw_server, tmp_path: Path) -> None:
     # Each round trip makes the file grow to half and start over: progress against the last
     # attempt every other request, none against the most ever on disk.
     data = payload(8000)
 
-    def respond(headers: dict[str, str], sock: socket.socket) -> None:
-        if "range" in headers:
-            send_head(sock, "206 Partial Content", "Content-Range: bytes 0-7999/8000", "Content-Length: 8000")
-            sock.sendall(data)
-        else:
-            send_head(sock, "200 OK", "Content-Length: 8000")
-            sock.sendall(data[:4000])  # and the connection closes
-
-    server = raw_server(respond)
+    server = raw_server(cut_at_half_then_wrong_resume(data))
     out = download(server.url, tmp_path / "f.part", len(data), retry_delay=0.001)
     assert out.error is not None
     assert out.error.reason == (f"{without_query(server.url)}: 127.0.0.1 answered a request for bytes 4000- with "
@@ -773,15 +779,7 @@ def test_cut_at_half_then_a_wrong_resume_range_ends_on_the_high_water_mark(raw_s
 def test_high_water_mark_budget_counts_from_the_last_real_progress(raw_server, tmp_path: Path) -> None:
     data = payload(8000)
 
-    def respond(headers: dict[str, str], sock: socket.socket) -> None:
-        if "range" in headers:
-            send_head(sock, "206 Partial Content", "Content-Range: bytes 0-7999/8000", "Content-Length: 8000")
-            sock.sendall(data)
-        else:
-            send_head(sock, "200 OK", "Content-Length: 8000")
-            sock.sendall(data[:4000])
-
-    server = raw_server(respond)
+    server = raw_server(cut_at_half_then_wrong_resume(data))
     out = download(server.url, tmp_path / "f.part", len(data), retry_delay=0.001, max_attempts=4,
                    progress_step=1000, max_restarts=100)
     assert out.error is not None
