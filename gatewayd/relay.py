@@ -446,27 +446,7 @@ class DeviceRelay:
                       probe_offset: int | None = None) -> None:
         data = await asyncio.get_running_loop().run_in_executor(None, _read_verified, image, self.device.name)
         self._set(key, phase=TransferPhase.UPLOADING, total=len(data))
-        record = self._record(key)
-        marks = HighWater(record.high_water, record.restarts)
-
-        def save(done: int) -> None:
-            self._write(key, done=done, total=len(data), high_water=marks.saving(), unreachable_since=None,
-                        notify=False)
-
-        def progress(done: int, total: int) -> None:
-            self._checkpoint()
-            self.live_progress = (done, total)
-            if marks.lost(done):
-                self._set(key, restarts=marks.losses, notify=False)
-                if marks.losses > MAX_UPLOAD_LOSSES:
-                    raise TransferEnded(TransferPhase.FAILED, marks.failure(self.device.name, total))
-                self._log(key, TransferPhase.UPLOADING, "%s went back to offset %d after %s of the upload (%d of %d "
-                          "losses allowed)", self.device.name, done, marks.about, marks.losses, MAX_UPLOAD_LOSSES,
-                          level=logging.WARNING)
-            marks.answered(done)
-            if marks.save_due(done == total):
-                save(done)
-            self._on_change(key)
+        progress = UploadProgress(self, key, client, len(data))
 
         # a recovery bootloader takes one request at a time; an application as many as its buffers
         window = 1 if probe_offset is not None or self.device.mode == "recovery" else await client.upload_window()
@@ -480,8 +460,7 @@ class DeviceRelay:
         except ValueError as e:  # the device's buffer cannot carry an upload request
             raise TransferEnded(TransferPhase.FAILED, f"cannot upload to {self.device.name}: {e}") from e
         finally:
-            if marks.unsaved:  # however the attempt ended, what the device acknowledged counts
-                save(marks.last if marks.last is not None else marks.acked)
+            progress.settle()
             if client.pipeline_fallbacks > fallbacks:
                 self._log(key, TransferPhase.UPLOADING, "%s gave an unexpected answer to a pipelined upload at "
                           "offset %d; went on one request at a time", self.device.name, client.pipeline_fallback_at,
@@ -549,6 +528,54 @@ class DeviceRelay:
     def _log(self, key: TransferKey, phase: TransferPhase, msg: str, *args: object, level: int = logging.INFO) -> None:
         log.log(level, msg, *args, extra=log_fields(job_id=key.job_id, thing=key.thing, device=key.device,
                                                     phase=phase.word))
+
+
+
+class UploadProgress:
+    """One upload attempt as the relay sees it: each answer from the device is checked against
+    the transfer's high-water mark, saved (at most once a second, and at the end), shown live,
+    and the first answer says where the device took the upload up."""
+
+    def __init__(self, relay: DeviceRelay, key: TransferKey, client: SmpClient, total: int) -> None:
+        self._relay, self._key, self._client, self._total = relay, key, client, total
+        record = relay._record(key)
+        self._marks = HighWater(record.high_water, record.restarts)
+
+    def __call__(self, done: int, total: int) -> None:
+        relay, marks = self._relay, self._marks
+        relay._checkpoint()
+        relay.live_progress = (done, total)
+        if marks.last is None:
+            self._first_answer()
+        if marks.lost(done):
+            relay._set(self._key, restarts=marks.losses, notify=False)
+            if marks.losses > MAX_UPLOAD_LOSSES:
+                raise TransferEnded(TransferPhase.FAILED, marks.failure(relay.device.name, total))
+            relay._log(self._key, TransferPhase.UPLOADING, "%s went back to offset %d after %s of the upload (%d of "
+                       "%d losses allowed)", relay.device.name, done, marks.about, marks.losses, MAX_UPLOAD_LOSSES,
+                       level=logging.WARNING)
+        marks.answered(done)
+        if marks.save_due(done == total):
+            self._save(done)
+        relay._on_change(self._key)
+
+    def settle(self) -> None:
+        """However the attempt ended, what the device acknowledged counts."""
+        if self._marks.unsaved:
+            self._save(self._marks.last if self._marks.last is not None else self._marks.acked)
+
+    def _save(self, done: int) -> None:
+        self._relay._write(self._key, done=done, total=self._total, high_water=self._marks.saving(),
+                           unreachable_since=None, notify=False)
+
+    def _first_answer(self) -> None:
+        at = self._client.resumed_at
+        if not at:  # from the start: a fresh upload, or a lost one (warned about as a loss)
+            return
+        again = self._marks.acked - at
+        self._relay._log(self._key, TransferPhase.UPLOADING, "%s resumed the upload at offset %d of %d%s",
+                         self._relay.device.name, at, self._total,
+                         f" ({again} bytes it had acknowledged are sent again)" if again > 0 else "")
 
 
 def _read_verified(image: RelayImage, device: str) -> bytes:

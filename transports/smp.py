@@ -348,6 +348,7 @@ class SmpClient:
         self.stale_discarded = 0
         self.pipeline_fallbacks = 0  # uploads that went on one request at a time after trouble
         self.pipeline_fallback_at = 0  # the device's offset when the last one did
+        self.resumed_at: int | None = None  # where the last upload's device took it up (0: from the start)
         # the device's answer to params: (buf_size, buf_count), None if it has no such command
         self._params: tuple[int, int] | None | _NotAsked = NOT_ASKED
 
@@ -497,6 +498,7 @@ class SmpClient:
         off = probe_offset or 0
         stalls = 0
         guard = UploadGuard.for_image(total, limit)
+        self.resumed_at = None
         while True:
             if window > 1 and off > 0:
                 off, done = await self._pipelined(view, off, limit, window, first, progress, guard)
@@ -513,6 +515,8 @@ class SmpClient:
             rsp = await self.request(Op.WRITE, Group.IMAGE, ImageCmd.UPLOAD, fields, timeout=timeout)
             answered = _upload_answer(rsp, total, first)
             guard.answered(answered)
+            if self.resumed_at is None:  # the first answer: the device took our chunk, or says what it has
+                self.resumed_at = off if answered == off + n else answered
             stalls = stalls + 1 if answered <= off else 0
             if stalls >= MAX_STALLS:
                 raise SmpError(None, Group.IMAGE, f"upload is not progressing: the device keeps answering offset "

@@ -71,6 +71,8 @@ def test_sigkill_mid_upload_resumes_from_the_device_offset(lab):
     _report("sigkill", image=len(image), killed_at=at_kill, chunk=dev.upload_chunk_max, resent=_resent(dev, image))
     assert _resent(dev, image) <= 2 * dev.upload_chunk_max
     assert len(_sessions(dev)) == 1  # resumed through the sha session, never restarted at 0
+    resumed = re.findall(r"pump resumed the upload at offset (\d+) of (\d+)", lab.daemon_log())
+    assert len(resumed) == 1 and at_kill <= int(resumed[0][0]) < len(image) == int(resumed[0][1])
 
 
 @pytest.mark.parametrize("fault", ["absent-3s", "drop-link"])

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -261,28 +263,41 @@ def test_an_image_already_uploaded_goes_straight_to_the_test_boot(tmp_path: Path
     assert bench.uploads() == 0
 
 
-def drop_link_at_upload(bench: Bench, nth: int) -> None:
-    """The link drops as the `nth` upload request goes out (once)."""
+def drop_link_at_upload(bench: Bench, nth: int) -> list[int]:
+    """The link drops just after the `nth` upload request went out (once); returns [the offset
+    the device has once it took that request]."""
     uploads = 0
+    dropped_at: list[int] = []
 
     def drop(packet: bytes) -> bytes | None:
         nonlocal uploads
         if is_request(packet, 1, 1):
             uploads += 1
             if uploads == nth:
+                request = cbor2.loads(packet[8:])
+                dropped_at.append(request["off"] + len(request["data"]))
                 bench.link.drop()
         return None
 
     bench.link.intercept = drop
+    return dropped_at
 
 
-def test_a_dropped_link_resumes_from_the_device_offset(tmp_path: Path) -> None:
+def test_a_dropped_link_resumes_from_the_device_offset(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bench = Bench(tmp_path, image=NEW)
-    drop_link_at_upload(bench, 10)
+    dropped_at = drop_link_at_upload(bench, 10)
+    caplog.set_level(logging.INFO, "gatewayd.relay")
     record = run(bench.run())
     assert record.phase is TransferPhase.SUCCEEDED and bench.device.active_image() == NEW
     assert bench.link.opens >= 2
     assert bench.device.upload_bytes_received - len(NEW) <= bench.device.upload_chunk_max  # one chunk again
+    assert dropped_at[0] > 0 and resume_offsets(caplog) == dropped_at  # the log names where it went on
+
+
+def resume_offsets(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """The offsets in the relay's "resumed the upload at offset N of M" lines."""
+    found = [re.search(r"resumed the upload at offset (\d+) of (\d+)", r.getMessage()) for r in caplog.records]
+    return [int(m.group(1)) for m in found if m]
 
 
 def test_an_image_our_ended_update_left_pending_is_settled_before_the_upload(tmp_path: Path) -> None:
@@ -513,7 +528,9 @@ def test_recovery_holding_the_image_already_only_boots_it(tmp_path: Path) -> Non
     assert bench.device.boot_count == 1
 
 
-def test_recovery_resumes_an_upload_through_the_offset_probe(tmp_path: Path) -> None:
+def test_recovery_resumes_an_upload_through_the_offset_probe(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "gatewayd.relay")
     bench = Bench(tmp_path, recovery=True, mode="recovery")
     drop_link_at_upload(bench, 10)
     record = run(bench.run())
@@ -521,6 +538,7 @@ def test_recovery_resumes_an_upload_through_the_offset_probe(tmp_path: Path) -> 
     assert bench.device.upload_bytes_received - len(NEW) <= 2 * bench.device.upload_chunk_max
     restarts = [e for e in bench.device.events if e.startswith("recovery: upload restarted")]
     assert len(restarts) == 1  # the first chunk; the probe after the drop continued the upload
+    assert len(resume_offsets(caplog)) == 1 and 0 < resume_offsets(caplog)[0] < len(NEW)
 
 
 def test_recovery_that_loses_the_image_at_the_reset_fails(tmp_path: Path) -> None:
