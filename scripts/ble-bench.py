@@ -63,6 +63,8 @@ def fleet(lab: Lab, world: HostStackBench) -> None:
     for name in FLEET:
         reassembly = name != "ble-d"
         link = {"reassembly": True} if reassembly else {}
+        if name == "ble-b":  # the stuck-adapter check counts its failed connection attempts
+            link["connect_timeout"] = 10.0
         device = lab.add_ble_device(name, ADDRESSES[name], thing_name=name if name in ("ble-a", "ble-b") else None,
                                     files="ble-*", link=link, buf_size=2475, reset_delay=0.5, boot_banner=False,
                                     response_delay=0.02)  # a flash write per request: requests queue up
@@ -277,6 +279,9 @@ def field(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int,
     bench.check(f"{label}: the adapter powered off and on mid-upload: the daemon carries on",
                 ok and "upload cut at" in what, what)
 
+    if major == 2:  # the daemon's own D-Bus calls, whatever the bleak: once is enough
+        stuck(bench, lab, world, label, major)
+
     # bluetoothd restarted: the daemon's pairing agent must register again, or a device that
     # has to pair (lock-a, its bond forgotten once more) can never be reached
     restarted = run("systemctl", "restart", "bluetooth")
@@ -289,6 +294,27 @@ def field(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int,
     bench.check(f"{label}: bluetoothd restarted (rc {restarted.returncode}): the agent registers again and "
                 f"{device} (encrypted link{', bond lost' if LOST_BOND else ''}) is updated",
                 ok and len(registered) >= 2, f"{what}; {len(registered)} registrations this phase")
+
+
+def stuck(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int) -> None:
+    """The controller takes a connection attempt and never finishes it, where Linux 6.1 is
+    left by a cancel that crosses a completing connection: every later attempt waits behind
+    it. The daemon must notice, power the adapter off and on, and update the device."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    resets = world.resets
+    world.stick_connections()
+    ok, what, seconds = update(bench, lab, "ble-b", f"stuck-{major}", (major, 7, 5))
+    cycled = [text(r) for r in bench.journal(since=since) if "powering it off and on" in text(r)
+              or "powered off and on again" in text(r) or "cannot power" in text(r)]
+    bench.check(f"{label}: the adapter stuck on a connection that never ends is powered off and on by the daemon, "
+                "and the update goes through", ok and not world.stuck and world.resets > resets
+                and any("powered off and on again" in line for line in cycled),
+                f"{what}; {world.stuck_attempts} connection attempts stuck or refused, {world.resets - resets} HCI "
+                f"resets; log: {cycled[-2:]}")
+    if world.stuck:  # the daemon did not recover it: free the controller for the checks that follow
+        world.stuck = False
+        run("bluetoothctl", "power", "off")
+        run("bluetoothctl", "power", "on")
 
 
 def pairing(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: int, since: str) -> None:

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from transports.ble_adapter import AdapterWatch
 from transports.bluez_agent import BluezAgent, device_path
 from transports.framing import SMP_HEADER_SIZE, PacketAssembler
 from transports.link import DEFAULT_CONNECT_TIMEOUT, Inbox, LinkError
@@ -88,6 +89,27 @@ def _cancelled_by_caller() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+async def measured_write_size(client: Any, char: Any, name: str) -> int:
+    """ATT_MTU − 3 as bleak reports it, or when that says 20, as the acquired MTU says."""
+    size = int(getattr(char, "max_write_without_response_size", 0) or 0)
+    if size <= MIN_WRITE:
+        backend = getattr(client, "_backend", client)
+        acquire = getattr(backend, "_acquire_mtu", None)
+        if acquire is not None:
+            try:
+                await acquire()
+            except Exception as e:  # noqa: BLE001 - best effort, 20 bytes still works
+                log.debug("%s: _acquire_mtu failed: %r", name, e)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BlueZ: "Using default MTU value"
+            mtu = getattr(client, "mtu_size", 0) or 0
+            reported = int(getattr(char, "max_write_without_response_size", 0) or 0)
+        size = max(size, reported, int(mtu) - 3)
+        log.info("%s: bleak reported %d-byte writes; the ATT MTU is %d, so %d", name, MIN_WRITE, mtu,
+                 min(max(size, MIN_WRITE), MAX_WRITE))
+    return min(max(size, MIN_WRITE), MAX_WRITE)
+
+
 class BleLink:
     """A Link to one SMP device over BLE.
 
@@ -125,6 +147,7 @@ class BleLink:
         agent: BluezAgent | None = None,
         advertised_name: str | None = None,
         find_address: AddressFinder | None = None,
+        adapter_watch: AdapterWatch | None = None,
     ) -> None:
         # the address: configured, or found by scanning for the advertised name before each
         # connection that has none (boards with random static addresses get a new one per reflash)
@@ -143,6 +166,8 @@ class BleLink:
         self._slots = connection_slots
         self._slot_held = False
         self._slot_client: Any = None  # the client whose connection holds the slot
+        self._watch = adapter_watch
+        self._up_client: Any = None  # the client whose connection the watch counts as up
         self._client: Any = None
         self._char: Any = None
         self._write_size: int | None = None  # of the current or last connection
@@ -188,6 +213,7 @@ class BleLink:
                 await self._slots.acquire()
                 self._slot_held = True
             client: Any = None
+            connect_failed = False
             links_up = self._links_up()
             try:
                 if self.address is None:
@@ -202,8 +228,13 @@ class BleLink:
                     timeout=self.connect_timeout,
                     adapter=self.adapter,
                 )
-                async with asyncio.timeout(self.connect_timeout + CONNECT_MARGIN):
-                    await self._guard(client.connect(), "cannot connect")
+                try:
+                    async with asyncio.timeout(self.connect_timeout + CONNECT_MARGIN):
+                        await self._guard(client.connect(), "cannot connect")
+                except Exception:
+                    connect_failed = True
+                    raise
+                self._link_up(client)
                 char = client.services.get_characteristic(SMP_CHARACTERISTIC_UUID)
                 if char is None:
                     raise LinkError(f"cannot open {self.name}: the device has no SMP characteristic")
@@ -233,6 +264,8 @@ class BleLink:
                         await self._quietly(self._agent.disconnect(self.adapter, self.address))
                 finally:
                     self._release_slot()
+                if connect_failed and self._watch is not None:
+                    await self._watch.connect_failed(self.adapter, self.name)
                 try:
                     if not isinstance(e, Exception):
                         raise
@@ -325,23 +358,7 @@ class BleLink:
             return min(max(self.mtu - 3, MIN_WRITE), MAX_WRITE)
         if self._small_writes:
             return MIN_WRITE
-        size = int(getattr(char, "max_write_without_response_size", 0) or 0)
-        if size <= MIN_WRITE:
-            backend = getattr(client, "_backend", client)
-            acquire = getattr(backend, "_acquire_mtu", None)
-            if acquire is not None:
-                try:
-                    await acquire()
-                except Exception as e:  # noqa: BLE001 - best effort, 20 bytes still works
-                    log.debug("%s: _acquire_mtu failed: %r", self.name, e)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # BlueZ: "Using default MTU value"
-                mtu = getattr(client, "mtu_size", 0) or 0
-                reported = int(getattr(char, "max_write_without_response_size", 0) or 0)
-            size = max(size, reported, int(mtu) - 3)
-            log.info("%s: bleak reported %d-byte writes; the ATT MTU is %d, so %d", self.name, MIN_WRITE, mtu,
-                     min(max(size, MIN_WRITE), MAX_WRITE))
-        return min(max(size, MIN_WRITE), MAX_WRITE)
+        return await measured_write_size(client, char, self.name)
 
     async def close(self) -> None:
         client, char = self._client, self._char
@@ -431,8 +448,17 @@ class BleLink:
         self._assembler.clear()
         self._inbox.fail(error)
 
+    def _link_up(self, client: Any) -> None:
+        if self._watch is not None:
+            self._watch.link_up(self.adapter)
+            self._up_client = client
+
     def _release_slot(self, client: Any = None) -> None:
         """Give the connection slot back (`client`: only if its connection is the one holding it)."""
+        if self._up_client is not None and (client is None or client is self._up_client):
+            self._up_client = None
+            if self._watch is not None:
+                self._watch.link_down(self.adapter)
         if self._slot_held and self._slots is not None and (client is None or client is self._slot_client):
             self._slot_held = False
             self._slot_client = None

@@ -34,6 +34,7 @@ REJECTED = "org.bluez.Error.Rejected"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")  # destination, path, interface
 AGENT_MANAGER = (BLUEZ, "/org/bluez", "org.bluez.AgentManager1")
 CALL_TIMEOUT = 25.0  # seconds for one D-Bus call: libdbus's own default, which dbus-fast does not apply
+POWER_TIMEOUT = 10.0  # seconds for an adapter to say it is powered off, or on
 _DEVICE_PATH = re.compile(r"^/org/bluez/[^/]+/dev_((?:[0-9A-F]{2}_){5}[0-9A-F]{2})$")
 
 
@@ -236,6 +237,30 @@ class BluezAgent:
         if not (catch_link_within > 0 and await self._next_link(path, catch_link_within)):
             await self.disconnect(adapter, address)
         await self._call(BLUEZ, f"/org/bluez/{adapter}", "org.bluez.Adapter1", "RemoveDevice", "o", [path])
+
+    async def power_cycle(self, adapter: str, timeout: float = POWER_TIMEOUT) -> None:
+        """Power the adapter off and on through BlueZ, each within `timeout` seconds
+        (transports.ble_adapter says when); RuntimeError naming what failed."""
+        if (self._bus is None or not self._bus.connected) and not await self.ensure(CALL_TIMEOUT):
+            raise RuntimeError("no D-Bus connection to BlueZ")
+        for powered in (False, True):
+            await self._set_powered(adapter, powered, timeout)
+
+    async def _set_powered(self, adapter: str, powered: bool, timeout: float) -> None:
+        from dbus_fast import Variant
+
+        path = f"/org/bluez/{adapter}"
+        await self._call(BLUEZ, path, "org.freedesktop.DBus.Properties", "Set", "ssv",
+                         ["org.bluez.Adapter1", "Powered", Variant("b", powered)])
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:  # BlueZ answers the Set before the kernel is done
+            reply = await self._call(BLUEZ, path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                                     ["org.bluez.Adapter1", "Powered"])
+            if bool(reply.body[0].value) == powered:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"{adapter} still says Powered: {not powered} after {timeout:g} s")
+            await asyncio.sleep(0.2)
 
     async def _next_link(self, path: str, timeout: float) -> bool:
         """Whether BlueZ says the device's link is up within `timeout` seconds."""

@@ -11,21 +11,25 @@ from __future__ import annotations
 import asyncio
 
 from transports.ble import BleLink
+from transports.ble_adapter import AdapterWatch
 from transports.bluez_agent import BluezAgent
 from transports.link import Link, LinkSettings, UartSettings
 from transports.uart import UartLink
 
 
 class LinkFactory:
-    """Builds links; BLE links share `max_ble_connections` connection slots and one pairing agent."""
+    """Builds links; BLE links share `max_ble_connections` connection slots, one pairing agent
+    and the watch that power-cycles an adapter stuck on a connection."""
 
     def __init__(self, max_ble_connections: int = 3) -> None:
         self._ble_slots = asyncio.Semaphore(max_ble_connections)
         self._agent = BluezAgent()
+        self._adapters = AdapterWatch(self._agent.power_cycle)
 
     def __call__(self, settings: LinkSettings) -> Link:
         if isinstance(settings, UartSettings):
             return UartLink(settings.port, settings.baudrate, line_delay=settings.line_delay)
         return BleLink(settings.address, adapter=settings.adapter, reassembly=settings.reassembly,
                        connect_timeout=settings.connect_timeout, mtu=settings.mtu, connection_slots=self._ble_slots,
-                       passkey=settings.passkey, agent=self._agent, advertised_name=settings.advertised_name)
+                       passkey=settings.passkey, agent=self._agent, advertised_name=settings.advertised_name,
+                       adapter_watch=self._adapters)

@@ -47,7 +47,7 @@ from bumble.core import TimeoutError as BumbleTimeoutError
 from bumble.device import Connection, Device, Peer
 from bumble.gatt import (GATT_CLIENT_CHARACTERISTIC_CONFIGURATION_DESCRIPTOR, Characteristic, CharacteristicValue,
                          Descriptor, Service)
-from bumble import hci
+from bumble import hci, ll
 from bumble.hci import Address, LeFeatureMask
 from bumble.host import Host
 from bumble.keys import MemoryKeyStore
@@ -904,6 +904,13 @@ class HostStackBench:
       that bumble never sends, and its HCI command queue wedges.
     `connections` counts the peripherals' connections at each moment; `max_connections` is
     the most there ever were at once.
+
+    A fault: `stick_connections()` makes the controller accept the next LE connection attempt
+    and never finish it, and answer its cancel with Command Disallowed, so every later attempt
+    is refused as one more while one is pending, until the host resets the controller (HCI
+    Reset, which Linux sends as it powers an adapter on). This is where Linux 6.1 is left when
+    its cancel crosses a connection that completes (README); a wedged controller is the same.
+    An HCI Reset also drops every link, as a real controller's does; bumble's keeps them.
     """
 
     def __init__(self, transport: str = "vhci:/dev/vhci", address: str = "F0:F0:F0:F0:F0:01",
@@ -914,6 +921,9 @@ class HostStackBench:
         self.link = LocalLink()
         self.peripherals: dict[str, BlePeripheral] = {}
         self.max_connections = 0
+        self.stuck = False  # the controller is (or will be, at the next attempt) stuck on a connection
+        self.stuck_attempts = 0  # LE connection attempts it took and never finished, or refused, while stuck
+        self.resets = 0  # HCI Resets the host sent
         self._transport: Any = None
         self._controller: Controller | None = None
 
@@ -931,6 +941,42 @@ class HostStackBench:
                                     | LeFeatureMask.LL_PRIVACY)
         controller.le_acl_data_packet_length = self.acl_length
         self._controller = controller
+        self._install_faults(controller)
+
+    def stick_connections(self) -> None:
+        """From the next LE connection attempt on, none completes until an HCI Reset."""
+        self.stuck = True
+
+    def _install_faults(self, controller: Controller) -> None:
+        create, cancel, reset = (controller.on_hci_le_create_connection_command,
+                                 controller.on_hci_le_create_connection_cancel_command, controller.on_hci_reset_command)
+
+        def on_create(command: Any) -> Any:
+            if not self.stuck:
+                return create(command)
+            self.stuck_attempts += 1  # the first is taken and never finished; later ones are one too many
+            status = hci.HCI_ErrorCode.COMMAND_DISALLOWED_ERROR if self.stuck_attempts > 1 else \
+                hci.HCI_COMMAND_STATUS_PENDING
+            controller._send_hci_command_status(status, command.op_code)
+            return None
+
+        def on_cancel(command: Any) -> Any:
+            if self.stuck:
+                return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.COMMAND_DISALLOWED_ERROR)
+            return cancel(command)
+
+        def on_reset(command: Any) -> Any:
+            self.resets += 1
+            self.stuck = False
+            controller.pending_le_connection = None
+            for connection in list(controller.le_connections.values()):
+                connection.send_ll_control_pdu(ll.TerminateInd(hci.HCI_ErrorCode.CONNECTION_TIMEOUT_ERROR))
+                del controller.le_connections[connection.peer_address]
+            return reset(command)
+
+        controller.on_hci_le_create_connection_command = on_create  # type: ignore[method-assign]
+        controller.on_hci_le_create_connection_cancel_command = on_cancel  # type: ignore[method-assign]
+        controller.on_hci_reset_command = on_reset  # type: ignore[method-assign]
 
     async def add(self, device: EmulatedDevice, address: str, *, mtu: int = 517, reassembly: bool = True,
                   max_write: int | None = None, encrypted: bool = False, passkey: int | None = None,

@@ -898,3 +898,35 @@ async def test_a_device_found_by_name_that_lost_its_bond_is_handled_like_one_wit
     with pytest.raises(LinkError, match="lost its bond"):
         await link.open()
     assert agent.forgotten == [address] and link.address is None  # found again at the next open
+
+
+@async_test
+async def test_links_report_failed_connections_to_the_adapter_watch_and_an_open_link_holds_it_off() -> None:
+    from transports.ble_adapter import AdapterWatch
+
+    cycled: list[str] = []
+
+    async def power_cycle(adapter: str) -> None:
+        cycled.append(adapter)
+
+    watch = AdapterWatch(power_cycle, stuck_after=3)
+    bench = BleBench()
+    here = await bench.add(make_device())
+    away = await bench.add(EmulatedDevice("gone", slot0=RUNNING, boot_banner=False))
+    await away.set_absent(True)
+    up = BleLink(here.address, client_factory=bench.client_factory, connect_timeout=1.0, adapter_watch=watch)
+    down = BleLink(away.address, client_factory=bench.client_factory, connect_timeout=0.2, adapter_watch=watch)
+    try:
+        await up.open()
+        for _ in range(4):
+            with pytest.raises(LinkError):
+                await down.open()
+        assert cycled == []  # our link to the other device is up: a power cycle would cut it
+        await up.close()
+        with pytest.raises(LinkError):
+            await down.open()
+        assert cycled == ["hci0"]
+    finally:
+        await up.close()
+        await down.close()
+        await bench.close()

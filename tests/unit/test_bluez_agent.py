@@ -161,3 +161,58 @@ def test_a_bluetoothd_that_never_answers_a_call_ends_it_with_a_reason(monkeypatc
     agent._bus = SilentBus()
     with pytest.raises(RuntimeError, match="RemoveDevice: org.bluez did not answer within 0.1 s"):
         asyncio.run(asyncio.wait_for(agent.forget("hci0", "F0:00:00:00:00:11"), 5))
+
+
+class _AdapterBus:
+    """BlueZ's Adapter1 Powered property on a fake bus: a Set takes effect two Gets later, as
+    BlueZ answers the Set before the kernel has powered the adapter off or on."""
+
+    connected = True
+
+    def __init__(self, stays_on: bool = False) -> None:
+        self.powered = True
+        self.target = True
+        self.gets_until_done = 0
+        self.stays_on = stays_on
+        self.calls: list[str] = []
+
+    async def call(self, message: object) -> object:
+        from dbus_fast import MessageType
+
+        member, body = message.member, message.body  # type: ignore[attr-defined]
+        assert message.path == "/org/bluez/hci1" and body[0] == "org.bluez.Adapter1"  # type: ignore[attr-defined]
+        if member == "Set":
+            self.calls.append(f"Set Powered {body[2].value}")
+            self.target, self.gets_until_done = body[2].value, 2
+            return _Reply(MessageType.METHOD_RETURN, [])
+        self.gets_until_done -= 1
+        if self.gets_until_done <= 0 and not (self.stays_on and self.target is False):
+            self.powered = self.target
+        return _Reply(MessageType.METHOD_RETURN, [_Value(self.powered)])
+
+
+class _Reply:
+    def __init__(self, message_type: object, body: list[object]) -> None:
+        self.message_type, self.body = message_type, body
+
+
+class _Value:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+def test_power_cycle_sets_the_adapter_off_then_on_and_waits_for_each() -> None:
+    pytest.importorskip("dbus_fast")
+    agent, bus = BluezAgent(), _AdapterBus()
+    agent._bus = bus
+    asyncio.run(asyncio.wait_for(agent.power_cycle("hci1"), 5))
+    assert bus.calls == ["Set Powered False", "Set Powered True"] and bus.powered is True
+
+
+def test_an_adapter_that_does_not_power_off_ends_the_power_cycle_with_a_reason() -> None:
+    pytest.importorskip("dbus_fast")
+    agent, bus = BluezAgent(), _AdapterBus(stays_on=True)
+    agent._bus = bus
+    with pytest.raises(RuntimeError, match="hci1 still says Powered: True after 0.5 s"):
+        asyncio.run(asyncio.wait_for(agent.power_cycle("hci1", timeout=0.5), 5))
+    assert bus.calls == ["Set Powered False"]
