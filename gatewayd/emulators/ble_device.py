@@ -218,6 +218,9 @@ class BlePeripheral:
         # firmware that lays its attribute table out anew with each image: a vendor service comes
         # and goes in front of SMP, so a central's cached table points at the wrong handles
         self.tables_change = tables_change
+        # False: the next layouts have no GATT service, so neither Service Changed nor a Database
+        # Hash tells a central that its cached table is out of date (Zephyr without CONFIG_BT_GATT_CACHING)
+        self.gatt_caching = True
         self._table_image: bytes | None = None
         self.smp_handles: list[int] = [self.characteristic.handle]  # per layout
         self.ble.on("connection", self._on_connection)
@@ -417,14 +420,15 @@ class BlePeripheral:
         server.attributes.clear()
         server.attributes_by_handle.clear()
         server.services.clear()
-        self.ble.add_default_services()  # GAP, and GATT with Service Changed and the Database Hash
+        # GAP, and GATT with Service Changed and the Database Hash unless gatt_caching is off
+        self.ble.add_default_services(add_gatt_service=self.gatt_caching)
         if len(self.smp_handles) % 2:
             server.add_service(Service(VENDOR_SERVICE_UUID, [Characteristic(
                 VENDOR_CHARACTERISTIC_UUID, Characteristic.Properties.READ, Characteristic.READABLE, b"v")]))
         server.add_service(Service(SMP_SERVICE_UUID, [self.characteristic]))
         self.smp_handles.append(self.characteristic.handle)
         self._event(f"new attribute table for the running image: SMP characteristic at handle "
-                    f"{self.characteristic.handle}")
+                    f"{self.characteristic.handle}" + ("" if self.gatt_caching else ", no GATT service"))
 
     # --- SMP over GATT ----------------------------------------------------------------------
 
