@@ -298,6 +298,38 @@ def tls_context(ca_file: str, cert_file: str, key_file: str, port: int) -> ssl.S
     return ctx
 
 
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Where and how the client connects: the settings a reload may change while it runs
+    (`MqttClient.reconfigure`). The client id is not among them: it is who we are."""
+
+    host: str
+    port: int
+    ca_file: str
+    cert_file: str
+    key_file: str
+    keepalive: int = 60
+
+    @classmethod
+    def of(cls, *, host: str, port: int, ca_file: str | Any, cert_file: str | Any, key_file: str | Any,
+           keepalive: int = 60) -> ConnectionSettings:
+        """Settings from configuration values (paths may be Path objects)."""
+        return cls(host, int(port), str(ca_file), str(cert_file), str(key_file), int(keepalive))
+
+    def tls(self) -> ssl.SSLContext:
+        """The TLS context of these files; raises MqttError if they cannot be loaded."""
+        return tls_context(self.ca_file, self.cert_file, self.key_file, self.port)
+
+    def failure(self, exc: BaseException | str | None) -> str:
+        """Why connecting with these settings failed, in one sentence (see connection_failure)."""
+        return connection_failure(exc, self.host, self.port, self.ca_file, self.cert_file)
+
+    def connect_async(self, client: paho.Client, protocol: str) -> None:
+        """Have paho's network thread connect `client` with these settings (a clean session)."""
+        kwargs: dict[str, Any] = {"clean_start": True} if protocol == "v5" else {}
+        client.connect_async(self.host, self.port, self.keepalive, **kwargs)
+
+
 @dataclass
 class _Backoff:
     """The wait before each reconnect: `least` doubling to `most`, each drawn from [d/2, d]."""
@@ -380,6 +412,35 @@ class _Acks:
             if publishes_too:
                 self._early.clear()
         return [a for _, a in lost]
+
+    async def restored(self, sent: list[tuple[list[tuple[str, int]], int | None]],
+                       new_future: Callable[[], asyncio.Future[Any]], current: Callable[[], bool]) -> bool:
+        """Wait for the SUBACKs of the subscriptions restored on connect (`sent`: each batch and
+        its mid, None if refused), logging each refusal. False as soon as that connection is
+        gone (`current()` turns false): nothing more is to be done for it."""
+        waits: list[tuple[list[tuple[str, int]], int, asyncio.Future[Any], Any]] = []
+        for batch, mid in sent:  # register every mid first: none may linger in _early
+            if mid is not None:
+                fut = new_future()
+                waits.append((batch, mid, fut, self.register(mid, _Ack("subscribe", fut))))
+        try:
+            for batch, _mid, fut, early in waits:
+                if not current():
+                    return False
+                try:
+                    results = early if early is not None else await asyncio.wait_for(fut, _ACK_TIMEOUT)
+                except (asyncio.TimeoutError, MqttError) as e:
+                    if not current():
+                        return False
+                    log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch],
+                              str(e) or "no SUBACK")
+                    continue
+                for (flt, _), res in zip(batch, results or []):
+                    if not res.ok:
+                        log.error("broker refused subscription to %s: %s", flt, res.reason)
+        finally:
+            self.settle_subscribes([mid for _, mid, _, _ in waits], connection_gone=not current())
+        return current()
 
     def settle_subscribes(self, mids: list[int], connection_gone: bool) -> None:
         """After restoring subscriptions: SUBACKs of a dead connection will never come; a late
@@ -477,16 +538,12 @@ class MqttClient:
             protocol = "v5" if hasattr(paho, "MQTTv5") else "v311"
         if protocol not in ("v5", "v311"):
             raise ValueError(f"protocol must be 'v5' or 'v311', not {protocol!r}")
-        self.host = host
-        self.port = int(port)
+        self.settings = ConnectionSettings.of(host=host, port=port, ca_file=ca_file, cert_file=cert_file,
+                                              key_file=key_file, keepalive=keepalive)
         self.client_id = client_id
         self.protocol = protocol
-        self._ca_file = str(ca_file)
-        self._cert_file = str(cert_file)
-        self._key_file = str(key_file)
-        self._keepalive = keepalive
         self._backoff = _Backoff(reconnect_min_delay, reconnect_max_delay)
-        self.trouble = ConnectionTrouble(host, self.port)  # why it is not connected, if known
+        self.trouble = ConnectionTrouble(host, self.settings.port)  # why it is not connected, if known
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
@@ -522,7 +579,7 @@ class MqttClient:
         self._stopping = False
         client = _new_paho(self.client_id, self.protocol)
         client.suppress_exceptions = True
-        client.tls_set_context(tls_context(self._ca_file, self._cert_file, self._key_file, self.port))
+        client.tls_set_context(self.settings.tls())
         client.on_connect = _adapt_connect(self._cb_connect)
         client.on_disconnect = _adapt_disconnect(self._cb_disconnect)
         client.on_connect_fail = self._cb_connect_fail
@@ -535,12 +592,9 @@ class MqttClient:
         client.gw_stop = self._stop_event = threading.Event()
         self._client = client
         self._set_reconnect_delay(count=False)
-        kwargs: dict[str, Any] = {}
-        if self.protocol == "v5":
-            kwargs["clean_start"] = True
-        client.connect_async(self.host, self.port, self._keepalive, **kwargs)
+        self.settings.connect_async(client, self.protocol)
         client.loop_start()
-        log.info("connecting to %s:%d as %s (MQTT %s)", self.host, self.port, self.client_id,
+        log.info("connecting to %s:%d as %s (MQTT %s)", self.settings.host, self.settings.port, self.client_id,
                  "5" if self.protocol == "v5" else "3.1.1")
 
     async def stop(self) -> None:
@@ -707,7 +761,7 @@ class MqttClient:
             self._backoff.attempt = 0
             self._connected = True  # before the snapshot below: see _resubscribe
             self._generation += 1
-            log.info("connected to %s:%d", self.host, self.port)
+            log.info("connected to %s:%d", self.settings.host, self.settings.port)
             sent = self._resubscribe()
             _call_soon(self._loop, self._after_connect_soon, self._generation, sent)
         except Exception:  # noqa: BLE001
@@ -725,7 +779,8 @@ class MqttClient:
             if was:
                 log.warning("connection lost (%s); reconnecting in %.1f s", res.reason, delay)
             else:  # closed before CONNACK: the cause is in what paho logged (a TLS alert, say)
-                self.trouble.failed(self._failure(getattr(self._client, "gw_log_error", None) or res.reason), delay)
+                logged = getattr(self._client, "gw_log_error", None)
+                self.trouble.failed(self.settings.failure(logged or res.reason), delay)
         except Exception:  # noqa: BLE001
             log.exception("on_disconnect failed")
 
@@ -748,7 +803,7 @@ class MqttClient:
             if self._stopping:
                 return
             delay = self._set_reconnect_delay()
-            self.trouble.failed(self._failure(getattr(self._client, "gw_last_error", None)), delay)
+            self.trouble.failed(self.settings.failure(getattr(self._client, "gw_last_error", None)), delay)
         except Exception:  # noqa: BLE001
             log.exception("on_connect_fail failed")
 
@@ -763,11 +818,8 @@ class MqttClient:
             _call_soon(self._loop, self._on_disconnected)
             log.warning("connection lost (%s: %s); reconnecting in %.1f s", type(exc).__name__, exc, delay)
         else:
-            self.trouble.failed(self._failure(exc), delay)
+            self.trouble.failed(self.settings.failure(exc), delay)
         return delay
-
-    def _failure(self, exc: BaseException | None) -> str:
-        return connection_failure(exc, self.host, self.port, self._ca_file, self._cert_file)
 
     def _cb_publish(self, mid: int, res: Result) -> None:
         self._ack(mid, res)
@@ -810,30 +862,8 @@ class MqttClient:
 
     async def _after_connect(self, generation: int, sent: list[tuple[list[tuple[str, int]], int | None]]) -> None:
         """Wait for the SUBACKs of `_resubscribe`, then report ready and call the listeners."""
-        waits: list[tuple[list[tuple[str, int]], int, asyncio.Future[Any] | None, Any]] = []
-        for batch, mid in sent:  # register every mid first: none may linger in _early
-            if mid is not None:
-                fut = self._loop_fut()
-                waits.append((batch, mid, fut, self._acks.register(mid, _Ack("subscribe", fut))))
-        try:
-            for batch, mid, fut, early in waits:
-                if generation != self._generation or not self._connected:
-                    return
-                try:
-                    results = early if early is not None else await asyncio.wait_for(fut, _ACK_TIMEOUT)
-                except (asyncio.TimeoutError, MqttError) as e:
-                    if generation != self._generation or not self._connected:
-                        return
-                    log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch],
-                              str(e) or "no SUBACK")
-                    continue
-                for (flt, _), res in zip(batch, results or []):
-                    if not res.ok:
-                        log.error("broker refused subscription to %s: %s", flt, res.reason)
-        finally:
-            gone = generation != self._generation or not self._connected
-            self._acks.settle_subscribes([mid for _, mid, _, _ in waits], connection_gone=gone)
-        if generation != self._generation or not self._connected:
+        if not await self._acks.restored(sent, self._loop_fut,
+                                         lambda: generation == self._generation and self._connected):
             return
         if sent:
             log.info("restored %d subscription(s)", sum(len(batch) for batch, _ in sent))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import threading
 
@@ -116,7 +117,7 @@ def test_wrong_ca_is_refused(broker, pki, tmp_path, monkeypatch):
     async def main():
         # we do not trust the broker's certificate
         mc = make_client(broker, pki)
-        mc._ca_file = str(other.ca_file)
+        mc.settings = dataclasses.replace(mc.settings, ca_file=str(other.ca_file))
         await mc.start()
         with pytest.raises(asyncio.TimeoutError):
             await mc.wait_connected(1.0)
