@@ -388,6 +388,19 @@ class _Acks:
             self._waiting[mid] = ack
             return None
 
+    async def wait(self, mid: int, kind: str, fut: asyncio.Future[Any], timeout: float) -> Any:
+        """The acknowledgement of `mid`, which may have come already. After `timeout` seconds
+        raises asyncio.TimeoutError, and a late one is swallowed; MqttError if the connection
+        that would bring it is gone."""
+        early = self.register(mid, _Ack(kind, fut))
+        if early is not None:
+            return early
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self.forget(mid)
+            raise
+
     def forget(self, mid: int) -> None:
         """Nobody waits any more; a late acknowledgement is swallowed."""
         with self._lock:
@@ -646,20 +659,16 @@ class MqttClient:
         client = self._client
         if client is None or not self._connected:
             raise MqttError(f"not connected (publish to {topic})")
-        fut = self._loop_fut() if qos == 1 else None
         info = client.publish(topic, payload, qos=qos)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             self._acks.register(info.mid, _Ack("publish", None))  # paho may still send it later
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}", int(info.rc))
-        result = self._acks.register(info.mid, _Ack("publish", fut))
-        if fut is None:
+        if qos == 0:  # paho reports the send all the same: nobody waits for it
+            self._acks.register(info.mid, _Ack("publish", None))
             return
-        if result is not None:
-            fut.set_result(result)
         try:
-            res: Result = await asyncio.wait_for(fut, timeout)
+            res: Result = await self._acks.wait(info.mid, "publish", self._loop_fut(), timeout)
         except asyncio.TimeoutError:
-            self._acks.forget(info.mid)
             raise MqttError(f"no PUBACK for {topic} within {timeout} s") from None
         if not res.ok:
             raise MqttError(f"broker refused publish to {topic}: {res.reason}", res.code)
@@ -701,16 +710,12 @@ class MqttClient:
         client = self._client
         if client is None or not self._connected:
             return
-        fut = self._loop_fut()
         rc, mid = client.unsubscribe(topic_filter)
         if rc != paho.MQTT_ERR_SUCCESS:
             return
-        if self._acks.register(mid, _Ack("unsubscribe", fut)) is not None:
-            return
         try:
-            await asyncio.wait_for(fut, _ACK_TIMEOUT)
+            await self._acks.wait(mid, "unsubscribe", self._loop_fut(), _ACK_TIMEOUT)
         except (asyncio.TimeoutError, MqttError):
-            self._acks.forget(mid)
             log.debug("no UNSUBACK for %s", topic_filter)
 
     async def _send_subscribe(self, filters: list[tuple[str, int]]) -> list[Result] | None:
@@ -718,17 +723,12 @@ class MqttClient:
         client = self._client
         if client is None:
             raise MqttError("client not started")
-        fut = self._loop_fut()
         rc, mid = client.subscribe(filters)
         if rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"subscribe failed: {paho.error_string(rc)}", int(rc))
-        early = self._acks.register(mid, _Ack("subscribe", fut))
-        if early is not None:
-            return early
         try:
-            return await asyncio.wait_for(fut, _ACK_TIMEOUT)
+            return await self._acks.wait(mid, "subscribe", self._loop_fut(), _ACK_TIMEOUT)
         except asyncio.TimeoutError:
-            self._acks.forget(mid)
             raise MqttError(f"no SUBACK for {[f for f, _ in filters]}") from None
 
     # -- acknowledgements --
