@@ -5,7 +5,9 @@ normalised by the adapters below and handed to the asyncio loop with
 `call_soon_threadsafe`, so message handlers, acknowledgements and connect listeners all run
 on the event loop. paho's own reconnect loop is kept, but the wait before each attempt is
 set by us (1 s doubling to 60 s, each wait drawn from [d/2, d]) through the public
-`reconnect_delay_set`, called from the disconnect callbacks just before paho waits.
+`reconnect_delay_set`, called from the disconnect callbacks just before paho waits. New
+connection settings (a reload) take a new paho client, as paho takes a TLS context only once:
+`MqttClient.reconfigure`.
 """
 
 from __future__ import annotations
@@ -158,14 +160,16 @@ class _Paho(paho.Client):
                         self.on_connect_fail(self, None)
 
 
-def _new_paho(client_id: str, protocol: str) -> _Paho:
+def _new_paho(client_id: str, protocol: str, tls: ssl.SSLContext) -> _Paho:
+    """A paho client of either version; paho takes a TLS context once, so new files need a new client."""
     proto = paho.MQTTv5 if protocol == "v5" else paho.MQTTv311
     kwargs: dict[str, Any] = {"client_id": client_id, "protocol": proto}
     if proto != paho.MQTTv5:
         kwargs["clean_session"] = True
-    if _PAHO2:
-        return _Paho(paho.CallbackAPIVersion.VERSION2, **kwargs)
-    return _Paho(**kwargs)
+    client = _Paho(paho.CallbackAPIVersion.VERSION2, **kwargs) if _PAHO2 else _Paho(**kwargs)
+    client.suppress_exceptions = True
+    client.tls_set_context(tls)
+    return client
 
 
 # --- why a connection fails -------------------------------------------------------------
@@ -526,7 +530,8 @@ class _Subscriptions:
 
 
 class MqttClient:
-    """One MQTT connection with mutual TLS, reconnecting in the background.
+    """One MQTT connection with mutual TLS, reconnecting in the background (and with new
+    settings when told: `reconfigure`).
 
     Subscriptions are remembered and restored after every reconnect (the session is
     always clean). Several handlers may share a topic filter; the filter is unsubscribed
@@ -563,6 +568,7 @@ class MqttClient:
         self._connected = False
         self._stopping = False
         self._stop_event = threading.Event()
+        self._switching = asyncio.Lock()  # one start/reconfigure/stop at a time: never two paho clients
         self._generation = 0
         self._ready: asyncio.Event | None = None
 
@@ -585,14 +591,39 @@ class MqttClient:
 
     async def start(self) -> None:
         """Start connecting in the background and return at once."""
-        if self._client is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._ready = asyncio.Event()
+        async with self._switching:
+            if self._client is not None:
+                return
+            self._loop = asyncio.get_running_loop()
+            self._ready = asyncio.Event()
+            self._launch(self.settings.tls())
+
+    async def reconfigure(self, settings: ConnectionSettings) -> None:
+        """Reconnect with new settings (a reload: another endpoint, port or keepalive, other files,
+        or certificates rotated on disk under the same names).
+
+        Subscriptions, connect listeners and the failure reporting carry over; a setting that
+        does not work fails like any connection (its cause logged once and kept in `trouble`,
+        retried with backoff) until a later reconfigure fixes it. QoS 1 publishes still
+        unacknowledged fail with MqttError: the new connection does not re-send the old one's.
+        Raises MqttError, leaving the running connection alone, if the TLS files cannot be loaded.
+        """
+        async with self._switching:
+            if self._client is None:  # not started, or stopped: start() connects with them
+                self.settings = settings
+                return
+            tls = settings.tls()
+            log.info("reconnecting with new settings: %s:%d", settings.host, settings.port)
+            await self._halt("reconnecting with new settings")
+            self.settings = settings
+            self.trouble = ConnectionTrouble(settings.host, settings.port)  # a failure of these is news
+            self._backoff.attempt = 0
+            self._launch(tls)
+
+    def _launch(self, tls: ssl.SSLContext) -> None:
+        """A paho client with the current settings, connecting on its own network thread."""
         self._stopping = False
-        client = _new_paho(self.client_id, self.protocol)
-        client.suppress_exceptions = True
-        client.tls_set_context(self.settings.tls())
+        client = _new_paho(self.client_id, self.protocol, tls)
         client.on_connect = _adapt_connect(self._cb_connect)
         client.on_disconnect = _adapt_disconnect(self._cb_disconnect)
         client.on_connect_fail = self._cb_connect_fail
@@ -612,10 +643,21 @@ class MqttClient:
 
     async def stop(self) -> None:
         """Send DISCONNECT, stop the network thread, fail whatever still waits."""
+        async with self._switching:
+            if self._client is None:
+                return
+            await self._halt("client stopped")
+            for task in list(self._tasks):
+                task.cancel()
+            log.info("stopped")
+
+    async def _halt(self, why: str) -> None:
+        """Send DISCONNECT and end paho's network thread; whatever waits for an acknowledgement
+        fails with `why` (a new paho client numbers its packets afresh)."""
         client = self._client
-        if client is None:
-            return
-        self._stopping = True
+        assert client is not None
+        self._stopping = True  # from here on the network thread's callbacks change nothing
+        self._connected = False  # publish and subscribe refuse at once, not into a closing client
         self._stop_event.set()
         try:
             client.disconnect()
@@ -626,10 +668,7 @@ class MqttClient:
         self._connected = False
         if self._ready is not None:
             self._ready.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        _fail(self._acks.lost(publishes_too=True), "client stopped")
-        log.info("stopped")
+        _fail(self._acks.lost(publishes_too=True), why)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected and every subscription is restored (`ready`).
@@ -754,6 +793,8 @@ class MqttClient:
 
     def _cb_connect(self, res: Result) -> None:
         try:
+            if self._stopping:  # a client being stopped or replaced connected after all: ignore it
+                return
             if not res.ok:  # paho disconnects next, and on_disconnect says when it retries
                 self.trouble.refused = f"the broker refused the connection (CONNACK: {res.reason})"
                 return
