@@ -14,12 +14,12 @@ from transports.factory import LinkFactory
 
 from . import notify, reload, version
 from .cloud import JobExecution, JobsClient
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, MqttConfig, load_config
 from .control import SEND_EVENT, ControlServer, Request
 from .lifecycle import JobManager, KindRules
 from .local import Followers, LocalUpdates, PushRefused, PushRequest
 from .logs import setup_logging
-from .mqtt import MqttClient
+from .mqtt import ConnectionSettings, MqttClient, MqttError
 from .relay import RelayManager
 from .report import ExecutionReports, Reporter
 from .sources import CloudFiles, PushedImage, Verifier
@@ -70,7 +70,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._served: set[str] = set()
         self._log_level = log_level  # from the command line: it wins over the file's, also on reload
-        self._mqtt_files = reload.file_digests(config)
+        self._mqtt_files = reload.file_digests(config)  # to notice certificates rotated on disk
+        self._reloading = asyncio.Lock()  # one SIGHUP at a time: each compares with what the last applied
         self._restart_needed: list[str] = []  # settings a reload read but only a restart applies
 
     # callbacks of the parts built above (bound late: they reach parts built after them)
@@ -144,24 +145,35 @@ class Daemon:
         """SIGHUP: apply what can change while running; say what changed and what needs a restart."""
         notify.reloading()
         try:
-            try:
-                config = load_config(path)
-            except ConfigError as e:
-                log.error("reload refused, keeping the running configuration:\n%s", e)
-                return
-            files = reload.file_digests(config)
-            # the MQTT client is built once: its settings and files take a restart
-            change = reload.changes(self.config, config, self._mqtt_files, files, mqtt_reconnects=False)
-            self.config = reload.running(self.config, config, mqtt_reconnects=False)
-            if self._log_level is None:
-                setup_logging(self.config.gateway.log_level)
-            self.jobs.update_config(self.config)
-            await self._serve_things()
-            self._restart_needed = sorted(set(self._restart_needed) | set(change.need_restart))
-            log.log(logging.WARNING if change.need_restart else logging.INFO, "reloaded configuration (%d devices): %s",
-                    len(self.config.devices), change.summary())
+            async with self._reloading:
+                await self._reload(path)
         finally:
             notify.ready(self._status_line())  # the reload is over for systemd, refused or not
+
+    async def _reload(self, path: Path) -> None:
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration:\n%s", e)
+            return
+        files = reload.file_digests(config)
+        change = reload.changes(self.config, config, self._mqtt_files, files, mqtt_reconnects=True)
+        running = reload.running(self.config, config, mqtt_reconnects=True)
+        if change.mqtt_reconnect:  # first: if the client refuses the files, nothing has changed yet
+            try:
+                await self.mqtt.reconfigure(_connection(running.mqtt))
+            except MqttError as e:
+                log.error("reload refused, keeping the running configuration: [mqtt] %s", e)
+                return
+            self._mqtt_files = files
+        self.config = running
+        if self._log_level is None:
+            setup_logging(self.config.gateway.log_level)
+        self.jobs.update_config(self.config)
+        await self._serve_things()
+        self._restart_needed = sorted(set(self._restart_needed) | set(change.need_restart))
+        log.log(logging.WARNING if change.need_restart else logging.INFO, "reloaded configuration (%d devices): %s",
+                len(self.config.devices), change.summary())
 
     async def run(self, config_path: Path) -> int:
         loop = asyncio.get_running_loop()
@@ -230,6 +242,12 @@ class Daemon:
             log.warning("MQTT disconnect did not finish in time")
         await self.relays.disconnect_all()
         self.state.close()
+
+
+def _connection(m: MqttConfig) -> ConnectionSettings:
+    """The [mqtt] settings the MQTT client can take while running (all but the client id)."""
+    return ConnectionSettings.of(host=m.endpoint, port=m.port, ca_file=m.ca_file, cert_file=m.cert_file,
+                                 key_file=m.key_file, keepalive=m.keepalive)
 
 
 EXIT_CONFIG = 2  # the configuration cannot work: the unit's RestartPreventExitStatus=2 stops the restarts

@@ -5,7 +5,9 @@ normalised by the adapters below and handed to the asyncio loop with
 `call_soon_threadsafe`, so message handlers, acknowledgements and connect listeners all run
 on the event loop. paho's own reconnect loop is kept, but the wait before each attempt is
 set by us (1 s doubling to 60 s, each wait drawn from [d/2, d]) through the public
-`reconnect_delay_set`, called from the disconnect callbacks just before paho waits.
+`reconnect_delay_set`, called from the disconnect callbacks just before paho waits. New
+connection settings (a reload) take a new paho client, as paho takes a TLS context only once:
+`MqttClient.reconfigure`.
 """
 
 from __future__ import annotations
@@ -158,14 +160,16 @@ class _Paho(paho.Client):
                         self.on_connect_fail(self, None)
 
 
-def _new_paho(client_id: str, protocol: str) -> _Paho:
+def _new_paho(client_id: str, protocol: str, tls: ssl.SSLContext) -> _Paho:
+    """A paho client of either version; paho takes a TLS context once, so new files need a new client."""
     proto = paho.MQTTv5 if protocol == "v5" else paho.MQTTv311
     kwargs: dict[str, Any] = {"client_id": client_id, "protocol": proto}
     if proto != paho.MQTTv5:
         kwargs["clean_session"] = True
-    if _PAHO2:
-        return _Paho(paho.CallbackAPIVersion.VERSION2, **kwargs)
-    return _Paho(**kwargs)
+    client = _Paho(paho.CallbackAPIVersion.VERSION2, **kwargs) if _PAHO2 else _Paho(**kwargs)
+    client.suppress_exceptions = True
+    client.tls_set_context(tls)
+    return client
 
 
 # --- why a connection fails -------------------------------------------------------------
@@ -298,6 +302,38 @@ def tls_context(ca_file: str, cert_file: str, key_file: str, port: int) -> ssl.S
     return ctx
 
 
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Where and how the client connects: the settings a reload may change while it runs
+    (`MqttClient.reconfigure`). The client id is not among them: it is who we are."""
+
+    host: str
+    port: int
+    ca_file: str
+    cert_file: str
+    key_file: str
+    keepalive: int = 60
+
+    @classmethod
+    def of(cls, *, host: str, port: int, ca_file: str | Any, cert_file: str | Any, key_file: str | Any,
+           keepalive: int = 60) -> ConnectionSettings:
+        """Settings from configuration values (paths may be Path objects)."""
+        return cls(host, int(port), str(ca_file), str(cert_file), str(key_file), int(keepalive))
+
+    def tls(self) -> ssl.SSLContext:
+        """The TLS context of these files; raises MqttError if they cannot be loaded."""
+        return tls_context(self.ca_file, self.cert_file, self.key_file, self.port)
+
+    def failure(self, exc: BaseException | str | None) -> str:
+        """Why connecting with these settings failed, in one sentence (see connection_failure)."""
+        return connection_failure(exc, self.host, self.port, self.ca_file, self.cert_file)
+
+    def connect_async(self, client: paho.Client, protocol: str) -> None:
+        """Have paho's network thread connect `client` with these settings (a clean session)."""
+        kwargs: dict[str, Any] = {"clean_start": True} if protocol == "v5" else {}
+        client.connect_async(self.host, self.port, self.keepalive, **kwargs)
+
+
 @dataclass
 class _Backoff:
     """The wait before each reconnect: `least` doubling to `most`, each drawn from [d/2, d]."""
@@ -356,6 +392,19 @@ class _Acks:
             self._waiting[mid] = ack
             return None
 
+    async def wait(self, mid: int, kind: str, fut: asyncio.Future[Any], timeout: float) -> Any:
+        """The acknowledgement of `mid`, which may have come already. After `timeout` seconds
+        raises asyncio.TimeoutError, and a late one is swallowed; MqttError if the connection
+        that would bring it is gone."""
+        early = self.register(mid, _Ack(kind, fut))
+        if early is not None:
+            return early
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self.forget(mid)
+            raise
+
     def forget(self, mid: int) -> None:
         """Nobody waits any more; a late acknowledgement is swallowed."""
         with self._lock:
@@ -380,6 +429,35 @@ class _Acks:
             if publishes_too:
                 self._early.clear()
         return [a for _, a in lost]
+
+    async def restored(self, sent: list[tuple[list[tuple[str, int]], int | None]],
+                       new_future: Callable[[], asyncio.Future[Any]], current: Callable[[], bool]) -> bool:
+        """Wait for the SUBACKs of the subscriptions restored on connect (`sent`: each batch and
+        its mid, None if refused), logging each refusal. False as soon as that connection is
+        gone (`current()` turns false): nothing more is to be done for it."""
+        waits: list[tuple[list[tuple[str, int]], int, asyncio.Future[Any], Any]] = []
+        for batch, mid in sent:  # register every mid first: none may linger in _early
+            if mid is not None:
+                fut = new_future()
+                waits.append((batch, mid, fut, self.register(mid, _Ack("subscribe", fut))))
+        try:
+            for batch, _mid, fut, early in waits:
+                if not current():
+                    return False
+                try:
+                    results = early if early is not None else await asyncio.wait_for(fut, _ACK_TIMEOUT)
+                except (asyncio.TimeoutError, MqttError) as e:
+                    if not current():
+                        return False
+                    log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch],
+                              str(e) or "no SUBACK")
+                    continue
+                for (flt, _), res in zip(batch, results or []):
+                    if not res.ok:
+                        log.error("broker refused subscription to %s: %s", flt, res.reason)
+        finally:
+            self.settle_subscribes([mid for _, mid, _, _ in waits], connection_gone=not current())
+        return current()
 
     def settle_subscribes(self, mids: list[int], connection_gone: bool) -> None:
         """After restoring subscriptions: SUBACKs of a dead connection will never come; a late
@@ -452,7 +530,8 @@ class _Subscriptions:
 
 
 class MqttClient:
-    """One MQTT connection with mutual TLS, reconnecting in the background.
+    """One MQTT connection with mutual TLS, reconnecting in the background (and with new
+    settings when told: `reconfigure`).
 
     Subscriptions are remembered and restored after every reconnect (the session is
     always clean). Several handlers may share a topic filter; the filter is unsubscribed
@@ -477,22 +556,19 @@ class MqttClient:
             protocol = "v5" if hasattr(paho, "MQTTv5") else "v311"
         if protocol not in ("v5", "v311"):
             raise ValueError(f"protocol must be 'v5' or 'v311', not {protocol!r}")
-        self.host = host
-        self.port = int(port)
+        self.settings = ConnectionSettings.of(host=host, port=port, ca_file=ca_file, cert_file=cert_file,
+                                              key_file=key_file, keepalive=keepalive)
         self.client_id = client_id
         self.protocol = protocol
-        self._ca_file = str(ca_file)
-        self._cert_file = str(cert_file)
-        self._key_file = str(key_file)
-        self._keepalive = keepalive
         self._backoff = _Backoff(reconnect_min_delay, reconnect_max_delay)
-        self.trouble = ConnectionTrouble(host, self.port)  # why it is not connected, if known
+        self.trouble = ConnectionTrouble(host, self.settings.port)  # why it is not connected, if known
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
         self._connected = False
         self._stopping = False
         self._stop_event = threading.Event()
+        self._switching = asyncio.Lock()  # one start/reconfigure/stop at a time: never two paho clients
         self._generation = 0
         self._ready: asyncio.Event | None = None
 
@@ -515,14 +591,39 @@ class MqttClient:
 
     async def start(self) -> None:
         """Start connecting in the background and return at once."""
-        if self._client is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._ready = asyncio.Event()
+        async with self._switching:
+            if self._client is not None:
+                return
+            self._loop = asyncio.get_running_loop()
+            self._ready = asyncio.Event()
+            self._launch(self.settings.tls())
+
+    async def reconfigure(self, settings: ConnectionSettings) -> None:
+        """Reconnect with new settings (a reload: another endpoint, port or keepalive, other files,
+        or certificates rotated on disk under the same names).
+
+        Subscriptions, connect listeners and the failure reporting carry over; a setting that
+        does not work fails like any connection (its cause logged once and kept in `trouble`,
+        retried with backoff) until a later reconfigure fixes it. QoS 1 publishes still
+        unacknowledged fail with MqttError: the new connection does not re-send the old one's.
+        Raises MqttError, leaving the running connection alone, if the TLS files cannot be loaded.
+        """
+        async with self._switching:
+            if self._client is None:  # not started, or stopped: start() connects with them
+                self.settings = settings
+                return
+            tls = settings.tls()
+            log.info("reconnecting with new settings: %s:%d", settings.host, settings.port)
+            await self._halt("reconnecting with new settings")
+            self.settings = settings
+            self.trouble = ConnectionTrouble(settings.host, settings.port)  # a failure of these is news
+            self._backoff.attempt = 0
+            self._launch(tls)
+
+    def _launch(self, tls: ssl.SSLContext) -> None:
+        """A paho client with the current settings, connecting on its own network thread."""
         self._stopping = False
-        client = _new_paho(self.client_id, self.protocol)
-        client.suppress_exceptions = True
-        client.tls_set_context(tls_context(self._ca_file, self._cert_file, self._key_file, self.port))
+        client = _new_paho(self.client_id, self.protocol, tls)
         client.on_connect = _adapt_connect(self._cb_connect)
         client.on_disconnect = _adapt_disconnect(self._cb_disconnect)
         client.on_connect_fail = self._cb_connect_fail
@@ -535,20 +636,28 @@ class MqttClient:
         client.gw_stop = self._stop_event = threading.Event()
         self._client = client
         self._set_reconnect_delay(count=False)
-        kwargs: dict[str, Any] = {}
-        if self.protocol == "v5":
-            kwargs["clean_start"] = True
-        client.connect_async(self.host, self.port, self._keepalive, **kwargs)
+        self.settings.connect_async(client, self.protocol)
         client.loop_start()
-        log.info("connecting to %s:%d as %s (MQTT %s)", self.host, self.port, self.client_id,
+        log.info("connecting to %s:%d as %s (MQTT %s)", self.settings.host, self.settings.port, self.client_id,
                  "5" if self.protocol == "v5" else "3.1.1")
 
     async def stop(self) -> None:
         """Send DISCONNECT, stop the network thread, fail whatever still waits."""
+        async with self._switching:
+            if self._client is None:
+                return
+            await self._halt("client stopped")
+            for task in list(self._tasks):
+                task.cancel()
+            log.info("stopped")
+
+    async def _halt(self, why: str) -> None:
+        """Send DISCONNECT and end paho's network thread; whatever waits for an acknowledgement
+        fails with `why` (a new paho client numbers its packets afresh)."""
         client = self._client
-        if client is None:
-            return
-        self._stopping = True
+        assert client is not None
+        self._stopping = True  # from here on the network thread's callbacks change nothing
+        self._connected = False  # publish and subscribe refuse at once, not into a closing client
         self._stop_event.set()
         try:
             client.disconnect()
@@ -559,10 +668,7 @@ class MqttClient:
         self._connected = False
         if self._ready is not None:
             self._ready.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        _fail(self._acks.lost(publishes_too=True), "client stopped")
-        log.info("stopped")
+        _fail(self._acks.lost(publishes_too=True), why)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected and every subscription is restored (`ready`).
@@ -592,20 +698,16 @@ class MqttClient:
         client = self._client
         if client is None or not self._connected:
             raise MqttError(f"not connected (publish to {topic})")
-        fut = self._loop_fut() if qos == 1 else None
         info = client.publish(topic, payload, qos=qos)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             self._acks.register(info.mid, _Ack("publish", None))  # paho may still send it later
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}", int(info.rc))
-        result = self._acks.register(info.mid, _Ack("publish", fut))
-        if fut is None:
+        if qos == 0:  # paho reports the send all the same: nobody waits for it
+            self._acks.register(info.mid, _Ack("publish", None))
             return
-        if result is not None:
-            fut.set_result(result)
         try:
-            res: Result = await asyncio.wait_for(fut, timeout)
+            res: Result = await self._acks.wait(info.mid, "publish", self._loop_fut(), timeout)
         except asyncio.TimeoutError:
-            self._acks.forget(info.mid)
             raise MqttError(f"no PUBACK for {topic} within {timeout} s") from None
         if not res.ok:
             raise MqttError(f"broker refused publish to {topic}: {res.reason}", res.code)
@@ -647,16 +749,12 @@ class MqttClient:
         client = self._client
         if client is None or not self._connected:
             return
-        fut = self._loop_fut()
         rc, mid = client.unsubscribe(topic_filter)
         if rc != paho.MQTT_ERR_SUCCESS:
             return
-        if self._acks.register(mid, _Ack("unsubscribe", fut)) is not None:
-            return
         try:
-            await asyncio.wait_for(fut, _ACK_TIMEOUT)
+            await self._acks.wait(mid, "unsubscribe", self._loop_fut(), _ACK_TIMEOUT)
         except (asyncio.TimeoutError, MqttError):
-            self._acks.forget(mid)
             log.debug("no UNSUBACK for %s", topic_filter)
 
     async def _send_subscribe(self, filters: list[tuple[str, int]]) -> list[Result] | None:
@@ -664,17 +762,12 @@ class MqttClient:
         client = self._client
         if client is None:
             raise MqttError("client not started")
-        fut = self._loop_fut()
         rc, mid = client.subscribe(filters)
         if rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"subscribe failed: {paho.error_string(rc)}", int(rc))
-        early = self._acks.register(mid, _Ack("subscribe", fut))
-        if early is not None:
-            return early
         try:
-            return await asyncio.wait_for(fut, _ACK_TIMEOUT)
+            return await self._acks.wait(mid, "subscribe", self._loop_fut(), _ACK_TIMEOUT)
         except asyncio.TimeoutError:
-            self._acks.forget(mid)
             raise MqttError(f"no SUBACK for {[f for f, _ in filters]}") from None
 
     # -- acknowledgements --
@@ -700,6 +793,8 @@ class MqttClient:
 
     def _cb_connect(self, res: Result) -> None:
         try:
+            if self._stopping:  # a client being stopped or replaced connected after all: ignore it
+                return
             if not res.ok:  # paho disconnects next, and on_disconnect says when it retries
                 self.trouble.refused = f"the broker refused the connection (CONNACK: {res.reason})"
                 return
@@ -707,7 +802,7 @@ class MqttClient:
             self._backoff.attempt = 0
             self._connected = True  # before the snapshot below: see _resubscribe
             self._generation += 1
-            log.info("connected to %s:%d", self.host, self.port)
+            log.info("connected to %s:%d", self.settings.host, self.settings.port)
             sent = self._resubscribe()
             _call_soon(self._loop, self._after_connect_soon, self._generation, sent)
         except Exception:  # noqa: BLE001
@@ -725,7 +820,8 @@ class MqttClient:
             if was:
                 log.warning("connection lost (%s); reconnecting in %.1f s", res.reason, delay)
             else:  # closed before CONNACK: the cause is in what paho logged (a TLS alert, say)
-                self.trouble.failed(self._failure(getattr(self._client, "gw_log_error", None) or res.reason), delay)
+                logged = getattr(self._client, "gw_log_error", None)
+                self.trouble.failed(self.settings.failure(logged or res.reason), delay)
         except Exception:  # noqa: BLE001
             log.exception("on_disconnect failed")
 
@@ -748,7 +844,7 @@ class MqttClient:
             if self._stopping:
                 return
             delay = self._set_reconnect_delay()
-            self.trouble.failed(self._failure(getattr(self._client, "gw_last_error", None)), delay)
+            self.trouble.failed(self.settings.failure(getattr(self._client, "gw_last_error", None)), delay)
         except Exception:  # noqa: BLE001
             log.exception("on_connect_fail failed")
 
@@ -763,11 +859,8 @@ class MqttClient:
             _call_soon(self._loop, self._on_disconnected)
             log.warning("connection lost (%s: %s); reconnecting in %.1f s", type(exc).__name__, exc, delay)
         else:
-            self.trouble.failed(self._failure(exc), delay)
+            self.trouble.failed(self.settings.failure(exc), delay)
         return delay
-
-    def _failure(self, exc: BaseException | None) -> str:
-        return connection_failure(exc, self.host, self.port, self._ca_file, self._cert_file)
 
     def _cb_publish(self, mid: int, res: Result) -> None:
         self._ack(mid, res)
@@ -810,30 +903,8 @@ class MqttClient:
 
     async def _after_connect(self, generation: int, sent: list[tuple[list[tuple[str, int]], int | None]]) -> None:
         """Wait for the SUBACKs of `_resubscribe`, then report ready and call the listeners."""
-        waits: list[tuple[list[tuple[str, int]], int, asyncio.Future[Any] | None, Any]] = []
-        for batch, mid in sent:  # register every mid first: none may linger in _early
-            if mid is not None:
-                fut = self._loop_fut()
-                waits.append((batch, mid, fut, self._acks.register(mid, _Ack("subscribe", fut))))
-        try:
-            for batch, mid, fut, early in waits:
-                if generation != self._generation or not self._connected:
-                    return
-                try:
-                    results = early if early is not None else await asyncio.wait_for(fut, _ACK_TIMEOUT)
-                except (asyncio.TimeoutError, MqttError) as e:
-                    if generation != self._generation or not self._connected:
-                        return
-                    log.error("restoring subscriptions %s failed: %s", [f for f, _ in batch],
-                              str(e) or "no SUBACK")
-                    continue
-                for (flt, _), res in zip(batch, results or []):
-                    if not res.ok:
-                        log.error("broker refused subscription to %s: %s", flt, res.reason)
-        finally:
-            gone = generation != self._generation or not self._connected
-            self._acks.settle_subscribes([mid for _, mid, _, _ in waits], connection_gone=gone)
-        if generation != self._generation or not self._connected:
+        if not await self._acks.restored(sent, self._loop_fut,
+                                         lambda: generation == self._generation and self._connected):
             return
         if sent:
             log.info("restored %d subscription(s)", sum(len(batch) for batch, _ in sent))

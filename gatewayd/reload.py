@@ -16,11 +16,12 @@ from pathlib import Path
 from .config import Config
 
 # settings the running daemon cannot take over: where it keeps its state, the socket it
-# listens on, who it is in AWS IoT, and sizes fixed when its parts were built
+# listens on, who it is in AWS IoT (its thing name and MQTT client id), and sizes fixed when
+# its parts were built; the other [mqtt] settings are applied by reconnecting
 NEEDS_RESTART = frozenset({
     ("gateway", "thing_name"), ("gateway", "state_dir"), ("gateway", "control_socket"),
     ("relay", "max_parallel"), ("ble", "max_connections"),
-    ("mqtt", "max_thing_subscriptions"), ("mqtt", "poll_interval"),
+    ("mqtt", "client_id"), ("mqtt", "max_thing_subscriptions"), ("mqtt", "poll_interval"),
 })
 # files whose content matters, not only their path: certificates rotated in place
 MQTT_FILES = ("ca_file", "cert_file", "key_file")

@@ -64,6 +64,12 @@ class Pki:
             cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return Identity(name, cert_file, key_file)
 
+    def renew(self, name: str) -> Identity:
+        """A new key and certificate for `name` in place of its files (a certificate rotated on disk)."""
+        for path in (self.directory / f"{name}.cert.pem", self.directory / f"{name}.private.key"):
+            path.unlink(missing_ok=True)
+        return self.client(name)
+
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(

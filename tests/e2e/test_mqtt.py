@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import threading
 
@@ -92,6 +93,78 @@ def test_reconnect_restores_subscriptions_in_batches_and_calls_listener_again(br
         peer.stop()
 
 
+def test_reconfigure_reconnects_with_new_settings_keeping_subscriptions_and_listeners(broker, pki, tmp_path):
+    """A reload's new [mqtt] settings (issue 12, item 5): files that cannot be loaded are refused
+    before anything changes; a wrong CA fails like any connection (its cause kept, retried);
+    the right settings reconnect, with the subscriptions and connect listeners of before."""
+    other = make_pki(tmp_path / "other")
+    peer = Peer(broker, pki).start()
+
+    async def main():
+        mc = make_client(broker, pki)
+        calls: list[int] = []
+        got: list[bytes] = []
+
+        async def listener():
+            calls.append(1)
+
+        mc.add_connect_listener(listener)
+        await mc.start()
+        await mc.wait_connected(10)
+        await mc.subscribe("$aws/things/gw-01/down", lambda t, p: got.append(p))
+        good = mc.settings
+
+        with pytest.raises(MqttError, match="cannot load TLS files"):
+            await mc.reconfigure(dataclasses.replace(good, cert_file=str(tmp_path / "missing.pem")))
+        assert mc.connected and mc.settings == good
+
+        await mc.reconfigure(dataclasses.replace(good, ca_file=str(other.ca_file)))
+        cause = f"TLS: the broker's certificate is not signed by a CA in ca_file {other.ca_file}"
+        await eventually(lambda: (mc.trouble.cause or "").startswith(cause), what="the new CA's failure")
+        assert not mc.connected
+        with pytest.raises(MqttError, match="not connected"):
+            await mc.publish("$aws/things/gw-01/up", b"x")
+
+        await mc.reconfigure(good)
+        await mc.wait_connected(10)
+        assert mc.trouble.cause is None
+        await eventually(lambda: len(calls) == 2, what="the connect listener after the reconfigure")
+        peer.publish("$aws/things/gw-01/down", b"after")
+        await eventually(lambda: got == [b"after"], what="the subscription restored on the new connection")
+        await mc.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        peer.stop()
+
+
+def test_reconfigure_fails_publishes_the_old_connection_still_waits_for(broker, pki):
+    """The new paho client does not re-send the old one's QoS 1 publishes: their waiters fail
+    with MqttError at once (callers treat it as a lost connection), not after a timeout."""
+
+    async def main():
+        mc = make_client(broker, pki)
+        await mc.start()
+        await mc.wait_connected(10)
+        broker.freeze()  # no PUBACK comes
+        try:
+            pending = asyncio.ensure_future(mc.publish("$aws/things/gw-01/up", b"x", timeout=30))
+            await asyncio.sleep(0.2)
+            assert not pending.done()
+            await mc.reconfigure(dataclasses.replace(mc.settings, keepalive=20))
+            with pytest.raises(MqttError, match="reconnecting with new settings"):
+                await asyncio.wait_for(pending, 1)
+        finally:
+            broker.thaw()
+        await mc.wait_connected(10)
+        assert mc.settings.keepalive == 20
+        await mc.publish("$aws/things/gw-01/up", b"y")
+        await mc.stop()
+
+    asyncio.run(main())
+
+
 def test_publish_when_disconnected_raises(broker, pki):
     async def main():
         mc = make_client(broker, pki)
@@ -116,7 +189,7 @@ def test_wrong_ca_is_refused(broker, pki, tmp_path, monkeypatch):
     async def main():
         # we do not trust the broker's certificate
         mc = make_client(broker, pki)
-        mc._ca_file = str(other.ca_file)
+        mc.settings = dataclasses.replace(mc.settings, ca_file=str(other.ca_file))
         await mc.start()
         with pytest.raises(asyncio.TimeoutError):
             await mc.wait_connected(1.0)
