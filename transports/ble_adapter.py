@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 STUCK_AFTER = 3  # connection attempts in a row that failed, to any device of the adapter
 REARM_AFTER = 1800.0  # seconds after a power cycle that did not help before the next one
 
-PowerCycle = Callable[[str], Awaitable[None]]  # (adapter) -> None; raises if it cannot
+# (adapter) -> whether it did; False when the adapter is powered off (not ours to turn on); raises if it cannot
+PowerCycle = Callable[[str], Awaitable[bool]]
 
 
 @dataclass
@@ -72,17 +73,22 @@ class AdapterWatch:
             state.armed = True
         if len(state.failures) < self.stuck_after or state.links_up or not state.armed:
             return False
-        devices = ", ".join(sorted(set(state.failures)))
-        log.warning("%s made no LE connection in %d attempts in a row (to %s) and none of our links on it is up: "
-                    "powering it off and on, as a connection attempt that never ends blocks every other",
-                    adapter, len(state.failures), devices)
+        attempts, devices = len(state.failures), ", ".join(sorted(set(state.failures)))
         state.failures.clear()
-        state.armed, state.cycled_at = False, self._clock()
         try:
-            await self._power_cycle(adapter)
+            cycled = await self._power_cycle(adapter)
         except Exception as e:  # noqa: BLE001 - the reason is logged; the links go on retrying
-            log.warning("cannot power %s off and on: %s", adapter, e)
+            log.warning("%s made no LE connection in %d attempts in a row (to %s), and powering it off and on "
+                        "failed: %s", adapter, attempts, devices, e)
+            state.armed, state.cycled_at = False, self._clock()
             return False
+        if not cycled:
+            log.info("%s made no LE connection in %d attempts in a row (to %s): it is powered off, and left so",
+                     adapter, attempts, devices)
+            return False
+        state.armed, state.cycled_at = False, self._clock()
         self.power_cycles += 1
-        log.info("%s powered off and on again", adapter)
+        log.warning("%s made no LE connection in %d attempts in a row (to %s) while none of our links on it was "
+                    "up: powered it off and on, as a connection attempt that never ends blocks every other",
+                    adapter, attempts, devices)
         return True

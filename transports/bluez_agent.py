@@ -238,13 +238,23 @@ class BluezAgent:
             await self.disconnect(adapter, address)
         await self._call(BLUEZ, f"/org/bluez/{adapter}", "org.bluez.Adapter1", "RemoveDevice", "o", [path])
 
-    async def power_cycle(self, adapter: str, timeout: float = POWER_TIMEOUT) -> None:
+    async def power_cycle(self, adapter: str, timeout: float = POWER_TIMEOUT) -> bool:
         """Power the adapter off and on through BlueZ, each within `timeout` seconds
-        (transports.ble_adapter says when); RuntimeError naming what failed."""
+        (transports.ble_adapter says when). False, touching nothing, when it is powered off
+        already: someone turned it off, and it is not ours to turn on. RuntimeError naming
+        what failed."""
         if (self._bus is None or not self._bus.connected) and not await self.ensure(CALL_TIMEOUT):
             raise RuntimeError("no D-Bus connection to BlueZ")
+        if not await self._powered(adapter):
+            return False
         for powered in (False, True):
             await self._set_powered(adapter, powered, timeout)
+        return True
+
+    async def _powered(self, adapter: str) -> bool:
+        reply = await self._call(BLUEZ, f"/org/bluez/{adapter}", "org.freedesktop.DBus.Properties", "Get", "ss",
+                                 ["org.bluez.Adapter1", "Powered"])
+        return bool(reply.body[0].value)
 
     async def _set_powered(self, adapter: str, powered: bool, timeout: float) -> None:
         from dbus_fast import Variant
@@ -254,9 +264,7 @@ class BluezAgent:
                          ["org.bluez.Adapter1", "Powered", Variant("b", powered)])
         deadline = asyncio.get_running_loop().time() + timeout
         while True:  # BlueZ answers the Set before the kernel is done
-            reply = await self._call(BLUEZ, path, "org.freedesktop.DBus.Properties", "Get", "ss",
-                                     ["org.bluez.Adapter1", "Powered"])
-            if bool(reply.body[0].value) == powered:
+            if await self._powered(adapter) == powered:
                 return
             if asyncio.get_running_loop().time() > deadline:
                 raise RuntimeError(f"{adapter} still says Powered: {not powered} after {timeout:g} s")

@@ -906,8 +906,9 @@ async def test_links_report_failed_connections_to_the_adapter_watch_and_an_open_
 
     cycled: list[str] = []
 
-    async def power_cycle(adapter: str) -> None:
+    async def power_cycle(adapter: str) -> bool:
         cycled.append(adapter)
+        return True
 
     watch = AdapterWatch(power_cycle, stuck_after=3)
     bench = BleBench()

@@ -19,13 +19,14 @@ class Clock:
         return self.now
 
 
-def watch(clock: Clock | None = None, fails: bool = False) -> tuple[AdapterWatch, list[str]]:
+def watch(clock: Clock | None = None, fails: bool = False, off: bool = False) -> tuple[AdapterWatch, list[str]]:
     cycled: list[str] = []
 
-    async def power_cycle(adapter: str) -> None:
+    async def power_cycle(adapter: str) -> bool:
         cycled.append(adapter)
         if fails:
             raise RuntimeError("Set: org.bluez.Error.Busy")
+        return not off
 
     return AdapterWatch(power_cycle, stuck_after=3, rearm_after=600.0, clock=clock or Clock()), cycled
 
@@ -38,7 +39,8 @@ def test_three_failed_connections_in_a_row_power_cycle_the_adapter_once(caplog: 
     w, cycled = watch()
     assert failures(w, "hci0", ["pump", "fan", "pump"]) == [False, False, True]
     assert cycled == ["hci0"] and w.power_cycles == 1
-    assert "hci0 made no LE connection in 3 attempts in a row (to fan, pump)" in caplog.text
+    assert ("hci0 made no LE connection in 3 attempts in a row (to fan, pump) while none of our links on it was up: "
+            "powered it off and on") in caplog.text
     assert failures(w, "hci0", ["pump"] * 6) == [False] * 6  # did not help: not again and again
     assert cycled == ["hci0"]
 
@@ -81,4 +83,12 @@ def test_a_power_cycle_that_fails_is_logged_and_the_links_go_on(caplog: pytest.L
     w, cycled = watch(fails=True)
     assert failures(w, "hci0", ["pump"] * 4) == [False] * 4
     assert cycled == ["hci0"] and w.power_cycles == 0
-    assert "cannot power hci0 off and on: Set: org.bluez.Error.Busy" in caplog.text
+    assert "powering it off and on failed: Set: org.bluez.Error.Busy" in caplog.text
+
+
+def test_an_adapter_someone_powered_off_is_left_off_and_the_watch_stays_armed(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", "transports.ble_adapter")
+    w, cycled = watch(off=True)
+    assert failures(w, "hci0", ["pump"] * 6) == [False] * 6
+    assert cycled == ["hci0", "hci0"] and w.power_cycles == 0  # asked twice: it may be on again by then
+    assert "it is powered off, and left so" in caplog.text

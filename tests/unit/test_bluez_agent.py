@@ -205,8 +205,17 @@ def test_power_cycle_sets_the_adapter_off_then_on_and_waits_for_each() -> None:
     pytest.importorskip("dbus_fast")
     agent, bus = BluezAgent(), _AdapterBus()
     agent._bus = bus
-    asyncio.run(asyncio.wait_for(agent.power_cycle("hci1"), 5))
+    assert asyncio.run(asyncio.wait_for(agent.power_cycle("hci1"), 5)) is True
     assert bus.calls == ["Set Powered False", "Set Powered True"] and bus.powered is True
+
+
+def test_an_adapter_powered_off_by_someone_else_is_not_powered_on() -> None:
+    pytest.importorskip("dbus_fast")
+    agent, bus = BluezAgent(), _AdapterBus()
+    bus.powered = bus.target = False
+    agent._bus = bus
+    assert asyncio.run(asyncio.wait_for(agent.power_cycle("hci1"), 5)) is False
+    assert bus.calls == [] and bus.powered is False
 
 
 def test_an_adapter_that_does_not_power_off_ends_the_power_cycle_with_a_reason() -> None:
