@@ -13,6 +13,14 @@ from pathlib import Path
 
 import pytest
 
+try:  # property tests check what happens, not how fast: a loaded machine must not fail them
+    from hypothesis import settings as hypothesis_settings
+except ImportError:  # Debian's Python in scripts/test-package may lack hypothesis
+    pass
+else:
+    hypothesis_settings.register_profile("ota-gateway", deadline=None)
+    hypothesis_settings.load_profile("ota-gateway")
+
 from gatewayd.emulators.broker import Mosquitto, Pki, make_pki
 
 
