@@ -1,4 +1,4 @@
-"""An AWS IoT Core emulator for the Jobs MQTT API and MQTT file streams (CBOR, and JSON).
+"""An AWS IoT Core emulator for the Jobs MQTT API, MQTT file streams (CBOR, and JSON) and named shadows.
 
 Written from shared/protocols/aws-iot-ota.md (§1 Jobs, §2 afr_ota documents, §3 streams), not
 from the gateway's client, so the two do not share mistakes. It connects to the test broker as
@@ -6,6 +6,7 @@ the privileged service identity and answers requests for any thing name:
 
     $aws/things/+/jobs/get | start-next | <job>/get | $next/get | <job>/update
     $aws/things/+/streams/+/get/cbor | describe/cbor   (and /json)
+    $aws/things/+/shadow/name/+/update | get | delete  (Device Shadow service, in shadows.py)
 
 Replies go to `<request topic>/accepted|rejected` (mosquitto cannot route replies to the
 requester only, as AWS does, so clients must subscribe). The API is synchronous and
@@ -42,6 +43,7 @@ import cbor2
 import paho.mqtt.client as mqtt
 
 from .broker import tls_client
+from .shadows import ShadowService, ShadowStats, ShadowUpdate
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +244,7 @@ class AwsIotEmulator:
         "$aws/things/+/jobs/+/update",
         "$aws/things/+/streams/+/get/+",
         "$aws/things/+/streams/+/describe/+",
+        *ShadowService.SUBSCRIPTIONS,
     )
 
     def __init__(
@@ -282,6 +285,7 @@ class AwsIotEmulator:
         self._sub_mid: int | None = None
         self._client: mqtt.Client | None = None
         self.connections = 0
+        self.shadows = ShadowService(self._publish, self._clock, self._changed)
 
     # --- lifecycle ---
 
@@ -346,6 +350,8 @@ class AwsIotEmulator:
                 self._handle_jobs(msg.topic, parts, msg.payload)
             elif len(parts) == 7 and parts[3] == "streams":
                 self._handle_streams(msg.topic, parts, msg.payload)
+            elif len(parts) == 7 and parts[3] == "shadow":
+                self.shadows.handle(msg.topic, parts, msg.payload)
         except Exception:  # a bug here must not kill paho's thread
             log.exception("AWS IoT emulator: failed to handle %s", msg.topic)
 
@@ -722,6 +728,34 @@ class AwsIotEmulator:
             reply["jobDocument"] = self._deliver_document(job_id)
         return reply, before != status
 
+    # --- named shadows: the Device Shadow service is self.shadows (shadows.py); these are for tests ---
+
+    def shadow(self, thing: str, name: str) -> dict[str, Any] | None:
+        """A named shadow as a GET returns it (state with delta, metadata, version), or None."""
+        return self.shadows.shadow(thing, name)
+
+    def shadow_updates(self, thing: str, name: str) -> list[ShadowUpdate]:
+        """The accepted updates of a named shadow, oldest first."""
+        return self.shadows.updates(thing, name)
+
+    def shadow_stats(self, thing: str | None = None, name: str | None = None) -> ShadowStats:
+        """Counters and rejections of one shadow, one thing's shadows, or all."""
+        return self.shadows.stats(thing, name)
+
+    def reject_shadow_updates(
+        self, count: int = 1, code: int = 500, message: str | None = None, *,
+        thing: str | None = None, name: str | None = None,
+    ) -> None:
+        """Refuse the next `count` well-formed shadow updates with `code` (AWS's message for it)."""
+        self.shadows.reject_updates(count, code, message, thing=thing, name=name)
+
+    def wait_for_shadow(
+        self, thing: str, name: str, predicate: Callable[[dict[str, Any]], bool] = lambda doc: True,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """Block until the shadow exists and `predicate(document)` holds; the document."""
+        return self.shadows.wait_for(thing, name, predicate, timeout)
+
     # --- streams: control plane ---
 
     def create_stream(self, stream_id: str, files: dict[int, bytes], description: str = "") -> None:
@@ -810,6 +844,7 @@ class AwsIotEmulator:
         with self._lock:
             self._drop = self._duplicate = self._corrupt = None
             self._refusals.clear()
+            self.shadows.clear_faults()
 
     def pause_streams(self, paused: bool, *, hold: bool = False) -> None:
         """While paused GetStream requests get no answer. With `hold`, they are answered on resume."""
