@@ -14,6 +14,7 @@ dependency of the package: this module imports it only when a lab with BLE devic
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import time
@@ -83,6 +84,9 @@ class LabRadio:
             from .ble_device import HostStackBench
         except ImportError as e:
             raise RuntimeError(f"BLE devices need bumble for {sys.executable}: {e} (pip install bumble)") from None
+        # bumble's controller warns of ACL data for a link already gone, as at every device reset:
+        # noise on the lab's console
+        logging.getLogger("bumble.controller").setLevel(logging.ERROR)
         self._world = HostStackBench(transport=f"vhci:{VHCI}", address=ADAPTER_ADDRESS)
         self._on_loop(self._world.start())
         adapter = f"hci{self._on_loop(self._world.adapter_index(ADAPTER_TIMEOUT), ADAPTER_TIMEOUT + 1)}"
