@@ -1,8 +1,9 @@
 """`ota-gatewayctl lab`: a bench a user keeps running, for the installed daemon, a CI job or a desk.
 
 `lab start` runs in the foreground until SIGINT or SIGTERM (or `lab stop`): a local mosquitto
-with mutual TLS, the AWS IoT emulator on it and N emulated MCUboot devices on ptys, each an
-AWS IoT thing of its own, kept in a folder (`gatewayd.emulators.standing_lab`) with a ready
+with mutual TLS, the AWS IoT emulator on it and N emulated MCUboot devices on ptys (and, where
+the machine can, BLE devices behind a bumble controller on /dev/vhci), each an AWS IoT thing of
+its own, kept in a folder (`gatewayd.emulators.standing_lab`) with a ready
 gateway.toml for `ota-gatewayd`. The other commands talk to the running lab over DIR/lab.sock,
 with the daemon's own control protocol (`gatewayd.control`): `lab job` signs a file with the
 lab's signer and creates an OTA job for devices' things, `lab status` shows the devices'
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_dir(p)
     p.add_argument("--devices", type=int, metavar="N",
                    help="emulated UART devices dev-1..dev-N (default: as last time, first time 2)")
+    p.add_argument("--ble-devices", type=int, metavar="N",
+                   help="emulated BLE devices ble-1..ble-N, served by bumble through /dev/vhci to this machine's "
+                        "BlueZ (default: as last time, first time 0); needs hci_vhci, bluetoothd and bumble")
     p.add_argument("--port", type=int, help="the broker's port on 127.0.0.1 (default: as last time, first time "
                                             "a free one)")
     p.set_defaults(run=run_start)
@@ -110,7 +114,8 @@ def run_start(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         paths.root.mkdir(parents=True, exist_ok=True)
         lock.acquire()
         settings = choose_settings(LabSettings.load(paths.settings), devices=args.devices, port=args.port,
-                                   free_port=free_port())
+                                   free_port=free_port(), ble_devices=args.ble_devices)
+        _check_ble_possible(settings.ble_devices, asked=args.ble_devices is not None, settings_file=paths.settings)
         _check_port_free(settings.port, paths.settings)
         lab = StandingLab(paths, settings, DaemonAccount.find())
     except (LabError, OSError) as e:
@@ -121,7 +126,7 @@ def run_start(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         lab.start()
         _say_started(lab, out)
         asyncio.run(_serve(lab, out))
-    except (RuntimeError, OSError, TimeoutError) as e:
+    except (RuntimeError, OSError, TimeoutError, LabError) as e:
         return _fail(f"the lab failed: {e}")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the saving and stopping short
@@ -134,6 +139,17 @@ def run_start(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _check_ble_possible(ble_devices: tuple[str, ...], *, asked: bool, settings_file: Path) -> None:
+    """Refuse BLE devices at once, in one line, where the machine cannot serve them."""
+    from .emulators.lab_ble import missing
+    from .emulators.standing_lab import LabError
+
+    lacks = missing() if ble_devices else []
+    if lacks:
+        whence = "" if asked else f" (as last time, kept in {settings_file}; --ble-devices 0 starts without)"
+        raise LabError(f"--ble-devices {len(ble_devices)}{whence}: this machine lacks {'; '.join(lacks)}")
 
 
 def _check_port_free(port: int, settings_file: Path) -> None:
@@ -159,7 +175,7 @@ async def _serve(lab: StandingLab, out: TextIO) -> None:
     server = control.ControlServer(lab.paths.socket, {"job": handlers.job, "status": handlers.status,
                                                       "stop": handlers.stop})
     await server.start()
-    notify.ready(f"lab: {len(lab.settings.devices)} devices, broker 127.0.0.1:{lab.settings.port}")
+    notify.ready(f"lab: {len(lab.settings.all_devices)} devices, broker 127.0.0.1:{lab.settings.port}")
     watcher = asyncio.create_task(_print_changes(lab, out))
     try:
         await stop.wait()
@@ -273,8 +289,15 @@ def _say_started(lab: StandingLab, out: TextIO) -> None:
     say(f"ota-gateway lab in {root} (pid {os.getpid()}); stop it with Ctrl-C, SIGTERM or "
         f"`ota-gatewayctl lab stop --dir {root}`")
     say(f"  broker    mosquitto with mutual TLS on {status['broker']}, the AWS IoT emulator on it")
-    say(f"  devices   {', '.join(d['name'] for d in status['devices'])}: MCUboot devices on ptys "
-        f"({root}/tty/NAME), each an AWS IoT thing of its own")
+    uart = [d for d in status["devices"] if d["transport"] == "uart"]
+    ble = [d for d in status["devices"] if d["transport"] == "ble"]
+    if uart:
+        say(f"  devices   {', '.join(d['name'] for d in uart)}: MCUboot devices on ptys "
+            f"({root}/tty/NAME), each an AWS IoT thing of its own")
+    if ble:
+        say(f"  ble       {', '.join(d['name'] + ' at ' + d['address'] for d in ble)}: MCUboot devices over BLE, "
+            f"served by bumble through /dev/vhci as adapter {ble[0]['adapter']} (`[ble] adapter` in the "
+            f"configuration), each an AWS IoT thing of its own")
     for name in lab.restored:
         say(f"            {name}: flash as the last run left it")
     for name, why in lab.forgotten.items():
@@ -442,10 +465,11 @@ def format_lab_status(answer: dict[str, Any]) -> list[str]:
     for d in answer["devices"]:
         running = next((s for s in d["slots"] if s["active"]), None)
         other = next((s for s in d["slots"] if not s["active"]), None)
-        rows.append([d["name"], d["thing"], d["port"], running["version"] if running else "?",
+        link = d["port"] if d.get("transport", "uart") == "uart" else f"{d['address']} on {d['adapter']}"
+        rows.append([d["name"], d["thing"], link, running["version"] if running else "?",
                      "yes" if running and running["confirmed"] else "no",
                      (other["version"] + (" (pending)" if other["pending"] else "")) if other else "-"])
-    lines += table(rows, ["DEVICE", "THING", "PORT", "RUNNING", "CONFIRMED", "OTHER SLOT"])
+    lines += table(rows, ["DEVICE", "THING", "PORT OR ADDRESS", "RUNNING", "CONFIRMED", "OTHER SLOT"])
     lines.append("")
     if not answer["executions"]:
         return lines + ["No jobs yet."]

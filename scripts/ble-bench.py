@@ -12,6 +12,11 @@ the unit, as user ota-gateway in its sandbox, talking to BlueZ over D-Bus. The p
 the same jobs under Debian's bleak (the unit as shipped) and under the current PyPI bleak
 (a drop-in runs the daemon with /opt/bleak-latest's python).
 
+After both phases, with the bench's controller gone, the README's lab with a BLE device:
+`ota-gatewayctl lab start --ble-devices 1` (run by the bumble venv's python) on a controller of
+its own, the installed daemon as user ota-gateway against the lab's gateway.toml, a `lab job
+--wait` to the BLE device, and the lab started again with the device's flash kept.
+
 Prints "PASS|FAIL name: evidence" per check, a summary, and writes the results as JSON to
 OUT/results.json; exit status 1 if any check failed.
 Usage: ble-bench.py OUT_DIR
@@ -19,8 +24,11 @@ Usage: ble-bench.py OUT_DIR
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +55,9 @@ IMAGE_KIB = 24
 # devices whose SMP characteristic needs an encrypted link: Just Works, and a displayed passkey
 LOCKS = {"lock-a": ("F0:00:00:00:00:11", None), "lock-b": ("F0:00:00:00:00:12", 123456)}
 SLEEPY = ("ble-sleepy", "F0:00:00:00:00:21", 2000.0)  # advertises every 2 s, like a battery sensor
+LAB = Path("/srv/ota-lab")  # as in the README's lab section
+LAB_CTL = ["/opt/bumble/bin/python", "-m", "gatewayd.ctl"]  # `lab start` with BLE devices needs bumble
+ADAPTERS = Path("/sys/class/bluetooth")
 
 
 def bleak_version(python: str) -> str:
@@ -355,6 +366,116 @@ def pairing(bench: Bench, lab: Lab, world: HostStackBench, label: str, major: in
                 f"{record.status if record else 'no result'}; pairings since {again}; log: {logged[-4:]}")
 
 
+def adapters() -> list[str]:
+    return sorted(p.name for p in ADAPTERS.glob("hci*") if ":" not in p.name)
+
+
+def background(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def end(process: subprocess.Popen | None, timeout: float = 20.0) -> int | None:
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def lab_status(since: float) -> dict:
+    done = run("ota-gatewayctl", "lab", "status", "--json", "--dir", str(LAB), "--wait", "60", timeout=90)
+    if done.returncode != 0:
+        raise RuntimeError(f"lab status: {done.stderr.strip()} (after {time.monotonic() - since:.0f} s)")
+    return json.loads(done.stdout)
+
+
+def ble_device(status: dict) -> dict:
+    return next((d for d in status["devices"] if d["name"] == "ble-1"), {})
+
+
+def running(device: dict) -> str:
+    return next((s["version"] for s in device.get("slots", []) if s["active"]), "?")
+
+
+def ble_lab(bench: Bench) -> None:
+    """The README's lab with a BLE device, on the real stack: `lab start --devices 0
+    --ble-devices 1`, the daemon as user ota-gateway against it, a job to ble-1; then the lab
+    started again keeps ble-1 and its flash."""
+    t0 = time.monotonic()
+    # the bench's controller must be gone: the lab makes a controller of its own
+    gone = bench.wait_for(lambda: not adapters(), 15, 0.2)
+    if not bench.check("lab: the bench's hci0 is gone before the lab makes its own controller", gone,
+                       f"adapters {adapters()} after {time.monotonic() - t0:.1f} s"):
+        return
+    shutil.rmtree(LAB, ignore_errors=True)
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    lab = background([*LAB_CTL, "lab", "start", "--dir", str(LAB), "--devices", "0", "--ble-devices", "1"],
+                     OUT / "lab.log")
+    daemon = job = None
+    evidence = ""
+    try:
+        status = lab_status(t0)
+        device = ble_device(status)
+        config = (LAB / "devices.d" / "lab.toml").read_text() + (LAB / "gateway.toml").read_text()
+        # as `runuser -u ota-gateway` would, but with no parent in between to take the SIGTERM
+        daemon = background(["setpriv", "--reuid=ota-gateway", "--regid=ota-gateway", "--init-groups",
+                             "ota-gatewayd", "--config", str(LAB / "gateway.toml")], OUT / "lab-daemon.log")
+        app = WORK / "app-1.1.0.bin"
+        run("ota-gatewayctl", "lab", "image", "--version", "1.1.0", "--size", "8", "--output", str(app))
+        job = run("ota-gatewayctl", "lab", "job", str(app), "--device", "ble-1", "--dir", str(LAB), "--wait",
+                  "--timeout", "120", timeout=150)
+        after = ble_device(lab_status(t0))
+        entries = ['transport = "ble"', 'address = "F0:1A:B0:00:00:01"', f'adapter = "{device.get("adapter")}"']
+        written = [entry for entry in entries if entry in config]
+        evidence = (f"ble-1 at {device.get('address')} on {device.get('adapter')} (adapters {adapters()}); "
+                    f"config has {written}; job rc {job.returncode}: "
+                    f"{job.stdout.strip().splitlines()[-1:] or job.stderr.strip()}; ble-1 runs {running(after)}")
+        ok = (job.returncode == 0 and "ble-1: SUCCEEDED 1.1.0" in job.stdout and running(after) == "1.1.0"
+              and device.get("adapter") in adapters() and written == entries)
+    except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+        ok, evidence = False, f"{e!r}; {evidence}"
+    finally:
+        daemon_rc = end(daemon)
+        stopped = run("ota-gatewayctl", "lab", "stop", "--dir", str(LAB), timeout=60)
+        lab_rc = end(lab, 30)
+    log = (OUT / "lab.log").read_text(errors="replace")
+    warnings = [line for line in log.splitlines() if "warning" in line]
+    bench.check("lab: `lab start --devices 0 --ble-devices 1` serves ble-1 through BlueZ on a controller of its own; "
+                "the daemon (user ota-gateway) updates it: `lab job --device ble-1 --wait` SUCCEEDED",
+                ok and not warnings and daemon_rc == 0 and lab_rc == 0,
+                f"{evidence}; warnings {warnings}; daemon exit {daemon_rc}; lab stop rc {stopped.returncode}, "
+                f"lab exit {lab_rc}; in {time.monotonic() - t0:.0f} s")
+    if not ok:
+        print(log[-3000:], flush=True)
+    (OUT / "journal-lab-daemon.txt").write_text(run("journalctl", "--no-pager", "-o", "short-monotonic",
+                                                    "SYSLOG_IDENTIFIER=ota-gatewayd", "--since", since).stdout)
+
+    # started again: the same devices (kept in lab.json), ble-1's flash as the last run left it
+    t1 = time.monotonic()
+    adapter_gone = bench.wait_for(lambda: not adapters(), 10, 0.2)
+    lab = background([*LAB_CTL, "lab", "start", "--dir", str(LAB)], OUT / "lab.log")
+    try:
+        again = ble_device(lab_status(t1))
+        evidence = f"ble-1 {again.get('address')} on {again.get('adapter')} runs {running(again)}"
+    except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+        again, evidence = {}, repr(e)
+    finally:
+        run("ota-gatewayctl", "lab", "stop", "--dir", str(LAB), timeout=60)
+        lab_rc = end(lab, 30)
+    bench.check("lab: started again, it has ble-1 again with its flash kept (1.1.0), on a new controller",
+                adapter_gone and running(again) == "1.1.0" and lab_rc == 0,
+                f"the first lab's adapter gone at its stop: {adapter_gone}; {evidence}; lab exit {lab_rc}; "
+                f"in {time.monotonic() - t1:.0f} s")
+    bench.timings["lab with a BLE device"] = time.monotonic() - t0
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(WORK, ignore_errors=True)
@@ -394,6 +515,7 @@ def main() -> int:
         except Exception as e:  # the results matter more than a clean tear-down
             print(f"bench: closing the BLE world: {e!r}", flush=True)
         lab.close()
+    ble_lab(bench)
     return bench.finish(OUT / "results.json")
 
 

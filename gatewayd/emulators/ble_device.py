@@ -54,6 +54,7 @@ from bumble.keys import MemoryKeyStore
 from bumble.pairing import PairingConfig, PairingDelegate
 from bumble.link import LocalLink
 from bumble.transport import open_transport
+from bumble.transport.file import open_file_transport
 from bumble.transport.common import AsyncPipeSink
 
 from gatewayd.emulators.smp_device import EmulatedDevice
@@ -907,7 +908,8 @@ class HostStackBench:
       Advertising or LL Privacy: the kernel then waits for an LE Enhanced Connection Complete
       that bumble never sends, and its HCI command queue wedges.
     `connections` counts the peripherals' connections at each moment; `max_connections` is
-    the most there ever were at once.
+    the most there ever were at once. On `vhci:` the kernel's index of the new adapter (N of
+    hciN) is `await adapter_index()`.
 
     A fault: `stick_connections()` makes the controller accept the next LE connection attempt
     and never finish it, and answer its cancel with Command Disallowed, so every later attempt
@@ -930,6 +932,7 @@ class HostStackBench:
         self.resets = 0  # HCI Resets the host sent
         self._transport: Any = None
         self._controller: Controller | None = None
+        self._index: asyncio.Future[int] | None = None
 
     @property
     def connections(self) -> int:
@@ -938,7 +941,12 @@ class HostStackBench:
     async def start(self) -> None:
         _send_le_acl_from_the_connection_address()
         _cancel_connections_as_the_spec_says()
-        self._transport = await open_transport(self.transport_spec)
+        scheme, _, path = self.transport_spec.partition(":")
+        if scheme == "vhci":
+            self._index = asyncio.get_running_loop().create_future()
+            self._transport = await _open_vhci(path or "/dev/vhci", self._index)
+        else:
+            self._transport = await open_transport(self.transport_spec)
         controller = Controller("host", host_source=self._transport.source, host_sink=self._transport.sink,
                                 link=self.link, public_address=self.address)
         controller.le_features &= ~(LeFeatureMask.LE_EXTENDED_ADVERTISING | LeFeatureMask.LE_PERIODIC_ADVERTISING
@@ -982,6 +990,16 @@ class HostStackBench:
         controller.on_hci_le_create_connection_cancel_command = on_cancel  # type: ignore[method-assign]
         controller.on_hci_reset_command = on_reset  # type: ignore[method-assign]
 
+    async def adapter_index(self, timeout: float = 10.0) -> int:
+        """N of the kernel's hciN for this controller (a `vhci:` transport only)."""
+        if self._index is None:
+            raise RuntimeError(f"{self.transport_spec}: only a vhci transport makes a kernel adapter")
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._index), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.transport_spec}: the kernel did not say which adapter it made within "
+                               f"{timeout:g} s") from None
+
     async def add(self, device: EmulatedDevice, address: str, *, mtu: int = 517, reassembly: bool = True,
                   max_write: int | None = None, encrypted: bool = False, passkey: int | None = None,
                   advertising_interval_ms: float = ADVERTISING_INTERVAL_MS,
@@ -1008,6 +1026,24 @@ class HostStackBench:
             await peripheral.stop()
         if self._transport is not None:
             await self._transport.close()
+
+
+async def _open_vhci(path: str, index: asyncio.Future[int]) -> Any:
+    """bumble's vhci transport, which also keeps what the kernel answers to the vendor packet
+    that creates the controller: [0xff, type, index >> 8, index & 0xff], the N of hciN."""
+    transport = await open_file_transport(path)
+    source = transport.source
+
+    def received(data: bytes) -> None:
+        if data[:1] == b"\xff":  # HCI_VENDOR_PKT: the kernel's answer, not HCI traffic
+            if len(data) == 4 and not index.done():
+                index.set_result(data[2] << 8 | data[3])
+        else:
+            source.parser.feed_data(data)
+
+    source.data_received = received
+    transport.sink.on_packet(bytes([0xFF, 0x00]))  # HCI_VENDOR_PKT, HCI_PRIMARY: create the controller
+    return transport
 
 
 _PATCHED = False

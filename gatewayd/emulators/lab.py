@@ -99,12 +99,12 @@ class Lab:
         return device
 
     def add_ble_device(self, name: str, address: str, *, version: tuple[int, ...] = (1, 0, 0),
-                       thing_name: str | None = None, files: str | None = None, link: dict[str, Any] | None = None,
-                       **emulator: Any) -> EmulatedDevice:
+                       image: bytes | None = None, thing_name: str | None = None, files: str | None = None,
+                       link: dict[str, Any] | None = None, **emulator: Any) -> EmulatedDevice:
         """An emulated SMP device listed in the gateway's config as a BLE device at `address`;
         the caller serves it over BLE (`ble_device.HostStackBench` or `BleBench`) on this lab's
         device loop (`on_device_loop`). `link` adds BLE keys (reassembly, mtu, ...)."""
-        device = EmulatedDevice(name, slot0=self.make_image(version, seed=name), **emulator)
+        device = EmulatedDevice(name, slot0=image or self.make_image(version, seed=name), **emulator)
         settings: dict[str, Any] = {"name": name, "transport": "ble", "address": address, **(link or {})}
         if thing_name:
             settings["thing_name"] = thing_name

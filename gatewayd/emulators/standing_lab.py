@@ -8,13 +8,16 @@ after it is started anew:
     DIR/lab.json              the broker's port and the devices (kept, so gateway.toml stays valid)
     DIR/gateway.toml          for ota-gatewayd; devices in DIR/devices.d/lab.toml
     DIR/pki/, DIR/signer/     the CA, the identities and the code-signing key, made once
-    DIR/tty/<device>          each device's pty
+    DIR/tty/<device>          each UART device's pty
     DIR/flash/<device>.slotN  what each device had in flash when the lab last stopped
     DIR/daemon/               the daemon's state and control socket
 
 When the lab runs as root and the packaged `ota-gateway` account exists, the files the daemon
 reads are shared with it as the package expects (group-readable key, ptys in group dialout,
 DIR/daemon owned by it), so the installed daemon may run as that user against the lab.
+
+BLE devices (`ble-1` ..), where the machine can serve them to its own Bluetooth stack, are
+served by bumble behind a controller on /dev/vhci (`lab_ble`); bumble is imported only then.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import grp
 import json
+import logging
 import os
 import pwd
 import re
@@ -34,12 +38,16 @@ from typing import Any
 
 from .awsiot import ExecutionRecord
 from .lab import CERTFILE, FINAL, Lab
+from .lab_ble import BLE_PREFIX, LabRadio, address_of
 from .smp_device import EmulatedDevice, parse_mcuboot_image
+
+log = logging.getLogger(__name__)
 
 DAEMON_USER = "ota-gateway"
 SERIAL_GROUP = "dialout"
 DEVICE_PREFIX = "dev-"
 MAX_DEVICES = 64
+MAX_BLE_DEVICES = 16  # each advertises every 20 ms to the one adapter
 SLOT_SIZE = 1024 * 1024  # each emulated device's flash slot: the largest image a job may carry
 VALID_DAYS = 3650  # a bench CA, on 127.0.0.1 only, that should not expire under a user's CI
 _JOB_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -92,7 +100,8 @@ class LabSettings:
     """What must stay the same from one start to the next for gateway.toml to stay valid."""
 
     port: int
-    devices: tuple[str, ...]
+    devices: tuple[str, ...]  # UART devices
+    ble_devices: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> LabSettings | None:
@@ -103,34 +112,57 @@ class LabSettings:
             return None
         except (OSError, ValueError) as e:
             raise LabError(f"{path}: cannot read the lab's settings ({e}); remove it to start anew") from None
-        port, devices = (data.get("port"), data.get("devices")) if isinstance(data, dict) else (None, None)
-        if not _is_port(port) or not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
-            raise LabError(f'{path}: expected {{"port": 1..65535, "devices": [names]}}, got {data!r}; '
-                           "remove it to start anew")
-        return cls(port, tuple(devices))
+        port, devices, ble = ((data.get("port"), data.get("devices"), data.get("ble_devices", []))
+                              if isinstance(data, dict) else (None, None, None))
+        if not _is_port(port) or not _is_names(devices) or not _is_names(ble):
+            raise LabError(f'{path}: expected {{"port": 1..65535, "devices": [names], "ble_devices": [names]}}, '
+                           f"got {data!r}; remove it to start anew")
+        return cls(port, tuple(devices), tuple(ble))
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"port": self.port, "devices": list(self.devices)}, indent=2) + "\n")
+        path.write_text(json.dumps({"port": self.port, "devices": list(self.devices),
+                                    "ble_devices": list(self.ble_devices)}, indent=2) + "\n")
+
+    @property
+    def all_devices(self) -> tuple[str, ...]:
+        return self.devices + self.ble_devices
 
 
 def _is_port(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
 
 
-def device_names(count: int) -> tuple[str, ...]:
-    if not 1 <= count <= MAX_DEVICES:
-        raise LabError(f"--devices must be 1..{MAX_DEVICES}, got {count}")
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(d, str) for d in value)
+
+
+def device_names(count: int, *, least: int = 1) -> tuple[str, ...]:
+    """dev-1 .. dev-N; `least` 0 when the lab has BLE devices."""
+    if not least <= count <= MAX_DEVICES:
+        raise LabError(f"--devices must be {least}..{MAX_DEVICES}" + (" (0 only with --ble-devices)" if least else "")
+                       + f", got {count}")
     return tuple(f"{DEVICE_PREFIX}{n}" for n in range(1, count + 1))
 
 
+def ble_device_names(count: int) -> tuple[str, ...]:
+    if not 0 <= count <= MAX_BLE_DEVICES:
+        raise LabError(f"--ble-devices must be 0..{MAX_BLE_DEVICES}, got {count}")
+    return tuple(f"{BLE_PREFIX}{n}" for n in range(1, count + 1))
+
+
 def choose_settings(saved: LabSettings | None, *, devices: int | None, port: int | None,
-                    free_port: int) -> LabSettings:
-    """This start's settings: what was asked, else what was saved, else the defaults (2 devices,
-    a port free now that is then kept)."""
+                    free_port: int, ble_devices: int | None = None) -> LabSettings:
+    """This start's settings: what was asked, else what was saved, else the defaults (2 UART
+    devices, no BLE device, a port free now that is then kept)."""
     if port is not None and not _is_port(port):
         raise LabError(f"--port must be 1..65535, got {port}")
-    names = device_names(devices) if devices is not None else saved.devices if saved else device_names(2)
-    return LabSettings(port or (saved.port if saved else free_port), names)
+    ble = ble_device_names(ble_devices) if ble_devices is not None else saved.ble_devices if saved else ()
+    least = 0 if ble else 1
+    names = (device_names(devices, least=least) if devices is not None else saved.devices if saved
+             else device_names(2))
+    if not names and not ble:
+        raise LabError("the lab needs a device: --devices or --ble-devices at least 1")
+    return LabSettings(port or (saved.port if saved else free_port), names, ble)
 
 
 def new_job_id(now: float | None = None) -> str:
@@ -293,6 +325,7 @@ class StandingLab:
                                       "control_socket": str(paths.control_socket), "log_level": "info"}
         self.restored: list[str] = []  # devices whose flash came from an earlier run
         self.forgotten: dict[str, str] = {}  # device -> why its saved flash could not be used
+        self.radio: LabRadio | None = None  # the BLE devices' controller, when there are any
 
     @property
     def made_keys(self) -> bool:
@@ -306,6 +339,8 @@ class StandingLab:
         """Devices, broker, AWS IoT emulator, and the files the daemon reads."""
         for name in self.settings.devices:
             self._add_device(name)
+        if self.settings.ble_devices:
+            self._add_ble_devices()
         self.lab.start_cloud()
         self.lab.write_config(devices_file=self.paths.devices_file)
         share_key(self.lab.pki.client(self.lab.gateway_thing).key_file, self.account)
@@ -319,6 +354,18 @@ class StandingLab:
         link = self.lab.devices[name].link
         assert link is not None
         share_serial_port(Path(os.path.realpath(link)), self.account)
+
+    def _add_ble_devices(self) -> None:
+        self.radio = LabRadio(self.lab.on_device_loop)
+        self.lab.config["ble"] = {"adapter": self.radio.start()}
+        for name in self.settings.ble_devices:
+            saved = self._saved_flash(name)
+            slots = {"image": saved.slot0, "slot1": saved.slot1} if saved else {}
+            # as a Zephyr device with CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY and a flash write per request
+            device = self.lab.add_ble_device(name, address_of(name), thing_name=name, link={"reassembly": True},
+                                             slot_size=SLOT_SIZE, buf_size=2475, reset_delay=0.5,
+                                             boot_banner=False, **slots)
+            self.radio.add(device, address_of(name))
 
     def _saved_flash(self, name: str) -> FlashImages | None:
         files = [self.paths.flash(name, slot) for slot in (0, 1)]
@@ -340,6 +387,11 @@ class StandingLab:
                 self._save_flash(name, device.emulator)
             except OSError as e:
                 self.forgotten[name] = f"not saved: {e}"
+        if self.radio is not None:
+            try:
+                self.radio.close()
+            except Exception as e:  # the broker and the devices must stop all the same
+                log.warning("the BLE controller did not close cleanly: %r", e)
         self.lab.close()
 
     def _save_flash(self, name: str, device: EmulatedDevice) -> None:
@@ -392,8 +444,11 @@ class StandingLab:
     def _device_status(self, name: str) -> dict[str, Any]:
         device = self.lab.devices[name]
         slots = self.lab.on_device_loop(lambda: device.emulator.slots)
-        return {"name": name, "thing": device.settings.get("thing_name"), "transport": "uart",
-                "port": str(device.link), "tty": device.emulator.tty_name,
+        link: dict[str, Any] = ({"transport": "uart", "port": str(device.link), "tty": device.emulator.tty_name}
+                                if device.link is not None else
+                                {"transport": "ble", "port": None, "address": device.settings["address"],
+                                 "adapter": self.radio.adapter if self.radio else None})
+        return {"name": name, "thing": device.settings.get("thing_name"), **link,
                 "slots": [{"slot": s.slot, "version": s.version, "active": s.active, "confirmed": s.confirmed,
                            "pending": s.pending} for s in slots]}
 

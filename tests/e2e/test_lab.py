@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,3 +214,23 @@ def test_a_second_lab_in_the_same_folder_is_refused_and_a_job_for_an_unknown_dev
     stopped = subprocess.run(shell.argv(f"ota-gatewayctl lab status --dir {README_DIR}")[0], capture_output=True,
                              text=True, timeout=COMMAND_TIMEOUT)
     assert stopped.returncode == 3 and "no lab is running" in stopped.stderr, stopped.stderr
+
+
+def test_a_lab_with_ble_devices_on_a_machine_that_cannot_serve_them_is_refused_at_once_naming_what_it_lacks(
+        shell: Shell):
+    from gatewayd.emulators.lab_ble import missing
+
+    lacks = [part for part in missing() if not part.startswith("bumble for")]  # the lab's python may differ
+    if not lacks:
+        pytest.skip("this machine has /dev/vhci and bluetoothd: scripts/test-ble runs a lab with BLE devices")
+    t0 = time.monotonic()
+    done = subprocess.run(shell.argv(f"ota-gatewayctl lab start --dir {README_DIR} --devices 0 --ble-devices 1")[0],
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("ota-gatewayctl lab: --ble-devices 1: this machine lacks "), lines[0]
+    assert all(part.split(" (")[0] in lines[0] for part in lacks), (lacks, lines[0])
+    if not Path("/dev/vhci").exists():
+        assert "/dev/vhci, the kernel's virtual HCI device (modprobe hci_vhci" in lines[0], lines[0]
+    assert time.monotonic() - t0 < 15 and done.stdout == ""
+    assert not (shell.lab_dir / "lab.json").exists() and not (shell.lab_dir / "pki").exists()  # nothing was made

@@ -22,6 +22,7 @@ def test_lab_commands_are_registered_with_their_arguments() -> None:
     args = ctl.build_parser().parse_args(["lab", "start"])
     assert (args.run, args.dir, args.devices, args.port) == (lab_command.run_start, lab_command.DEFAULT_DIR,
                                                              None, None)
+    assert ctl.build_parser().parse_args(["lab", "start", "--ble-devices", "1", "--devices", "0"]).ble_devices == 1
     assert ctl.main(["lab"]) == ctl.EXIT_USAGE
     assert ctl.main(["lab", "job", "app.bin"]) == ctl.EXIT_USAGE  # --device is required
 
@@ -66,15 +67,19 @@ def test_the_status_table_shows_each_device_s_slots_and_each_execution() -> None
                   {"slot": 0, "version": "1.1.0", "active": True, "confirmed": True, "pending": False},
                   {"slot": 1, "version": "1.0.0", "active": False, "confirmed": False, "pending": False}]},
                   {"name": "dev-2", "thing": "dev-2", "port": "/srv/lab/tty/dev-2", "slots": [
+                      {"slot": 0, "version": "1.0.0", "active": True, "confirmed": True, "pending": False}]},
+                  {"name": "ble-1", "thing": "ble-1", "transport": "ble", "port": None,
+                   "address": "F0:1A:B0:00:00:01", "adapter": "hci1", "slots": [
                       {"slot": 0, "version": "1.0.0", "active": True, "confirmed": True, "pending": False}]}],
               "executions": [{"job_id": "lab-1", "thing": "dev-1", "status": "SUCCEEDED",
                               "status_details": {"version": "1.1.0"}}]}
     lines = format_lab_status(answer)
     assert lines[0].startswith("lab in /srv/lab (pid 7): broker 127.0.0.1:40000")
-    assert [line.split() for line in lines[2:5]] == [
-        ["DEVICE", "THING", "PORT", "RUNNING", "CONFIRMED", "OTHER", "SLOT"],
+    assert [line.split() for line in lines[2:6]] == [
+        ["DEVICE", "THING", "PORT", "OR", "ADDRESS", "RUNNING", "CONFIRMED", "OTHER", "SLOT"],
         ["dev-1", "dev-1", "/srv/lab/tty/dev-1", "1.1.0", "yes", "1.0.0"],
-        ["dev-2", "dev-2", "/srv/lab/tty/dev-2", "1.0.0", "yes", "-"]]
+        ["dev-2", "dev-2", "/srv/lab/tty/dev-2", "1.0.0", "yes", "-"],
+        ["ble-1", "ble-1", "F0:1A:B0:00:00:01", "on", "hci1", "1.0.0", "yes", "-"]]
     assert lines[-1].split() == ["lab-1", "dev-1", "SUCCEEDED", "1.1.0"]
     assert format_lab_status({**answer, "executions": []})[-1] == "No jobs yet."
 

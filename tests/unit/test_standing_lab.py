@@ -15,6 +15,7 @@ from cryptography import x509
 from gatewayd.emulators.broker import make_pki, open_pki
 from gatewayd.emulators.lab import make_image
 from gatewayd.emulators.signing import open_signer
+from gatewayd.emulators import lab_ble, standing_lab
 from gatewayd.emulators.standing_lab import (SLOT_SIZE, DaemonAccount, FlashImages, LabError, LabLock, LabPaths,
                                              LabSettings, StandingLab, choose_settings, device_names, new_job_id)
 
@@ -24,10 +25,18 @@ def test_settings_are_none_before_the_first_start_and_come_back_as_saved(tmp_pat
     assert LabSettings.load(path) is None
     LabSettings(41234, ("dev-1", "dev-2")).save(path)
     assert LabSettings.load(path) == LabSettings(41234, ("dev-1", "dev-2"))
+    LabSettings(41234, (), ("ble-1",)).save(path)
+    assert LabSettings.load(path) == LabSettings(41234, (), ("ble-1",))
+
+
+def test_settings_saved_before_there_were_ble_devices_have_none(tmp_path: Path) -> None:
+    path = tmp_path / "lab.json"
+    path.write_text('{"port": 41234, "devices": ["dev-1"]}')
+    assert LabSettings.load(path) == LabSettings(41234, ("dev-1",), ())
 
 
 @pytest.mark.parametrize("text", ["{", '{"port": 0, "devices": []}', '{"port": 1883, "devices": [1]}', "[]",
-                                  '{"port": true, "devices": []}'])
+                                  '{"port": true, "devices": []}', '{"port": 1883, "devices": [], "ble_devices": 1}'])
 def test_settings_that_cannot_be_used_name_the_file(tmp_path: Path, text: str) -> None:
     path = tmp_path / "lab.json"
     path.write_text(text)
@@ -40,14 +49,23 @@ def test_what_is_asked_wins_over_what_was_saved_which_wins_over_the_defaults() -
     assert choose_settings(None, devices=None, port=None, free_port=45000) == LabSettings(45000, ("dev-1", "dev-2"))
     assert choose_settings(saved, devices=None, port=None, free_port=45000) == saved
     assert choose_settings(saved, devices=1, port=1884, free_port=45000) == LabSettings(1884, ("dev-1",))
+    with_ble = choose_settings(None, devices=0, port=None, free_port=45000, ble_devices=2)
+    assert with_ble == LabSettings(45000, (), ("ble-1", "ble-2"))
+    assert choose_settings(with_ble, devices=None, port=None, free_port=1) == with_ble  # BLE devices are kept
+    assert choose_settings(with_ble, devices=1, port=None, free_port=1, ble_devices=0) == LabSettings(45000,
+                                                                                                   ("dev-1",))
 
 
-@pytest.mark.parametrize("devices, port, message", [(0, None, "--devices must be 1..64, got 0"),
-                                                    (65, None, "--devices must be 1..64, got 65"),
-                                                    (1, 70000, "--port must be 1..65535, got 70000")])
-def test_impossible_settings_are_refused(devices: int, port: int | None, message: str) -> None:
+@pytest.mark.parametrize("devices, ble, port, message", [
+    (0, None, None, "--devices must be 1..64 (0 only with --ble-devices), got 0"),
+    (65, None, None, "--devices must be 1..64 (0 only with --ble-devices), got 65"),
+    (65, 1, None, "--devices must be 0..64, got 65"),
+    (1, 17, None, "--ble-devices must be 0..16, got 17"),
+    (0, 0, None, "--devices must be 1..64 (0 only with --ble-devices), got 0"),
+    (1, None, 70000, "--port must be 1..65535, got 70000")])
+def test_impossible_settings_are_refused(devices: int, ble: int | None, port: int | None, message: str) -> None:
     with pytest.raises(LabError, match=re.escape(message)):
-        choose_settings(None, devices=devices, port=port, free_port=45000)
+        choose_settings(None, devices=devices, port=port, free_port=45000, ble_devices=ble)
 
 
 def test_devices_are_named_dev_1_to_n() -> None:
@@ -190,3 +208,108 @@ def test_saved_flash_is_restored_and_unusable_flash_is_said_and_forgotten(tmp_pa
         assert standing.restored == ["dev-1"] and list(standing.forgotten) == ["dev-2"]
     finally:
         standing.lab.close()
+
+
+def test_a_machine_that_cannot_serve_ble_devices_is_told_each_part_it_lacks_and_how_to_get_it(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    (proc / "1").mkdir(parents=True)
+    (proc / "1" / "comm").write_text("systemd\n")
+    no_bumble = {"bumble": None}.get
+    lacks = lab_ble.missing(vhci=tmp_path / "vhci", proc=proc, find_spec=no_bumble)
+    assert len(lacks) == 3
+    assert lacks[0].startswith(f"{tmp_path / 'vhci'}, the kernel's virtual HCI device (modprobe hci_vhci")
+    assert lacks[1].startswith("bumble for ") and "pip install bumble" in lacks[1]
+    assert lacks[2].startswith("BlueZ's bluetoothd running")
+
+    (tmp_path / "vhci").write_text("")
+    (proc / "77").mkdir()
+    (proc / "77" / "comm").write_text("bluetoothd\n")
+    assert lab_ble.missing(vhci=tmp_path / "vhci", proc=proc, find_spec=lambda name: object()) == []
+
+
+def test_the_lab_modules_do_not_import_bumble_until_ble_devices_start() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, gatewayd.ctl, gatewayd.lab_command, gatewayd.emulators.standing_lab, "
+            "gatewayd.emulators.lab_ble; print(sorted(m for m in sys.modules if m.split('.')[0] == 'bumble'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
+
+
+class FakeRadio:
+    """Stands for the bumble controller on /dev/vhci, which this machine may not have."""
+
+    def __init__(self, on_loop) -> None:
+        self.served: dict[str, str] = {}
+        self.adapter: str | None = None
+        self.closed = False
+
+    def start(self) -> str:
+        self.adapter = "hci7"
+        return self.adapter
+
+    def add(self, device, address: str) -> None:
+        self.served[address] = device.name
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_ble_devices_are_ble_entries_of_the_config_on_the_lab_s_adapter_and_keep_their_flash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(standing_lab, "LabRadio", FakeRadio)
+    paths = LabPaths(tmp_path)
+    paths.flash("ble-1", 0).parent.mkdir()
+    image = make_image((2, 3, 4), seed="saved")
+    paths.flash("ble-1", 0).write_bytes(image)
+    standing = StandingLab(paths, LabSettings(41234, (), ("ble-1", "ble-2")), None)
+    try:
+        standing._add_ble_devices()
+        assert standing.lab.config["ble"] == {"adapter": "hci7"}
+        assert standing.radio is not None and standing.radio.served == {"F0:1A:B0:00:00:01": "ble-1",
+                                                                        "F0:1A:B0:00:00:02": "ble-2"}
+        assert standing.lab.devices["ble-2"].settings == {"name": "ble-2", "transport": "ble",
+                                                          "address": "F0:1A:B0:00:00:02", "reassembly": True,
+                                                          "thing_name": "ble-2"}
+        assert standing.restored == ["ble-1"]
+        status = standing._device_status("ble-1")
+        assert {k: status[k] for k in ("name", "thing", "transport", "port", "address", "adapter")} == {
+            "name": "ble-1", "thing": "ble-1", "transport": "ble", "port": None, "address": "F0:1A:B0:00:00:01",
+            "adapter": "hci7"}
+        assert [(s["version"], s["active"]) for s in status["slots"]] == [("2.3.4", True)]
+    finally:
+        standing.close()
+    assert standing.radio.closed
+    assert paths.flash("ble-2", 0).exists() and paths.flash("ble-1", 0).read_bytes()[:4] == image[:4]
+
+
+def test_the_lab_s_controller_learns_its_adapter_from_the_kernel_s_answer_on_vhci() -> None:
+    """/dev/vhci stood in for by a raw pty: the controller asks for a new adapter with the vendor
+    packet [0xff, 0x00], the kernel answers [0xff, 0x00, index >> 8, index & 0xff], and HCI
+    traffic follows."""
+    import asyncio
+    import tty
+
+    from gatewayd.emulators.ble_device import HostStackBench
+
+    async def scenario() -> tuple[bytes, int]:
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        bench = HostStackBench(transport=f"vhci:{os.ttyname(slave)}")
+        try:
+            await bench.start()
+            loop = asyncio.get_running_loop()
+            asked = await loop.run_in_executor(None, os.read, master, 2)
+            os.write(master, bytes([0xFF, 0x00, 0x01, 0x02]))
+            index = await bench.adapter_index(timeout=5)
+            os.write(master, bytes([0x01, 0x03, 0x0C, 0x00]))  # HCI Reset: the controller answers it
+            answer = await loop.run_in_executor(None, os.read, master, 64)
+            assert answer[:1] == b"\x04", answer  # an HCI event: the reset reached the controller
+            return asked, index
+        finally:
+            await bench.close()
+            os.close(master)
+            os.close(slave)
+
+    assert asyncio.run(scenario()) == (bytes([0xFF, 0x00]), 0x0102)
