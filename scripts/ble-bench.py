@@ -43,9 +43,9 @@ from gatewayd.emulators.lab import CERTFILE, Lab
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "/mnt/host/out")
 HCI_LOG = OUT / "hci.btsnoop"  # btmon -w, started by guest-run before this bench
 WORK = Path("/srv/ota-ble")  # not /tmp (PrivateTmp=yes) nor /root (ProtectHome=yes)
-# the lost-bond scenarios (scripts/test-ble with OTA_BLE_LOST_BOND=1): on Linux 6.1 a race in the
-# kernel can leave a link with no owner while a lost bond is removed (see README), which stalls
-# every later connection of the run, so they are not part of the default stage
+# the lost-bond scenarios (left out with OTA_BLE_LOST_BOND=0 to scripts/test-ble): on Linux 6.1 a
+# race in the kernel can leave a connection attempt that never ends while a lost bond is removed
+# (see README), and the daemon must power the adapter off and on to go on
 LOST_BOND = "lost_bond=1" in (Path("options").read_text() if Path("options").exists() else "")
 DROPIN = Path("/etc/systemd/system/ota-gatewayd.service.d/50-pypi-bleak.conf")
 PYPI_PYTHON = "/opt/bleak-latest/bin/python"
