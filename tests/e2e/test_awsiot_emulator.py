@@ -9,9 +9,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import threading
 import time
-from collections import defaultdict
 from typing import Any
 
 import cbor2
@@ -22,91 +20,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gatewayd.emulators.awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec, RawDocument
-from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki, tls_client
+from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki
 from gatewayd.emulators.signing import make_signer
+from tests.e2e.thing_client import TIMEOUT, ThingClient
 
 THING = "pump-01"
-TIMEOUT = 5.0
 
 
-class Device:
-    """A thing on the broker: subscribes to `$aws/things/<thing>/#` and records everything."""
-
-    def __init__(self, pki, broker, thing: str) -> None:
-        self.thing = thing
-        self.client = tls_client(pki.ca_file, pki.client(thing))
-        self.client.reconnect_delay_set(0.1, 1)
-        self._cond = threading.Condition()
-        self._messages: dict[str, list[bytes]] = defaultdict(list)
-        self._cursor: dict[str, int] = defaultdict(int)
-        self._subscribed = threading.Event()
-        self.subacks = 0
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._subscribed.wait(TIMEOUT), "device did not get its SUBACK"
-
-    def _on_connect(self, client, userdata, flags, rc, properties=None) -> None:
-        client.subscribe(f"$aws/things/{self.thing}/#", qos=1)
-
-    def _on_subscribe(self, client, userdata, mid, *args) -> None:
-        self.subacks += 1
-        self._subscribed.set()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self._cond:
-            self._messages[msg.topic].append(msg.payload)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def topic(self, suffix: str) -> str:
-        return f"$aws/things/{self.thing}/{suffix}"
-
-    def publish(self, suffix: str, payload: Any, qos: int = 1) -> None:
-        if isinstance(payload, (dict, list)):
-            payload = json.dumps(payload)
-        self.client.publish(self.topic(suffix), payload, qos=qos).wait_for_publish(TIMEOUT)
-
-    def next(self, suffix: str, timeout: float = TIMEOUT) -> bytes:
-        """The next not yet consumed message on `$aws/things/<thing>/<suffix>`."""
-        topic = self.topic(suffix)
-        with self._cond:
-            ok = self._cond.wait_for(lambda: len(self._messages[topic]) > self._cursor[topic], timeout)
-            assert ok, f"nothing on {topic} within {timeout}s; got {sorted(self._messages)}"
-            payload = self._messages[topic][self._cursor[topic]]
-            self._cursor[topic] += 1
-            return payload
-
-    def next_json(self, suffix: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-        return json.loads(self.next(suffix, timeout))
-
-    def pending(self, suffix: str) -> list[bytes]:
-        """Messages received on the topic and not consumed yet (consumes them)."""
-        topic = self.topic(suffix)
-        with self._cond:
-            out = self._messages[topic][self._cursor[topic] :]
-            self._cursor[topic] = len(self._messages[topic])
-            return out
+class Device(ThingClient):
+    """A thing on the broker (tests/e2e/thing_client.py), with the Jobs and streams requests."""
 
     def request(self, suffix: str, payload: Any) -> tuple[str, dict[str, Any]]:
         """Publish to `jobs/<suffix>` and wait for `/accepted` or `/rejected`."""
-        self.publish(f"jobs/{suffix}", payload)
-        acc, rej = self.topic(f"jobs/{suffix}/accepted"), self.topic(f"jobs/{suffix}/rejected")
-        with self._cond:
-            def ready() -> bool:
-                return any(len(self._messages[t]) > self._cursor[t] for t in (acc, rej))
-
-            assert self._cond.wait_for(ready, TIMEOUT), f"no reply to jobs/{suffix}"
-            for name, t in (("accepted", acc), ("rejected", rej)):
-                if len(self._messages[t]) > self._cursor[t]:
-                    self._cursor[t] += 1
-                    return name, json.loads(self._messages[t][self._cursor[t] - 1])
-        raise AssertionError("unreachable")
+        return self.reply(f"jobs/{suffix}", payload)
 
     def sync(self) -> None:
         """Round trip through the emulator: everything it published before has arrived."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections import defaultdict
 from typing import Any
 
 import pytest
@@ -23,10 +22,10 @@ from awscrt import mqtt_request_response
 from awsiot import ServiceStreamOptions, V2ServiceException, iotshadow, mqtt_connection_builder
 
 from gatewayd.emulators.awsiot import AwsIotEmulator
-from gatewayd.emulators.broker import SERVICE_IDENTITY, tls_client
+from gatewayd.emulators.broker import SERVICE_IDENTITY
+from tests.e2e.thing_client import TIMEOUT, ThingClient
 
 THING = "pump-01"
-TIMEOUT = 5.0
 T0 = 1_767_000_000
 
 
@@ -40,69 +39,21 @@ class Clock:
         return self.now
 
 
-class ShadowDevice:
-    """A thing on the broker that records every message on `$aws/things/<thing>/shadow/#`."""
+class ShadowDevice(ThingClient):
+    """A thing on the broker (tests/e2e/thing_client.py) speaking to its named shadows."""
 
     def __init__(self, pki, broker, thing: str = THING) -> None:
-        self.thing = thing
-        self.client = tls_client(pki.ca_file, pki.client(thing), f"{thing}-{uuid.uuid4().hex[:6]}")
-        self._cond = threading.Condition()
-        self._messages: dict[str, list[bytes]] = defaultdict(list)
-        self._cursor: dict[str, int] = defaultdict(int)
-        subscribed = threading.Event()
-        self.client.on_connect = lambda c, *a: c.subscribe(f"$aws/things/{thing}/shadow/#", qos=1)
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert subscribed.wait(TIMEOUT), "no SUBACK"
+        super().__init__(pki, broker, thing, f"{thing}-{uuid.uuid4().hex[:6]}")
 
-    def _on_message(self, client, userdata, msg) -> None:
-        with self._cond:
-            self._messages[msg.topic].append(msg.payload)
-            self._cond.notify_all()
+    def next_reply(self, name: str, suffix: str) -> dict[str, Any]:
+        return self.next_json(f"shadow/name/{name}/{suffix}")
 
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def topic(self, name: str, suffix: str) -> str:
-        return f"$aws/things/{self.thing}/shadow/name/{name}/{suffix}"
-
-    def publish(self, name: str, op: str, payload: Any) -> None:
-        if isinstance(payload, (dict, list)):
-            payload = json.dumps(payload)
-        self.client.publish(self.topic(name, op), payload, qos=1).wait_for_publish(TIMEOUT)
-
-    def next(self, name: str, suffix: str) -> dict[str, Any]:
-        topic = self.topic(name, suffix)
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self._messages[topic]) > self._cursor[topic], TIMEOUT), \
-                f"nothing on {topic}; got {sorted(self._messages)}"
-            self._cursor[topic] += 1
-            return json.loads(self._messages[topic][self._cursor[topic] - 1])
-
-    def pending(self, name: str, suffix: str) -> list[dict[str, Any]]:
-        topic = self.topic(name, suffix)
-        with self._cond:
-            out = self._messages[topic][self._cursor[topic]:]
-            self._cursor[topic] = len(self._messages[topic])
-            return [json.loads(m) for m in out]
+    def pending_replies(self, name: str, suffix: str) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.pending(f"shadow/name/{name}/{suffix}")]
 
     def request(self, name: str, op: str, payload: Any = b"") -> tuple[str, dict[str, Any]]:
         """Publish to `<op>` and wait for its `/accepted` or `/rejected` reply."""
-        self.publish(name, op, payload)
-        acc, rej = self.topic(name, f"{op}/accepted"), self.topic(name, f"{op}/rejected")
-        with self._cond:
-            def ready() -> bool:
-                return any(len(self._messages[t]) > self._cursor[t] for t in (acc, rej))
-
-            assert self._cond.wait_for(ready, TIMEOUT), f"no reply to {op} of {name}"
-            for outcome, t in (("accepted", acc), ("rejected", rej)):
-                if len(self._messages[t]) > self._cursor[t]:
-                    self._cursor[t] += 1
-                    return outcome, json.loads(self._messages[t][self._cursor[t] - 1])
-        raise AssertionError("unreachable")
+        return self.reply(f"shadow/name/{name}/{op}", payload)
 
     def update(self, name: str, payload: Any) -> tuple[str, dict[str, Any]]:
         return self.request(name, "update", payload)
@@ -147,7 +98,7 @@ def test_an_update_creates_the_shadow_and_the_accepted_document_echoes_the_reque
         "timestamp": T0,
         "clientToken": "c-1",
     }
-    documents = device.next("ota", "update/documents")
+    documents = device.next_reply("ota", "update/documents")
     assert documents == {
         "current": {"state": {"reported": {"running": {"version": "1.0.0", "confirmed": True}, "slots": [1, 2]}},
                     "metadata": {"reported": {"running": {"version": ts(T0), "confirmed": ts(T0)},
@@ -156,7 +107,7 @@ def test_an_update_creates_the_shadow_and_the_accepted_document_echoes_the_reque
         "timestamp": T0,
         "clientToken": "c-1",
     }  # no "previous": the update made the shadow
-    assert device.pending("ota", "update/delta") == []  # nothing desired, no delta
+    assert device.pending_replies("ota", "update/delta") == []  # nothing desired, no delta
     assert emulator.shadow(THING, "ota")["version"] == 1
     assert emulator.shadow(THING, "other") is None
 
@@ -183,7 +134,7 @@ def test_update_merges_objects_deletes_nulls_and_replaces_arrays_keeping_untouch
         "timestamp": T0 + 10,
         "clientToken": "g-1",
     }
-    documents = [device.next("ota", "update/documents") for _ in range(2)][1]
+    documents = [device.next_reply("ota", "update/documents") for _ in range(2)][1]
     assert documents["previous"]["version"] == 1 and documents["current"]["version"] == 2
     assert documents["previous"]["state"]["reported"]["pending"] == {"version": "2.0.0"}
     assert "pending" not in documents["current"]["state"]["reported"]
@@ -205,7 +156,7 @@ def test_desired_state_makes_a_delta_down_to_the_differing_leaf(device, emulator
     outcome, _ = device.update("ota", {"state": {"desired": {"lights": {"color": {"r": 255, "g": 255, "b": 255}},
                                                              "fan": [1, 2]}}, "clientToken": "d-1"})
     assert outcome == "accepted"
-    assert device.next("ota", "update/delta") == {
+    assert device.next_reply("ota", "update/delta") == {
         "state": {"lights": {"color": {"g": 255}}, "fan": [1, 2]},
         "metadata": {"lights": {"color": {"g": ts(T0 + 5)}}, "fan": [ts(T0 + 5), ts(T0 + 5)]},
         "version": 2,
@@ -216,12 +167,12 @@ def test_desired_state_makes_a_delta_down_to_the_differing_leaf(device, emulator
     # the device catches up: no delta is left and none is published
     device.update("ota", {"state": {"reported": {"lights": {"color": {"g": 255}}, "fan": [1, 2]}}})
     assert "delta" not in emulator.shadow(THING, "ota")["state"]
-    assert device.pending("ota", "update/delta") == []
+    assert device.pending_replies("ota", "update/delta") == []
 
 
 def test_a_service_side_desired_update_reaches_the_device_as_a_delta(device, emulator):
     emulator.shadows.update(THING, "ota", {"state": {"desired": {"redeliver": True}}})
-    delta = device.next("ota", "update/delta")
+    delta = device.next_reply("ota", "update/delta")
     assert delta["state"] == {"redeliver": True} and delta["version"] == 1
     assert emulator.shadow_updates(THING, "ota")[0].source == "service"
 
