@@ -50,20 +50,26 @@ def test_round_trip_with_mtls_and_handlers_on_the_loop(broker, pki, protocol):
         peer.stop()
 
 
+async def connected_counting_connects(broker, pki) -> tuple[MqttClient, list[int]]:
+    """A started, connected client; its connect listener appends to the list at each connect."""
+    mc = make_client(broker, pki)
+    calls: list[int] = []
+
+    async def listener():
+        calls.append(1)
+
+    mc.add_connect_listener(listener)
+    await mc.start()
+    await mc.wait_connected(10)
+    return mc, calls
+
+
 def test_reconnect_restores_subscriptions_in_batches_and_calls_listener_again(broker, pki):
     peer = Peer(broker, pki)
 
     async def main():
-        mc = make_client(broker, pki)
-        calls: list[int] = []
+        mc, calls = await connected_counting_connects(broker, pki)
         got: list[str] = []
-
-        async def listener():
-            calls.append(1)
-
-        mc.add_connect_listener(listener)
-        await mc.start()
-        await mc.wait_connected(10)
         await eventually(lambda: len(calls) == 1, what="first listener call")
         for i in range(19):
             await mc.subscribe(f"$aws/things/gw-01/s/{i}", lambda t, p: got.append(t))
@@ -101,16 +107,8 @@ def test_reconfigure_reconnects_with_new_settings_keeping_subscriptions_and_list
     peer = Peer(broker, pki).start()
 
     async def main():
-        mc = make_client(broker, pki)
-        calls: list[int] = []
+        mc, calls = await connected_counting_connects(broker, pki)
         got: list[bytes] = []
-
-        async def listener():
-            calls.append(1)
-
-        mc.add_connect_listener(listener)
-        await mc.start()
-        await mc.wait_connected(10)
         await mc.subscribe("$aws/things/gw-01/down", lambda t, p: got.append(p))
         good = mc.settings
 
