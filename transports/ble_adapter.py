@@ -3,7 +3,8 @@
 A controller makes one LE connection at a time. When a connection attempt never ends, every
 later connection to any device on that adapter waits behind it: Linux 6.1 is left that way
 when its cancel of a connection crosses the controller completing it (answered Command
-Disallowed; README, "Not reliable yet"), and a wedged controller looks the same from here.
+Disallowed; README, "What ran on the real stack"), and a wedged controller looks the same
+from here.
 Nothing but resetting the adapter ends it, and powering it off and on through BlueZ does:
 the kernel drops its connection state and resets the controller as it powers up.
 

@@ -208,9 +208,7 @@ class BluezAgent:
     async def bonded(self, adapter: str, address: str) -> bool:
         """Whether BlueZ holds a bond (keys) for the device; False when it cannot say."""
         try:
-            reply = await self._call(BLUEZ, device_path(adapter, address), "org.freedesktop.DBus.Properties", "Get",
-                                     "ss", ["org.bluez.Device1", "Paired"])
-            return bool(reply.body[0].value)
+            return await self._flag(device_path(adapter, address), "org.bluez.Device1", "Paired")
         except Exception as e:  # noqa: BLE001 - no bus, no such device
             log.debug("pairing agent: is %s paired? %r", address, e)
             return False
@@ -252,8 +250,11 @@ class BluezAgent:
         return True
 
     async def _powered(self, adapter: str) -> bool:
-        reply = await self._call(BLUEZ, f"/org/bluez/{adapter}", "org.freedesktop.DBus.Properties", "Get", "ss",
-                                 ["org.bluez.Adapter1", "Powered"])
+        return await self._flag(f"/org/bluez/{adapter}", "org.bluez.Adapter1", "Powered")
+
+    async def _flag(self, path: str, interface: str, name: str) -> bool:
+        """A boolean property of a BlueZ object."""
+        reply = await self._call(BLUEZ, path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, name])
         return bool(reply.body[0].value)
 
     async def _set_powered(self, adapter: str, powered: bool, timeout: float) -> None:
