@@ -363,13 +363,23 @@ def test_a_decided_job_delivered_again_is_not_run_again(tmp_path: Path, signer: 
     thing, filepath = (GATEWAY, "motor.bin") if rejected else ("pump", "a.bin")  # motor.bin matches no device
     key = JobKey(thing, "decided")
 
+    def finals_sent(gw: Gateway) -> int:
+        return sum(u[0] is not None for u in gw.told.updates[key])
+
     async def scenario(gw: Gateway) -> None:
         execution = gw.execution(thing, "decided", [(filepath, make_image((2, 0, 0)))])
         await gw.jobs.on_execution(thing, execution)
         await gw.settle(key)
-        for _ in range(3):
+        async with asyncio.timeout(10):  # the final word of the decision itself
+            while finals_sent(gw) < 1:
+                await asyncio.sleep(0.01)
+        for delivery in range(3):
             await gw.jobs.on_execution(thing, execution)
-            await asyncio.sleep(0.1)
+            # its final word again (a loaded machine may take longer than a fixed pause)
+            async with asyncio.timeout(10):
+                while finals_sent(gw) < delivery + 2:
+                    await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # room for a word too many
 
     gw = run(tmp_path, signer, {"pump": {"thing_name": "pump"}}, scenario)
     finals = [u for u in gw.told.updates[key] if u[0] is not None]
