@@ -184,6 +184,10 @@ class JobManager:
         self._running[job.key] = task
         task.add_done_callback(lambda _t: self._ended(job.key))
 
+    def running(self, key: JobKey) -> bool:
+        """Whether the job's work is still under way (it may be decided and still finishing)."""
+        return key in self._running
+
     def _ended(self, key: JobKey) -> None:
         self._running.pop(key, None)
         self._views.download_progress(key, None)  # a download cut short by a failure or a cancel

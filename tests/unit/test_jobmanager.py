@@ -141,9 +141,10 @@ class Gateway:
         return JobExecution(thing, job_id, status, 1, 1, doc)
 
     async def settle(self, key: JobKey, timeout: float = 20.0) -> JobRecord:
-        """Wait until the job's outcome is decided."""
+        """Wait until the job's outcome is decided and its work has ended (a decided job still
+        finishing ignores a re-delivery: it is about to send its final word itself)."""
         async with asyncio.timeout(timeout):
-            while not (job := self.state.job(key)).final_status:
+            while not (job := self.state.job(key)).final_status or self.jobs.running(key):
                 await asyncio.sleep(0.01)
         return job
 
