@@ -19,6 +19,15 @@ STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # a device's name appears in statusDetails keys (`dev:<name>`), so it keeps to key characters
 DEVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
+# Device Shadow service: names of 1..64 characters, and at most 8 KB (8,192 bytes) of state
+# ("AWS IoT Core endpoints and quotas", Device Shadow). A device without a thing of its own
+# reports to the gateway's shadow `ota-<device name>`, so that name keeps to 60 characters.
+SHADOW_NAME = re.compile(r"[A-Za-z0-9:_-]{1,64}")
+MAX_SHADOW_STATE_BYTES = 8192
+INVENTORY_SHADOW = "ota"
+GATEWAY_SHADOW_PREFIX = "ota-"
+MAX_GATEWAY_SHADOW_DEVICE_NAME = 64 - len(GATEWAY_SHADOW_PREFIX)
+
 # job execution statuses a device may set, and the ones after which nothing more is said
 DEVICE_STATUSES = frozenset({CloudStatus.IN_PROGRESS, CloudStatus.SUCCEEDED, CloudStatus.FAILED,
                              CloudStatus.REJECTED})

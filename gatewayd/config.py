@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives import serialization
 from transports.link import DEFAULT_CONNECT_TIMEOUT, BleSettings, LinkSettings, UartSettings
 from transports.smp import MAX_WINDOW
 
-from .aws import DEVICE_NAME, MAX_BLOCK_SIZE, MAX_BYTES_PER_REQUEST, MIN_BLOCK_SIZE, THING_NAME
+from .aws import (DEVICE_NAME, MAX_BLOCK_SIZE, MAX_BYTES_PER_REQUEST, MAX_GATEWAY_SHADOW_DEVICE_NAME, MIN_BLOCK_SIZE,
+                  THING_NAME)
 from .mqtt import MqttError, tls_context
 from .verify import VerificationError, key_algorithm
 
@@ -170,6 +171,7 @@ class RelayConfig:
     reset_timeout: float = 60.0
     retry_interval: float = 5.0
     request_timeout: float = 5.0
+    inventory_interval: float = 3600.0  # seconds between inventory passes; 0: no inventory
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ class DeviceConfig:
     image: int = 0
     buf_size: int | None = None
     allow_downgrade: bool = False
+    redeliver: bool = True  # put the last image confirmed here back after a swap or a reset
     mode: str = "zephyr"
     # where the entry was written (file, 1-based [[device]] position); not its identity
     source: Path = field(default=Path(), compare=False)
@@ -279,6 +282,8 @@ def load_config(path: Path, *, as_service_user: bool = False) -> Config:
 
     _check_unique(devices, gateway.thing_name if main is not None else "", base, problems)
     _check_links_unique(devices, base, problems)
+    if main is None or relay.inventory_interval:
+        _check_shadow_names(devices, problems)
     if main is not None:
         read += _check_files(path, mqtt, ota, signing, writers, problems)
         _check_contents(path, mqtt, ota, signing, problems)
@@ -450,6 +455,7 @@ def _relay(file: Path, sec: dict, problems: list[Problem]) -> RelayConfig:
         reset_timeout=t.number("reset_timeout", 60.0, positive=True),
         retry_interval=t.number("retry_interval", 5.0, positive=True),
         request_timeout=t.number("request_timeout", 5.0, positive=True),
+        inventory_interval=t.number("inventory_interval", 3600.0, minimum=0.0),
     )
     t.finish()
     return config
@@ -518,6 +524,7 @@ def _device(file: Path, index: int, entry: dict, problems: list[Problem]) -> Dev
         image=t.integer("image", 0, minimum=0),
         buf_size=t.integer("buf_size", None, minimum=MIN_BUF_SIZE),
         allow_downgrade=t.boolean("allow_downgrade", False),
+        redeliver=t.boolean("redeliver", True),
         mode=t.string("mode", "zephyr", choices=DEVICE_MODES) or "zephyr",
         source=file,
         entry=index,
@@ -555,6 +562,18 @@ def _check_unique(devices: list[DeviceConfig], gateway_thing: str, base: Path,
                                     f"({other.name}) in {_rel(other.source, base)}"))
         else:
             things[d.thing_name] = d
+
+
+def _check_shadow_names(devices: list[DeviceConfig], problems: list[Problem]) -> None:
+    """A device without a thing of its own reports to the gateway's shadow `ota-<name>`, and
+    AWS IoT takes shadow names of at most 64 characters."""
+    for d in devices:
+        if d.thing_name is None and len(d.name) > MAX_GATEWAY_SHADOW_DEVICE_NAME:
+            problems.append(Problem(d.source, f"device[{d.entry}] ({d.name}) name",
+                                    f"{len(d.name)} characters: a device without thing_name reports to the "
+                                    f"gateway's named shadow ota-<name>, and shadow names are at most 64 characters, "
+                                    f"so its name may have at most {MAX_GATEWAY_SHADOW_DEVICE_NAME} while "
+                                    "[relay] inventory_interval is not 0"))
 
 
 def _check_links_unique(devices: list[DeviceConfig], base: Path, problems: list[Problem]) -> None:

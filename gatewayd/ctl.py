@@ -29,6 +29,7 @@ from gatewayd.vocab import CloudStatus, Word
 PROG = "ota-gatewayctl"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 REQUEST_TIMEOUT = 30.0
+REFRESH_TIMEOUT = 150.0
 
 _SUBCOMMANDS: list[Callable[[Any], None]] = []
 
@@ -92,15 +93,14 @@ def socket_path(args: argparse.Namespace) -> Path:
     return read_control_socket(args.config)
 
 
-def daemon_request(args: argparse.Namespace, cmd: str, /, **fields: Any) -> dict[str, Any]:
+def daemon_request(args: argparse.Namespace, cmd: str, /, timeout: float = REQUEST_TIMEOUT,
+                   **fields: Any) -> dict[str, Any]:
     """Ask the daemon one question; raises control.ControlError."""
     async def ask() -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(control.request(socket_path(args), cmd, **fields),
-                                          REQUEST_TIMEOUT)
+            return await asyncio.wait_for(control.request(socket_path(args), cmd, **fields), timeout)
         except asyncio.TimeoutError:
-            raise control.ControlError(f"ota-gatewayd did not answer {cmd!r} within "
-                                       f"{REQUEST_TIMEOUT:.0f} s") from None
+            raise control.ControlError(f"ota-gatewayd did not answer {cmd!r} within {timeout:.0f} s") from None
     return asyncio.run(ask())
 
 
@@ -275,6 +275,65 @@ def format_devices(answer: dict[str, Any]) -> list[str]:
         elif dev.get("reachable") is not False and not dev.get("error") and not dev.get("busy"):
             lines.append("  no image list")
     return lines
+
+
+# ------------------------------------------------------------------ inventory
+
+
+@subcommand
+def add_inventory(sub: Any) -> None:
+    p = sub.add_parser("inventory", help="what each device runs, as last seen (without waking devices)",
+                       description="What each device runs, its other slot, the last update and when it was "
+                                   "last seen, from the daemon's state database; the same facts are in each "
+                                   "device's named shadow in AWS IoT.")
+    p.add_argument("--refresh", action="store_true",
+                   help="ask the daemon for an inventory pass now (it reads every idle device) and wait for it")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    p.set_defaults(run=run_inventory)
+
+
+def run_inventory(args: argparse.Namespace) -> int:
+    # a refresh reads every idle device and sends what changed: the daemon bounds that at 120 s
+    answer = daemon_request(args, "inventory", timeout=REFRESH_TIMEOUT if args.refresh else REQUEST_TIMEOUT,
+                            refresh=bool(args.refresh))
+    if wants_json(args):
+        print_json(answer)
+    else:
+        print("\n".join(format_inventory(answer)))
+    return EXIT_OK
+
+
+def format_inventory(answer: dict[str, Any], now: float | None = None) -> list[str]:
+    devices = answer.get("devices") or []
+    if not devices:
+        return ["No devices configured."]
+    now = time.time() if now is None else now
+    rows = []
+    for dev in devices:
+        running, other, last = dev.get("running") or {}, dev.get("slot1") or {}, dev.get("last_update") or {}
+        rows.append([
+            dev.get("name", "?"),
+            (running.get("version") or "?") + ("" if running.get("confirmed", True) else " (test)") if running else "",
+            (other.get("version") or "") + (" (pending)" if other.get("pending") else "") if other else "",
+            f"{last.get('version') or ''} {last.get('status', '')} ({last.get('kind', '')}, {_ago(last.get('at'), now)})"
+            if last else "",
+            _ago(dev.get("seen"), now) if dev.get("seen") else "never",
+            "yes" if dev.get("reported") else "no",
+        ])
+    lines = table(rows, ["DEVICE", "RUNNING", "OTHER SLOT", "LAST UPDATE", "SEEN", "IN SHADOW"])
+    if not answer.get("enabled", True):
+        lines.append("The inventory is off ([relay] inventory_interval = 0): nothing is read or reported.")
+    return lines
+
+
+def _ago(at: Any, now: float) -> str:
+    if not isinstance(at, (int, float)):
+        return ""
+    seconds = max(0, int(now - at))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
 
 
 # ------------------------------------------------------------------ demo

@@ -11,18 +11,21 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from transports.factory import LinkFactory
+from transports.smp import ImageSlot
 
 from . import notify, reload, version
 from .cloud import JobExecution, JobsClient
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, MqttConfig, load_config
-from .control import SEND_EVENT, ControlServer, Request
+from .control import SEND_EVENT, ControlServer, Refused, Request
+from .inventory import Inventory, ShadowReports, image_dicts
 from .lifecycle import JobManager, KindRules
 from .local import Followers, LocalUpdates, PushRefused, PushRequest
 from .logs import setup_logging
 from .mqtt import ConnectionSettings, MqttClient, MqttError
 from .relay import RelayManager
 from .report import ExecutionReports, Reporter
-from .sources import CloudFiles, PushedImage, Verifier
+from .shadow import ShadowClient
+from .sources import CloudFiles, PushedImage, StoredImage, Verifier
 from .state import JobKey, StateDB, StateTooNew, TransferKey
 from .store import FileStore
 from .views import StatusViews
@@ -33,6 +36,7 @@ log = logging.getLogger("gatewayd")
 STOP_GRACE = 8.0  # seconds; systemd's default TimeoutStopSec is 90, our promise is 10
 STATUS_INTERVAL = 1.0  # seconds between checks of the STATUS= line
 DEVICES_TIMEOUT = 10.0  # seconds `devices` waits for one device's image list
+REFRESH_TIMEOUT = 120.0  # seconds `inventory --refresh` waits for a pass and its shadow updates
 
 
 class Daemon:
@@ -48,7 +52,7 @@ class Daemon:
         self.cloud = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
                                 poll_interval=m.poll_interval)
         self.relays = RelayManager(config, self.state, self._transfer_changed,
-                                   LinkFactory(config.ble.max_connections))
+                                   LinkFactory(config.ble.max_connections), on_images=self._images_seen)
         self.views = StatusViews(self.state, self.relays.live_progress, self.relays.present)
         self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt)
         reports = ExecutionReports(self.reporter, self.views, self.state)
@@ -59,13 +63,18 @@ class Daemon:
             JobKind.GATEWAY: KindRules(cloud_files, reports),
             JobKind.PROXIED: KindRules(cloud_files, reports, one_device=True),
             JobKind.LOCAL: KindRules(PushedImage(self.state, store, verifier), self.followers),
+            JobKind.REDELIVER: KindRules(StoredImage(lambda: self.config, self.state, store, verifier), self.followers,
+                                         one_device=True),
         })
+        self.reports = ShadowReports(lambda: self.config, self.state, ShadowClient(self.mqtt), self.mqtt.wait_connected)
+        self.inventory = Inventory(lambda: self.config, self.state, store, self.relays, self.jobs, self.reports)
         self.local = LocalUpdates(self.jobs, self.state, store)
         self.control = ControlServer(config.gateway.control_socket, {
             "status": self._status,
             "devices": self._devices,
             "push": self._push,
             "cancel": self._cancel,
+            "inventory": self._inventory,
         })
         self._stop = asyncio.Event()
         self._served: set[str] = set()
@@ -81,6 +90,10 @@ class Daemon:
 
     def _transfer_changed(self, key: TransferKey) -> None:
         self.jobs.transfer_changed(key)
+        self.inventory.transfer_changed(key)
+
+    def _images_seen(self, device: str, slots: list[ImageSlot]) -> None:
+        self.inventory.images_seen(device, slots)
 
     async def _job_gone(self, key: JobKey) -> None:
         await self.jobs.job_gone(key)
@@ -101,13 +114,23 @@ class Daemon:
                 continue
             try:
                 slots = await asyncio.wait_for(relay.image_list(), DEVICES_TIMEOUT)
-                out.append({"name": name, "reachable": True, "images": [
-                    {"image": s.image, "slot": s.slot, "version": s.version,
-                     "hash": s.hash.hex() if s.hash else None, "active": s.active,
-                     "confirmed": s.confirmed, "pending": s.pending} for s in slots]})
+                out.append({"name": name, "reachable": True, "images": image_dicts(slots)})
             except Exception as e:  # one unreachable device must not hide the others
                 out.append({"name": name, "reachable": False, "error": str(e) or type(e).__name__})
         return {"devices": out}
+
+    async def _inventory(self, request: Request) -> dict[str, Any]:
+        """What each device runs, from the state database; `refresh`: after a pass made now."""
+        if request.get("refresh"):
+            if not self.inventory.enabled:
+                raise Refused("the inventory is off ([relay] inventory_interval = 0)")
+            try:
+                async with asyncio.timeout(REFRESH_TIMEOUT):
+                    await self.inventory.refresh()
+                    await self.reports.settled()
+            except TimeoutError:
+                log.info("inventory --refresh: the pass and its reports took more than %g s", REFRESH_TIMEOUT)
+        return self.inventory.view()
 
     async def _push(self, request: Request) -> AsyncIterator[dict[str, Any]]:
         """A local update: ask for the image, store and verify it, relay it, report progress."""
@@ -184,6 +207,8 @@ class Daemon:
         await self.mqtt.start()
         await self._serve_things()
         await self.jobs.resume()
+        background = [loop.create_task(self.inventory.run(), name="inventory"),
+                      loop.create_task(self.reports.run(), name="shadow reports")]
         notify.ready(f"serving {len(self._served)} things, {len(self.config.devices)} devices")
         log.info("ota-gatewayd ready: thing %s, %d devices, state in %s", self.config.gateway.thing_name,
                  len(self.config.devices), self.config.gateway.state_dir)
@@ -194,6 +219,9 @@ class Daemon:
             notify.stopping()
             log.info("stopping")
             watchdog.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._shutdown()
         return 0
 

@@ -7,6 +7,8 @@ from typing import Any, TextIO
 
 from .vocab import JobKind, Word
 
+LOCAL_KINDS = (JobKind.LOCAL, JobKind.REDELIVER)  # no AWS IoT thing: shown by kind
+
 
 def progress_bar(done: int | None, total: int | None, width: int = 20) -> str:
     """`[#########-----------]  45%`, or "" when there is nothing to measure."""
@@ -63,7 +65,7 @@ def format_status(answer: dict[str, Any]) -> list[str]:
         rows = []
         for job in jobs:
             done, total = job.get("done"), job.get("total")
-            thing = job.get("thing") or ("(local)" if job.get("kind") == JobKind.LOCAL else "")
+            thing = job.get("thing") or (f"({job.get('kind')})" if job.get("kind") in LOCAL_KINDS else "")
             rows.append([job.get("job_id", "?"), thing, job.get("phase", ""),
                          progress_bar(done, total), job.get("reason", "")])
         lines += ["  " + line for line in table(rows, ["JOB", "THING", "PHASE", "PROGRESS",

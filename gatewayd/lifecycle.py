@@ -194,7 +194,7 @@ class JobManager:
 
     async def resume(self) -> None:
         """Pick up every job that was open when the daemon stopped."""
-        self._store.collect(self._state.images_in_use())
+        self.collect_images()
         for job in self._state.open_jobs():
             if job.final_status:
                 self.publish(job, final=True)
@@ -210,7 +210,7 @@ class JobManager:
         job = self._state.find_job(key)
         if job is not None:
             self._kinds[job.kind].publisher.forget(key)
-        self._store.collect(self._state.images_in_use())
+        self.collect_images()
 
     async def stop(self, key: JobKey, reason: str) -> None:
         """Stop a job's work; its unfinished transfers end `cancelled` with `reason`."""
@@ -230,6 +230,12 @@ class JobManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def collect_images(self) -> None:
+        """Remove the images no undecided job needs, but the last one placed on each device that
+        the inventory may put it back on (design.md, "Inventory and re-delivery")."""
+        keep = [d.name for d in self.config.devices if d.redeliver] if self.config.relay.inventory_interval else []
+        self._store.collect(self._state.images_in_use(keep))
 
     def job_holding(self, device: str) -> JobRecord | None:
         """The undecided job (any kind) that will still update `device`, if any."""
@@ -281,7 +287,7 @@ class JobManager:
                 extra=log_fields(job_id=job.job_id, thing=job.thing, phase=word))
         self.publish(self._state.job(job.key), final=True)
         self._store.discard_parts(job.key, [f.idx for f in self._state.files(job.key)])
-        self._store.collect(self._state.images_in_use())  # a decided job needs no image any more
+        self.collect_images()  # a decided job needs no image any more
 
     # progress (the JobEvents of sources, and the relay's transfer changes)
 

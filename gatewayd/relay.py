@@ -53,6 +53,7 @@ MAX_SETTLE_RESETS = 2  # resets per run to clear another update's test mark: boo
 MAX_UPLOAD_LOSSES = 3  # times a device may lose an upload it had acknowledged (reboots, crashes)
 
 LinkBuilder = Callable[[LinkSettings], Link]
+ImagesSeen = Callable[[str, list[ImageSlot]], None]  # a device's image list, as it was just read
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class DeviceRelay:
         state: StateDB,
         slots: asyncio.Semaphore,
         on_change: Callable[[TransferKey], None],
+        on_images: ImagesSeen | None = None,
     ) -> None:
         self.device = device
         self.link = link
@@ -167,6 +169,7 @@ class DeviceRelay:
         self._state = state
         self._slots = slots
         self._on_change = on_change
+        self._on_images = on_images
         self._lock = asyncio.Lock()
         self._client: SmpClient | None = None  # set while the link is open
         self._work: asyncio.Future[None] | None = None
@@ -186,7 +189,14 @@ class DeviceRelay:
 
     async def _reach(self) -> tuple[SmpClient, list[ImageSlot]]:
         client = await self._connect()
-        return client, await client.image_list()
+        return client, await self._images(client)
+
+    async def _images(self, client: SmpClient) -> list[ImageSlot]:
+        """The device's image list; whoever keeps the inventory hears of each one read."""
+        slots = await client.image_list()
+        if self._on_images is not None:
+            self._on_images(self.device.name, slots)
+        return slots
 
     async def disconnect(self) -> None:
         self._client = None
@@ -201,11 +211,11 @@ class DeviceRelay:
         return self._lock.locked()
 
     async def image_list(self) -> list[ImageSlot]:
-        """The device's image list, for `ota-gatewayctl devices` (raises LinkError/SmpError)."""
+        """The device's image list, between transfers (raises LinkError/SmpError)."""
         async with self._lock:
             try:
                 client = await self._connect()
-                return await client.image_list()
+                return await self._images(client)
             finally:
                 await self.disconnect()
 
@@ -384,7 +394,7 @@ class DeviceRelay:
             self._advance(key, TransferPhase.CONFIRMING)
             # no hash: confirm what runs; with a hash a reverted device would make our image permanent
             await client.confirm()
-            active = _active(await client.image_list()) or active
+            active = _active(await self._images(client)) or active
             if active.hash != image.hash or not active.confirmed:
                 raise TransferEnded(TransferPhase.FAILED, f"{self.device.name} did not confirm {image.version}")
         raise TransferEnded(TransferPhase.SUCCEEDED, reason, image.version)
@@ -654,9 +664,10 @@ class RelayManager:
     `links` builds a device's link from its settings (`transports.factory.LinkFactory`)."""
 
     def __init__(self, config: Config, state: StateDB, on_change: Callable[[TransferKey], None],
-                 links: LinkBuilder) -> None:
+                 links: LinkBuilder, on_images: ImagesSeen | None = None) -> None:
         self._state = state
         self._on_change = on_change
+        self._on_images = on_images
         self._links = links
         self._slots = asyncio.Semaphore(config.relay.max_parallel)
         self._relays: dict[str, DeviceRelay] = {}
@@ -677,7 +688,7 @@ class RelayManager:
         for name, (device, settings) in wanted.items():
             if name not in self._relays:
                 self._relays[name] = DeviceRelay(device, self._links(settings), config.relay, self._state,
-                                                 self._slots, self._on_change)
+                                                 self._slots, self._on_change, self._on_images)
                 self._settings[name] = settings
 
     def _retire(self, relay: DeviceRelay) -> None:

@@ -4,6 +4,8 @@
   downloaded once over MQTT streams or HTTPS (`[ota] prefer` first, the other as fallback)
   into `partial/`, resuming from what the state database says is on disk.
 - `PushedImage`: the image `ota-gatewayctl push` sent, already in `partial/`.
+- `StoredImage`: a re-delivery's image, the one an earlier job placed on the device, kept
+  in `images/` and checked again against that job's signature.
 
 Either way the bytes pass `Verifier` before a device sees them: the code signature against
 a trusted certificate (or, for a push root allowed unsigned, the SHA-256 alone), then the
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import logging
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,11 +33,11 @@ from .logs import log_fields
 from .mcuboot import ImageError, ImageInfo, inspect_image_bytes
 from .mqtt import MqttClient
 from .relay import RelayImage
-from .state import FileKey, FileRecord, JobRecord, StateDB
+from .state import FileKey, FileRecord, JobKey, JobRecord, StateDB
 from .store import FileStore
 from .stream_download import StreamDownload, StreamFile
 from .verify import VerificationError, verify_digest
-from .vocab import FilePhase, TransferPhase, Word
+from .vocab import FilePhase, JobKind, TransferPhase, Word
 
 log = logging.getLogger("gatewayd.sources")
 
@@ -83,16 +87,35 @@ class Verifier:
 
     async def verify(self, job: JobRecord, f: OtaFile, part: Path, label: str, unsigned: bool = False) -> RelayImage:
         """Check the signature (unless `unsigned`) and the MCUboot image; raises JobFailed(rejected)."""
-        loop = asyncio.get_running_loop()
         key = FileKey(job.thing, job.job_id, f.index)
+        digest, info = await self._check(job, f, part, label, unsigned)
+        sha = digest.hex()
+        # sha first: a power cut between the rename and "verified" then finds the image in the store
+        self._state.set_file(key, sha256=sha)
+        target = self._store.move_in(part, sha)
+        return self._verified(job, f, target, sha, info, label, " (unsigned push: MCUboot hash only)" if unsigned else "")
+
+    async def recheck(self, job: JobRecord, f: OtaFile, stored: Path, label: str, unsigned: bool = False) -> RelayImage:
+        """An image already in the store, for another job (a re-delivery): checked again as a
+        new file would be, for the trusted certificates may have changed and the disk may have
+        failed since; raises JobFailed(rejected)."""
+        digest, info = await self._check(job, f, stored, label, unsigned)
+        if digest.hex() != stored.name:
+            stored.unlink(missing_ok=True)
+            raise JobFailed(Word.FAILED, f"{label}: the stored image {stored.name[:16]}... changed on disk (sha256 "
+                            f"now {digest.hex()[:16]}...); removed it")
+        return self._verified(job, f, stored, stored.name, info, label, " again")
+
+    async def _check(self, job: JobRecord, f: OtaFile, path: Path, label: str, unsigned: bool) -> tuple[bytes, ImageInfo]:
+        loop = asyncio.get_running_loop()
 
         def check() -> tuple[bytes, ImageInfo]:
             # one read: the signature and the MCUboot checks judge the same bytes (the relay
             # checks that digest again when it reads the image for an upload)
             try:
-                data = part.read_bytes()
+                data = path.read_bytes()
             except OSError as exc:
-                raise VerificationError(f"file {part} could not be read: {exc.strerror or exc}") from None
+                raise VerificationError(f"file {path} could not be read: {exc.strerror or exc}") from None
             digest = hashlib.sha256(data).digest()
             if not unsigned:
                 verify_digest(digest, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
@@ -101,25 +124,23 @@ class Verifier:
             return digest, inspect_image_bytes(data)
 
         try:
-            digest, info = await loop.run_in_executor(None, check)
+            return await loop.run_in_executor(None, check)
         except (VerificationError, ImageError) as e:
-            part.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             reason = f"{label} rejected: {e}"
-            self._state.set_file(key, phase=FilePhase.FAILED, reason=reason)
+            self._state.set_file(FileKey(job.thing, job.job_id, f.index), phase=FilePhase.FAILED, reason=reason)
             for t in self._state.transfers(job.key):
                 if t.idx == f.index and not t.final:
                     self._state.set_transfer(t.key, phase=TransferPhase.REJECTED, reason=str(e))
             raise JobFailed(Word.REJECTED, reason) from e
-        sha = digest.hex()
-        # sha first: a power cut between the rename and "verified" then finds the image in the store
-        self._state.set_file(key, sha256=sha)
-        target = self._store.move_in(part, sha)
-        self._state.set_file(key, phase=FilePhase.VERIFIED, sha256=sha, version=info.version_text,
-                             image_hash=info.hash.hex())
-        log.info("%s of %s verified%s: MCUboot image %s, sha256 %s", label, job.job_id,
-                 " (unsigned push: MCUboot hash only)" if unsigned else "", info.version_text, sha,
+
+    def _verified(self, job: JobRecord, f: OtaFile, path: Path, sha: str, info: ImageInfo, label: str,
+                  note: str) -> RelayImage:
+        self._state.set_file(FileKey(job.thing, job.job_id, f.index), phase=FilePhase.VERIFIED, sha256=sha,
+                             version=info.version_text, image_hash=info.hash.hex())
+        log.info("%s of %s verified%s: MCUboot image %s, sha256 %s", label, job.job_id, note, info.version_text, sha,
                  extra=log_fields(job_id=job.job_id, thing=job.thing, phase=Word.VERIFYING))
-        return RelayImage(target, sha, info.hash, info.version_text)
+        return RelayImage(path, sha, info.hash, info.version_text)
 
 
 class CloudFiles:
@@ -259,6 +280,66 @@ class PushedImage:
             raise JobFailed(Word.FAILED, "the gateway stopped before the whole image was received; push it again")
         events.phase(job, Word.VERIFYING)
         return {0: await self._verifier.verify(job, f, part, label, unsigned)}
+
+
+class StoredImage:
+    """A re-delivery: the image an earlier job of this gateway placed on the device, from
+    images/, checked again against the signature that job came with."""
+
+    def __init__(self, config: Callable[[], Config], state: StateDB, store: FileStore, verifier: Verifier) -> None:
+        self._config = config
+        self._state = state
+        self._store = store
+        self._verifier = verifier
+
+    async def images(self, job: JobRecord, events: JobEvents) -> dict[int, RelayImage]:
+        key = FileKey(job.thing, job.job_id, 0)
+        origin = redelivery_origin(job.document)
+        label = f"the image {origin.sha256[:16]}... of {origin.job_id}"
+        record = self._state.file(key)
+        path = self._store.stored_image(origin.sha256)
+        if path is not None and record.phase is FilePhase.VERIFIED and record.sha256 == origin.sha256:
+            return {0: RelayImage(path, origin.sha256, bytes.fromhex(record.image_hash or ""), record.version or "")}
+        if path is None:
+            raise JobFailed(Word.FAILED, f"{label} is no longer in the gateway's image store")
+        source = self._state.find_job(JobKey(origin.thing, origin.job_id))
+        if source is None:
+            raise JobFailed(Word.FAILED, f"job {origin.job_id}, which brought the image, is no longer in the state "
+                            "database")
+        events.phase(job, Word.VERIFYING)
+        if source.kind is JobKind.LOCAL:
+            f = pushed_file(source.document, self._state.file(FileKey(origin.thing, origin.job_id, origin.idx)).size)
+        else:
+            ota = parse_ota(source.job_id, source.document, self._config())
+            f = next((g for g in ota.files if g.index == origin.idx), None)
+            if f is None:
+                raise JobFailed(Word.FAILED, f"job {origin.job_id} has no files[{origin.idx}]")
+        f = dataclasses.replace(f, index=0)  # this job's only file
+        return {0: await self._verifier.recheck(job, f, path, label, unsigned=not f.certfile)}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a re-delivered image first came from: a cloud job's file, or a push."""
+
+    thing: str
+    job_id: str
+    idx: int
+    sha256: str
+
+
+def redelivery_document(device: str, origin: Origin, found: dict[str, Any] | None) -> dict[str, Any]:
+    """How a re-delivery is kept in the state database (its "job document")."""
+    return {"redeliver": {"device": device, "thing": origin.thing, "job_id": origin.job_id, "idx": origin.idx,
+                          "sha256": origin.sha256, "found": found}}
+
+
+def redelivery_origin(document: object) -> Origin:
+    spec = document.get("redeliver") if isinstance(document, dict) else None
+    if not isinstance(spec, dict):
+        raise JobFailed(Word.FAILED, "the re-delivery's record has no origin")
+    return Origin(str(spec.get("thing", "")), str(spec.get("job_id", "")), int(spec.get("idx", 0)),
+                  str(spec.get("sha256", "")))
 
 
 def pushed_document(*, device: str, file: str, size: int, certfile: str | None, algorithm: str | None,

@@ -18,14 +18,16 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .vocab import CloudStatus, FilePhase, JobKind, TransferPhase, Word
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: transfers.high_water and transfers.restarts
+SCHEMA_VERSION = 3  # 2: transfers.high_water and transfers.restarts; 3: devices (the inventory)
 # state.db holds presigned download URLs: only the daemon's user reads it. SQLite gives the
 # files it creates beside it (-wal, -shm, -journal) the database's own mode.
 DB_MODE = 0o600
@@ -36,7 +38,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     thing TEXT NOT NULL,                -- '' for a local update (no AWS IoT thing)
     job_id TEXT NOT NULL,
-    kind TEXT NOT NULL,                 -- 'gateway', 'proxied' or 'local' (vocab.JobKind)
+    kind TEXT NOT NULL,                 -- 'gateway', 'proxied', 'local' or 'redeliver' (vocab.JobKind)
     document TEXT NOT NULL,             -- the jobDocument as received, or a local update's request (JSON)
     phase TEXT NOT NULL,                -- status word of the job as a whole (vocab.Word)
     reason TEXT,
@@ -81,6 +83,13 @@ CREATE TABLE IF NOT EXISTS transfers (
     restarts INTEGER NOT NULL DEFAULT 0,   -- times it went back below high_water (lost the upload)
     updated REAL NOT NULL,
     PRIMARY KEY (thing, job_id, idx, device)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    images TEXT,                        -- the image list the device last gave (JSON), with
+    seen REAL,                          --   when it gave it
+    shadow TEXT,                        -- the named shadow ("<thing>/<shadow>") of the last report AWS accepted,
+    reported TEXT                       --   and that report's reported state without `seen` (JSON)
 );
 """
 
@@ -209,6 +218,43 @@ _FILE_COLUMNS = frozenset({"phase", "protocol", "block_size", "sha256", "version
                            "received"})
 _TRANSFER_COLUMNS = frozenset({"phase", "done", "total", "sha256", "version", "reason", "unreachable_since",
                                "high_water", "restarts"})
+
+
+@dataclass(frozen=True)
+class Inventoried:
+    """What the state database knows of a device between transfers (the `devices` table)."""
+
+    device: str
+    images: list[dict[str, object]] | None  # as `ImageSlot.as_dict` gives them
+    seen: float | None
+    shadow: str | None
+    reported: dict[str, object] | None
+
+
+@dataclass(frozen=True)
+class Placed:
+    """An image a transfer of this gateway got onto a device and confirmed there."""
+
+    device: str
+    job: JobKey
+    kind: JobKind
+    idx: int
+    sha256: str
+    image_hash: str
+    version: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A device's transfer that reached its final word."""
+
+    job_id: str
+    kind: JobKind
+    word: Word
+    version: str | None
+    reason: str | None
+    at: float
 
 
 @dataclass
@@ -345,11 +391,13 @@ class StateDB:
             " WHERE t.device=? AND f.image_hash IS NOT NULL", (device,)).fetchall()
         return {r[0] for r in rows}
 
-    def images_in_use(self) -> set[str]:
+    def images_in_use(self, kept_for: Iterable[str] = ()) -> set[str]:
+        """The images undecided jobs need, and the last one placed on each device of `kept_for`."""
         rows = self._db.execute(
             "SELECT DISTINCT f.sha256 FROM files f JOIN jobs j USING (thing, job_id)"
             " WHERE j.final_status IS NULL AND j.final_sent=0 AND f.sha256 IS NOT NULL").fetchall()
-        return {r[0] for r in rows}
+        kept = {placed.sha256 for placed in map(self.last_placed, kept_for) if placed is not None}
+        return {r[0] for r in rows} | kept
 
     # transfers
 
@@ -378,6 +426,64 @@ class StateDB:
         rows = self._db.execute("SELECT * FROM transfers WHERE device=? ORDER BY updated DESC LIMIT ?",
                                 (device, limit)).fetchall()
         return [_transfer(r) for r in rows]
+
+    def last_placed(self, device: str) -> Placed | None:
+        """The image the latest successful transfer to `device` left running there."""
+        row = self._db.execute(
+            "SELECT t.thing, t.job_id, t.idx, t.updated, j.kind, f.sha256, f.image_hash, f.version"
+            " FROM transfers t JOIN files f USING (thing, job_id, idx) JOIN jobs j USING (thing, job_id)"
+            " WHERE t.device=? AND t.phase=? AND f.sha256 IS NOT NULL AND f.image_hash IS NOT NULL"
+            " ORDER BY t.updated DESC LIMIT 1", (device, str(TransferPhase.SUCCEEDED))).fetchone()
+        if row is None:
+            return None
+        return Placed(device=device, job=JobKey(row["thing"], row["job_id"]), kind=JobKind(row["kind"]),
+                      idx=row["idx"], sha256=row["sha256"], image_hash=row["image_hash"],
+                      version=row["version"] or "", at=row["updated"])
+
+    def last_ended(self, device: str) -> Ended | None:
+        """The device's latest transfer that reached a final phase."""
+        finals = [str(p) for p in TransferPhase if p.final]
+        row = self._db.execute(
+            f"SELECT t.job_id, t.phase, t.reason, t.updated, j.kind, COALESCE(t.version, f.version) AS version"
+            f" FROM transfers t JOIN jobs j USING (thing, job_id) LEFT JOIN files f USING (thing, job_id, idx)"
+            f" WHERE t.device=? AND t.phase IN ({','.join('?' * len(finals))}) ORDER BY t.updated DESC LIMIT 1",
+            (device, *finals)).fetchone()
+        if row is None:
+            return None
+        return Ended(job_id=row["job_id"], kind=JobKind(row["kind"]), word=TransferPhase(row["phase"]).word,
+                     version=row["version"], reason=row["reason"], at=row["updated"])
+
+    def failed_since(self, device: str, kind: JobKind, sha256: str, since: float) -> int:
+        """Jobs of `kind` created after `since` to take the image `sha256` to `device` that were
+        decided otherwise than SUCCEEDED (failed on the device, or before it)."""
+        row = self._db.execute(
+            "SELECT COUNT(DISTINCT j.job_id) FROM jobs j JOIN files f USING (thing, job_id)"
+            " JOIN transfers t USING (thing, job_id, idx) WHERE t.device=? AND j.kind=? AND f.sha256=?"
+            " AND j.created>? AND j.final_status IS NOT NULL AND j.final_status<>?",
+            (device, str(kind), sha256, since, str(CloudStatus.SUCCEEDED))).fetchone()
+        return int(row[0])
+
+    # the inventory
+
+    def inventoried(self, device: str) -> Inventoried:
+        row = self._db.execute("SELECT * FROM devices WHERE device=?", (device,)).fetchone()
+        if row is None:
+            return Inventoried(device, None, None, None, None)
+        return Inventoried(device=device, images=_json_or_none(row["images"]), seen=row["seen"],
+                           shadow=row["shadow"], reported=_json_or_none(row["reported"]))
+
+    def save_images(self, device: str, images: list[dict[str, object]], seen: float) -> None:
+        with self._tx():
+            self._db.execute("INSERT INTO devices (device, images, seen) VALUES (?,?,?) ON CONFLICT(device)"
+                             " DO UPDATE SET images=excluded.images, seen=excluded.seen",
+                             (device, json.dumps(images), seen))
+
+    def save_report(self, device: str, shadow: str, reported: dict[str, object]) -> None:
+        """The report AWS IoT accepted for the device's shadow: the next one is sent only if it differs."""
+        with self._tx():
+            self._db.execute("INSERT INTO devices (device, shadow, reported) VALUES (?,?,?) ON CONFLICT(device)"
+                             " DO UPDATE SET shadow=excluded.shadow, reported=excluded.reported",
+                             (device, shadow, json.dumps(reported, sort_keys=True)))
 
     def set_transfer(self, key: TransferKey, **values: object) -> None:
         _check_columns("transfers", values, _TRANSFER_COLUMNS)
@@ -460,7 +566,11 @@ def _file(row: sqlite3.Row) -> FileRecord:
     return FileRecord(**d)
 
 
-def _transfer(row: sqlite3.Row) -> TransferRecord:
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _transfer(row: sqlite3.Row | dict[str, Any]) -> TransferRecord:
     d = dict(row)
     d.pop("updated")
     d["phase"] = TransferPhase(d["phase"])

@@ -125,4 +125,6 @@ def job_label(job: JobRecord) -> str:
     """How logs and refusals name a job."""
     if job.kind is JobKind.LOCAL:
         return f"local update {job.job_id}"
+    if job.kind is JobKind.REDELIVER:
+        return f"re-delivery {job.job_id}"
     return f"job {job.job_id} of AWS IoT thing {job.thing}"

@@ -91,6 +91,7 @@ class JobKind(StrEnum):
     GATEWAY = "gateway"  # a job of the gateway's own thing: files go to devices by glob
     PROXIED = "proxied"  # a job of a device's own thing
     LOCAL = "local"  # `ota-gatewayctl push`: no AWS IoT job at all
+    REDELIVER = "redeliver"  # the inventory puts a device's last image back (a swap, a reset): local too
 
 
 class CloudStatus(StrEnum):

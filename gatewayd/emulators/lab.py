@@ -116,6 +116,18 @@ class Lab:
     def device(self, name: str) -> EmulatedDevice:
         return self.devices[name].emulator
 
+    def swap_device(self, name: str, *, version: tuple[int, ...] = (1, 0, 0), image: bytes | None = None,
+                    **emulator: Any) -> EmulatedDevice:
+        """Unplug the device on `name`'s port and plug in another board there, with `image` (or a
+        factory image of `version`) in slot 0: a field swap, or a factory reset."""
+        old = self.devices[name]
+        assert old.link is not None, "swap_device is for devices on a pty"
+        self._runner.call(old.emulator.stop())
+        device = EmulatedDevice(name, slot0=image or self.make_image(version, seed=f"{name}-factory"), **emulator)
+        self._runner.call(device.serve_pty(old.link))
+        self.devices[name] = LabDevice(name, device, old.link, old.settings)
+        return device
+
     def on_device_loop(self, work: Any, timeout: float = 10.0) -> Any:
         return self._runner.call(work, timeout)
 

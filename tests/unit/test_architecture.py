@@ -81,7 +81,7 @@ def test_transports_know_nothing_of_the_gateway_and_the_cloud_side_nothing_of_tr
     assert not {m for name, deps in edges.items() if name.startswith("transports") for m in deps
                 if m.startswith("gatewayd")}
     cloud_side = ("gatewayd.cloud", "gatewayd.mqtt", "gatewayd.jobdoc", "gatewayd.streams", "gatewayd.stream_download",
-                  "gatewayd.http_download", "gatewayd.verify", "gatewayd.report")
+                  "gatewayd.http_download", "gatewayd.verify", "gatewayd.report", "gatewayd.shadow")
     assert {name: sorted(m for m in edges[name] if m.startswith("transports")) for name in cloud_side} == {
         name: [] for name in cloud_side}
 

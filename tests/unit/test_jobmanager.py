@@ -11,6 +11,8 @@ tests/e2e/.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import random
 from pathlib import Path
 from types import MappingProxyType
@@ -188,7 +190,10 @@ def test_a_gateway_job_goes_to_every_device_its_files_match(tmp_path: Path, sign
     assert [gw.emulators[n].active_image() for n in ("pump-a", "pump-b", "fan")] == [pump, pump, fan]
     assert gw.told.words(key) == [Word.DOWNLOADING, Word.VERIFYING, Word.DOWNLOADING, Word.VERIFYING,
                                   Word.UPLOADING, Word.TESTING, Word.CONFIRMING, Word.SUCCEEDED]
-    assert list(gw.store.images.iterdir()) == [] and list(gw.store.partial.iterdir()) == []
+    # the store keeps what each device last took, for the inventory to put back after a swap
+    kept = sorted(p.name for p in gw.store.images.iterdir())
+    assert kept == sorted({hashlib.sha256(pump).hexdigest(), hashlib.sha256(fan).hexdigest()})
+    assert list(gw.store.partial.iterdir()) == []
 
 
 def test_a_gateway_job_fails_naming_each_device_that_was_not_updated(tmp_path: Path, signer: Signer) -> None:
@@ -409,3 +414,18 @@ def test_a_download_that_fails_leaves_no_progress_behind(tmp_path: Path, signer:
 
     gw = run(tmp_path, signer, {"pump": {"thing_name": "pump"}}, scenario)
     assert gw.told.final(key) == (CloudStatus.FAILED, Word.FAILED, "download of files[0] failed: MQTT: stream gone")
+
+
+def test_with_the_inventory_off_no_image_is_kept_after_its_job(tmp_path: Path, signer: Signer) -> None:
+    pump = make_image((2, 0, 0), "pump")
+    key = JobKey(GATEWAY, "no-inventory")
+
+    async def scenario(gw: Gateway) -> None:
+        gw.jobs.config = dataclasses.replace(gw.config, relay=dataclasses.replace(gw.config.relay,
+                                                                                   inventory_interval=0))
+        await gw.jobs.on_execution(GATEWAY, gw.execution(GATEWAY, "no-inventory", [("pump-2.0.0.bin", pump)]))
+        await gw.settle(key)
+
+    gw = run(tmp_path, signer, {"pump": {}}, scenario)
+    assert gw.told.final(key)[0] == CloudStatus.SUCCEEDED
+    assert list(gw.store.images.iterdir()) == []
