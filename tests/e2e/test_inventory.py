@@ -27,6 +27,19 @@ def inventory(lab, *args: str) -> dict:
     return {d["name"]: d for d in json.loads(out.stdout)["devices"]}
 
 
+def pump_on_2_0_0(lab, interval: float | None = None) -> bytes:
+    """A gateway job put 2.0.0 on device `pump`, and its shadow says so."""
+    lab.add_device("pump", files="pump-*.bin")
+    if interval is not None:
+        lab.config["relay"]["inventory_interval"] = interval
+    lab.start()
+    image = lab.make_image((2, 0, 0), seed="pump")
+    lab.ota_update("gw-job", "gw-01", image, filepath="pump-2.0.0.bin")
+    assert lab.wait("gw-01", "gw-job").status == "SUCCEEDED"
+    lab.aws.shadows.wait_for("gw-01", "ota-pump", running("2.0.0"), timeout=20)
+    return image
+
+
 def test_shadows_report_what_each_device_runs_after_a_gateway_job_and_a_proxied_job(lab):
     lab.add_device("pump", files="pump-*.bin")
     lab.add_device("valve", thing_name="valve-thing")
@@ -62,13 +75,7 @@ def test_shadows_report_what_each_device_runs_after_a_gateway_job_and_a_proxied_
 
 
 def test_a_board_swapped_for_one_on_factory_firmware_gets_the_last_image_back(lab):
-    lab.add_device("pump", files="pump-*.bin")
-    lab.config["relay"]["inventory_interval"] = 3
-    lab.start()
-    image = lab.make_image((2, 0, 0), seed="pump")
-    lab.ota_update("gw-job", "gw-01", image, filepath="pump-2.0.0.bin")
-    assert lab.wait("gw-01", "gw-job").status == "SUCCEEDED"
-    lab.aws.shadows.wait_for("gw-01", "ota-pump", running("2.0.0"), timeout=20)
+    image = pump_on_2_0_0(lab, interval=3)
     updates_of_the_job = len(lab.aws.all_updates("gw-01", "gw-job"))
 
     swapped_at = time.monotonic()
@@ -92,12 +99,7 @@ def test_a_board_swapped_for_one_on_factory_firmware_gets_the_last_image_back(la
 
 
 def test_a_device_found_on_a_newer_image_is_left_alone(lab):
-    lab.add_device("pump", files="pump-*.bin")
-    lab.start()
-    image = lab.make_image((2, 0, 0), seed="pump")
-    lab.ota_update("gw-job", "gw-01", image, filepath="pump-2.0.0.bin")
-    assert lab.wait("gw-01", "gw-job").status == "SUCCEEDED"
-    lab.aws.shadows.wait_for("gw-01", "ota-pump", running("2.0.0"), timeout=20)
+    pump_on_2_0_0(lab)
 
     newer = lab.make_image((3, 0, 0), seed="someone-else")
     board = lab.swap_device("pump", image=newer)
@@ -143,3 +145,20 @@ def test_a_rejected_report_is_logged_with_its_code_and_not_retried_in_a_loop(lab
     rows = inventory(lab, "--refresh")  # an operator's refresh tries again at once
     assert rows["pump"]["reported"] is True
     assert lab.aws.shadows.stats().updates_accepted == 1
+
+
+def test_a_redelivery_that_keeps_failing_is_tried_a_bounded_number_of_times_and_reported(lab):
+    image = pump_on_2_0_0(lab, interval=1)
+    board = lab.swap_device("pump", version=(1, 0, 0), confirm_policy="never")  # its MCUboot reverts every test boot
+    lab.wait_until("the gateway gives up", lambda: "re-deliveries of 2.0.0 failed, not trying again" in lab.daemon_log(),
+                   timeout=90)
+    uploads = board.upload_requests
+    time.sleep(3)  # three more passes: no more attempts
+    assert board.upload_requests == uploads
+    status = json.loads(lab.ctl("status", "--json").stdout)
+    tries = [j for j in status["jobs"] if j["kind"] == "redeliver"]
+    assert len(tries) == 3 and all(j["phase"] == "failed" for j in tries), tries
+    last = lab.aws.shadows.wait_for("gw-01", "ota-pump", lambda d: (d["state"]["reported"].get("last_update") or {})
+                                    .get("kind") == "redeliver", timeout=20)["state"]["reported"]["last_update"]
+    assert last["status"] == "failed" and "rolled back" in last["reason"], last
+    assert board.active_image() != image

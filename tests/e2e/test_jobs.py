@@ -6,6 +6,7 @@ a pseudo-terminal, and the real `ota-gatewayd` as a subprocess with a generated 
 
 from __future__ import annotations
 
+import hashlib
 
 from gatewayd.emulators.lab import Lab
 
@@ -35,7 +36,10 @@ def test_gateway_job_and_proxied_thing_job_both_succeed(lab):
     assert done.status_details["version"] == "1.2.0"
     _assert_running(lab, "pump", second)
 
-    assert list((lab.root / "state" / "images").iterdir()) == []  # no open work needs them
+    # no open work needs an image; the store keeps the one pump runs, and only that one, for the
+    # inventory to put back after a swap or a factory reset
+    kept = [p.name for p in (lab.root / "state" / "images").iterdir()]
+    assert kept == [hashlib.sha256(second).hexdigest()]
     assert list((lab.root / "state" / "partial").iterdir()) == []
 
     in_progress = [u for u in lab.aws.all_updates("pump", "pump-job-1") if u["status"] == "IN_PROGRESS"]
