@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import textwrap
 import tomllib
 from dataclasses import dataclass
@@ -674,3 +675,52 @@ def test_the_failure_reasons_of_the_guide_are_the_codes() -> None:
     assert not drifted, "reasons in docs/operating.md that the code no longer writes:\n" + "\n".join(drifted)
     assert not matches_code("the flux capacitor of <device> is not charged, try again later", corpus)
     assert not matches_code("files[<i>] rejected: the image is too pretty to relay to devices", corpus)
+
+
+# ------------------------------------------------------------------ the guide's MCUboot images
+
+
+def test_the_guides_imgtool_lines_make_images_the_gateway_reads_as_section_7_says(tmp_path: Path) -> None:
+    """The guide's `imgtool sign` lines, with keys made here: the gateway reads every image's
+    version; an encrypted one passes its checks even with a payload byte changed (only the
+    device can check the hash TLV), while the same change to a plain image is caught."""
+    imgtool = shutil.which("imgtool") or str(Path(sys.executable).with_name("imgtool"))
+    if not Path(imgtool).exists():
+        pytest.skip("imgtool (the test extra) is not installed")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from gatewayd.mcuboot import FLAG_ENCRYPTED, ImageError, inspect_image
+
+    lines = [source for _line, source in shell_lines() if source.startswith("imgtool sign ")]
+    assert len(lines) == 3, lines
+    keys = set()
+    for source in lines:
+        argv = shlex.split(source)
+        keys.add(argv[argv.index("--key") + 1])
+        if "--encrypt" in argv:
+            keys.add(argv[argv.index("--encrypt") + 1])
+        (tmp_path / argv[-2]).write_bytes(os.urandom(6000))
+    for name in keys:
+        key = ec.generate_private_key(ec.SECP256R1())
+        data = (key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+                if "pub" in name else
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+        (tmp_path / name).write_bytes(data)
+    for source in lines:
+        argv = shlex.split(source)
+        result = subprocess.run([imgtool, *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, f"{source}\n{result.stderr}{result.stdout}"
+        out = tmp_path / argv[-1]
+        info = inspect_image(out)
+        assert info.version_text == argv[argv.index("--version") + 1]
+        assert bool(info.flags & FLAG_ENCRYPTED) == ("--encrypt" in argv)
+        changed = bytearray(out.read_bytes())
+        changed[info.header_size + 100] ^= 0x01
+        (tmp_path / "changed.bin").write_bytes(changed)
+        if "--encrypt" in argv:
+            assert inspect_image(tmp_path / "changed.bin").hash == info.hash
+        else:
+            with pytest.raises(ImageError, match="does not match"):
+                inspect_image(tmp_path / "changed.bin")
