@@ -6,8 +6,9 @@
   handler answers each request with a canned response, so nothing reaches the network (dummy
   credentials, a fixed region). On top of botocore, which checks types, required members and
   lengths but not enums or patterns, a `before-parameter-build` handler checks every string
-  against its enum and pattern in the service model, as AWS would on receipt. Deliberately
-  broken commands must fail, so the check is shown to bite.
+  against its enum and pattern in the service model (the pattern over the whole value, which
+  is stricter than the model's unanchored regex and what the services enforce). Deliberately
+  broken commands must fail, each with the message expected, so the check is shown to bite.
 - The IoT policies in the guide must parse, allow every topic the daemon uses (gatewayd/cloud.py,
   gatewayd/stream_download.py, the inventory shadows) and no grant may be dead; the topic
   templates in the code must all be ones this test knows, so a new topic fails here until the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import io
 import json
 import os
@@ -65,7 +67,8 @@ class Block:
     save_as: str | None  # "Save as `NAME`" in the paragraph before it
 
 
-def blocks() -> list[Block]:
+@functools.cache
+def blocks() -> tuple[Block, ...]:
     text = GUIDE.read_text()
     out = []
     fence = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.M | re.S)
@@ -76,7 +79,7 @@ def blocks() -> list[Block]:
         out.append(Block(m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1,
                          Path(named.group(1)).name if named else None))
         previous_end = m.end()
-    return out
+    return tuple(out)
 
 
 def fill(text: str) -> str:
@@ -224,6 +227,24 @@ def _check_against_model(shape, value, where: str) -> None:
                 raise ModelError(f"{where}: {value!r} does not match the pattern {pattern!r}")
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """The process environment with `values` set and AWS profiles unset, restored after."""
+    names = list(values) + ["AWS_PROFILE", "AWS_DEFAULT_PROFILE"]
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+            os.environ.pop(k, None)
+        os.environ.update(values)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @dataclass
 class CliResult:
     status: int
@@ -248,51 +269,44 @@ def aws(tmp_path_factory):
         "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "eu-west-1", **exported,
     }
 
+    # one driver for every command: building its command table costs far more than a command
+    current: dict[str, object] = {}
+
+    def before_call(model, **_kwargs):
+        current["model"] = model
+
+    def check_params(params, model, **_kwargs):
+        if model.input_shape is not None:
+            _check_against_model(model.input_shape, params, model.name)
+
+    def before_send(request, **_kwargs):
+        model = current.get("model")
+        protocol = model.metadata.get("protocol", "json") if model else "json"
+        current["requests"].append(f"{request.method} {request.url}")  # type: ignore[union-attr]
+        return AWSResponse(request.url, 200, {}, _Raw(_fake_body(protocol, model.name if model else "")))
+
+    with _environment(environment):
+        driver = create_clidriver()
+    driver.session.register("before-call", before_call)
+    driver.session.register("before-parameter-build", check_params)
+    driver.session.register("before-send", before_send)
+
     def run(argv: list[str]) -> CliResult:
         assert argv[0] == "aws"
         requests: list[str] = []
-        called: dict[str, object] = {}
-
-        def before_call(model, **_kwargs):
-            called["model"] = model
-
-        def check_params(params, model, **_kwargs):
-            if model.input_shape is not None:
-                _check_against_model(model.input_shape, params, model.name)
-
-        def before_send(request, **_kwargs):
-            model = called.get("model")
-            protocol = model.metadata.get("protocol", "json") if model else "json"
-            requests.append(f"{request.method} {request.url}")
-            return AWSResponse(request.url, 200, {}, _Raw(_fake_body(protocol, model.name if model else "")))
-
+        current.clear()
+        current["requests"] = requests
         out, err = io.StringIO(), io.StringIO()
-        saved_env = {k: os.environ.get(k) for k in list(environment) + ["AWS_PROFILE", "AWS_DEFAULT_PROFILE"]}
         cwd = os.getcwd()
         try:
-            os.environ.update(environment)
-            for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
-                os.environ.pop(k, None)
             os.chdir(folder)
-            driver = create_clidriver()
-            driver.session.register("before-call", before_call)
-            driver.session.register("before-parameter-build", check_params)
-            driver.session.register("before-send", before_send)
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with _environment(environment), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 try:
                     status = driver.main(argv[1:])
                 except SystemExit as e:  # argparse: usage errors
                     status = e.code if isinstance(e.code, int) else 2
-                except ModelError as e:
-                    print(e, file=err)
-                    status = 255
         finally:
             os.chdir(cwd)
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         return CliResult(status, requests, out.getvalue() + err.getvalue())
 
     run.folder = folder  # type: ignore[attr-defined]
@@ -324,35 +338,48 @@ def test_every_aws_command_of_the_guide_passes_the_cli(aws, command: Command) ->
     assert result.requests, f"{command}: the CLI built no request"
 
 
+# a deliberately broken command, and what the CLI (or the model check above) says about it
 BROKEN = {
-    "an unknown option": "aws iot create-ota-update --ota-update-id x --targets arn:aws:iot:eu-west-1:123456789012:thing/t "
-                         "--files file://pump-2.0.0-files.json --role-arn arn:aws:iam::123456789012:role/r "
-                         "--target-selectoin CONTINUOUS",
-    "a missing required parameter": "aws iot create-dynamic-thing-group --thing-group-name pumps-old",
-    "a bad shorthand key": "aws iot update-indexing-configuration --thing-indexing-configuration "
-                           "'thingIndexingMode=REGISTRY_AND_SHADOW,namedShadowIndexingMode=ON,"
-                           "filter={namedShadows=[ota]}'",
-    "malformed shorthand": "aws iot update-indexing-configuration --thing-indexing-configuration "
-                           "'thingIndexingMode=REGISTRY_AND_SHADOW,filter={namedShadowNames=[ota]'",
-    "an unknown member in a JSON file's object": "aws iot create-ota-update --ota-update-id x "
-                           "--targets arn:aws:iot:eu-west-1:123456789012:thing/t "
-                           "--files '[{\"fileName\": \"a.bin\", \"filePath\": \"a.bin\"}]' "
-                           "--role-arn arn:aws:iam::123456789012:role/r",
-    "a value that is not an enum member": "aws iot create-ota-update --ota-update-id x "
-                           "--targets arn:aws:iot:eu-west-1:123456789012:thing/t --target-selection CONTINOUS "
-                           "--files file://pump-2.0.0-files.json --role-arn arn:aws:iam::123456789012:role/r",
-    "a name against its pattern": "aws signer put-signing-profile --profile-name ota-gateway-signer "
-                                  "--platform-id AmazonFreeRTOS-Default --signing-material certificateArn=arn:x",
-    "an unknown subcommand": "aws iot create-ota-updates --ota-update-id x",
-    "a missing file": "aws iot create-policy --policy-name p --policy-document file://no-such-policy.json",
+    "an unknown option": (
+        "aws iot create-ota-update --ota-update-id x --targets arn:aws:iot:eu-west-1:123456789012:thing/t "
+        "--files file://pump-2.0.0-files.json --role-arn arn:aws:iam::123456789012:role/r "
+        "--target-selectoin CONTINUOUS", "Unknown options: --target-selectoin"),
+    "a missing required parameter": (
+        "aws iot create-dynamic-thing-group --thing-group-name pumps-old",
+        "the following arguments are required: --query-string"),
+    "a bad shorthand key": (
+        "aws iot update-indexing-configuration --thing-indexing-configuration "
+        "'thingIndexingMode=REGISTRY_AND_SHADOW,namedShadowIndexingMode=ON,filter={namedShadows=[ota]}'",
+        'Unknown parameter in thingIndexingConfiguration.filter: "namedShadows"'),
+    "malformed shorthand": (
+        "aws iot update-indexing-configuration --thing-indexing-configuration "
+        "'thingIndexingMode=REGISTRY_AND_SHADOW,filter={namedShadowNames=[ota]'",
+        "Error parsing parameter '--thing-indexing-configuration'"),
+    "an unknown member in a JSON object": (
+        "aws iot create-ota-update --ota-update-id x --targets arn:aws:iot:eu-west-1:123456789012:thing/t "
+        "--files '[{\"fileName\": \"a.bin\", \"filePath\": \"a.bin\"}]' "
+        "--role-arn arn:aws:iam::123456789012:role/r", 'Unknown parameter in files[0]: "filePath"'),
+    "a value that is not an enum member": (
+        "aws iot create-ota-update --ota-update-id x --targets arn:aws:iot:eu-west-1:123456789012:thing/t "
+        "--target-selection CONTINOUS --files file://pump-2.0.0-files.json "
+        "--role-arn arn:aws:iam::123456789012:role/r", "'CONTINOUS' is not one of"),
+    "a name against its pattern": (
+        "aws signer put-signing-profile --profile-name ota-gateway-signer --platform-id AmazonFreeRTOS-Default "
+        "--signing-material certificateArn=arn:x", "does not match the pattern"),
+    "an unknown subcommand": ("aws iot create-ota-updates --ota-update-id x", "Invalid choice"),
+    "a missing file": (
+        "aws iot create-policy --policy-name p --policy-document file://no-such-policy.json",
+        "Unable to load paramfile file://no-such-policy.json"),
 }
 
 
 @pytest.mark.parametrize("what", sorted(BROKEN))
 def test_a_broken_command_fails(aws, what: str) -> None:
-    result = aws(shlex.split(BROKEN[what]))
-    assert result.status != 0, f"{what} went through: {BROKEN[what]}"
+    command, says = BROKEN[what]
+    result = aws(shlex.split(command))
+    assert result.status != 0, f"{what} went through: {command}"
     assert not result.requests, f"{what}: a request was built"
+    assert says in result.output, result.output
 
 
 # ------------------------------------------------------------------ the IoT policies
@@ -521,7 +548,8 @@ def test_the_policies_allow_nothing_else(action: str, resource: str) -> None:
     assert not allowed(action, resource)
 
 
-def _code_strings() -> list[tuple[Path, str]]:
+@functools.cache
+def _code_strings() -> tuple[tuple[Path, str], ...]:
     """Every string literal of the daemon's code (docstrings left out), f-string holes as {}."""
     out = []
     for package in ("gatewayd", "transports"):
@@ -539,7 +567,7 @@ def _code_strings() -> list[tuple[Path, str]]:
                     out.append((path, node.value))
                 elif isinstance(node, ast.JoinedStr):
                     out.append((path, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)))
-    return out
+    return tuple(out)
 
 
 def test_the_daemon_uses_no_topic_this_test_does_not_know() -> None:
