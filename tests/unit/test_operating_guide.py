@@ -752,3 +752,22 @@ def test_the_guides_imgtool_lines_make_images_the_gateway_reads_as_section_7_say
         else:
             with pytest.raises(ImageError, match="does not match"):
                 inspect_image(tmp_path / "changed.bin")
+
+
+def test_the_status_details_table_has_the_keys_the_gateway_sends() -> None:
+    from gatewayd.report import status_details
+    from gatewayd.views import DeviceStatus
+    from gatewayd.vocab import Word
+
+    text = GUIDE.read_text()
+    table = text[text.index("### statusDetails"):text.index("### Failure reasons")]
+    documented = {re.sub(r"<[^>]+>", "<>", m.group(1)) for m in re.finditer(r"^\| `([^`]+)` \|", table, re.M)}
+    few = [DeviceStatus(f"d{i}", Word.UPLOADING, "45%") for i in range(3)]
+    many = [DeviceStatus(f"device-{i:02}", Word.FAILED, "x" * 300) for i in range(12)]
+    sent = set()
+    for details in (status_details(phase="uploading", progress=(1, 2), device="pump-a", version="2.0.0"),
+                    status_details(phase="failed", device="pump-a", version="2.0.0", reason="r"),
+                    status_details(phase="uploading", progress=(1, 2), version="2.0.0", devices=few),
+                    status_details(phase="failed", devices=many, reason="r")):
+        sent |= {re.sub(r":.*", ":<>", key) for key in details}
+    assert documented == sent
