@@ -728,7 +728,7 @@ address = "C4:3B:21:9A:00:18"
     assert (a.adapter, a.reassembly, a.connect_timeout) == ("hci1", True, 7.5)
     assert (b.adapter, b.reassembly, b.connect_timeout) == ("hci1", None, 20.0)
     assert a.release_when_idle and a.present()
-    assert a._slots is b._slots and a._slots._value == 2
+    assert a.holds.slots is b.holds.slots and a.holds.slots._value == 2
 
 
 class FakeAgent:
