@@ -51,8 +51,8 @@ class Daemon:
                                cert_file=m.cert_file, key_file=m.key_file, keepalive=m.keepalive)
         self.cloud = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
                                 poll_interval=m.poll_interval)
-        self.relays = RelayManager(config, self.state, self._transfer_changed,
-                                   LinkFactory(config.ble.max_connections), on_images=self._images_seen)
+        self.links = LinkFactory(config.ble.max_connections)
+        self.relays = RelayManager(config, self.state, self._transfer_changed, self.links, on_images=self._images_seen)
         self.views = StatusViews(self.state, self.relays.live_progress, self.relays.present)
         self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt)
         reports = ExecutionReports(self.reporter, self.views, self.state)
@@ -269,6 +269,7 @@ class Daemon:
         except asyncio.TimeoutError:
             log.warning("MQTT disconnect did not finish in time")
         await self.relays.disconnect_all()
+        await self.links.close()  # BLE links still going down: no one needs their slots any more
         self.state.close()
 
 

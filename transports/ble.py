@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from transports.ble_adapter import AdapterWatch
+from transports.ble_slots import ConnectionHolds
 from transports.bluez_agent import BluezAgent, device_path
 from transports.framing import SMP_HEADER_SIZE, PacketAssembler
 from transports.link import DEFAULT_CONNECT_TIMEOUT, Inbox, LinkError
@@ -119,7 +120,8 @@ class BleLink:
     True lets requests grow to the device's `buf_size`; False or None (unknown) keeps every
     request within one write, i.e. `max_packet` = ATT_MTU − 3, which every device accepts.
     `connection_slots`, if given, is held while connected (bounds concurrent BLE connections
-    of one adapter); waiting for a slot does not count against `connect_timeout`.
+    of one adapter) and until the link is really down (`holds`, transports.ble_slots); waiting
+    for a slot does not count against `connect_timeout`.
 
     Link loss (the disconnected callback, or the client raising ConnectionError, CancelledError
     or anything else while we write) fails the waiting reader with LinkError, and the next
@@ -163,11 +165,8 @@ class BleLink:
         self._agent = agent
         self._bond_dropped = False  # removed a bond the device seemed to have lost, since the last open
         self._factory: ClientFactory = client_factory or bleak_client_factory
-        self._slots = connection_slots
-        self._slot_held = False
-        self._slot_client: Any = None  # the client whose connection holds the slot
+        self.holds = ConnectionHolds(self.name, adapter, connection_slots, adapter_watch)
         self._watch = adapter_watch
-        self._up_client: Any = None  # the client whose connection the watch counts as up
         self._client: Any = None
         self._char: Any = None
         self._write_size: int | None = None  # of the current or last connection
@@ -209,9 +208,7 @@ class BleLink:
         async with self._open_lock:
             if self._client is not None:
                 return
-            if self._slots is not None and not self._slot_held:
-                await self._slots.acquire()
-                self._slot_held = True
+            await self.holds.take()
             client: Any = None
             connect_failed = False
             links_up = self._links_up()
@@ -222,19 +219,20 @@ class BleLink:
                     self._agent.allow(self.address, self.passkey)
                     await self._agent.ensure(self.connect_timeout)
                     links_up = self._links_up()
-                client = self._slot_client = self._factory(
+                client = self._factory(
                     self.address,
                     disconnected_callback=self._on_disconnected,
                     timeout=self.connect_timeout,
                     adapter=self.adapter,
                 )
+                self.holds.bind(client)
                 try:
                     async with asyncio.timeout(self.connect_timeout + CONNECT_MARGIN):
                         await self._guard(client.connect(), "cannot connect")
                 except Exception:
                     connect_failed = True
                     raise
-                self._link_up(client)
+                self.holds.link_up(client)
                 char = client.services.get_characteristic(SMP_CHARACTERISTIC_UUID)
                 if char is None:
                     raise LinkError(f"cannot open {self.name}: the device has no SMP characteristic")
@@ -263,7 +261,7 @@ class BleLink:
                     if self._agent is not None and self.address is not None and not lost_bond:
                         await self._quietly(self._agent.disconnect(self.adapter, self.address))
                 finally:
-                    self._release_slot()
+                    self.holds.let_go(client)
                 if connect_failed and self._watch is not None:
                     await self._watch.connect_failed(self.adapter, self.name)
                 try:
@@ -370,7 +368,7 @@ class BleLink:
                 await self._quietly(client.stop_notify(char))
             await self._quietly(client.disconnect())
         finally:
-            self._release_slot(client)  # only once the link is down: never more links than slots
+            self.holds.let_go(client)  # its slot goes back once the link is down: never more links than slots
 
     # --- send / receive -------------------------------------------------------------------
 
@@ -438,31 +436,15 @@ class BleLink:
         if client is self._client:
             log.info("%s: disconnected", self.name)
             self._detach(LinkError(f"{self.name}: link dropped: disconnected"))
-        self._release_slot(client)
+        self.holds.down(client)
 
     # --- helpers --------------------------------------------------------------------------
 
     def _detach(self, error: LinkError) -> None:
-        """Forget the connection; its slot goes back once the link is down (`_release_slot`)."""
+        """Forget the connection; its slot goes back once the link is down (`holds`)."""
         self._client, self._char = None, None
         self._assembler.clear()
         self._inbox.fail(error)
-
-    def _link_up(self, client: Any) -> None:
-        if self._watch is not None:
-            self._watch.link_up(self.adapter)
-            self._up_client = client
-
-    def _release_slot(self, client: Any = None) -> None:
-        """Give the connection slot back (`client`: only if its connection is the one holding it)."""
-        if self._up_client is not None and (client is None or client is self._up_client):
-            self._up_client = None
-            if self._watch is not None:
-                self._watch.link_down(self.adapter)
-        if self._slot_held and self._slots is not None and (client is None or client is self._slot_client):
-            self._slot_held = False
-            self._slot_client = None
-            self._slots.release()
 
     async def _lost(self, client: Any, reason: str) -> LinkError:
         """The client failed while we used it: forget it, tear it down, return the error."""
@@ -472,7 +454,7 @@ class BleLink:
         try:
             await self._quietly(client.disconnect())
         finally:
-            self._release_slot(client)
+            self.holds.let_go(client)
         return error
 
     async def _bounded(self, awaitable: Awaitable[Any], what: str, hint: str = "") -> Any:

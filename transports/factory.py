@@ -9,9 +9,11 @@ classes exist.
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 from transports.ble import BleLink
 from transports.ble_adapter import AdapterWatch
+from transports.ble_slots import ConnectionHolds
 from transports.bluez_agent import BluezAgent
 from transports.link import Link, LinkSettings, UartSettings
 from transports.uart import UartLink
@@ -25,11 +27,20 @@ class LinkFactory:
         self._ble_slots = asyncio.Semaphore(max_ble_connections)
         self._agent = BluezAgent()
         self._adapters = AdapterWatch(self._agent.power_cycle)
+        # weakly: a link dropped on reload goes, but not while a wait for its old link holds it
+        self._ble_holds: weakref.WeakSet[ConnectionHolds] = weakref.WeakSet()
 
     def __call__(self, settings: LinkSettings) -> Link:
         if isinstance(settings, UartSettings):
             return UartLink(settings.port, settings.baudrate, line_delay=settings.line_delay)
-        return BleLink(settings.address, adapter=settings.adapter, reassembly=settings.reassembly,
+        link = BleLink(settings.address, adapter=settings.adapter, reassembly=settings.reassembly,
                        connect_timeout=settings.connect_timeout, mtu=settings.mtu, connection_slots=self._ble_slots,
                        passkey=settings.passkey, agent=self._agent, advertised_name=settings.advertised_name,
                        adapter_watch=self._adapters)
+        self._ble_holds.add(link.holds)
+        return link
+
+    async def close(self) -> None:
+        """At shutdown, after the links were closed: stop waiting for BLE links to go down."""
+        for holds in list(self._ble_holds):
+            await holds.close()

@@ -29,8 +29,11 @@ from gatewayd.emulators.ble_device import BleBench, BlePeripheral, LinkTiming, R
 from gatewayd.emulators.signing import build_mcuboot_image
 from gatewayd.emulators.smp_device import EmulatedDevice, parse_mcuboot_image
 from transports import ble as ble_module
+from transports import ble_slots
 from transports.ble import SMP_CHARACTERISTIC_UUID, BleLink, bleak_client_factory
-from transports.link import LinkError, LinkTimeout
+from transports.ble_adapter import AdapterWatch
+from transports.factory import LinkFactory
+from transports.link import BleSettings, LinkError, LinkTimeout
 from transports.smp import SmpClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -640,6 +643,176 @@ async def test_a_slot_is_free_only_once_the_link_is_really_down() -> None:
         await bench.close()
 
 
+def slot_test_watch() -> AdapterWatch:
+    async def power_cycle(adapter: str) -> bool:
+        raise AssertionError("no power cycle expected")
+
+    return AdapterWatch(power_cycle)
+
+
+@async_test
+async def test_a_link_still_up_after_its_disconnect_call_keeps_its_slot_until_it_reports_down() -> None:
+    """BlueZ's Disconnect may return (or be given up on after CLEANUP_TIMEOUT) while the link is
+    still there, and report it down only later: the next device must not connect before that,
+    and close() must not wait for it."""
+    bench = BleBench()
+    watch = slot_test_watch()
+    try:
+        one = await bench.add(make_device())
+        two = await bench.add(EmulatedDevice("ble1", slot0=RUNNING, boot_banner=False))
+        going: list[asyncio.Task[Any]] = []
+
+        def down_later(address: str, **kwargs: Any) -> Any:
+            client = bench.client_factory(address, **kwargs)
+            disconnect = client.disconnect
+
+            async def returns_at_once() -> bool:
+                async def later() -> None:
+                    await asyncio.sleep(0.5)
+                    await disconnect()  # the stack reports the link down (the disconnected callback)
+
+                going.append(asyncio.create_task(later()))
+                return True
+
+            client.disconnect = returns_at_once
+            return client
+
+        slots = asyncio.Semaphore(1)
+        link1 = BleLink(one.address, client_factory=down_later, connection_slots=slots, adapter_watch=watch)
+        link2 = BleLink(two.address, client_factory=bench.client_factory, connection_slots=slots, adapter_watch=watch)
+        await link1.open()
+        started = time.monotonic()
+        await link1.close()
+        assert time.monotonic() - started < 0.3 and not link1.is_open
+        assert slots.locked() and watch._of("hci0").links_up == 1  # the link is still up
+        opening = asyncio.create_task(link2.open())
+        most = 0
+        while not opening.done():
+            most = max(most, sum(p.connection is not None for p in bench.peripherals.values()))
+            await asyncio.sleep(0.005)
+        await opening
+        assert most == 1 and link2.is_open and time.monotonic() - started >= 0.5
+        assert watch._of("hci0").links_up == 1 and link1.holds.waiting == 0
+        await link2.close()
+        assert not slots.locked() and watch._of("hci0").links_up == 0
+        await asyncio.gather(*going)
+    finally:
+        await bench.close()
+
+
+class LingeringClient(ScriptedClient):
+    """Its disconnect() returns while the link stays up, until the test takes the link down."""
+
+    def __init__(self, disconnected_callback: Callable[[Any], None]) -> None:
+        super().__init__("")
+        self.callback = disconnected_callback
+        self.fail = ""  # "write" or "start_notify": raise there, as on a link going bad
+
+    async def start_notify(self, char: Any, callback: Any) -> None:
+        if self.fail == "start_notify":
+            raise ConnectionError("ATT request failed")
+
+    async def write_gatt_char(self, char: Any, data: bytes, response: bool) -> None:
+        if self.fail == "write":
+            raise ConnectionError("le-connection-abort-by-local")
+
+    async def disconnect(self) -> None:
+        self.disconnects += 1
+
+    def go_down(self, reported: bool) -> None:
+        """The link goes down: reported by the disconnected callback, or only by is_connected."""
+        self.is_connected = False
+        if reported:
+            self.callback(self)
+
+
+def lingering_factory(clients: list[LingeringClient], fail: str = "") -> Callable[..., LingeringClient]:
+    def factory(address: str, *, disconnected_callback: Callable[[Any], None], **_: Any) -> LingeringClient:
+        clients.append(LingeringClient(disconnected_callback))
+        clients[-1].fail = fail if len(clients) == 1 else ""
+        return clients[-1]
+
+    return factory
+
+
+@pytest.mark.parametrize("ended_by", ["close", "lost", "failed open"])
+@pytest.mark.parametrize("reported", [True, False], ids=["callback", "is_connected"])
+@async_test
+async def test_the_slot_of_a_link_let_go_comes_back_only_once_it_is_down(
+        ended_by: str, reported: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever way a connection ends (closed, lost while writing, failed while opening), its
+    slot and the watch's count go back when the stack reports the link down or the client
+    says it is no longer connected, not when the disconnect call returns."""
+    monkeypatch.setattr(ble_slots, "LINK_DOWN_POLL", 0.02)
+    clients: list[LingeringClient] = []
+    factory = lingering_factory(clients, fail={"lost": "write", "failed open": "start_notify"}.get(ended_by, ""))
+    slots, watch = asyncio.Semaphore(1), slot_test_watch()
+    link1 = BleLink("F0:00:00:00:00:01", client_factory=factory, connection_slots=slots, adapter_watch=watch)
+    link2 = BleLink("F0:00:00:00:00:02", client_factory=factory, connection_slots=slots, adapter_watch=watch)
+    if ended_by == "failed open":
+        with pytest.raises(LinkError, match="subscribe"):
+            await link1.open()
+    elif ended_by == "lost":
+        with pytest.raises(LinkError, match="write failed"):
+            await link1.send(bytes([2, 0, 0, 0, 0, 0, 7, 0]))
+    else:
+        await link1.open()
+        await link1.close()
+    assert not link1.is_open and clients[0].disconnects == 1 and clients[0].is_connected
+    opening = asyncio.create_task(link2.open())
+    await asyncio.sleep(0.2)
+    assert not opening.done() and len(clients) == 1  # link2 waits for the slot: no client made yet
+    assert watch._of("hci0").links_up == 1
+    clients[0].go_down(reported)
+    await asyncio.wait_for(opening, 2)
+    assert link2.is_open and len(clients) == 2 and watch._of("hci0").links_up == 1
+    clients[0].go_down(True)  # a late report of the same disconnection gives nothing back twice
+    await link2.close()
+    clients[1].go_down(True)
+    assert slots._value == 1 and watch._of("hci0").links_up == 0
+    await wait_until(lambda: link1.holds.waiting == link2.holds.waiting == 0)  # the waits end once woken
+
+
+@async_test
+async def test_a_link_that_never_reports_down_gives_its_slot_back_after_the_bound_saying_so(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(ble_slots, "LINK_DOWN_TIMEOUT", 0.3)
+    monkeypatch.setattr(ble_slots, "LINK_DOWN_POLL", 0.02)
+    clients: list[LingeringClient] = []
+    slots, watch = asyncio.Semaphore(1), slot_test_watch()
+    link = BleLink("F0:00:00:00:00:01", client_factory=lingering_factory(clients), connection_slots=slots,
+                   adapter_watch=watch)
+    await link.open()
+    started = time.monotonic()
+    await link.close()
+    await asyncio.sleep(0.15)
+    assert slots.locked() and watch._of("hci0").links_up == 1
+    assert not any(r.levelname == "WARNING" for r in caplog.records)
+    await wait_until(lambda: not slots.locked())
+    assert time.monotonic() - started >= 0.3 and watch._of("hci0").links_up == 0
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "ble:F0:00:00:00:00:01: the link did not report down within 0.3 s" in warning
+    clients[0].go_down(True)  # reported after all: nothing goes back twice
+    assert slots._value == 1 and watch._of("hci0").links_up == 0 and link.holds.waiting == 0
+
+
+@async_test
+async def test_at_shutdown_the_waits_for_links_going_down_end_and_give_their_slots_back() -> None:
+    factory = LinkFactory(max_ble_connections=1)
+    link = factory(BleSettings("F0:00:00:00:00:01"))
+    assert isinstance(link, BleLink)
+    clients: list[LingeringClient] = []
+    link._factory, link._agent = lingering_factory(clients), None
+    await link.open()
+    await link.close()
+    assert link.holds.waiting == 1 and link.holds.slots is not None and link.holds.slots.locked()
+    started = time.monotonic()
+    await factory.close()
+    assert time.monotonic() - started < 0.5
+    assert link.holds.waiting == 0 and not link.holds.slots.locked()
+    assert not [t for t in asyncio.all_tasks() if "_wait_down" in repr(t.get_coro())]
+
+
 # --- bleak versions and imports --------------------------------------------------------------
 
 
@@ -728,7 +901,7 @@ address = "C4:3B:21:9A:00:18"
     assert (a.adapter, a.reassembly, a.connect_timeout) == ("hci1", True, 7.5)
     assert (b.adapter, b.reassembly, b.connect_timeout) == ("hci1", None, 20.0)
     assert a.release_when_idle and a.present()
-    assert a._slots is b._slots and a._slots._value == 2
+    assert a.holds.slots is b.holds.slots and a.holds.slots._value == 2
 
 
 class FakeAgent:
