@@ -41,7 +41,10 @@ from .vocab import FilePhase, JobKind, Word
 log = logging.getLogger("gatewayd.inventory")
 
 READ_TIMEOUT = 30.0  # seconds one device may take to give its image list in a pass
-PARALLEL_READS = 4  # devices read at once in a pass (BLE links are bounded by [ble] too)
+PARALLEL_READS = 4  # UART devices read at once in a pass
+# BLE devices one at a time: BlueZ makes one LE connection at a time per adapter and answers
+# another attempt meanwhile with "Operation already in progress" (seen in the VM stage)
+PARALLEL_BLE_READS = 1
 MAX_REDELIVERIES = 3  # failed re-deliveries of one image to one device before the gateway stops trying
 REJECTED_BACKOFF = (60.0, 3600.0)  # seconds before a rejected report is sent again: first, most
 MAX_REASON = 200  # characters of a failure's reason in the shadow
@@ -235,10 +238,11 @@ class Inventory:
             self._asked.clear()
 
     async def _pass(self) -> None:
-        limit = asyncio.Semaphore(PARALLEL_READS)
+        limits = {"ble": asyncio.Semaphore(PARALLEL_BLE_READS)}
+        others = asyncio.Semaphore(PARALLEL_READS)
 
         async def one(device: DeviceConfig) -> None:
-            async with limit:
+            async with limits.get(device.transport, others):
                 await self._visit(device)
 
         await asyncio.gather(*(one(d) for d in self._config().devices))
