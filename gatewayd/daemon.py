@@ -193,6 +193,7 @@ class Daemon:
         if self._log_level is None:
             setup_logging(self.config.gateway.log_level)
         self.jobs.update_config(self.config)
+        self.inventory.wake()
         await self._serve_things()
         self._restart_needed = sorted(set(self._restart_needed) | set(change.need_restart))
         log.log(logging.WARNING if change.need_restart else logging.INFO, "reloaded configuration (%d devices): %s",

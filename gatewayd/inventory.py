@@ -213,6 +213,10 @@ class Inventory:
 
     # passes
 
+    def wake(self) -> None:
+        """A pass soon, without waiting for it (a reload may have added devices or changed the interval)."""
+        self._asked.set()
+
     async def refresh(self) -> None:
         """A pass now (ota-gatewayctl inventory --refresh); returns when it is over."""
         if self._pass_done is None or self._pass_done.done():

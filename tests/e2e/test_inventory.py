@@ -4,6 +4,7 @@ after a swap or a factory reset, a newer image left alone, nothing resent after 
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 from gatewayd.mcuboot import inspect_image_bytes
@@ -162,3 +163,13 @@ def test_a_redelivery_that_keeps_failing_is_tried_a_bounded_number_of_times_and_
                                     .get("kind") == "redeliver", timeout=20)["state"]["reported"]["last_update"]
     assert last["status"] == "failed" and "rolled back" in last["reason"], last
     assert board.active_image() != image
+
+
+def test_a_device_added_by_a_reload_is_in_its_shadow_without_waiting_for_the_interval(lab):
+    lab.add_device("pump", files="pump-*.bin")
+    lab.start()
+    lab.aws.shadows.wait_for("gw-01", "ota-pump", running("1.0.0"), timeout=20)
+    lab.add_device("fan", files="fan-*.bin", version=(1, 4, 0))
+    lab.write_config()
+    lab.daemon.send_signal(signal.SIGHUP)
+    lab.aws.shadows.wait_for("gw-01", "ota-fan", running("1.4.0"), timeout=20)  # the interval is an hour
