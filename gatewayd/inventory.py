@@ -115,7 +115,7 @@ class ShadowReports:
         self._due: set[str] = set()
         self._backoff: dict[str, _Backoff] = {}
         self._wake = asyncio.Event()
-        self.sent = 0  # updates AWS IoT accepted since start
+        self._sending: str | None = None
 
     def due(self, device: str) -> None:
         """The device's report may have changed: compare and send (soon, in `run`)."""
@@ -128,7 +128,8 @@ class ShadowReports:
 
     async def settled(self) -> None:
         """Wait until every due report was sent, found unchanged, or is backing off after a refusal."""
-        while any(self._backoff.get(d, _Backoff(0, 0)).until <= time.monotonic() for d in self._due):
+        while self._sending is not None or any(self._backoff.get(d, _Backoff(0, 0)).until <= time.monotonic()
+                                               for d in self._due):
             await asyncio.sleep(0.05)
 
     async def run(self) -> None:
@@ -138,11 +139,17 @@ class ShadowReports:
             ready = sorted(d for d in self._due if self._backoff.get(d, _Backoff(0, 0)).until <= now)
             for name in ready:
                 await self._wait_connected()
+                # taken off before the report is read: a change while it is sent makes it due again
+                self._due.discard(name)
+                self._sending = name
                 try:
                     await self._send(name)
                 except Exception:  # a bug here must not end the reports of every other device
                     log.exception("inventory of %s not reported", name)
                     self._backoff[name] = _Backoff(REJECTED_BACKOFF[1], time.monotonic() + REJECTED_BACKOFF[1])
+                    self._due.add(name)
+                finally:
+                    self._sending = None
             waits = [b.until - time.monotonic() for d, b in self._backoff.items() if d in self._due]
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.05, min(waits)) if waits else None)
@@ -153,13 +160,11 @@ class ShadowReports:
         config = self._config()
         device = config.device(name)
         if device is None or not config.relay.inventory_interval:
-            self._due.discard(name)
             return
         inventoried = self._state.inventoried(name)
         report = report_for(device, self._state, inventoried)
         target = shadow_of(device, config.gateway.thing_name)
         if report is None or (inventoried.shadow == str(target) and inventoried.reported == report):
-            self._due.discard(name)
             return
         fields = log_fields(thing=device.thing_name or config.gateway.thing_name, device=name)
         try:
@@ -168,12 +173,11 @@ class ShadowReports:
             backoff = self._backoff.get(name)
             delay = min(backoff.delay * 2, REJECTED_BACKOFF[1]) if backoff else REJECTED_BACKOFF[0]
             self._backoff[name] = _Backoff(delay, time.monotonic() + delay)
+            self._due.add(name)
             log.warning("inventory of %s not reported: %s; trying again in %.0f s", name, e, delay, extra=fields)
             return
         self._backoff.pop(name, None)
         self._state.save_report(name, str(target), report)
-        self._due.discard(name)
-        self.sent += 1
         running = report["running"] or {}
         log.info("inventory of %s reported to shadow %s (version %d): running %s%s", name, target, version,
                  running.get("version"), "" if running.get("confirmed", True) else " (not confirmed)", extra=fields)

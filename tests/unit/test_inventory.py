@@ -182,3 +182,31 @@ def test_the_inventory_table_says_what_runs_the_other_slot_the_last_update_and_w
     assert lines[0].split() == ["DEVICE", "RUNNING", "OTHER", "SLOT", "LAST", "UPDATE", "SEEN", "IN", "SHADOW"]
     assert "2.0.0 succeeded (gateway, 1 min ago)" in lines[1] and "1 min ago" in lines[1] and "yes" in lines[1]
     assert lines[2].split()[0] == "valve" and "never" in lines[2]
+
+
+def test_a_change_while_a_report_is_on_its_way_is_sent_after_it(tmp_path: Path) -> None:
+    state = StateDB(tmp_path / "state.db")
+    cfg = config(tmp_path)
+
+    class SlowShadows(FakeShadows):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def report(self, target: ShadowTarget, reported: dict[str, Any]) -> int:
+            await self.gate.wait()
+            return await super().report(target, reported)
+
+    shadows = SlowShadows()
+
+    async def story(reports: ShadowReports) -> None:
+        state.save_images("pump", [slot(0, "1.0.0", "aa", active=True, confirmed=True)], seen=1.0)
+        reports.due("pump")
+        await asyncio.sleep(0.05)  # the 1.0.0 report is on its way
+        state.save_images("pump", [slot(0, "1.1.0", "dd", active=True, confirmed=True)], seen=2.0)
+        reports.due("pump")
+        shadows.gate.set()
+        await asyncio.wait_for(reports.settled(), 5)
+
+    run_reports(cfg, state, shadows, story)
+    assert [r["running"]["version"] for _, r in shadows.sent] == ["1.0.0", "1.1.0"]
