@@ -108,6 +108,7 @@ def test_minimal_config_has_design_defaults(tmp_path: Path) -> None:
     assert config.relay.device_timeout == 86400
     assert (config.relay.reset_timeout, config.relay.retry_interval) == (60.0, 5.0)
     assert config.relay.request_timeout == 5.0
+    assert config.relay.inventory_interval == 3600
     assert (config.ble.adapter, config.ble.max_connections) == ("hci0", 3)
     assert config.devices == ()
 
@@ -188,13 +189,13 @@ def test_shipped_example_documents_every_key() -> None:
                 "max_thing_subscriptions", "poll_interval", "block_size",
                 "blocks_per_request", "max_file_size", "prefer", "https_ca_file",
                 "request_timeout", "max_idle_requests", "certificates", "max_parallel",
-                "device_timeout", "reset_timeout", "retry_interval", "adapter",
+                "device_timeout", "reset_timeout", "retry_interval", "inventory_interval", "adapter",
                 "max_connections"):
         assert f"{key} = " in text, key
     sample = (REPO / "config" / "devices.d" / "example.toml.sample").read_text()
     for key in ("name", "transport", "port", "baudrate", "line_delay", "mode", "address", "reassembly",
                 "connect_timeout", "mtu", "window", "passkey", "advertised_name", "thing_name", "files", "image",
-                "buf_size", "allow_downgrade"):
+                "buf_size", "allow_downgrade", "redeliver"):
         assert f"\n{key} = " in sample or f"\n# {key} = " in sample, key  # an alternative is commented out
 
 
@@ -375,6 +376,18 @@ transport = "ble"
         f"{path}: device[3] (both) advertised_name: give address or advertised_name, not both",
         f"{path}: device[4] (neither) address: required key is missing (or give advertised_name)",
     ]
+
+
+def test_a_device_name_too_long_for_its_shadow_name_is_refused_while_the_inventory_is_on(tmp_path: Path) -> None:
+    long_name = "x" * 61  # ota-<name> would be 65 characters; AWS IoT takes 64
+    device = f'[[device]]\nname = "{long_name}"\ntransport = "uart"\nport = "/dev/ttyACM0"\n'
+    problem = only_problem(write_config(tmp_path, MINIMAL + device))
+    assert f"device[1] ({long_name}) name" in problem and "at most 60" in problem and "inventory_interval" in problem
+    # with a thing of its own it reports to that thing's shadow ota; with the inventory off, to none
+    load_config(write_config(tmp_path, MINIMAL + device + 'thing_name = "t-1"\n'))
+    load_config(write_config(tmp_path, MINIMAL + "[relay]\ninventory_interval = 0\n" + device))
+    config = load_config(write_config(tmp_path, MINIMAL + DEVICE + "redeliver = false\n"))
+    assert config.devices[0].redeliver is False
 
 
 def test_duplicate_device_across_files_names_both(tmp_path: Path) -> None:
