@@ -5,7 +5,8 @@ MCUboot devices on pseudo-terminals and the real `ota-gatewayd` as a process, th
 two signed OTA updates the way AWS IoT would: a gateway job whose file goes to two
 devices, and a job for a proxied thing whose new firmware fails its self-test and rolls
 back. It shows live progress from the daemon's control socket and ends with a table of
-what every device runs and what AWS IoT was told.
+what every device runs, what AWS IoT was told on the jobs, and what the inventory put in
+each device's named shadow.
 """
 
 from __future__ import annotations
@@ -110,6 +111,24 @@ def _final_table(lab, jobs: list[tuple[str, str]], say) -> None:
         ex = lab.aws.execution(thing, job)
         reason = ex.status_details.get("reason")
         say(f"  {job:<20} {thing:<6} {ex.status:<10} {reason or ex.status_details.get('summary', '')}")
+    _shadows(lab, say)
+
+
+def _shadows(lab, say, wait: float = 10.0) -> None:
+    """What the inventory told AWS IoT: each device's named shadow, once it reports the job's end."""
+    say("AWS IoT named shadows (the inventory):")
+    for name in ("pump", "fan", "valve"):
+        thing, shadow = ("valve", "ota") if name == "valve" else (lab.gateway_thing, f"ota-{name}")
+        try:
+            doc = lab.aws.shadows.wait_for(thing, shadow, lambda d: "last_update" in d["state"].get("reported", {}),
+                                           timeout=wait)
+        except TimeoutError:
+            say(f"  {thing}/{shadow}: not reported within {wait:g} s")
+            continue
+        reported = doc["state"]["reported"]
+        running, last = reported.get("running") or {}, reported["last_update"]
+        say(f"  {thing + '/' + shadow:<14} running {running.get('version', '?'):<7} "
+            f"{'confirmed' if running.get('confirmed') else 'on test':<10} last update {last['job_id']} {last['status']}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
