@@ -28,6 +28,7 @@ pytestmark = pytest.mark.timeout(30)
 BLOCK = 256
 WINDOW = 8
 COUNT = 40  # blocks: five windows
+WINDOWS = [list(range(k, min(k + WINDOW, COUNT))) for k in range(0, COUNT, WINDOW)]  # as asked for, nothing lost
 DATA = random.Random(14).randbytes(COUNT * BLOCK - 100)  # the last block is short
 
 
@@ -103,8 +104,7 @@ def test_the_next_window_is_asked_for_while_the_current_one_arrives(saves: Saves
     dl = download(mqtt, saves)
     run(mqtt, dl)
     assert saves.part.read_bytes() == DATA
-    windows = [r.blocks for r in mqtt.requests]
-    assert windows == [list(range(k, min(k + WINDOW, COUNT))) for k in range(0, COUNT, WINDOW)]
+    assert [r.blocks for r in mqtt.requests] == WINDOWS
     assert sorted(mqtt.served) == list(range(COUNT))  # every block once: the windows never overlap
     assert dl.stats.ahead == len(mqtt.requests) - 1 == 4  # each asked for before the one before completed
     for request in mqtt.requests[1:]:
@@ -160,7 +160,7 @@ def test_duplicates_are_ignored_and_do_not_count_toward_a_window(saves: Saves) -
     run(mqtt, dl)
     assert saves.part.read_bytes() == DATA
     assert dl.stats.duplicates >= COUNT - 1  # the last block's copy may come after the end
-    assert [r.blocks for r in mqtt.requests] == [list(range(k, min(k + WINDOW, COUNT))) for k in range(0, COUNT, WINDOW)]
+    assert [r.blocks for r in mqtt.requests] == WINDOWS
     assert sorted(mqtt.served) == list(range(COUNT))
 
 
