@@ -28,8 +28,9 @@ The same rejection after that, or any change found, ends the download.
 Crash safety: `save_progress` only ever receives blocks that were fsynced before it was
 called, so after a crash or power cut the stored bitmap never claims a block that is not on
 disk. Progress is fsynced and saved whenever a window completes (and at the latest once two
-windows' worth of blocks are unsaved), so a restart fetches at most two windows again. A daemon stop (cancelling the task that awaits run()) saves the blocks of
-the windows in flight first.
+windows' worth of blocks are unsaved), so a restart fetches at most two windows again. A
+daemon stop (cancelling the task that awaits run()) saves the blocks of the windows in flight
+first.
 """
 
 from __future__ import annotations

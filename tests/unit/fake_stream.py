@@ -68,6 +68,7 @@ class FakeStreamMqtt:
         self.hold: int | None = None
         self.released = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._free_at = 0.0  # when the service's link has sent the last block
         self._inbox: asyncio.Queue[Request] = asyncio.Queue()
         self._up = DelayLine(rtt / 2, self._inbox.put_nowait)
         self._down = DelayLine(rtt / 2, self._to_client)
@@ -125,8 +126,10 @@ class FakeStreamMqtt:
             for i in request.blocks:
                 if self.hold is not None and len(self.served) >= self.hold:
                     await self.released.wait()
-                if self.gap:
-                    await asyncio.sleep(self.gap)
+                if self.gap:  # a link of that rate: the schedule does not drift with the sleeps
+                    loop = asyncio.get_running_loop()
+                    self._free_at = max(self._free_at, loop.time()) + self.gap
+                    await asyncio.sleep(self._free_at - loop.time())
                 self.served.append(i)
                 if i in self.drop:
                     self.drop.discard(i)

@@ -96,6 +96,15 @@ def stream(**kw: float) -> FakeStreamMqtt:
     return FakeStreamMqtt(DATA, BLOCK, **kw)
 
 
+async def started(mqtt: FakeStreamMqtt, dl: StreamDownload, delivered: int) -> asyncio.Task[None]:
+    """The download's task, once `delivered` blocks reached it and it had time to handle them."""
+    task = asyncio.get_running_loop().create_task(dl.run())
+    while len(mqtt.delivered) < delivered:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    return task
+
+
 # -- against the stream --------------------------------------------------------------------
 
 
@@ -192,10 +201,7 @@ def test_a_stop_with_two_windows_in_flight_saves_exactly_the_blocks_that_arrived
     dl = download(mqtt, saves, request_timeout=5.0)
 
     async def main() -> None:
-        task = asyncio.get_running_loop().create_task(dl.run())
-        while len(mqtt.delivered) < 11:
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.05)
+        task = await started(mqtt, dl, delivered=11)
         assert dl.stats.ahead == 1 and saves.saves == []
         task.cancel()  # a daemon stop
         await asyncio.gather(task, return_exceptions=True)
@@ -213,10 +219,7 @@ def test_abandoning_saves_nothing_more_and_a_restart_fetches_at_most_two_windows
     dl = download(mqtt, saves, request_timeout=5.0)
 
     async def main() -> None:
-        task = asyncio.get_running_loop().create_task(dl.run())
-        while len(mqtt.delivered) < 19:
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.05)
+        task = await started(mqtt, dl, delivered=19)
         assert dl.stats.ahead == 2
         await dl.cancel()  # gone without a word, as in a kill
         assert task.cancelled()
