@@ -69,6 +69,7 @@ class FakeStreamMqtt:
         self.released = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._free_at = 0.0  # when the service's link has sent the last block
+        self.idle = 0.0  # seconds the service's link waited for a request after the first one
         self._inbox: asyncio.Queue[Request] = asyncio.Queue()
         self._up = DelayLine(rtt / 2, self._inbox.put_nowait)
         self._down = DelayLine(rtt / 2, self._to_client)
@@ -118,6 +119,8 @@ class FakeStreamMqtt:
     async def _service(self) -> None:
         while True:
             request = await self._inbox.get()
+            if self._free_at:
+                self.idle += max(0.0, asyncio.get_running_loop().time() - self._free_at)
             code = self.reject.get(request.number)
             if code is not None:
                 reply = {"o": code, "m": "rejected by the fake", "c": request.message["c"]}

@@ -128,6 +128,18 @@ def test_the_next_window_is_asked_for_while_the_current_one_arrives(saves: Saves
     assert len(saves.saves) == 5 and saves.saves[-1] == set(range(COUNT))  # a save per window, the last one whole
 
 
+def test_asking_ahead_keeps_a_paced_stream_busy_across_round_trips(saves: Saves) -> None:
+    """The round trip (40 ms) is shorter than a window's second half takes (4 x 12 ms): the
+    next request reaches the service before it runs out of blocks to send. Stop-and-wait
+    would leave its link idle one round trip per window, 160 ms in all."""
+    mqtt = stream(rtt=0.04, gap=0.012)
+    dl = download(mqtt, saves, request_timeout=2.0)
+    run(mqtt, dl)
+    assert saves.part.read_bytes() == DATA
+    assert dl.stats.ahead == 4
+    assert mqtt.idle < 0.08, mqtt.idle
+
+
 def test_a_lost_request_sent_ahead_costs_one_idle_wait_and_no_block_twice(saves: Saves) -> None:
     mqtt = stream(rtt=0.01)
     mqtt.lost = {1}  # the second request, sent while the first window arrives, never gets there
