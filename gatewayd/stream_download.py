@@ -281,7 +281,7 @@ class StreamDownload:
                     deadline = loop.time() + self._timeout
                     if self._bitmap.complete:
                         return  # run() fsyncs and saves the whole file
-                    if windows.arrived() or self._unsaved >= 2 * self.window:
+                    if windows.block_received() or self._unsaved >= 2 * self.window:
                         await self._persist(fd)
                     if windows.may_ask():
                         deadline = max(deadline, await self._ask(windows))

@@ -75,7 +75,7 @@ class Windows:
 
     def open(self) -> tuple[bytes, int]:
         """Put the next window in flight; its request's `b` (every missing block not in
-        flight) and `n` (the window's length, at least 1 if anything is missing)."""
+        flight) and `n` (the window's length: 0 only if every missing block is in flight)."""
         bits = bytearray(self.bitmap.to_request_bytes())
         for window in self.flight:
             for i in window.blocks:
@@ -84,7 +84,7 @@ class Windows:
         self.flight.append(Window(blocks))
         return bytes(bits), len(blocks)
 
-    def arrived(self) -> bool:
+    def block_received(self) -> bool:
         """A new block was received: True if it completed a window. A completed window leaves
         the flight, and so does every older one: what those still miss was lost."""
         for window in self.flight:
