@@ -1,13 +1,23 @@
 """Windowed, resumable download of one file from an AWS IoT MQTT stream (aws-iot-ota.md §3).
 
-Flow per request: ask for up to `window` blocks with o=0 and the bitmap of every missing
-block; write each new block at i*block_size into the .part file; when the window is used
-up, or `request_timeout` passes without a new block, fsync the file, record progress
-(`save_progress`) and ask again. Consecutive requests without a new block wait
-request_timeout, 2x, then 4x (the cap) before the next one; after `max_idle_requests` of
-them the download fails. Bad messages are discarded and never reset that count, so a
-stream that sends only garbage fails the same way. While the MQTT connection is down the
-download waits for it instead of spending requests.
+Flow: ask for a window of up to `window` blocks with o=0, `n` = its length and `b` = every
+missing block not already asked for by a window in flight; write each new block at
+i*block_size into the .part file. Once more than half of the newest window has arrived in
+order, ask for the next one, so up to two windows are in flight and the round trip of a
+request overlaps the data of the one before (stream_windows.py says which blocks and when).
+Consecutive requests without a new block wait request_timeout, 2x, then 4x (the cap) before
+the next one; a new block from any request is progress and resets that count. When the wait
+runs out, every window in flight counts as lost and the next request asks for every missing
+block again; after `max_idle_requests` requests without a new block the download fails. Bad
+messages are discarded and never reset that count, so a stream that sends only garbage fails
+the same way. While the MQTT connection is down the download waits for it instead of spending
+requests.
+
+The window is `blocks_per_request`, at most the service's 128 KiB per request, chosen ahead
+and fixed rather than sized from the measured round trip and rate (bandwidth-delay product):
+wherever the round trip matters the product is past the 128 KiB cap (300 ms at 512 KiB/s is
+154 KiB), so such a rule would pick the cap anyway, and where it is small (a LAN) smaller
+windows only add requests. A fixed window also keeps the crash bound below a configured size.
 
 A rejection that says the stream changed (VersionMismatch, ETagMismatch: case 46) earns one
 fresh look, once per download: DescribeStream (at most DESCRIBE_ATTEMPTS requests) must
@@ -17,8 +27,10 @@ The same rejection after that, or any change found, ends the download.
 
 Crash safety: `save_progress` only ever receives blocks that were fsynced before it was
 called, so after a crash or power cut the stored bitmap never claims a block that is not on
-disk, and at most one window of written-but-unsaved blocks is fetched again. A daemon
-stop (cancelling the task that awaits run()) saves the window in progress first.
+disk. Progress is fsynced and saved whenever a window completes (and at the latest once two
+windows' worth of blocks are unsaved), so a restart fetches at most two windows again. A
+daemon stop (cancelling the task that awaits run()) saves the blocks of the windows in flight
+first.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from .aws import MAX_BLOCK_SIZE, MAX_BLOCKS, MIN_BLOCK_SIZE, check_stream_id, ch
 from .errors import DownloadError
 from .mqtt import MqttClient, MqttError
 from .store import fsync_dir, pwrite_all
+from .stream_windows import Windows
 from .streams import (
     Bitmap,
     StreamDescription,
@@ -80,6 +93,7 @@ class DownloadStats:
     discarded: int = 0  # malformed or mismatched messages
     rejections: int = 0
     describes: int = 0  # DescribeStream requests
+    ahead: int = 0  # requests sent while another window was still in flight
 
 
 class StreamDownload:
@@ -144,7 +158,7 @@ class StreamDownload:
         self._since_progress = 0
         self._idle_since = 0.0  # loop time of the first request without a new block
         self._abandoned = False
-        self._unsaved = False  # blocks written since the last save_progress
+        self._unsaved = 0  # blocks written since the last save_progress
         self._dir_synced = False
         self.stats = DownloadStats()
 
@@ -173,7 +187,7 @@ class StreamDownload:
         """Abandon the download (run() raises CancelledError) and drop its subscriptions.
 
         Unlike cancelling the task that awaits run() (a daemon stop), which first saves
-        the blocks of the window in progress, this saves nothing more.
+        the blocks of the windows in flight, this saves nothing more.
         """
         task = self._task
         if task is not None and not task.done():
@@ -250,55 +264,55 @@ class StreamDownload:
 
     async def _windows(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
         loop = asyncio.get_running_loop()
+        windows = Windows(self._bitmap, self.window)
         while not self._bitmap.complete:
             if self._unsaved:
                 await self._persist(fd)
-            window = min(self.window, self._bitmap.missing_count)
-            await self._request(window)
-            wait = self._timeout * min(2 ** (self._since_progress - 1), IDLE_BACKOFF_CAP)
-            deadline = loop.time() + wait
-            got = 0
-            while got < window:
-                try:
-                    kind, payload = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        kind, payload = await asyncio.wait_for(queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
+            windows.clear()  # whatever was in flight is lost: ask for every missing block
+            deadline = await self._ask(windows)
+            while (message := await _next(queue, deadline - loop.time())) is not None:
+                kind, payload = message
                 if kind == "rejected":
                     changed = self._rejected(payload)
                     if changed is not None:
                         await self._look_again(fd, queue, *changed)
                         break  # ask again at once, on the version just described
                 elif kind == "data" and self._accept(fd, payload):
-                    got += 1
                     deadline = loop.time() + self._timeout
-            if got < window and self._since_progress >= self._max_idle:
+                    if self._bitmap.complete:
+                        return  # run() fsyncs and saves the whole file
+                    if windows.block_received() or self._unsaved >= 2 * self.window:
+                        await self._persist(fd)
+                    if windows.may_ask():
+                        deadline = max(deadline, await self._ask(windows))
+            if self._since_progress >= self._max_idle:
                 raise DownloadError(
                     f"no data from stream {self.stream_name} for {self._since_progress} requests "
                     f"({loop.time() - self._idle_since:.0f} s without a new block)")
 
-    async def _request(self, window: int) -> None:
+    async def _ask(self, windows: Windows) -> float:
+        """Request the next window; the loop time by which an answer is due."""
+        ahead = bool(windows.flight)
+        bits, n = windows.open()
         payload = encode_get_stream(
             client_token=self._token,
             file_id=self.file_id,
             block_size=self.block_size,
             offset=0,
-            bitmap=self._bitmap.to_request_bytes(),
-            n=window,
+            bitmap=bits,
+            n=n,
             stream_version=self._stream_version,
         )
         await self._publish(self._get_topic, payload, "the request")
         self.stats.requests += 1
+        self.stats.ahead += ahead
+        loop = asyncio.get_running_loop()
         if self._since_progress == 0:
-            self._idle_since = asyncio.get_running_loop().time()
+            self._idle_since = loop.time()
         self._since_progress += 1
-        log.debug("stream %s: requested %d of %d missing blocks (%d without progress)", self.stream_name,
-                  window, self._bitmap.missing_count, self._since_progress)
+        log.debug("stream %s: requested %d of %d missing blocks%s (%d without progress)", self.stream_name,
+                  n, self._bitmap.missing_count, " ahead" if ahead else "", self._since_progress)
+        return loop.time() + self._timeout * min(2 ** (self._since_progress - 1), IDLE_BACKOFF_CAP)
 
     async def _publish(self, topic: str, payload: bytes, what: str) -> None:
         """Publish once connected; a publish lost without a PUBACK counts as sent (the idle
@@ -343,7 +357,7 @@ class StreamDownload:
             return False
         pwrite_all(fd, block.payload, block.index * self.block_size)
         self._bitmap.mark_received(block.index)
-        self._unsaved = True
+        self._unsaved += 1
         self.stats.blocks += 1
         self._since_progress = 0
         if self._on_progress is not None:
@@ -460,7 +474,7 @@ class StreamDownload:
         # fsync first: the database must never claim a block that is not on disk.
         os.fsync(fd)
         self._sync_directory()
-        self._unsaved = False
+        self._unsaved = 0
         await self._save_progress(self._bitmap.received_bytes(), self.done_bytes)
 
     def _sync_directory(self) -> None:
@@ -487,3 +501,17 @@ def _check(thing_name: str, stream_name: str, file_id: int, file_size: int, bloc
     if count > MAX_BLOCKS:
         return f"{file_size} bytes need {count} blocks of {block_size}; a stream serves at most {MAX_BLOCKS}"
     return None
+
+
+async def _next(queue: asyncio.Queue[tuple[str, bytes]], timeout: float) -> tuple[str, bytes] | None:
+    """The next message, or None once `timeout` seconds pass without one."""
+    try:
+        return queue.get_nowait()
+    except asyncio.QueueEmpty:
+        pass
+    if timeout <= 0:
+        return None
+    try:
+        return await asyncio.wait_for(queue.get(), timeout)
+    except asyncio.TimeoutError:
+        return None

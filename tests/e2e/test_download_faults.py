@@ -77,6 +77,26 @@ class LoseRestOfWindow:
         return False
 
 
+class TwoWindowsInFlight:
+    """Per-block hook keeping two windows open: the first time they are served, the last
+    quarter of the window at `start` is lost (the next window was asked for at its half),
+    and so is the second half of the next window."""
+
+    def __init__(self, start: int) -> None:
+        self.last = start + WINDOW * 3 // 2  # the first block lost of the second window
+        self.lost = {*range(start + WINDOW * 3 // 4, start + WINDOW), *range(self.last, start + 2 * WINDOW)}
+        self.reached = threading.Event()
+        self.again: set[int] = set()  # blocks served more than once
+
+    def __call__(self, ref: BlockRef) -> bool:
+        if ref.nth:
+            self.again.add(ref.index)
+            return False
+        if ref.index == self.last:
+            self.reached.set()
+        return ref.index in self.lost
+
+
 def _mid_window_index(count: int) -> int:
     # the middle of the window that holds the file's middle block: windows start at
     # multiples of WINDOW while nothing is lost
@@ -158,6 +178,52 @@ def test_sigkill_mid_download_resumes_from_the_synced_bitmap(lab, capsys):
         print(f"\n[sigkill] file {count} blocks; killed at block {kill_at} with {served_before} served, "
               f"{stored.received_count} synced, {damaged} unsynced blocks damaged; restart asked for {asked}; "
               f"total served {served} (+{served - count})")
+
+
+@pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
+                              "not be recorded yet, so the next run sends it once more on the old version")
+def test_sigkill_with_two_windows_in_flight_fetches_at_most_two_windows_again(lab, capsys):
+    lab.add_device("pump", thing_name="pump")
+    lab.start()
+    image = lab.make_image((1, 1, 2), size=BIG, seed="two-windows")
+    count = n_blocks(len(image), BLOCK)
+    start = (count // 2) // WINDOW * WINDOW
+    hook = TwoWindowsInFlight(start)
+    lab.aws.drop_blocks(hook)
+    stream = _stream(lab.ota_update("job5", "pump", image))
+
+    assert hook.reached.wait(20), lab.daemon_log()[-3000:]
+    time.sleep(0.5)  # the first half of the second window is in; the daemon waits for the rest of both
+    lab.kill_daemon()
+    requests_before = lab.aws.requests(stream)
+    ahead = lab.aws.stream_requests(stream)[-1]
+    asked = Bitmap.from_received_bytes(count, ahead["b"])
+    # the last request went out while the window at `start` still missed its lost quarter,
+    # and asked for none of that window: two windows were in flight
+    assert ahead["n"] == WINDOW and not any(asked.is_received(i) for i in range(start, start + WINDOW))
+    assert asked.is_received(start + WINDOW)
+
+    stored = _stored_bitmap(lab, "job5", count)
+    assert stored.received_count == start  # saved when the window before them completed
+    assert all(stored.is_received(i) == (i < start) for i in range(count))
+    part = lab.root / "state" / "partial" / "pump__job5__0.part"
+    damaged = _lose_unsynced_data(part, stored, len(image))
+    assert damaged == WINDOW + WINDOW // 2  # written up to the second window's half, never synced
+    assert hook.again == set()
+
+    lab.start_daemon()
+    done = lab.wait("pump", "job5", timeout=60)
+    assert done.status == "SUCCEEDED", (done, lab.daemon_log()[-3000:])
+    _assert_running(lab, image)
+    first_after = lab.aws.stream_requests(stream)[requests_before]
+    assert Bitmap.from_received_bytes(count, first_after["b"]).received_count == count - start
+    served = lab.aws.blocks_served(stream)
+    assert hook.again <= set(range(start, start + 2 * WINDOW))  # at most the two windows in flight
+    assert served <= count + 2 * WINDOW
+    with capsys.disabled():
+        print(f"\n[sigkill, two windows] file {count} blocks; windows at {start} and {start + WINDOW} in flight, "
+              f"{stored.received_count} synced, {damaged} unsynced blocks damaged; fetched again "
+              f"{len(hook.again)}; total served {served} (+{served - count})")
 
 
 @pytest.mark.cloud_may_refuse("VersionMismatch", why="stopped mid-job: an update AWS IoT accepted just before may "
