@@ -95,7 +95,6 @@ class Pacer:
         self._cond = threading.Condition()
         self._stopped = False
         self.sent = 0
-        self.delayed_seconds = 0.0  # total time items waited for their schedules
         self._thread = threading.Thread(target=self._run, name="aws-iot-pacer", daemon=True)
         self._thread.start()
 
@@ -108,7 +107,6 @@ class Pacer:
             for schedule, in_bytes in schedules:
                 ready = schedule.depart(ready, cost_bytes if in_bytes else 1)
             self._last[connection] = ready
-            self.delayed_seconds += ready - now
             heapq.heappush(self._heap, (ready, next(self._seq), send))
             self._cond.notify()
 
