@@ -109,10 +109,11 @@ class _Connection:
             try:
                 data = await d.reader.read(self._read_size(d))
             except (ConnectionError, OSError):
-                data = b""
+                self.cut(reset=True)  # an end that resets is passed on as a reset
+                return
             if self.silent:
                 if not data:
-                    _close(self.down.writer if d.up else self.up.writer)  # the end we read from
+                    (self.down if d.up else self.up).writer.transport.abort()  # the end we read from
                     return
                 continue
             now = loop.time()
@@ -146,7 +147,11 @@ class _Connection:
                     self.proxy.stats.bytes_up += sent
                 else:
                     self.proxy.stats.bytes_down += sent
-                await d.writer.drain()
+                try:
+                    await d.writer.drain()
+                except (ConnectionError, OSError):
+                    self.cut(reset=True)
+                    return
                 d.queued -= sent
                 d.space.set()
             if eof:
@@ -179,10 +184,6 @@ def _take_due(queue: collections.deque[tuple[float, bytes | None]], now: float) 
             return chunks, True
         chunks.append(data)
     return chunks, False
-
-
-def _close(writer: asyncio.StreamWriter) -> None:
-    writer.transport.abort()
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
