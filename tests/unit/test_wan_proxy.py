@@ -174,6 +174,24 @@ def test_a_cut_resets_every_connection_and_new_ones_work(runner):
     runner.call(wan.stop())
 
 
+def test_a_reset_at_one_end_reaches_the_other_as_a_reset(runner):
+    async def reset_on_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                             struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = runner.call(asyncio.start_server(reset_on_data, "127.0.0.1", 0))
+    wan = WanProxy("127.0.0.1", server.sockets[0].getsockname()[1], WanLink(latency=0.005))
+    runner.call(wan.start())
+    with connect(wan) as sock:
+        sock.sendall(b"x")
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
+    runner.call(wan.stop())
+    runner.call(server.close)
+
+
 def test_a_silent_cut_passes_nothing_and_each_end_learns_by_itself(runner):
     upstream = Upstream(runner)
     wan = proxy(runner, upstream, WanLink(latency=0.005))
