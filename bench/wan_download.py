@@ -41,13 +41,13 @@ import paho.mqtt
 import stream_download as sd
 from gatewayd.emulators.awsiot import AwsIotEmulator
 from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki
-from gatewayd.emulators.pacing import StreamPacing
+from gatewayd.emulators.pacing import AWS_IOT_CORE_QUOTAS, StreamPacing
 from gatewayd.emulators.runner import EmulatorThread
 from gatewayd.emulators.wan import WanLink, WanProxy
 
 FILE_SIZE = 1024 * 1024
-RATE = 512 * 1024  # bytes/s per connection: AWS IoT Core's throughput quota
-MESSAGE_RATE = 100  # publishes/s per connection: AWS IoT Core's quota
+RATE = AWS_IOT_CORE_QUOTAS.bytes_per_second or 0.0  # 512 KiB/s per connection
+MESSAGE_RATE = AWS_IOT_CORE_QUOTAS.messages_per_second or 0.0  # 100 publishes/s per connection
 RTTS_MS = (0, 50, 150, 300, 600)
 WINDOW_BYTES = 128 * 1024  # the most one GetStream request returns
 BLOCK_SIZES = (1024, 4096, 16384)
@@ -77,7 +77,7 @@ OURS = Contender("ours", "ours", 4096, 32)
 MAIN = (OURS, Contender("FreeRTOS-like n=1", "freertos", 4096, 1, one_run=True),
         Contender("FreeRTOS-like n=32", "freertos", 4096, 32))
 BYTES_ONLY = Pacing("512 KiB/s", StreamPacing(bytes_per_second=RATE))
-WITH_MESSAGES = Pacing("512 KiB/s + 100 msg/s", StreamPacing(bytes_per_second=RATE, messages_per_second=MESSAGE_RATE))
+WITH_MESSAGES = Pacing("512 KiB/s + 100 msg/s", AWS_IOT_CORE_QUOTAS)
 
 
 def ours_at(block: int) -> Contender:
