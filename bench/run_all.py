@@ -1,6 +1,6 @@
 """Run every benchmark in turn and keep their JSON results in bench/results/.
 
-    .venv/bin/python bench/run_all.py        # about 6 minutes on 2 cores
+    .venv/bin/python bench/run_all.py        # about 23 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main() -> int:
         ["uart_upload.py", "--json", str(RESULTS / "uart_upload.json")],
         ["stream_download.py", "--json", str(RESULTS / "stream_download.json")],
         ["ble_window.py", "--json", str(RESULTS / "ble_window.json")],
+        ["wan_download.py", "--json", str(RESULTS / "wan_download.json")],
     ]
     failed = 0
     for script, *args in runs:

@@ -74,7 +74,7 @@ async def ours(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         db.save_download(file_key, received, done)
 
     download = StreamDownload(mqtt, thing_name=THING, stream_name=STREAM, file_id=0, file_size=args.size,
-                              block_size=BLOCK, blocks_per_request=args.n, part_path=out, received=None,
+                              block_size=args.block, blocks_per_request=args.n, part_path=out, received=None,
                               save_progress=save, request_timeout=2.0)
     start = mark()
     await download.run()
@@ -93,12 +93,12 @@ def freertos(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     client.on_subscribe = lambda *_a: subscribed.set()
     client.subscribe(f"{base}/data/cbor", qos=0)
     subscribed.wait(10)
-    count = -(-args.size // BLOCK)
+    count = -(-args.size // args.block)
     missing = bytearray(b"\xff" * (count // 8) + (bytes([(1 << count % 8) - 1]) if count % 8 else b""))
     left, requests = count, 0
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     while left:
-        client.publish(f"{base}/get/cbor", cbor2.dumps({"c": "rdy", "f": 0, "l": BLOCK, "o": 0,
+        client.publish(f"{base}/get/cbor", cbor2.dumps({"c": "rdy", "f": 0, "l": args.block, "o": 0,
                                                         "b": bytes(missing), "n": args.n}), qos=0)
         requests += 1
         window = min(args.n, left)
@@ -110,7 +110,7 @@ def freertos(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             i = block["i"]
             if not missing[i >> 3] & (1 << (i & 7)):
                 continue  # duplicate: ignored, the window is not counted down
-            os.pwrite(fd, block["p"][: block["l"]], i * BLOCK)
+            os.pwrite(fd, block["p"][: block["l"]], i * args.block)
             missing[i >> 3] &= ~(1 << (i & 7)) & 0xFF
             left, window = left - 1, window - 1
     os.close(fd)
@@ -196,6 +196,7 @@ def child(argv: list[str]) -> None:
     ap.add_argument("--port", type=int)
     ap.add_argument("--size", type=int)
     ap.add_argument("--n", type=int)
+    ap.add_argument("--block", type=int, default=BLOCK)
     ap.add_argument("--trace", action="store_true")
     args = ap.parse_args(argv)
     if args.trace:
@@ -211,12 +212,12 @@ def child(argv: list[str]) -> None:
 # --- the bench (parent) --------------------------------------------------------------------
 
 
-def run_child(kind: str, n: int, common: list[str], out: Path, trace: bool) -> dict[str, Any]:
+def run_child(kind: str, n: int, common: list[str], out: Path, trace: bool, timeout: float = 120) -> dict[str, Any]:
     out.unlink(missing_ok=True)
     out.with_name("state.db").unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", "--kind", kind, "--n", str(n), "--out", str(out), *common]
     proc = subprocess.run(cmd + (["--trace"] if trace else []), cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{kind} failed ({proc.returncode}): {proc.stderr[-2000:]}")

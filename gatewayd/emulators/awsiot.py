@@ -19,6 +19,8 @@ Choices where the protocol document leaves room (kept deliberately strict):
 - DescribeJobExecution of a terminal execution is TerminalStateReached; unknown is ResourceNotFound.
 - statusDetails replaces the stored map; empty maps are omitted from execution objects.
 - An empty request payload counts as `{}`; any other non-object JSON is InvalidJson.
+- Stream data messages go out at once unless `pace_streams` sets per-connection byte and
+  message rates (pacing.py), as AWS IoT Core's per-connection quotas do.
 - GetStream: more blocks than floor(131072/l) are silently capped (set `strict_block_cap` to
   reject with BlockCountLimitExceeded); bitmap bits past the end of the file are ignored, and a
   request that selects only such blocks is InvalidRequest "out of the range of data available".
@@ -32,6 +34,7 @@ import json
 import logging
 import random
 import re
+import socket
 import threading
 import time
 import unicodedata
@@ -43,6 +46,7 @@ import cbor2
 import paho.mqtt.client as mqtt
 
 from .broker import tls_client
+from .pacing import Pacer, StreamPacing, publish_packet_size
 from .shadows import ShadowService, ShadowStats, ShadowUpdate
 
 log = logging.getLogger(__name__)
@@ -286,6 +290,9 @@ class AwsIotEmulator:
         self._client: mqtt.Client | None = None
         self.connections = 0
         self.shadows = ShadowService(self._publish, self._clock, self._changed)
+        self._pacing: StreamPacing | None = None
+        self._pacer: Pacer | None = None
+        self._connection_of: Callable[[str], str] = lambda thing: thing
 
     # --- lifecycle ---
 
@@ -299,6 +306,8 @@ class AwsIotEmulator:
         client.on_message = self._on_message
         self._client = client
         self._ready.clear()
+        if self._pacing is not None and self._pacer is None:
+            self._pacer = Pacer(self._pacing)
         client.connect(self.host, self.port, keepalive=30)
         client.loop_start()
         if not self._ready.wait(timeout):
@@ -306,6 +315,10 @@ class AwsIotEmulator:
             raise TimeoutError(f"AWS IoT emulator: no SUBACK from {self.host}:{self.port} within {timeout}s")
 
     def stop(self) -> None:
+        with self._lock:
+            pacer, self._pacer = self._pacer, None
+        if pacer is not None:
+            pacer.stop()
         client, self._client = self._client, None
         if client is not None:
             client.disconnect()
@@ -333,6 +346,9 @@ class AwsIotEmulator:
             log.warning("AWS IoT emulator: connection refused: %s", rc)
             return
         self.connections += 1
+        sock = client.socket()
+        if sock is not None:  # paho leaves Nagle on: paced 16 KiB blocks waited ~40 ms in pairs for ACKs
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         result, mid = client.subscribe([(topic, 1) for topic in self.SUBSCRIPTIONS])
         self._sub_mid = mid
 
@@ -846,6 +862,18 @@ class AwsIotEmulator:
             self._refusals.clear()
             self.shadows.clear_faults()
 
+    def pace_streams(self, pacing: StreamPacing | None, connection_of: Callable[[str], str] | None = None) -> None:
+        """Send stream data messages no faster than `pacing` allows each connection (None: at once,
+        the default). Mosquitto does not say which connection a request came on, so a request's
+        thing name stands for it; `connection_of(thing)` maps proxied things onto their gateway's
+        connection. Blocks queued when pacing is turned off or changed are not sent."""
+        with self._lock:
+            self._pacing = pacing
+            self._connection_of = connection_of or (lambda thing: thing)
+            old, self._pacer = self._pacer, Pacer(pacing) if pacing is not None else None
+        if old is not None:
+            old.stop()
+
     def pause_streams(self, paused: bool, *, hold: bool = False) -> None:
         """While paused GetStream requests get no answer. With `hold`, they are answered on resume."""
         with self._lock:
@@ -1043,7 +1071,15 @@ class AwsIotEmulator:
             copies = max(1, self._duplicate.copies)
             stats.blocks_duplicated += copies - 1
         for _ in range(copies):
-            self._publish(f"$aws/things/{thing}/streams/{stream_id}/data/{fmt}", raw, self.stream_qos)
+            self._publish_data(thing, f"$aws/things/{thing}/streams/{stream_id}/data/{fmt}", raw)
+
+    def _publish_data(self, thing: str, topic: str, raw: bytes) -> None:
+        pacer = self._pacer
+        if pacer is None:
+            self._publish(topic, raw, self.stream_qos)
+            return
+        cost = publish_packet_size(topic, len(raw), self.stream_qos)
+        pacer.submit(self._connection_of(thing), cost, lambda: self._publish(topic, raw, self.stream_qos))
 
     @staticmethod
     def _damage(body: dict[str, Any], mode: str, fmt: str, total: int) -> bytes | None:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gatewayd.emulators.awsiot import AwsIotEmulator, ExecutionRecord, OtaFileSpec, RawDocument
 from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki
+from gatewayd.emulators.pacing import StreamPacing
 from gatewayd.emulators.signing import make_signer
 from tests.e2e.thing_client import TIMEOUT, ThingClient
 
@@ -542,6 +543,55 @@ def test_fault_knobs(emulator, device, stream):
 
 
 # --- OTA update end to end, device side written from the protocol document ---
+
+
+def _timed_blocks(dev: Device, stream: str, requests: list[dict[str, Any]], count: int) -> tuple[float, list[int]]:
+    """Seconds from the first request to the last of `count` data messages, and their indices."""
+    start = time.monotonic()
+    for request in requests:
+        dev.publish(f"streams/{stream}/get/cbor", cbor2.dumps(request), qos=0)
+    indices = [cbor2.loads(dev.next(f"streams/{stream}/data/cbor"))["i"] for _ in range(count)]
+    return time.monotonic() - start, indices
+
+
+def test_paced_streams_keep_the_byte_rate_and_the_message_rate(emulator, device):
+    data = bytes(range(256)) * 1024  # 256 KiB: 64 blocks of 4 KiB
+    emulator.create_stream("paced", {0: data})
+    dev = device()
+    rate = 256 * 1024
+    emulator.pace_streams(StreamPacing(bytes_per_second=rate))
+    window = [{"f": 0, "l": 4096, "o": o, "n": 32} for o in (0, 32)]
+    elapsed, indices = _timed_blocks(dev, "paced", window, 64)
+    assert indices == list(range(64))
+    assert len(data) / rate <= elapsed <= len(data) / rate + 0.5, elapsed  # the MQTT headers count too
+
+    emulator.pace_streams(StreamPacing(bytes_per_second=None, messages_per_second=50))
+    elapsed, _ = _timed_blocks(dev, "paced", [{"f": 0, "l": 256, "o": 0, "n": 20}], 20)
+    assert 19 / 50 <= elapsed <= 19 / 50 + 0.3, elapsed  # the first at once, then one every 20 ms
+
+    emulator.pace_streams(None)
+    elapsed, _ = _timed_blocks(dev, "paced", window, 64)
+    assert elapsed < len(data) / rate / 2, elapsed
+
+
+def test_pacing_is_per_connection_and_proxied_things_share_their_gateways(emulator, device):
+    emulator.create_stream("shared", {0: bytes(20 * 256)})
+    a, b = device("thing-a"), device("thing-b")
+    request = [{"f": 0, "l": 256, "o": 0, "n": 20}]
+
+    def both() -> float:
+        start = time.monotonic()
+        for dev in (a, b):
+            dev.publish("streams/shared/get/cbor", cbor2.dumps(request[0]), qos=0)
+        for dev in (a, b):
+            for _ in range(20):
+                dev.next("streams/shared/data/cbor")
+        return time.monotonic() - start
+
+    emulator.pace_streams(StreamPacing(bytes_per_second=None, messages_per_second=50))
+    assert 19 / 50 <= both() <= 19 / 50 + 0.3  # each thing its own connection: side by side
+    emulator.pace_streams(StreamPacing(bytes_per_second=None, messages_per_second=50), connection_of=lambda t: "gw")
+    assert 39 / 50 <= both() <= 39 / 50 + 0.3  # one gateway's connection: one after the other
 
 
 def test_create_ota_update_document_stream_and_signature(tmp_path, emulator, device):
