@@ -28,13 +28,13 @@ from transports.smp import ImageSlot
 from .aws import GATEWAY_SHADOW_PREFIX, INVENTORY_SHADOW
 from .config import Config, DeviceConfig
 from .lifecycle import JobManager
-from .local import LOCAL_THING
+from .local import new_local_job
 from .logs import log_fields
 from .mcuboot import compare_versions, parse_version
 from .relay import RelayManager
 from .shadow import ShadowClient, ShadowError, ShadowTarget
 from .sources import Origin, redelivery_document, redelivery_origin
-from .state import FileKey, Inventoried, JobKey, Placed, StateDB, TransferKey
+from .state import FileKey, Inventoried, Placed, StateDB, TransferKey
 from .store import FileStore
 from .vocab import FilePhase, JobKind, Word
 
@@ -307,7 +307,7 @@ class Inventory:
         origin = Origin(placed.job.thing, placed.job.job_id, placed.idx, placed.sha256)
         if placed.kind is JobKind.REDELIVER:
             origin = redelivery_origin(self._state.job(placed.job).document)
-        key = JobKey(LOCAL_THING, self._new_job_id(device.name))
+        key = new_local_job(self._state, "redeliver", device.name)
         size = self._state.file(FileKey(origin.thing, origin.job_id, origin.idx)).size
         job = self._state.add_job(key, JobKind.REDELIVER, redelivery_document(device.name, origin, found))
         self._state.add_file(FileKey(key.thing, key.job_id, 0), size, FilePhase.VERIFYING)
@@ -319,14 +319,6 @@ class Inventory:
                     extra=log_fields(job_id=key.job_id, device=device.name, phase=Word.QUEUED))
         self._noted.pop(device.name, None)
         self._jobs.start(job)
-
-    def _new_job_id(self, device: str) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        job_id, n = f"redeliver-{device}-{stamp}", 1
-        while self._state.find_job(JobKey(LOCAL_THING, job_id)) is not None:
-            n += 1
-            job_id = f"redeliver-{device}-{stamp}-{n}"
-        return job_id
 
     def _note(self, device: DeviceConfig, what: str, msg: str, *args: object, level: int = logging.INFO) -> None:
         """Log a decision once, not at every pass."""

@@ -42,6 +42,16 @@ RECEIVE_RATE_WINDOW = 60.0
 RECEIVE_CHUNK = 64 * 1024
 
 
+def new_local_job(state: StateDB, kind: str, device: str) -> JobKey:
+    """A key for a local job (a push, a re-delivery) no job in the database has: `<kind>-<device>-<UTC time>`."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    job_id, n = f"{kind}-{device}-{stamp}", 1
+    while state.find_job(JobKey(LOCAL_THING, job_id)) is not None:
+        n += 1
+        job_id = f"{kind}-{device}-{stamp}-{n}"
+    return JobKey(LOCAL_THING, job_id)
+
+
 class PushRefused(Refused):
     """A local update cannot start; str says why, naming the device or the option."""
 
@@ -170,7 +180,7 @@ class LocalUpdates:
         if busy is not None:
             raise PushRefused(f"device {push.device} is busy with {job_label(busy)}; wait for it to end"
                               + (" or cancel it" if busy.kind is JobKind.LOCAL else ""))
-        key = JobKey(LOCAL_THING, self._new_job_id(push.device))
+        key = new_local_job(self._state, "push", push.device)
         document = pushed_document(device=push.device, file=push.name, size=push.size, certfile=certfile,
                                    algorithm=algorithm, signature=push.signature, requested_by=push.requested_by)
         job = self._state.add_job(key, JobKind.LOCAL, document)
@@ -201,14 +211,6 @@ class LocalUpdates:
             return label, key_algorithm(certificates[label])
         except VerificationError as e:
             raise PushRefused(str(e)) from None
-
-    def _new_job_id(self, device: str) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        job_id, n = f"push-{device}-{stamp}", 1
-        while self._state.find_job(JobKey(LOCAL_THING, job_id)) is not None:
-            n += 1
-            job_id = f"push-{device}-{stamp}-{n}"
-        return job_id
 
     async def receive(self, job: JobRecord, read: AsyncReader) -> None:
         """Write the pushed image to partial/ (fsynced), then start the update."""
