@@ -26,7 +26,7 @@ from .relay import RelayManager
 from .report import ExecutionReports, Reporter
 from .shadow import ShadowClient
 from .sources import CloudFiles, PushedImage, StoredImage, Verifier
-from .state import JobKey, StateDB, StateTooNew, TransferKey
+from .state import JobKey, StateDB, StateTooNew, TransferKey, TransferRecord
 from .store import FileStore
 from .views import StatusViews
 from .vocab import ACTIVE_WORDS, JobKind, Word
@@ -52,7 +52,8 @@ class Daemon:
         self.cloud = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
                                 poll_interval=m.poll_interval)
         self.links = LinkFactory(config.ble.max_connections)
-        self.relays = RelayManager(config, self.state, self._transfer_changed, self.links, on_images=self._images_seen)
+        self.relays = RelayManager(config, self.state, self._transfer_changed, self.links, on_images=self._images_seen,
+                                   on_ended=self._transfer_ended)
         self.views = StatusViews(self.state, self.relays.live_progress, self.relays.present)
         self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt)
         reports = ExecutionReports(self.reporter, self.views, self.state)
@@ -90,10 +91,12 @@ class Daemon:
 
     def _transfer_changed(self, key: TransferKey) -> None:
         self.jobs.transfer_changed(key)
-        self.inventory.transfer_changed(key)
 
     def _images_seen(self, device: str, slots: list[ImageSlot]) -> None:
         self.inventory.images_seen(device, slots)
+
+    def _transfer_ended(self, record: TransferRecord) -> None:
+        self.inventory.transfer_ended(record)
 
     async def _job_gone(self, key: JobKey) -> None:
         await self.jobs.job_gone(key)

@@ -34,7 +34,7 @@ from .mcuboot import compare_versions, parse_version
 from .relay import RelayManager
 from .shadow import ShadowClient, ShadowError, ShadowTarget
 from .sources import Origin, redelivery_document, redelivery_origin
-from .state import FileKey, Inventoried, Placed, StateDB, TransferKey
+from .state import FileKey, Inventoried, Placed, StateDB, TransferKey, TransferRecord
 from .store import FileStore
 from .vocab import FilePhase, JobKind, Word
 
@@ -128,16 +128,18 @@ class ShadowReports:
 
     async def settled(self) -> None:
         """Wait until every due report was sent, found unchanged, or is backing off after a refusal."""
-        while self._sending is not None or any(self._backoff.get(d, _Backoff(0, 0)).until <= time.monotonic()
-                                               for d in self._due):
+        while self._sending is not None or self._ready():
             await asyncio.sleep(0.05)
+
+    def _ready(self) -> list[str]:
+        """Due devices not backing off after a refusal."""
+        now = time.monotonic()
+        return sorted(d for d in self._due if d not in self._backoff or self._backoff[d].until <= now)
 
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            now = time.monotonic()
-            ready = sorted(d for d in self._due if self._backoff.get(d, _Backoff(0, 0)).until <= now)
-            for name in ready:
+            for name in self._ready():
                 await self._wait_connected()
                 # taken off before the report is read: a change while it is sent makes it due again
                 self._due.discard(name)
@@ -209,11 +211,11 @@ class Inventory:
         """The relay read the device's image list (RelayManager's `on_images`)."""
         self._state.save_images(device, image_dicts(slots), time.time())
 
-    def transfer_changed(self, key: TransferKey) -> None:
-        """A transfer reached its final word: the device's report changes (its last update at least)."""
-        record = self._state.transfer(key)
-        if record.final and self.enabled:
-            self.reports.due(key.device)
+    def transfer_ended(self, record: TransferRecord) -> None:
+        """A transfer reached its final word (RelayManager's `on_ended`): the device's report
+        changes, its last update at least; the list the relay read during it says the rest."""
+        if self.enabled:
+            self.reports.due(record.device)
 
     # passes
 

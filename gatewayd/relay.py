@@ -54,6 +54,7 @@ MAX_UPLOAD_LOSSES = 3  # times a device may lose an upload it had acknowledged (
 
 LinkBuilder = Callable[[LinkSettings], Link]
 ImagesSeen = Callable[[str, list[ImageSlot]], None]  # a device's image list, as it was just read
+EndedHook = Callable[[TransferRecord], None]  # a transfer's final record, once its relay let go of the device
 
 
 @dataclass(frozen=True)
@@ -664,10 +665,12 @@ class RelayManager:
     `links` builds a device's link from its settings (`transports.factory.LinkFactory`)."""
 
     def __init__(self, config: Config, state: StateDB, on_change: Callable[[TransferKey], None],
-                 links: LinkBuilder, on_images: ImagesSeen | None = None) -> None:
+                 links: LinkBuilder, on_images: ImagesSeen | None = None,
+                 on_ended: EndedHook | None = None) -> None:
         self._state = state
         self._on_change = on_change
         self._on_images = on_images
+        self._on_ended = on_ended
         self._links = links
         self._slots = asyncio.Semaphore(config.relay.max_parallel)
         self._relays: dict[str, DeviceRelay] = {}
@@ -713,9 +716,12 @@ class RelayManager:
             if relay is None:
                 return self._no_device(key)
             try:
-                return await relay.run(key, image)
+                record = await relay.run(key, image)
             except Retired:
                 continue  # a changed device goes on with its new relay, which asks the device where it is
+            if self._on_ended is not None:
+                self._on_ended(record)
+            return record
 
     def _no_device(self, key: TransferKey) -> TransferRecord:
         record = self._state.transfer(key)

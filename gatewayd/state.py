@@ -570,7 +570,7 @@ def _json_or_none(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def _transfer(row: sqlite3.Row | dict[str, Any]) -> TransferRecord:
+def _transfer(row: sqlite3.Row) -> TransferRecord:
     d = dict(row)
     d.pop("updated")
     d["phase"] = TransferPhase(d["phase"])
