@@ -41,7 +41,7 @@ from typing import Any
 import cbor2
 import paho.mqtt.client as paho
 
-from gatewayd.stream_download import StreamDownload
+from gatewayd.stream_download import StreamDownload, subscribe_streams
 from gatewayd.emulators.awsiot import AwsIotEmulator
 from gatewayd.emulators.broker import SERVICE_IDENTITY, Mosquitto, make_pki
 from gatewayd.mqtt import MqttClient
@@ -63,6 +63,7 @@ CEILING_MESSAGES = 4096  # 16 MiB of blocks
 async def ours(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     mqtt = MqttClient(host="127.0.0.1", port=args.port, client_id=THING, ca_file=args.ca,
                       cert_file=args.cert, key_file=args.key)
+    await subscribe_streams(mqtt, THING)  # as the daemon does: with the connection, not with the download
     await mqtt.start()
     await mqtt.wait_connected(10)
     db = StateDB(out.with_name("state.db"))

@@ -7,7 +7,8 @@ the broker through the WAN delay proxy (gatewayd.emulators.wan), which adds RTT/
 The emulator itself talks to the broker directly, as the service does inside AWS. Each download
 runs in a fresh child process (bench/stream_download.py's downloaders, imported, not copied)
 and is checked with sha256. The timed part starts before the downloader subscribes and ends
-when the file is on disk.
+when the file is on disk; ours subscribes to every stream's replies when it connects, as the
+daemon does, so its download starts with the first request.
 
 - ours: gatewayd.stream_download.StreamDownload on gatewayd.mqtt.MqttClient, 128 KiB windows
   (32 blocks of 4 KiB), progress saved after every window, as bench/stream_download.py runs it;
@@ -100,7 +101,7 @@ def download(contender: Contender, common: list[str], out: Path, digest: bytes, 
     return result
 
 
-def run(rtts: list[int], repeat: int) -> list[dict[str, Any]]:
+def run(rtts: list[int], repeat: int, only: set[str] | None = None) -> list[dict[str, Any]]:
     data = os.urandom(FILE_SIZE)
     digest = hashlib.sha256(data).digest()
     rows = []
@@ -121,6 +122,8 @@ def run(rtts: list[int], repeat: int) -> list[dict[str, Any]]:
                 for rtt in rtts:
                     runner.call(lambda: wan.set_link(WanLink(latency=rtt / 2000)))
                     for contender in contenders:
+                        if only and contender.label not in only:
+                            continue
                         runs = []
                         for _ in range(1 if contender.one_run else repeat):
                             served = aws.blocks_served(sd.STREAM)
@@ -183,12 +186,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per downloader and RTT (median)")
     ap.add_argument("--rtt", type=int, action="append", help="round trip in ms (repeatable; default 0 50 150 300 600)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--only", action="append", metavar="LABEL",
+                    help="run only this downloader (repeatable: ours, 'ours 1024', 'FreeRTOS-like n=32', ...); "
+                         "prints each run's line, not the tables")
     args = ap.parse_args()
     rtts = args.rtt or list(RTTS_MS)
     env = machine()
     print(" ".join(f"{k}={v}" for k, v in env.items()), file=sys.stderr)
-    rows = run(rtts, args.repeat)
-    report(rows, rtts, args.repeat)
+    rows = run(rtts, args.repeat, set(args.only or ()))
+    if not args.only:
+        report(rows, rtts, args.repeat)
     if args.json:
         args.json.write_text(json.dumps({**env, "file_size": FILE_SIZE, "rate": RATE, "message_rate": MESSAGE_RATE,
                                          "repeat": args.repeat, "results": rows}, indent=1))

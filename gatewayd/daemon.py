@@ -27,6 +27,7 @@ from .report import ExecutionReports, Reporter
 from .shadow import ShadowClient
 from .sources import CloudFiles, PushedImage, StoredImage, Verifier
 from .state import JobKey, StateDB, StateTooNew, TransferKey, TransferRecord
+from .stream_download import subscribe_streams
 from .store import FileStore
 from .views import StatusViews
 from .vocab import ACTIVE_WORDS, JobKind, Word
@@ -208,6 +209,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload(config_path)))
         await self.control.start()
+        await subscribe_streams(self.mqtt, self.config.gateway.thing_name)  # in the first connect's SUBSCRIBE
         await self.mqtt.start()
         await self._serve_things()
         await self.jobs.resume()

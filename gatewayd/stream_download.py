@@ -1,10 +1,14 @@
 """Windowed, resumable download of one file from an AWS IoT MQTT stream (aws-iot-ota.md §3).
 
-Flow: ask for a window of up to `window` blocks with o=0, `n` = its length and `b` = every
-missing block not already asked for by a window in flight; write each new block at
-i*block_size into the .part file. Once more than half of the newest window has arrived in
-order, ask for the next one, so up to two windows are in flight and the round trip of a
-request overlaps the data of the one before (stream_windows.py says which blocks and when).
+Flow: the client is subscribed to every stream's data and rejections once, when it connects
+(`subscribe_streams`), so a download only registers its handlers and asks at once. Ask for a
+window of up to `window` blocks with o=0, `n` = its length and `b` = every missing block not
+already asked for by a window in flight; the message callback writes each new block at
+i*block_size into the .part file itself (no queue, no task per block) and wakes the download's
+loop only when there is something to do: save progress, ask for the next window, handle a
+rejection, finish. stream_windows.py says when the next window is asked for (at a window's
+half on a near link; on a far one, from the measured round trip and pace, so that the service
+always has the next window and never holds more than two).
 Consecutive requests without a new block wait request_timeout, 2x, then 4x (the cap) before
 the next one; a new block from any request is progress and resets that count. When the wait
 runs out, every window in flight counts as lost and the next request asks for every missing
@@ -13,11 +17,11 @@ messages are discarded and never reset that count, so a stream that sends only g
 the same way. While the MQTT connection is down the download waits for it instead of spending
 requests.
 
-The window is `blocks_per_request`, at most the service's 128 KiB per request, chosen ahead
-and fixed rather than sized from the measured round trip and rate (bandwidth-delay product):
-wherever the round trip matters the product is past the 128 KiB cap (300 ms at 512 KiB/s is
-154 KiB), so such a rule would pick the cap anyway, and where it is small (a LAN) smaller
-windows only add requests. A fixed window also keeps the crash bound below a configured size.
+The window is `blocks_per_request`, at most the service's 128 KiB per request, and fixed:
+wherever the round trip matters the bandwidth-delay product is past the 128 KiB cap (300 ms at
+512 KiB/s is 154 KiB), so sizing it from the measured round trip and rate would pick the cap
+anyway, and where it is small (a LAN) smaller windows only add requests. What the measurements
+choose instead is when to ask. A fixed window also keeps the crash bound below a configured size.
 
 A rejection that says the stream changed (VersionMismatch, ETagMismatch: case 46) earns one
 fresh look, once per download: DescribeStream (at most DESCRIBE_ATTEMPTS requests) must
@@ -27,10 +31,10 @@ The same rejection after that, or any change found, ends the download.
 
 Crash safety: `save_progress` only ever receives blocks that were fsynced before it was
 called, so after a crash or power cut the stored bitmap never claims a block that is not on
-disk. Progress is fsynced and saved whenever a window completes (and at the latest once two
-windows' worth of blocks are unsaved), so a restart fetches at most two windows again. A
-daemon stop (cancelling the task that awaits run()) saves the blocks of the windows in flight
-first.
+disk. Progress is saved as it was when a window completed (the callback takes that snapshot;
+the loop fsyncs, then stores it), and at the latest once two windows' worth of blocks are
+unsaved, so a restart fetches at most two windows again. A daemon stop (cancelling the task
+that awaits run()) saves the blocks of the windows in flight first.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ import asyncio
 import logging
 import os
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +164,8 @@ class StreamDownload:
         self._idle_since = 0.0  # loop time of the first request without a new block
         self._abandoned = False
         self._unsaved = 0  # blocks written since the last save_progress
+        self._last_block = 0.0  # loop time of the latest new block
+        self._inbox = _Inbox()
         self._dir_synced = False
         self.stats = DownloadStats()
 
@@ -228,72 +235,104 @@ class StreamDownload:
         self._sync_directory()
 
     async def _download(self, fd: int) -> None:
-        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        # Each block is written to the .part file by the message callback itself; the loop
+        # below is woken only when there is something to do (persist, ask, a rejection, done).
+        windows = Windows(self._bitmap, self.window)
+        inbox = self._inbox
+        loop = asyncio.get_running_loop()
 
         def on_data(_topic: str, payload: bytes) -> None:
-            queue.put_nowait(("data", payload))
+            index = self._accept(fd, payload)
+            if index is None:
+                return
+            now = loop.time()
+            self._last_block = now
+            if windows.block_received(index, now):  # saved as of now, though the loop runs later
+                inbox.completed = self._progress_snapshot()
+                inbox.wake.set()
+            elif self._bitmap.complete or self._unsaved >= 2 * self.window or windows.may_ask(now):
+                inbox.wake.set()
 
         def on_rejected(_topic: str, payload: bytes) -> None:
-            queue.put_nowait(("rejected", payload))
+            inbox.rejections.append(payload)
+            inbox.wake.set()
 
+        handlers = ((self._data_topic, on_data), (self._rejected_topic, on_rejected))
         try:
-            await self._mqtt.subscribe(self._data_topic, on_data, qos=0)
-            await self._mqtt.subscribe(self._rejected_topic, on_rejected, qos=1)
+            await subscribe_streams(self._mqtt, self.thing_name)
         except MqttError as e:
-            await self._unsubscribe(on_data, on_rejected)
             raise DownloadError(f"cannot subscribe to stream {self.stream_name}: {e}") from e
+        for topic, handler in handlers:  # the filters above bring them: no round trip here
+            await self._mqtt.subscribe(topic, handler, local_only=True)
         try:
-            await self._transfer(fd, queue)
+            await self._transfer(fd, windows)
         finally:
-            await self._unsubscribe(on_data, on_rejected)
-
-    async def _unsubscribe(self, on_data: Any, on_rejected: Any) -> None:
-        for topic, handler in ((self._data_topic, on_data), (self._rejected_topic, on_rejected)):
-            try:
+            for task in list(inbox.publishing):
+                task.cancel()  # their answers no longer matter
+            for topic, handler in handlers:
                 await self._mqtt.unsubscribe(topic, handler)
-            except Exception:  # noqa: BLE001 - cleanup must not mask the real outcome
-                log.debug("unsubscribe %s failed", topic, exc_info=True)
 
-    async def _transfer(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+    async def _transfer(self, fd: int, windows: Windows) -> None:
         try:
-            await self._windows(fd, queue)
+            await self._windows(fd, windows)
         except asyncio.CancelledError:
             if self._unsaved and not self._abandoned:  # a daemon stop keeps what already arrived
                 await self._persist(fd)
             raise
 
-    async def _windows(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+    async def _windows(self, fd: int, windows: Windows) -> None:
         loop = asyncio.get_running_loop()
-        windows = Windows(self._bitmap, self.window)
+        inbox = self._inbox
         while not self._bitmap.complete:
             if self._unsaved:
                 await self._persist(fd)
             windows.clear()  # whatever was in flight is lost: ask for every missing block
             deadline = await self._ask(windows)
-            while (message := await _next(queue, deadline - loop.time())) is not None:
-                kind, payload = message
-                if kind == "rejected":
-                    changed = self._rejected(payload)
-                    if changed is not None:
-                        await self._look_again(fd, queue, *changed)
-                        break  # ask again at once, on the version just described
-                elif kind == "data" and self._accept(fd, payload):
-                    deadline = loop.time() + self._timeout
-                    if self._bitmap.complete:
-                        return  # run() fsyncs and saves the whole file
-                    if windows.block_received() or self._unsaved >= 2 * self.window:
-                        await self._persist(fd)
-                    if windows.may_ask():
-                        deadline = max(deadline, await self._ask(windows))
+            progress = self.stats.blocks
+            while not self._bitmap.complete:
+                if self.stats.blocks != progress:
+                    progress = self.stats.blocks
+                    deadline = self._last_block + self._timeout
+                if inbox.refused is not None:
+                    raise inbox.refused
+                if inbox.rejections and await self._rejections(fd, inbox):
+                    break  # ask again at once, on the version just described
+                if inbox.completed is not None or self._unsaved >= 2 * self.window:
+                    completed, inbox.completed = inbox.completed, None
+                    await self._persist(fd, completed)
+                    continue  # blocks may have come while the progress was saved
+                if windows.may_ask(loop.time()):
+                    deadline = max(deadline, await self._ask(windows))
+                    continue
+                if not await inbox.wait(deadline - loop.time()):  # far mode too: blocks flow, each looks again
+                    break
+            if self._bitmap.complete:
+                return  # run() fsyncs and saves the whole file
             if self._since_progress >= self._max_idle:
                 raise DownloadError(
                     f"no data from stream {self.stream_name} for {self._since_progress} requests "
                     f"({loop.time() - self._idle_since:.0f} s without a new block)")
 
+    async def _rejections(self, fd: int, inbox: _Inbox) -> bool:
+        """Handle the rejections that came in; True once the stream was looked at again."""
+        while inbox.rejections:
+            changed = self._rejected(inbox.rejections.pop(0))
+            if changed is not None:
+                await self._look_again(*changed)
+                return True
+        return False
+
     async def _ask(self, windows: Windows) -> float:
-        """Request the next window; the loop time by which an answer is due."""
+        """Request the next window; the loop time by which an answer is due.
+
+        A window asked for while others are in flight does not wait for its PUBACK (a round
+        trip on a far link, in which the loop could not ask again): its publish runs on its
+        own, and a refusal reaches the loop through the inbox."""
+        loop = asyncio.get_running_loop()
         ahead = bool(windows.flight)
-        bits, n = windows.open()
+        if ahead and not self._mqtt.ready:
+            return loop.time()  # the connection is going: the idle timer will ask again
+        bits, n = windows.open(loop.time())
         payload = encode_get_stream(
             client_token=self._token,
             file_id=self.file_id,
@@ -303,16 +342,35 @@ class StreamDownload:
             n=n,
             stream_version=self._stream_version,
         )
-        await self._publish(self._get_topic, payload, "the request")
+        if ahead:
+            self._publish_ahead(payload)
+        else:
+            await self._publish(self._get_topic, payload, "the request")
         self.stats.requests += 1
         self.stats.ahead += ahead
-        loop = asyncio.get_running_loop()
         if self._since_progress == 0:
             self._idle_since = loop.time()
         self._since_progress += 1
         log.debug("stream %s: requested %d of %d missing blocks%s (%d without progress)", self.stream_name,
                   n, self._bitmap.missing_count, " ahead" if ahead else "", self._since_progress)
         return loop.time() + self._timeout * min(2 ** (self._since_progress - 1), IDLE_BACKOFF_CAP)
+
+    def _publish_ahead(self, payload: bytes) -> None:
+        inbox = self._inbox
+
+        async def publish() -> None:
+            try:
+                await self._mqtt.publish(self._get_topic, payload, qos=1)
+            except MqttError as e:
+                if e.code is not None:
+                    inbox.refused = DownloadError(f"the broker refused the request for stream {self.stream_name}: {e}")
+                    inbox.wake.set()
+                else:
+                    log.debug("stream %s: a request ahead was not acknowledged: %s", self.stream_name, e)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        inbox.publishing.add(task)
+        task.add_done_callback(inbox.publishing.discard)
 
     async def _publish(self, topic: str, payload: bytes, what: str) -> None:
         """Publish once connected; a publish lost without a PUBACK counts as sent (the idle
@@ -334,13 +392,12 @@ class StreamDownload:
                 log.debug("stream %s: %s not acknowledged: %s", self.stream_name, what, e)
             return
 
-    def _discard(self, why: str) -> bool:
+    def _discard(self, why: str) -> None:
         self.stats.discarded += 1
         log.debug("stream %s: discarding a block: %s", self.stream_name, why)
-        return False
 
-    def _accept(self, fd: int, payload: bytes) -> bool:
-        """Write a new valid block; False for anything else."""
+    def _accept(self, fd: int, payload: bytes) -> int | None:
+        """Write a new valid block; its index, None for anything else."""
         try:
             block = decode_data_block(payload)
         except StreamMessageError as e:
@@ -354,7 +411,7 @@ class StreamDownload:
             return self._discard(f"block {block.index} has {len(block.payload)} bytes, want {expected}")
         if self._bitmap.is_received(block.index):
             self.stats.duplicates += 1
-            return False
+            return None
         pwrite_all(fd, block.payload, block.index * self.block_size)
         self._bitmap.mark_received(block.index)
         self._unsaved += 1
@@ -365,7 +422,7 @@ class StreamDownload:
                 self._on_progress(self.done_bytes, self.file_size)
             except Exception:  # noqa: BLE001
                 log.exception("on_progress failed")
-        return True
+        return block.index
 
     def _rejected(self, payload: bytes) -> tuple[str, str] | None:
         """(code, message) of a rejection saying the stream changed; None for one to wait out
@@ -386,7 +443,7 @@ class StreamDownload:
         raise DownloadError(f"stream {self.stream_name} rejected the request: {code}"
                             + (f" ({message})" if message else ""))
 
-    async def _look_again(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]], code: str, message: str) -> None:
+    async def _look_again(self, code: str, message: str) -> None:
         """Case 46, once: describe the stream, read the job again, go on pinned to the version
         described if both still serve this file as it was; else DownloadError."""
         what = f"stream {self.stream_name} rejected the request: {code}" + (f" ({message})" if message else "")
@@ -394,7 +451,7 @@ class StreamDownload:
             raise DownloadError(f"{what}, again after the stream was described and the job read anew")
         self._looked_again = True
         log.warning("%s; describing the stream and reading the job again", what)
-        described = await self._describe(fd, queue, what)
+        described = await self._describe(what)
         size = described.file_sizes.get(self.file_id)
         if size is None:
             raise DownloadError(f"{what}, and the stream no longer has file {self.file_id}")
@@ -416,11 +473,13 @@ class StreamDownload:
         log.info("stream %s is at version %d and still serves file %d; asking again on that version",
                  self.stream_name, described.version, self.file_id)
 
-    async def _describe(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]], what: str) -> StreamDescription:
+    async def _describe(self, what: str) -> StreamDescription:
         """DescribeStream, up to DESCRIBE_ATTEMPTS requests; blocks arriving meanwhile are kept."""
+        inbox = self._inbox
 
         def on_description(_topic: str, payload: bytes) -> None:
-            queue.put_nowait(("description", payload))
+            inbox.descriptions.append(payload)
+            inbox.wake.set()
 
         try:
             await self._mqtt.subscribe(self._description_topic, on_description, qos=1)
@@ -431,51 +490,29 @@ class StreamDownload:
             for _attempt in range(DESCRIBE_ATTEMPTS):
                 await self._publish(self._describe_topic, request, "the DescribeStream request")
                 self.stats.describes += 1
-                described = await self._description(fd, queue, what)
+                described = await self._inbox.description(self._describe_token, self._timeout, what)
                 if described is not None:
                     return described
             raise DownloadError(f"{what}, and the stream did not answer {DESCRIBE_ATTEMPTS} requests to describe it")
         finally:
+            inbox.descriptions.clear()
             try:
                 await self._mqtt.unsubscribe(self._description_topic, on_description)
             except Exception:  # noqa: BLE001 - cleanup must not mask the real outcome
                 log.debug("unsubscribe %s failed", self._description_topic, exc_info=True)
 
-    async def _description(self, fd: int, queue: asyncio.Queue[tuple[str, bytes]],
-                           what: str) -> StreamDescription | None:
-        """The reply to our DescribeStream within request_timeout, or None."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                kind, payload = await asyncio.wait_for(queue.get(), remaining)
-            except asyncio.TimeoutError:
-                return None
-            if kind == "data":
-                self._accept(fd, payload)
-            elif kind == "rejected" and rejection_client_token(payload) == self._describe_token:
-                try:
-                    code, message = decode_rejection(payload)
-                except StreamMessageError:
-                    code, message = "Unknown", "undecodable rejection"
-                raise DownloadError(f"{what}, and describing the stream was refused: {code}"
-                                    + (f" ({message})" if message else ""))
-            elif kind == "description":
-                try:
-                    described = decode_description(payload)
-                except StreamMessageError as e:
-                    log.debug("stream %s: discarding a description: %s", self.stream_name, e)
-                    continue
-                if described.client_token in (None, self._describe_token):
-                    return described
-        return None
+    def _progress_snapshot(self) -> _Snapshot:
+        return _Snapshot(self._bitmap.received_bytes(), self.done_bytes, self.stats.blocks)
 
-    async def _persist(self, fd: int) -> None:
-        # fsync first: the database must never claim a block that is not on disk.
+    async def _persist(self, fd: int, snapshot: _Snapshot | None = None) -> None:
+        """Save the progress as of `snapshot` (a window's end), or as of now."""
+        # fsync first: the database must never claim a block that is not on disk. Every block
+        # of the snapshot was written before it was taken, so the fsync covers it.
         os.fsync(fd)
         self._sync_directory()
-        self._unsaved = 0
-        await self._save_progress(self._bitmap.received_bytes(), self.done_bytes)
+        snapshot = snapshot or self._progress_snapshot()
+        self._unsaved = self.stats.blocks - snapshot.blocks
+        await self._save_progress(snapshot.received, snapshot.done)
 
     def _sync_directory(self) -> None:
         # once: make the new .part file's directory entry durable too
@@ -483,6 +520,90 @@ class StreamDownload:
             return
         fsync_dir(self.part_path.parent)
         self._dir_synced = True
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The download's progress at one moment: what save_progress stores."""
+
+    received: bytes  # the bitmap's received_bytes()
+    done: int  # bytes
+    blocks: int  # stats.blocks then
+
+
+@dataclass
+class _Inbox:
+    """What the message callbacks leave for the download's loop, and the loop's wake-up."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    rejections: list[bytes] = field(default_factory=list)
+    descriptions: list[bytes] = field(default_factory=list)
+    completed: _Snapshot | None = None  # the progress when a window last completed, not yet saved
+    refused: DownloadError | None = None  # the broker refused a request sent ahead
+    publishing: set[asyncio.Task[None]] = field(default_factory=set)  # requests ahead awaiting their PUBACK
+
+    async def description(self, token: str, timeout: float, what: str) -> StreamDescription | None:
+        """The reply to our DescribeStream (`token`) within `timeout` seconds, or None. Rejections
+        of anything but that request meanwhile are old requests' and are dropped."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            while self.rejections:
+                payload = self.rejections.pop(0)
+                if rejection_client_token(payload) == token:
+                    try:
+                        code, message = decode_rejection(payload)
+                    except StreamMessageError:
+                        code, message = "Unknown", "undecodable rejection"
+                    raise DownloadError(f"{what}, and describing the stream was refused: {code}"
+                                        + (f" ({message})" if message else ""))
+            while self.descriptions:
+                try:
+                    described = decode_description(self.descriptions.pop(0))
+                except StreamMessageError as e:
+                    log.debug("discarding a stream description: %s", e)
+                    continue
+                if described.client_token in (None, token):
+                    return described
+            if not await self.wait(deadline - asyncio.get_running_loop().time()):
+                return None
+
+    async def wait(self, timeout: float) -> bool:
+        """Until a callback has news; False once `timeout` seconds pass without any."""
+        if self.wake.is_set():
+            self.wake.clear()
+            return True
+        if timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        self.wake.clear()
+        return True
+
+
+_held: weakref.WeakKeyDictionary[MqttClient, set[str]] = weakref.WeakKeyDictionary()  # things subscribed for
+
+
+async def subscribe_streams(mqtt: MqttClient, thing_name: str) -> None:
+    """Subscribe, once for the client's life, to the data and rejection replies of every stream
+    `thing_name` asks for (`.../streams/+/data/cbor`, `.../streams/+/rejected/cbor`).
+
+    The client restores them on every reconnect, so a download registers its handlers
+    locally and asks its first window without a SUBACK round trip, and its end costs no
+    UNSUBACK. The daemon calls this at start-up; a download calls it too (then it is free).
+    Raises MqttError if the broker refuses them."""
+    held = _held.setdefault(mqtt, set())
+    if thing_name in held:
+        return
+    base = f"$aws/things/{thing_name}/streams/+"
+    await mqtt.subscribe(f"{base}/data/cbor", _arrives_locally, qos=0)
+    await mqtt.subscribe(f"{base}/rejected/cbor", _arrives_locally, qos=1)
+    held.add(thing_name)
+
+
+def _arrives_locally(_topic: str, _payload: bytes) -> None:
+    """The wildcard filters' own handler: each download handles its stream's topics."""
 
 
 def _check(thing_name: str, stream_name: str, file_id: int, file_size: int, block_size: int) -> str | None:
@@ -501,17 +622,3 @@ def _check(thing_name: str, stream_name: str, file_id: int, file_size: int, bloc
     if count > MAX_BLOCKS:
         return f"{file_size} bytes need {count} blocks of {block_size}; a stream serves at most {MAX_BLOCKS}"
     return None
-
-
-async def _next(queue: asyncio.Queue[tuple[str, bytes]], timeout: float) -> tuple[str, bytes] | None:
-    """The next message, or None once `timeout` seconds pass without one."""
-    try:
-        return queue.get_nowait()
-    except asyncio.QueueEmpty:
-        pass
-    if timeout <= 0:
-        return None
-    try:
-        return await asyncio.wait_for(queue.get(), timeout)
-    except asyncio.TimeoutError:
-        return None

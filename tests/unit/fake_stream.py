@@ -71,7 +71,9 @@ class FakeStreamMqtt:
         self._free_at = 0.0  # when the service's link has sent the last block
         self.idle = 0.0  # seconds the service's link waited for a request after the first one
         self._inbox: asyncio.Queue[Request] = asyncio.Queue()
-        self._up = DelayLine(rtt / 2, self._inbox.put_nowait)
+        self.held: list[int] = []  # per request reaching the service: requests it held then, this one too
+        self._serving = False
+        self._up = DelayLine(rtt / 2, self._arrive)
         self._down = DelayLine(rtt / 2, self._to_client)
 
     @property
@@ -80,7 +82,7 @@ class FakeStreamMqtt:
 
     # -- the MqttClient surface StreamDownload uses --
 
-    async def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    async def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, local_only: bool = False) -> None:
         if not self._tasks:
             self._tasks = [asyncio.get_running_loop().create_task(c) for c in
                            (self._up.run(), self._down.run(), self._service())]
@@ -116,9 +118,15 @@ class FakeStreamMqtt:
         asked = [k for k in range(len(bits) * 8) if bits[k // 8] & (1 << (k % 8)) and k < self.count]
         return asked[: message["n"]]
 
+    def _arrive(self, request: Request) -> None:
+        self.held.append(self._inbox.qsize() + self._serving + 1)
+        self._inbox.put_nowait(request)
+
     async def _service(self) -> None:
         while True:
+            self._serving = False
             request = await self._inbox.get()
+            self._serving = True
             if self._free_at:
                 self.idle += max(0.0, asyncio.get_running_loop().time() - self._free_at)
             code = self.reject.get(request.number)

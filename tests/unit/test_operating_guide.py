@@ -414,6 +414,7 @@ KNOWN_TEMPLATES = {
     "$aws/things/+/jobs/+/get/+": "cloud.py: shared reply filter",
     "$aws/things/+/jobs/+/update/+": "cloud.py: shared reply filter",
     "$aws/things/{}/streams/{}": "stream_download.py: a stream under the gateway's own name",
+    "$aws/things/{}/streams/+": "stream_download.py: every stream's data and rejections, subscribed once",
     # the inventory shadows (design: `ota` on a proxied thing, `ota-<device>` on the gateway)
     "$aws/things/{}/shadow/name/{}": "shadow client: a named shadow's topics",
     "$aws/things/{}/shadow/name/{}/{}": "shadow client: update/get and their replies",
@@ -457,8 +458,10 @@ def daemon_topics() -> set[tuple[str, str]]:
     for request in ("get/cbor", "describe/cbor"):
         add("iot:Publish", f"{base}/{request}")
     for reply in ("data/cbor", "rejected/cbor", "description/cbor"):
-        add("iot:Subscribe", f"{base}/{reply}")
         add("iot:Receive", f"{base}/{reply}")
+    add("iot:Subscribe", f"{base}/description/cbor")  # only while a stream that changed is described
+    for reply in ("data/cbor", "rejected/cbor"):  # subscribe_streams: once, for every stream
+        add("iot:Subscribe", f"$aws/things/{GATEWAY}/streams/+/{reply}")
     shadows = [(thing, "ota") for thing in proxied] + [(GATEWAY, f"ota-{name}") for name in plain]
     for thing, shadow in shadows:
         base = f"$aws/things/{thing}/shadow/name/{shadow}"

@@ -29,7 +29,7 @@ class DropUnheardOfYet:
     def __init__(self) -> None:
         self.publishes = 0
 
-    async def subscribe(self, topic_filter: str, handler: object, qos: int = 1) -> None:
+    async def subscribe(self, topic_filter: str, handler: object, qos: int = 1, local_only: bool = False) -> None:
         pass
 
     async def unsubscribe(self, topic_filter: str, handler: object = None) -> None:

@@ -197,13 +197,38 @@ def test_a_throttled_request_sent_ahead_is_asked_again_after_the_idle_wait(saves
     assert took >= 0.3
 
 
+def test_on_a_far_link_the_service_holds_two_windows_and_the_link_never_waits(saves: Saves) -> None:
+    # a round trip of 2.5 windows' time: asking at the half (or even at a window's first block)
+    # with two windows in flight would leave the link idle for part of every round trip
+    mqtt = stream(rtt=0.2, gap=0.01)
+    dl = download(mqtt, saves, request_timeout=2.0)
+    seconds = run(mqtt, dl)
+    assert saves.part.read_bytes() == DATA
+    assert sorted(mqtt.served) == list(range(COUNT))  # no block asked for twice
+    assert max(mqtt.held) <= MAX_IN_FLIGHT  # two windows queued at the service at most, ever
+    ideal = 0.2 + COUNT * 0.01
+    first_window_late = 0.2  # the pace is known once the first window's blocks arrive
+    assert mqtt.idle <= first_window_late, mqtt.idle
+    assert seconds <= ideal + first_window_late + 0.1, (seconds, ideal)
+
+
+def test_on_a_near_link_a_window_is_asked_for_past_the_half_only(saves: Saves) -> None:
+    mqtt = stream(rtt=0.02, gap=0.01)  # a round trip shorter than half a window's time
+    dl = download(mqtt, saves)
+    run(mqtt, dl)
+    assert saves.part.read_bytes() == DATA
+    for request in mqtt.requests[1:]:
+        assert request.outstanding == 1 and request.seen % WINDOW > WINDOW // 2
+
+
 def test_a_final_rejection_of_a_request_sent_ahead_ends_the_download_with_its_code(saves: Saves) -> None:
     mqtt = stream(rtt=0.01)
     mqtt.reject = {1: "Unauthorized"}
     dl = download(mqtt, saves)
     with pytest.raises(DownloadError, match="Unauthorized"):
         run(mqtt, dl)
-    assert not mqtt.handlers
+    # the download's own handlers are gone; the client keeps the stream filters for its life
+    assert set(mqtt.handlers) == {"$aws/things/gw-01/streams/+/data/cbor", "$aws/things/gw-01/streams/+/rejected/cbor"}
 
 
 def test_a_stop_with_two_windows_in_flight_saves_exactly_the_blocks_that_arrived(saves: Saves) -> None:
@@ -225,7 +250,7 @@ def test_a_stop_with_two_windows_in_flight_saves_exactly_the_blocks_that_arrived
 
 
 def test_abandoning_saves_nothing_more_and_a_restart_fetches_at_most_two_windows_again(saves: Saves) -> None:
-    mqtt = stream(rtt=0.01)
+    mqtt = stream(rtt=0.01, gap=0.001)  # blocks are written as they come, asks are decided between them
     mqtt.drop = {15}  # the second window stays open ...
     mqtt.hold = 20  # ... and the third stops halfway
     dl = download(mqtt, saves, request_timeout=5.0)
