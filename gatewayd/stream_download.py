@@ -207,6 +207,7 @@ class StreamDownload:
     async def _run(self) -> None:
         if self._problem is not None:
             raise DownloadError(self._problem)
+        started = asyncio.get_running_loop().time()
         fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             self._forget_blocks_past_eof(fd)
@@ -214,9 +215,9 @@ class StreamDownload:
                 await self._download(fd)
             self._finish(fd)
             await self._save_progress(self._bitmap.received_bytes(), self.done_bytes)
-            log.info("stream %s file %d complete: %d bytes, %d requests, %d duplicates, %d discarded",
-                     self.stream_name, self.file_id, self.file_size, self.stats.requests,
-                     self.stats.duplicates, self.stats.discarded)
+            log.info("stream %s file %d complete: %d bytes in %.2f s, %d requests, %d duplicates, %d discarded",
+                     self.stream_name, self.file_id, self.file_size, asyncio.get_running_loop().time() - started,
+                     self.stats.requests, self.stats.duplicates, self.stats.discarded)
         finally:
             os.close(fd)
 

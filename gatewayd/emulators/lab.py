@@ -34,6 +34,7 @@ from .runner import EmulatorThread
 from .s3 import S3Emulator
 from .signing import Signer, build_mcuboot_image, open_signer
 from .smp_device import EmulatedDevice
+from .wan import WanLink, WanProxy
 
 FINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "REMOVED", "TIMED_OUT"})
 CERTFILE = "ota_signer.pem"
@@ -62,6 +63,8 @@ class Lab:
     aws: AwsIotEmulator | None = field(default=None, init=False)
     s3: S3Emulator | None = field(default=None, init=False)
     url_lifetime: float = 3600.0  # seconds each presigned URL minted for a job document lives
+    wan: WanLink | None = None  # the daemon reaches the broker through a WAN delay proxy with this link
+    wan_proxy: WanProxy | None = field(default=None, init=False)
     daemon: subprocess.Popen | None = field(default=None, init=False)
     config_path: Path | None = field(default=None, init=False)
     _runner: EmulatorThread = field(init=False)
@@ -140,6 +143,8 @@ class Lab:
         self.aws = AwsIotEmulator(self.broker.host, self.broker.port, self.pki.ca_file,
                                   self.pki.client(SERVICE_IDENTITY))
         self.aws.start()
+        if self.wan is not None:  # the service inside AWS talks to the broker directly
+            self.wan_proxy = self._runner.call(WanProxy(self.broker.host, self.broker.port, self.wan).start())
 
     def start_s3(self, **options: Any) -> S3Emulator:
         """HTTPS object storage for HTTP jobs; job documents get a freshly presigned URL each read."""
@@ -204,6 +209,12 @@ class Lab:
 
     # the daemon
 
+    @property
+    def broker_port_for_daemon(self) -> int:
+        """The broker's port, or the WAN proxy's in front of it."""
+        assert self.broker is not None
+        return self.wan_proxy.port if self.wan_proxy is not None else self.broker.port
+
     def write_config(self, devices_file: Path | None = None) -> Path:
         """gateway.toml in `root`; the devices go into it, or into `devices_file` (in its devices.d)."""
         assert self.broker is not None
@@ -211,7 +222,7 @@ class Lab:
         sections: dict[str, dict[str, Any]] = {
             "gateway": {"thing_name": self.gateway_thing, "state_dir": str(self.root / "state"),
                         "control_socket": str(self.root / "control.sock"), "log_level": "debug"},
-            "mqtt": {"endpoint": self.broker.host, "port": self.broker.port, "ca_file": str(self.pki.ca_file),
+            "mqtt": {"endpoint": self.broker.host, "port": self.broker_port_for_daemon, "ca_file": str(self.pki.ca_file),
                      "cert_file": str(ident.cert_file), "key_file": str(ident.key_file), "keepalive": 30},
             "signing": {"certificates": {CERTFILE: str(self.signer.cert_file)}},
         }
@@ -292,6 +303,8 @@ class Lab:
         self.stop_daemon()
         if self.s3:
             self.s3.stop()
+        if self.wan_proxy:
+            self._runner.call(self.wan_proxy.stop())
         if self.aws:
             self.aws.stop()
         if self.broker:
