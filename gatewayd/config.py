@@ -61,6 +61,10 @@ BLE_ONLY_KEYS = ("address", "advertised_name", "reassembly", "connect_timeout", 
 MIN_ATT_MTU, MAX_ATT_MTU = 23, 517
 SECTIONS = ("gateway", "mqtt", "ota", "signing", "relay", "ble", "device")
 
+# AWS IoT allows 50 subscriptions per connection; besides each notify-next the gateway holds 2
+# job reply filters (cloud.py), 2 stream filters (stream_download.subscribe_streams), and for a
+# moment a shadow update's 2 replies (shadow.py) and a stream description (stream_download.py)
+MAX_THING_SUBSCRIPTIONS = 50 - 7
 
 @dataclass(frozen=True)
 class Problem:
@@ -399,7 +403,9 @@ def _mqtt(file: Path, base: Path, sec: dict, thing: str, problems: list[Problem]
         cert_file=t.path("cert_file", None, required=True) or Path(),
         key_file=t.path("key_file", None, required=True) or Path(),
         keepalive=t.integer("keepalive", 60, minimum=1, maximum=65535),
-        max_thing_subscriptions=t.integer("max_thing_subscriptions", 40, minimum=1),
+        max_thing_subscriptions=t.integer("max_thing_subscriptions", 40, minimum=1, maximum=MAX_THING_SUBSCRIPTIONS,
+                                          why="AWS IoT's 50 subscriptions per connection, 7 of which the gateway "
+                                              "holds for job replies, streams and shadows"),
         poll_interval=t.number("poll_interval", 60.0, positive=True),
     )
     t.finish()

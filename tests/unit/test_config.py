@@ -921,3 +921,12 @@ def problems_of_as_service_user(path: Path) -> list[Problem]:
     with pytest.raises(ConfigError) as info:
         load_config(path, as_service_user=True)
     return info.value.problems
+
+
+def test_max_thing_subscriptions_leaves_room_for_the_gateways_own_filters(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MINIMAL + "max_thing_subscriptions = 44\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"{path}: [mqtt] max_thing_subscriptions: " in str(e.value) and "50 subscriptions" in str(e.value)
+    config = load_config(write_config(tmp_path, MINIMAL + "max_thing_subscriptions = 43\n"))
+    assert config.mqtt.max_thing_subscriptions == 43
