@@ -340,8 +340,10 @@ def summarize(rows: Rows) -> list[dict[str, Any]]:
         slopes = [(y["cpu_seconds"] - x["cpu_seconds"]) / span for x, y in zip(a, b)]
         median = {s: statistics.median(r["cpu_seconds"] for r in by_size[s]) for s in SIZES}
         per_mb = (median[large] - median[small]) / span
-        peaks = {s: max(r["rss_peak_kib"] for r in by_size[s]) if "rss_peak_kib" in by_size[s][0] else None
-                 for s in SIZES}
+        measured = "rss_peak_kib" in by_size[small][0]
+        peaks = {s: max(r["rss_peak_kib"] for r in by_size[s]) if measured else None for s in SIZES}
+        growth = {s: max(r["rss_peak_kib"] - r["rss_start_kib"] for r in by_size[s]) if measured else None
+                  for s in SIZES}
         out.append({
             "row": row, "who": who, "cpu_s_per_mb": per_mb, "slope_min": min(slopes), "slope_max": max(slopes),
             "fixed_cpu_s": median[small] - per_mb * small / MB,
@@ -350,6 +352,7 @@ def summarize(rows: Rows) -> list[dict[str, Any]]:
             "at_4mib_max": max(r["cpu_seconds"] for r in b) / (large / MB),
             "wall_s": {str(s): statistics.median(r["seconds"] for r in by_size[s]) for s in SIZES},
             "rss_peak_mib": {str(s): None if peaks[s] is None else peaks[s] / 1024 for s in SIZES},
+            "rss_growth_mib": {str(s): None if growth[s] is None else growth[s] / 1024 for s in SIZES},
             "runs": {str(s): by_size[s] for s in SIZES},
         })
     return out
@@ -371,15 +374,15 @@ def machine() -> dict[str, Any]:
 def report(summary: list[dict[str, Any]], info: dict[str, Any], json_path: Path | None, args: argparse.Namespace,
            extra: dict[str, Any]) -> None:
     print(f"\nCPU per MB (MB = 10^6 B), {args.repeat} runs at 1 MiB and 4 MiB; s/MB is the slope between the "
-          f"two sizes' medians, min-max the slopes of each pair of runs; fixed = CPU at 0 MB; RSS = peak VmHWM")
+          f"two sizes' medians, min-max the slopes of each pair of runs; fixed = CPU at 0 MB; RSS = VmHWM at 4 MiB, +: its growth over the run's start")
     print(f"{'stage':16} {'who':22} {'CPU s/MB':>9} {'min-max':>15} {'fixed s':>8} {'s/MB@4MiB':>10} "
-          f"{'wall s@4MiB':>11} {'RSS MiB 1M/4M':>14}")
+          f"{'wall s@4MiB':>11} {'RSS MiB, +1M/+4M':>17}")
     for r in summary:
-        rss = r["rss_peak_mib"]
-        memory = "-" if rss[str(SIZES[0])] is None else f"{rss[str(SIZES[0])]:6.1f}/{rss[str(SIZES[1])]:<6.1f}"
+        peak, grew = r["rss_peak_mib"][str(SIZES[1])], r["rss_growth_mib"]
+        memory = "-" if peak is None else f"{peak:5.1f} +{grew[str(SIZES[0])]:.1f}/+{grew[str(SIZES[1])]:.1f}"
         print(f"{r['row']:16} {r['who']:22} {r['cpu_s_per_mb']:9.4f} {r['slope_min']:7.4f}-{r['slope_max']:<7.4f} "
               f"{r['fixed_cpu_s']:8.3f} {r['cpu_s_per_mb_at_4mib']:10.4f} {r['wall_s'][str(SIZES[1])]:11.2f} "
-              f"{memory:>14}")
+              f"{memory:>17}")
     print(f"\n{info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, {info['openssl']}, "
           f"cryptography {info['cryptography']}, paho-mqtt {info['paho-mqtt']}, {info['mosquitto']}; "
           f"SMP buf_size {args.buf_size}")
