@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
@@ -30,13 +29,13 @@ from .errors import DownloadError, JobFailed
 from .http_download import HttpDownload, HttpDownloadError
 from .jobdoc import DocumentLimits, JobDocumentError, OtaFile, OtaJob, parse_job_document
 from .logs import log_fields
-from .mcuboot import ImageError, ImageInfo, inspect_image_bytes
+from .mcuboot import ImageError, ImageInfo
 from .mqtt import MqttClient
 from .relay import RelayImage
 from .state import FileKey, FileRecord, JobKey, JobRecord, StateDB
 from .store import FileStore
 from .stream_download import StreamDownload, StreamFile
-from .verify import VerificationError, verify_digest
+from .verify import Signature, VerificationError, check_image
 from .vocab import FilePhase, JobKind, TransferPhase, Word
 
 log = logging.getLogger("gatewayd.sources")
@@ -110,18 +109,11 @@ class Verifier:
         loop = asyncio.get_running_loop()
 
         def check() -> tuple[bytes, ImageInfo]:
-            # one read: the signature and the MCUboot checks judge the same bytes (the relay
+            # one read of the file gives the signature's digest and the MCUboot checks (the relay
             # checks that digest again when it reads the image for an upload)
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise VerificationError(f"file {path} could not be read: {exc.strerror or exc}") from None
-            digest = hashlib.sha256(data).digest()
-            if not unsigned:
-                verify_digest(digest, signature_algorithm=f.signature_algorithm, hash_name=f.hash_name,
-                              signature=f.signature, certificate=self._certificates()[f.certfile],
-                              certfile_label=f.certfile)
-            return digest, inspect_image_bytes(data)
+            signature = None if unsigned else Signature(
+                f.signature_algorithm, f.hash_name, f.signature, self._certificates()[f.certfile], f.certfile)
+            return check_image(path, signature)
 
         try:
             return await loop.run_in_executor(None, check)

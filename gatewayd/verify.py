@@ -1,7 +1,10 @@
 """Code-signature check of a downloaded OTA file (aws-iot-ota.md §4).
 
 The file is hashed in 64 KiB chunks and the digest verified with `Prehashed`, so multi-MB
-images are never held in memory. Only the public key of the trusted certificate is used (no
+images are never held in memory. `check_image` reads a downloaded image once for everything
+the gateway checks: the SHA-256 the code signature covers (the whole file) and the MCUboot
+hash TLV (header, body and protected TLVs: the same SHA-256, its state copied where the
+unprotected TLV area begins), see `mcuboot.scan_image`. Only the public key of the trusted certificate is used (no
 chain validation, like the FreeRTOS PALs): trust comes from the gateway's allow-list.
 Supported: SHA-256 with ECDSA (DER, or raw r||s converted) and RSA PKCS#1 v1.5.
 """
@@ -9,12 +12,15 @@ Supported: SHA-256 with ECDSA (DER, or raw r||s converted) and RSA PKCS#1 v1.5.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+
+from .mcuboot import ImageInfo, scan_image
 
 CHUNK_SIZE = 64 * 1024
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -110,6 +116,35 @@ def verify_file(
     verify_digest(digest, signature_algorithm=signature_algorithm, hash_name=hash_name, signature=signature,
                   certificate=certificate, certfile_label=certfile_label)
     return digest
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A file's code signature as its job document gives it, and the certificate to check it with."""
+
+    algorithm: str  # "ecdsa" or "rsa"
+    hash_name: str
+    value: bytes
+    certificate: Path
+    certfile_label: str
+
+
+def check_image(path: Path, signature: Signature | None) -> tuple[bytes, ImageInfo]:
+    """The file's SHA-256 and its MCUboot image info, from a single read of the file.
+
+    The code signature is judged first (unless `signature` is None: an unsigned push, the
+    MCUboot hash alone), then the image's own checks. Raises VerificationError (unreadable
+    file, bad signature) or mcuboot.ImageError (not a valid image)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            scan = scan_image(f)
+    except OSError as exc:
+        raise VerificationError(f"file {path} could not be read: {exc.strerror or exc}") from None
+    if signature is not None:
+        verify_digest(scan.sha256, signature_algorithm=signature.algorithm, hash_name=signature.hash_name,
+                      signature=signature.value, certificate=signature.certificate,
+                      certfile_label=signature.certfile_label)
+    return scan.sha256, scan.result()
 
 
 def verify_digest(

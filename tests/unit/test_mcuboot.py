@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import struct
 import subprocess
@@ -21,7 +22,9 @@ from gatewayd.mcuboot import (
     compare_versions,
     format_version,
     inspect_image,
+    inspect_image_bytes,
     parse_version,
+    scan_image,
 )
 
 MAGIC = 0x96F3B83D
@@ -355,3 +358,49 @@ def test_mutated_images_only_raise_image_error(tmp_path: Path, edits, cut, tail)
         assert str(e)
     else:
         assert info.size <= len(candidate)
+
+
+class CountedBytes(io.BytesIO):
+    """Notes how often each byte was read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.times = bytearray(len(data))
+
+    def read(self, size: int | None = -1) -> bytes:
+        at = self.tell()
+        data = super().read(size)
+        for i in range(at, at + len(data)):
+            self.times[i] += 1
+        return data
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=3),
+    st.integers(0, len(VALID)),
+    st.binary(max_size=20),
+)
+def test_one_pass_reads_each_byte_once_and_agrees_with_the_checks(edits, cut, tail) -> None:
+    data = bytearray(VALID)
+    for index, value in edits:
+        data[index] = value
+    candidate = bytes(data[:cut]) + tail
+    f = CountedBytes(candidate)
+    scan = scan_image(f)
+    assert set(f.times) <= {1} and scan.length == len(candidate)
+    assert scan.sha256 == hashlib.sha256(candidate).digest()
+    assert (scan.info is None) != (scan.error is None)
+    if scan.info is not None:
+        assert scan.info == inspect_image_bytes(candidate) and scan.info.file_sha256 == scan.sha256
+
+
+def test_large_image_with_protected_tlvs_hashed_once_across_chunk_boundaries() -> None:
+    body = bytes(i % 251 for i in range(3 * 65536 - 0x200 - 6))  # the protected area straddles a boundary
+    data = build_image(body, protected=[(0x50, b"\x05\0\0\0")], extra=[(0x22, bytes(70))], padding=b"\xff" * 70000)
+    f = CountedBytes(data)
+    info = scan_image(f).result()
+    assert set(f.times) == {1}
+    prot_end = 0x200 + len(body) + 12
+    assert info.hash == hashlib.sha256(data[:prot_end]).digest()
+    assert info.file_sha256 == hashlib.sha256(data).digest()
