@@ -26,11 +26,16 @@ from .jobdoc import JobDocumentError, OtaFile, OtaJob, is_ota_document, safe_lab
 from .logs import log_fields
 from .relay import RelayImage, RelayManager
 from .sources import ImageSource, parse_ota
-from .state import FileKey, JobKey, JobRecord, StateDB, TransferKey, TransferRecord
+from .state import FileKey, JobKey, JobRecord, MissingRecord, StateDB, TransferKey, TransferRecord
 from .store import FileStore
 from .verify import VerificationError, load_signer
 from .views import StatusViews, job_label
 from .vocab import CloudStatus, JobKind, TransferPhase, Word
+
+# Progress (a stream block, a device's answer to an upload chunk) reaches the publishers at most
+# this often per job, the latest always: each publish reads the job back from the database and
+# builds its status, and the Reporter sends one update per word every 2 s anyway.
+PROGRESS_INTERVAL = 0.5  # s
 
 log = logging.getLogger("gatewayd.lifecycle")
 
@@ -65,6 +70,9 @@ class JobManager:
         self._kinds = dict(kinds)
         self._running: dict[JobKey, asyncio.Task[None]] = {}
         self.stopping = False
+        self._progress_sent: dict[JobKey, float] = {}  # loop time of each job's last progress publish
+        self._progress_due: dict[JobKey, asyncio.TimerHandle] = {}
+        self._transfer_phases: dict[TransferKey, TransferPhase] = {}  # as last told
 
     # configuration
 
@@ -282,6 +290,7 @@ class JobManager:
     def finish(self, job: JobRecord, status: CloudStatus, word: Word, reason: str | None) -> None:
         """Decide the job's outcome (in the database first), then tell who follows it."""
         self._state.decide_job(job.key, status, word, reason)
+        self._forget_progress(job.key, transfers=True)
         log.log(logging.INFO if status is CloudStatus.SUCCEEDED else logging.WARNING,
                 "%s ends %s%s", job_label(job), status, f": {reason}" if reason else "",
                 extra=log_fields(job_id=job.job_id, thing=job.thing, phase=word))
@@ -298,15 +307,51 @@ class JobManager:
     def download_progress(self, job: JobRecord, progress: tuple[int, int] | None) -> None:
         self._views.download_progress(job.key, progress)
         if progress is not None:
-            self.publish(job)
+            self._progress_soon(job.key)
 
     def transfer_changed(self, key: TransferKey) -> None:
-        job = self._state.find_job(key.job)
-        if job is None or job.final_status:
+        try:
+            phase = self._state.transfer(key).phase
+        except MissingRecord:
             return
-        if all(t.final for t in self._state.transfers(key.job)):
+        if self._transfer_phases.get(key) is not phase:  # a new word is told at once, however soon
+            self._transfer_phases[key] = phase
+            self._forget_progress(key.job)
+            self._publish_progress(key.job)
+        else:
+            self._progress_soon(key.job)
+
+    def _progress_soon(self, key: JobKey) -> None:
+        """Publish the job's progress now, or once PROGRESS_INTERVAL has passed since the last time."""
+        if key in self._progress_due:
+            return  # already due: it will read the newest state then
+        loop = asyncio.get_running_loop()
+        wait = self._progress_sent.get(key, -PROGRESS_INTERVAL) + PROGRESS_INTERVAL - loop.time()
+        if wait <= 0:
+            self._publish_progress(key)
+        else:
+            self._progress_due[key] = loop.call_later(wait, self._publish_progress, key)
+
+    def _publish_progress(self, key: JobKey) -> None:
+        self._progress_due.pop(key, None)
+        self._progress_sent[key] = asyncio.get_running_loop().time()
+        job = self._state.find_job(key)
+        if job is None or job.final_status:
+            self._forget_progress(key, transfers=True)
+            return
+        transfers = self._state.transfers(key)
+        if transfers and all(t.final for t in transfers):
             return  # the job's final update follows at once
         self.publish(job)
+
+    def _forget_progress(self, key: JobKey, *, transfers: bool = False) -> None:
+        if transfers:
+            for transfer in [t for t in self._transfer_phases if t.job == key]:
+                del self._transfer_phases[transfer]
+        self._progress_sent.pop(key, None)
+        due = self._progress_due.pop(key, None)
+        if due is not None:
+            due.cancel()
 
     def publish(self, job: JobRecord, final: bool = False) -> None:
         job = self._state.find_job(job.key) or job

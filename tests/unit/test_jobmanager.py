@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import hashlib
 import random
+import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -26,7 +27,7 @@ from gatewayd.config import (BleConfig, Config, DeviceConfig, GatewayConfig, Mqt
 from gatewayd.emulators.signing import Signer, build_mcuboot_image, make_signer
 from gatewayd.errors import JobFailed
 from gatewayd.emulators.smp_device import EmulatedDevice
-from gatewayd.lifecycle import JobManager, KindRules
+from gatewayd.lifecycle import PROGRESS_INTERVAL, JobManager, KindRules
 from gatewayd.relay import RelayImage, RelayManager
 from gatewayd.sources import JobEvents, Verifier, parse_ota
 from gatewayd.state import FileKey, JobKey, JobRecord, StateDB
@@ -429,3 +430,36 @@ def test_with_the_inventory_off_no_image_is_kept_after_its_job(tmp_path: Path, s
     gw = run(tmp_path, signer, {"pump": {}}, scenario)
     assert gw.told.final(key)[0] == CloudStatus.SUCCEEDED
     assert list(gw.store.images.iterdir()) == []
+
+
+def test_download_progress_reaches_the_publisher_at_most_every_progress_interval_and_the_last_always(
+        tmp_path: Path, signer: Signer) -> None:
+    key = JobKey("pump", "blocks")
+    seen: list[tuple[int, int] | None] = []
+
+    class ManyBlocks:
+        async def images(self, job: JobRecord, events: JobEvents) -> dict[int, RelayImage]:
+            events.phase(job, Word.DOWNLOADING)
+            for done in range(1, 1001):  # a stream's blocks, each a progress event
+                events.download_progress(job, (done, 1000))
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(2 * PROGRESS_INTERVAL)
+            raise JobFailed(Word.FAILED, "stop here")
+
+    class Counting(Told):
+        def publish(self, job: JobRecord, final: bool) -> None:
+            super().publish(job, final)
+            seen.append(self.views.progress(job))
+
+    async def scenario(gw: Gateway) -> None:
+        gw.jobs._kinds[JobKind.PROXIED] = KindRules(ManyBlocks(), Counting(gw.views), one_device=True)
+        await gw.jobs.on_execution("pump", gw.execution("pump", "blocks", [("a.bin", OLD)]))
+        await gw.settle(key)
+
+    started = time.monotonic()
+    run(tmp_path, signer, {"pump": {"thing_name": "pump"}}, scenario)
+    took = time.monotonic() - started
+    progress = [p for p in seen if p is not None]
+    assert (1000, 1000) in progress  # the last one is told, after the interval
+    assert len(progress) <= took / PROGRESS_INTERVAL + 2  # not one per block
+    assert len(progress) >= 2
