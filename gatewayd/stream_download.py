@@ -344,7 +344,7 @@ class StreamDownload:
             stream_version=self._stream_version,
         )
         if ahead:
-            self._publish_ahead(payload)
+            self._inbox.publish_ahead(self._mqtt, self._get_topic, payload, f"the request for stream {self.stream_name}")
         else:
             await self._publish(self._get_topic, payload, "the request")
         self.stats.requests += 1
@@ -355,23 +355,6 @@ class StreamDownload:
         log.debug("stream %s: requested %d of %d missing blocks%s (%d without progress)", self.stream_name,
                   n, self._bitmap.missing_count, " ahead" if ahead else "", self._since_progress)
         return loop.time() + self._timeout * min(2 ** (self._since_progress - 1), IDLE_BACKOFF_CAP)
-
-    def _publish_ahead(self, payload: bytes) -> None:
-        inbox = self._inbox
-
-        async def publish() -> None:
-            try:
-                await self._mqtt.publish(self._get_topic, payload, qos=1)
-            except MqttError as e:
-                if e.code is not None:
-                    inbox.refused = DownloadError(f"the broker refused the request for stream {self.stream_name}: {e}")
-                    inbox.wake.set()
-                else:
-                    log.debug("stream %s: a request ahead was not acknowledged: %s", self.stream_name, e)
-
-        task = asyncio.get_running_loop().create_task(publish())
-        inbox.publishing.add(task)
-        task.add_done_callback(inbox.publishing.discard)
 
     async def _publish(self, topic: str, payload: bytes, what: str) -> None:
         """Publish once connected; a publish lost without a PUBACK counts as sent (the idle
@@ -431,10 +414,7 @@ class StreamDownload:
         token = rejection_client_token(payload)
         if token is not None and token != self._token:
             return None  # another download's request, or one of ours from before a fresh look
-        try:
-            code, message = decode_rejection(payload)
-        except StreamMessageError:
-            code, message = "Unknown", "undecodable rejection"
+        code, message = _code_and_message(payload)
         self.stats.rejections += 1
         if code in TRANSIENT_REJECTIONS:
             log.warning("stream %s rejected a request: %s %s; will retry", self.stream_name, code, message)
@@ -551,10 +531,7 @@ class _Inbox:
             while self.rejections:
                 payload = self.rejections.pop(0)
                 if rejection_client_token(payload) == token:
-                    try:
-                        code, message = decode_rejection(payload)
-                    except StreamMessageError:
-                        code, message = "Unknown", "undecodable rejection"
+                    code, message = _code_and_message(payload)
                     raise DownloadError(f"{what}, and describing the stream was refused: {code}"
                                         + (f" ({message})" if message else ""))
             while self.descriptions:
@@ -567,6 +544,23 @@ class _Inbox:
                     return described
             if not await self.wait(deadline - asyncio.get_running_loop().time()):
                 return None
+
+    def publish_ahead(self, mqtt: MqttClient, topic: str, payload: bytes, what: str) -> None:
+        """Publish without waiting for the PUBACK; a refusal is left in `refused` for the loop."""
+
+        async def publish() -> None:
+            try:
+                await mqtt.publish(topic, payload, qos=1)
+            except MqttError as e:
+                if e.code is not None:
+                    self.refused = DownloadError(f"the broker refused {what}: {e}")
+                    self.wake.set()
+                else:
+                    log.debug("%s sent ahead was not acknowledged: %s", what, e)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self.publishing.add(task)
+        task.add_done_callback(self.publishing.discard)
 
     async def wait(self, timeout: float) -> bool:
         """Until a callback has news; False once `timeout` seconds pass without any."""
@@ -605,6 +599,13 @@ async def subscribe_streams(mqtt: MqttClient, thing_name: str) -> None:
 
 def _arrives_locally(_topic: str, _payload: bytes) -> None:
     """The wildcard filters' own handler: each download handles its stream's topics."""
+
+
+def _code_and_message(rejection: bytes) -> tuple[str, str]:
+    try:
+        return decode_rejection(rejection)
+    except StreamMessageError:
+        return "Unknown", "undecodable rejection"
 
 
 def _check(thing_name: str, stream_name: str, file_id: int, file_size: int, block_size: int) -> str | None:
