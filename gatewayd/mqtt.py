@@ -119,6 +119,25 @@ def _adapt_unsubscribe(cb: Callable[[int], None]) -> Callable[..., None]:
     return on_unsubscribe
 
 
+class _LastError(logging.Handler):
+    """The last error paho logged: paho swallows some failures, logging them instead (2.x: a
+    TLS alert after the handshake)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.text: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text = record.getMessage()
+
+
+def _paho_logger(errors: _LastError) -> logging.Logger:
+    # not on_log: paho formats every line for it, one per packet; a logger formats only what its level lets through
+    logger = logging.Logger("gatewayd.mqtt.paho", logging.ERROR)  # outside the hierarchy: only `errors` hears it
+    logger.addHandler(errors)
+    return logger
+
+
 def _new_paho(client_id: str, protocol: str, tls: ssl.SSLContext) -> paho.Client:
     """A paho client of either version; paho takes a TLS context once, so new files need a new client."""
     proto = paho.MQTTv5 if protocol == "v5" else paho.MQTTv311
@@ -595,7 +614,7 @@ class MqttClient:
         self._driver: _Driver | None = None  # drives _client from the loop
         self._attempt: asyncio.Future[Any] | None = None  # paho's reconnect() running in a worker thread
         self._retry: asyncio.TimerHandle | None = None  # the next attempt, after the backoff's wait
-        self._paho_error: str | None = None  # what paho logged as an error during this attempt
+        self._paho_errors = _LastError()  # what paho logged as an error during this attempt
         self._connected = False
         self._stopping = False
         self._switching = asyncio.Lock()  # one start/reconfigure/stop at a time: never two paho clients
@@ -661,7 +680,7 @@ class MqttClient:
         client.on_subscribe = _adapt_subscribe(self._cb_subscribe)
         client.on_unsubscribe = _adapt_unsubscribe(self._cb_unsubscribe)
         client.on_message = self._cb_message
-        client.on_log = self._cb_log
+        client.enable_logger(_paho_logger(self._paho_errors))
         self._client = client
         self._driver = _Driver(self._loop, client, self._cb_socket_failed)
         self.settings.connect_async(client, self.protocol)
@@ -676,7 +695,7 @@ class MqttClient:
         if client is None or driver is None or self._stopping:
             return
         driver.close()  # the worker thread must be the only one touching the client
-        self._paho_error = None
+        self._paho_errors.text = None
         assert self._loop is not None
         self._attempt = self._loop.run_in_executor(None, client.reconnect)
         self._attempt.add_done_callback(functools.partial(self._attempt_done, client))
@@ -873,7 +892,7 @@ class MqttClient:
             if was:
                 log.warning("connection lost (%s); reconnecting in %.1f s", res.reason, delay)
             else:  # closed before CONNACK: the cause is in what paho logged (a TLS alert, say)
-                self.trouble.failed(self.settings.failure(self._paho_error or res.reason), delay)
+                self.trouble.failed(self.settings.failure(self._paho_errors.text or res.reason), delay)
             self._reconnect_later(delay)
         except Exception:  # noqa: BLE001
             log.exception("on_disconnect failed")
@@ -901,11 +920,6 @@ class MqttClient:
         else:
             self.trouble.failed(self.settings.failure(exc), delay)
         self._reconnect_later(delay)
-
-    def _cb_log(self, _client: Any, _userdata: Any, level: int, text: str) -> None:
-        # paho swallows some failures, logging them instead (2.x: a TLS alert after the handshake)
-        if level == paho.MQTT_LOG_ERR:
-            self._paho_error = text
 
     def _cb_publish(self, mid: int, res: Result) -> None:
         self._ack(mid, res)
