@@ -154,9 +154,11 @@ class _Driver:
     """Drives one paho client from the event loop: its socket's readiness and `loop_misc`.
 
     The loop starts watching a socket only in `watch()`, after paho's `reconnect()` returned
-    in its worker thread. paho calls the socket callbacks from that thread too (the new
-    socket's open, the register_write of its CONNECT, the old socket's close), so the
-    callbacks act only on the socket being watched, which is never the one being connected.
+    in its worker thread. paho calls the socket callbacks from that thread too (the old
+    socket's close, the register_write of the new one's CONNECT), so they act only on the
+    socket being watched, which is never the one being connected. on_socket_open is not used:
+    paho calls it from that thread before it queues the CONNECT, so watching from there (as
+    aiomqtt does, through call_soon_threadsafe) races the thread on the write registration.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: paho.Client,
@@ -692,7 +694,7 @@ class MqttClient:
         """One connection attempt: paho's `reconnect()`, in a worker thread because it blocks."""
         self._retry = None
         client, driver = self._client, self._driver
-        if client is None or driver is None or self._stopping:
+        if client is None or driver is None or self._stopping or self._attempt is not None:
             return
         driver.close()  # the worker thread must be the only one touching the client
         self._paho_errors.text = None
