@@ -1,24 +1,25 @@
 """A small typed asyncio face on paho-mqtt (1.6.1 and 2.x), in the manner of aiomqtt.
 
-paho runs its own network thread (`loop_start`); every callback from that thread is
-normalised by the adapters below and handed to the asyncio loop with
-`call_soon_threadsafe`, so message handlers, acknowledgements and connect listeners all run
-on the event loop. paho's own reconnect loop is kept, but the wait before each attempt is
-set by us (1 s doubling to 60 s, each wait drawn from [d/2, d]) through the public
-`reconnect_delay_set`, called from the disconnect callbacks just before paho waits. New
-connection settings (a reload) take a new paho client, as paho takes a TLS context only once:
-`MqttClient.reconfigure`.
+paho is driven from the event loop and has no thread of its own: the loop watches paho's
+socket (readable: `loop_read`; writable, while paho's socket callbacks say it has something to
+send: `loop_write`) and calls `loop_misc` once a second, which sends PINGREQ and drops a
+connection whose broker stopped answering. Every paho callback therefore runs on the loop as
+paho reads the packet: message handlers, acknowledgements and connect listeners need no hop.
+Only paho's `reconnect()` runs in a worker thread, as it blocks on DNS, the TCP connect and the
+TLS handshake; the loop watches the socket once it has returned. We reconnect ourselves, after
+a wait of 1 s doubling to 60 s, each drawn from [d/2, d]. New connection settings (a reload)
+take a new paho client, as paho takes a TLS context only once: `MqttClient.reconfigure`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import random
 import socket
 import ssl
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,8 @@ ConnectListener = Callable[[], Awaitable[None]]
 
 MAX_FILTERS_PER_SUBSCRIBE = 8  # AWS IoT Core limit
 _ACK_TIMEOUT = 10.0
-_DROP_NOT_YET_HEARD_PAUSE = 0.01  # s: see _until_ready
+_DISAGREE_PAUSE = 0.01  # s: see _until_ready
+_MISC_INTERVAL = 1.0  # s between loop_misc calls: keepalive is counted in whole seconds
 _PAHO2 = hasattr(paho, "CallbackAPIVersion")
 
 
@@ -117,59 +119,137 @@ def _adapt_unsubscribe(cb: Callable[[int], None]) -> Callable[..., None]:
     return on_unsubscribe
 
 
-class _Paho(paho.Client):
-    """paho.Client whose network thread survives an exception in its loop.
+class _LastError(logging.Handler):
+    """The last error paho logged: paho swallows some failures, logging them instead (2.x: a
+    TLS alert after the handshake)."""
 
-    paho 1.6.1 lets an ssl.SSLError raised by recv() (e.g. the broker's TLS alert after
-    refusing our certificate) escape `loop_forever`, which silently ends the thread and
-    with it every reconnect. We treat that like a lost connection instead.
-    """
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.text: str | None = None
 
-    gw_lost: Callable[[BaseException], float | None] | None = None
-    gw_stop: threading.Event | None = None
-    gw_last_error: BaseException | None = None  # why the last connection attempt failed
-    gw_log_error: str | None = None  # paho's last error log line (what it swallowed: a TLS alert after the handshake)
-
-    def gw_on_log(self, _client: Any, _userdata: Any, level: int, text: str) -> None:
-        if level == paho.MQTT_LOG_ERR:
-            self.gw_log_error = text
-
-    def reconnect(self) -> Any:
-        # paho calls on_connect_fail without the exception: keep it, so the log can name the cause
-        self.gw_last_error = self.gw_log_error = None
-        try:
-            return super().reconnect()
-        except Exception as exc:
-            self.gw_last_error = exc
-            raise
-
-    def loop_forever(self, *args: Any, **kwargs: Any) -> Any:
-        while True:
-            try:
-                return super().loop_forever(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001
-                delay = self.gw_lost(exc) if self.gw_lost else None
-                if delay is None or self.gw_stop is None:
-                    raise
-                if self.gw_stop.wait(delay):
-                    return paho.MQTT_ERR_SUCCESS
-                try:
-                    self.reconnect()
-                except Exception:  # noqa: BLE001
-                    if self.on_connect_fail:
-                        self.on_connect_fail(self, None)
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text = record.getMessage()
 
 
-def _new_paho(client_id: str, protocol: str, tls: ssl.SSLContext) -> _Paho:
+def _paho_logger(errors: _LastError) -> logging.Logger:
+    # not on_log: paho formats every line for it, one per packet; a logger formats only what its level lets through
+    logger = logging.Logger("gatewayd.mqtt.paho", logging.ERROR)  # outside the hierarchy: only `errors` hears it
+    logger.addHandler(errors)
+    return logger
+
+
+def _new_paho(client_id: str, protocol: str, tls: ssl.SSLContext) -> paho.Client:
     """A paho client of either version; paho takes a TLS context once, so new files need a new client."""
     proto = paho.MQTTv5 if protocol == "v5" else paho.MQTTv311
     kwargs: dict[str, Any] = {"client_id": client_id, "protocol": proto}
     if proto != paho.MQTTv5:
         kwargs["clean_session"] = True
-    client = _Paho(paho.CallbackAPIVersion.VERSION2, **kwargs) if _PAHO2 else _Paho(**kwargs)
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, **kwargs) if _PAHO2 else paho.Client(**kwargs)
     client.suppress_exceptions = True
     client.tls_set_context(tls)
     return client
+
+
+class _Driver:
+    """Drives one paho client from the event loop: its socket's readiness and `loop_misc`.
+
+    The loop starts watching a socket only in `watch()`, after paho's `reconnect()` returned
+    in its worker thread. paho calls the socket callbacks from that thread too (the old
+    socket's close, the register_write of the new one's CONNECT), so they act only on the
+    socket being watched, which is never the one being connected. on_socket_open is not used:
+    paho calls it from that thread before it queues the CONNECT, so watching from there (as
+    aiomqtt does, through call_soon_threadsafe) races the thread on the write registration.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: paho.Client,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._loop = loop
+        self._client = client
+        self._on_error = on_error  # loop_read/loop_write/loop_misc raised; the socket is closed
+        self._sock: Any = None  # the socket the loop watches
+        self._pending: Callable[[], int] | None = None  # its SSL object's buffered bytes
+        self._misc: asyncio.TimerHandle | None = None
+        client.on_socket_close = self._closed
+        client.on_socket_register_write = self._register_write
+        client.on_socket_unregister_write = self._unregister_write
+
+    @property
+    def watching(self) -> bool:
+        return self._sock is not None
+
+    def watch(self) -> None:
+        """Watch the socket paho's `reconnect()` just opened, whose CONNECT still waits to be sent."""
+        sock = self._client.socket()
+        if sock is None:
+            return
+        self._sock = sock
+        self._pending = getattr(sock, "pending", None)
+        self._loop.add_reader(sock, self._readable)
+        if self._client.want_write():  # paho's register_write came from the worker thread: unheard
+            self._loop.add_writer(sock, self._writable)
+        self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
+
+    def unwatch(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+
+    def close(self) -> None:
+        """Stop watching, and close the socket paho still holds (one we give up on)."""
+        self.unwatch()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()  # paho's own close of it later (reconnect, __del__) does nothing more
+
+    def _readable(self) -> None:
+        sock = self._sock
+        try:
+            rc = self._client.loop_read()
+            # paho reads a packet a few bytes at a time: the rest of a TLS record waits, decrypted,
+            # in the SSL object, where the selector cannot see it, until loop_read takes it
+            while rc == paho.MQTT_ERR_SUCCESS and self._sock is sock and self._pending and self._pending():
+                rc = self._client.loop_read()
+        except Exception as exc:  # noqa: BLE001 - paho 1.6 lets an SSLError (a TLS alert) out of recv()
+            self._fail(exc)
+
+    def _writable(self) -> None:
+        try:
+            self._client.loop_write()
+        except Exception as exc:  # noqa: BLE001 - paho 1.6 lets an SSLError out of send()
+            self._fail(exc)
+
+    def _tick(self) -> None:
+        """PINGREQ when due; paho drops the connection when the last one went unanswered."""
+        try:
+            self._client.loop_misc()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+            return
+        if self._sock is not None:
+            self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._sock is None:
+            return
+        self.close()
+        self._on_error(exc)
+
+    def _closed(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        if sock is self._sock:
+            self.unwatch()
+
+    def _register_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        if sock is self._sock:
+            self._loop.add_writer(sock, self._writable)
+
+    def _unregister_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        if sock is self._sock:
+            self._loop.remove_writer(sock)
 
 
 # --- why a connection fails -------------------------------------------------------------
@@ -237,16 +317,6 @@ class ConnectionTrouble:
 
     def connected(self) -> None:
         self.cause = None
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any], *args: Any) -> None:
-    """From paho's network thread: run `fn(*args)` on the event loop (if it still runs)."""
-    if loop is None:
-        return
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # loop closed
-        pass
 
 
 # --- topic filters ------------------------------------------------------------------------
@@ -329,7 +399,7 @@ class ConnectionSettings:
         return connection_failure(exc, self.host, self.port, self.ca_file, self.cert_file)
 
     def connect_async(self, client: paho.Client, protocol: str) -> None:
-        """Have paho's network thread connect `client` with these settings (a clean session)."""
+        """Give `client` these settings (a clean session): each `reconnect()` connects with them."""
         kwargs: dict[str, Any] = {"clean_start": True} if protocol == "v5" else {}
         client.connect_async(self.host, self.port, self.keepalive, **kwargs)
 
@@ -342,10 +412,10 @@ class _Backoff:
     most: float
     attempt: int = 0
 
-    def next(self, count: bool = True) -> float:
-        """The wait before the next attempt; `count`: that attempt is one more that failed."""
+    def next(self) -> float:
+        """The wait before the next attempt, which is one more after a failure."""
         base = min(self.most, self.least * (2 ** min(self.attempt, 30)))
-        self.attempt += count
+        self.attempt += 1
         return random.uniform(base / 2, base)
 
 
@@ -372,80 +442,63 @@ def _subscribe_batches(client: paho.Client | None,
 @dataclass
 class _Ack:
     kind: str  # "publish" | "subscribe" | "unsubscribe"
-    future: asyncio.Future[Any] | None  # None: nobody waits, swallow the ack
+    future: asyncio.Future[Any]
+
+
+_Restoring = list[tuple[list[tuple[str, int]], int, asyncio.Future[Any]]]  # batch, mid, its SUBACK
 
 
 class _Acks:
-    """Who waits for which packet id. PUBLISH, SUBSCRIBE and UNSUBSCRIBE share paho's mids,
-    and an acknowledgement (network thread) may come before its waiter registers (loop)."""
+    """Who waits for which packet id: PUBLISH, SUBSCRIBE and UNSUBSCRIBE share paho's mids.
+
+    A waiter registers before its acknowledgement can come: paho only queues a packet, which
+    the loop sends and whose answer it reads later. An acknowledgement nobody waits for (any
+    more) is dropped."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._waiting: dict[int, _Ack] = {}
-        self._early: dict[int, Any] = {}
-
-    def register(self, mid: int, ack: _Ack) -> Any:
-        """Remember who waits for `mid`; return the ack if it already came in (else None)."""
-        with self._lock:
-            if mid in self._early:
-                return self._early.pop(mid)
-            self._waiting[mid] = ack
-            return None
 
     async def wait(self, mid: int, kind: str, fut: asyncio.Future[Any], timeout: float) -> Any:
-        """The acknowledgement of `mid`, which may have come already. After `timeout` seconds
-        raises asyncio.TimeoutError, and a late one is swallowed; MqttError if the connection
-        that would bring it is gone."""
-        early = self.register(mid, _Ack(kind, fut))
-        if early is not None:
-            return early
+        """The acknowledgement of `mid`. After `timeout` seconds raises asyncio.TimeoutError, and a
+        late one is dropped; MqttError if the connection that would bring it is gone."""
+        self._waiting[mid] = _Ack(kind, fut)
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            self.forget(mid)
+            self._waiting.pop(mid, None)
             raise
 
-    def forget(self, mid: int) -> None:
-        """Nobody waits any more; a late acknowledgement is swallowed."""
-        with self._lock:
-            if mid in self._waiting:
-                self._waiting[mid] = _Ack(self._waiting[mid].kind, None)
-
-    def arrived(self, mid: int, result: Any) -> _Ack | None:
-        """Network thread: the acknowledgement of `mid`; returns its waiter, if one registered."""
-        with self._lock:
-            ack = self._waiting.pop(mid, None)
-            if ack is None:
-                self._early[mid] = result
-            return ack
+    def arrived(self, mid: int) -> _Ack | None:
+        """The acknowledgement of `mid` came: its waiter, if any."""
+        return self._waiting.pop(mid, None)
 
     def lost(self, *, publishes_too: bool) -> list[_Ack]:
         """The waiters that will hear nothing any more: SUBSCRIBE/UNSUBSCRIBE after a lost
         connection (paho re-sends only QoS 1 PUBLISHes), every one when the client stops."""
-        with self._lock:
-            lost = [(m, a) for m, a in self._waiting.items() if publishes_too or a.kind != "publish"]
-            for mid, _ in lost:
-                del self._waiting[mid]
-            if publishes_too:
-                self._early.clear()
-        return [a for _, a in lost]
+        lost = [m for m, a in self._waiting.items() if publishes_too or a.kind != "publish"]
+        return [self._waiting.pop(mid) for mid in lost]
 
-    async def restored(self, sent: list[tuple[list[tuple[str, int]], int | None]],
-                       new_future: Callable[[], asyncio.Future[Any]], current: Callable[[], bool]) -> bool:
+    def expect(self, sent: list[tuple[list[tuple[str, int]], int | None]],
+               new_future: Callable[[], asyncio.Future[Any]]) -> _Restoring:
         """Wait for the SUBACKs of the subscriptions restored on connect (`sent`: each batch and
-        its mid, None if refused), logging each refusal. False as soon as that connection is
-        gone (`current()` turns false): nothing more is to be done for it."""
-        waits: list[tuple[list[tuple[str, int]], int, asyncio.Future[Any], Any]] = []
-        for batch, mid in sent:  # register every mid first: none may linger in _early
+        its mid, None if refused); registered at once, inside the connect callback."""
+        restoring: _Restoring = []
+        for batch, mid in sent:
             if mid is not None:
                 fut = new_future()
-                waits.append((batch, mid, fut, self.register(mid, _Ack("subscribe", fut))))
+                self._waiting[mid] = _Ack("subscribe", fut)
+                restoring.append((batch, mid, fut))
+        return restoring
+
+    async def restored(self, restoring: _Restoring, current: Callable[[], bool]) -> bool:
+        """Wait for the SUBACKs `expect`ed, logging each refusal. False as soon as that connection
+        is gone (`current()` turns false): nothing more is to be done for it."""
         try:
-            for batch, _mid, fut, early in waits:
+            for batch, _mid, fut in restoring:
                 if not current():
                     return False
                 try:
-                    results = early if early is not None else await asyncio.wait_for(fut, _ACK_TIMEOUT)
+                    results = await asyncio.wait_for(fut, _ACK_TIMEOUT)
                 except (asyncio.TimeoutError, MqttError) as e:
                     if not current():
                         return False
@@ -456,20 +509,15 @@ class _Acks:
                     if not res.ok:
                         log.error("broker refused subscription to %s: %s", flt, res.reason)
         finally:
-            self.settle_subscribes([mid for _, mid, _, _ in waits], connection_gone=not current())
+            self._forget_subscribes([mid for _, mid, _ in restoring])
         return current()
 
-    def settle_subscribes(self, mids: list[int], connection_gone: bool) -> None:
-        """After restoring subscriptions: SUBACKs of a dead connection will never come; a late
-        one of a live connection is swallowed."""
-        with self._lock:
-            for mid in mids:
-                ack = self._waiting.get(mid)
-                if ack is not None and ack.kind == "subscribe":
-                    if connection_gone:
-                        del self._waiting[mid]
-                    else:
-                        self._waiting[mid] = _Ack("subscribe", None)
+    def _forget_subscribes(self, mids: list[int]) -> None:
+        """After restoring subscriptions: a SUBACK still to come is dropped."""
+        for mid in mids:
+            ack = self._waiting.get(mid)
+            if ack is not None and ack.kind == "subscribe":
+                del self._waiting[mid]
 
 
 class _Subscriptions:
@@ -565,9 +613,12 @@ class MqttClient:
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
+        self._driver: _Driver | None = None  # drives _client from the loop
+        self._attempt: asyncio.Future[Any] | None = None  # paho's reconnect() running in a worker thread
+        self._retry: asyncio.TimerHandle | None = None  # the next attempt, after the backoff's wait
+        self._paho_errors = _LastError()  # what paho logged as an error during this attempt
         self._connected = False
         self._stopping = False
-        self._stop_event = threading.Event()
         self._switching = asyncio.Lock()  # one start/reconfigure/stop at a time: never two paho clients
         self._generation = 0
         self._ready: asyncio.Event | None = None
@@ -621,28 +672,60 @@ class MqttClient:
             self._launch(tls)
 
     def _launch(self, tls: ssl.SSLContext) -> None:
-        """A paho client with the current settings, connecting on its own network thread."""
+        """A paho client with the current settings, driven by the loop, connecting at once."""
+        assert self._loop is not None
         self._stopping = False
         client = _new_paho(self.client_id, self.protocol, tls)
         client.on_connect = _adapt_connect(self._cb_connect)
         client.on_disconnect = _adapt_disconnect(self._cb_disconnect)
-        client.on_connect_fail = self._cb_connect_fail
         client.on_publish = _adapt_publish(self._cb_publish)
         client.on_subscribe = _adapt_subscribe(self._cb_subscribe)
         client.on_unsubscribe = _adapt_unsubscribe(self._cb_unsubscribe)
         client.on_message = self._cb_message
-        client.on_log = client.gw_on_log
-        client.gw_lost = self._cb_loop_crashed
-        client.gw_stop = self._stop_event = threading.Event()
+        client.enable_logger(_paho_logger(self._paho_errors))
         self._client = client
-        self._set_reconnect_delay(count=False)
+        self._driver = _Driver(self._loop, client, self._cb_socket_failed)
         self.settings.connect_async(client, self.protocol)
-        client.loop_start()
         log.info("connecting to %s:%d as %s (MQTT %s)", self.settings.host, self.settings.port, self.client_id,
                  "5" if self.protocol == "v5" else "3.1.1")
+        self._connect_now()
+
+    def _connect_now(self) -> None:
+        """One connection attempt: paho's `reconnect()`, in a worker thread because it blocks."""
+        self._retry = None
+        client, driver = self._client, self._driver
+        if client is None or driver is None or self._stopping or self._attempt is not None:
+            return
+        driver.close()  # the worker thread must be the only one touching the client
+        self._paho_errors.text = None
+        assert self._loop is not None
+        self._attempt = self._loop.run_in_executor(None, client.reconnect)
+        self._attempt.add_done_callback(functools.partial(self._attempt_done, client))
+
+    def _attempt_done(self, client: paho.Client, attempt: asyncio.Future[Any]) -> None:
+        """Back on the loop after `reconnect()`: watch the new socket, or wait and try again."""
+        if attempt is self._attempt:
+            self._attempt = None
+        if client is not self._client or self._stopping or attempt.cancelled():
+            return  # _halt closes whatever it opened
+        exc = attempt.exception()
+        if exc is None:
+            assert self._driver is not None
+            self._driver.watch()
+            return
+        delay = self._backoff.next()
+        self.trouble.failed(self.settings.failure(exc), delay)
+        self._reconnect_later(delay)
+
+    def _reconnect_later(self, delay: float) -> None:
+        if self._loop is None or self._client is None:
+            return
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = self._loop.call_later(delay, self._connect_now)
 
     async def stop(self) -> None:
-        """Send DISCONNECT, stop the network thread, fail whatever still waits."""
+        """Send DISCONNECT, close the connection, fail whatever still waits."""
         async with self._switching:
             if self._client is None:
                 return
@@ -652,22 +735,21 @@ class MqttClient:
             log.info("stopped")
 
     async def _halt(self, why: str) -> None:
-        """Send DISCONNECT and end paho's network thread; whatever waits for an acknowledgement
+        """Send DISCONNECT and close the connection; whatever waits for an acknowledgement
         fails with `why` (a new paho client numbers its packets afresh)."""
-        client = self._client
-        assert client is not None
-        self._stopping = True  # from here on the network thread's callbacks change nothing
+        client, driver = self._client, self._driver
+        assert client is not None and driver is not None
+        self._stopping = True  # from here on paho's callbacks change nothing
         self._connected = False  # publish and subscribe refuse at once, not into a closing client
-        self._stop_event.set()
-        try:
-            client.disconnect()
-        except Exception:  # noqa: BLE001
-            log.debug("disconnect failed", exc_info=True)
-        await asyncio.to_thread(client.loop_stop)
-        self._client = None
-        self._connected = False
         if self._ready is not None:
             self._ready.clear()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._attempt is not None:  # reconnect() cannot be interrupted: let it end, then close what it opened
+            await asyncio.wait([self._attempt])
+        _disconnect(client, driver)
+        self._client = self._driver = None
         _fail(self._acks.lost(publishes_too=True), why)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
@@ -700,10 +782,8 @@ class MqttClient:
             raise MqttError(f"not connected (publish to {topic})")
         info = client.publish(topic, payload, qos=qos)
         if info.rc != paho.MQTT_ERR_SUCCESS:
-            self._acks.register(info.mid, _Ack("publish", None))  # paho may still send it later
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}", int(info.rc))
         if qos == 0:  # paho reports the send all the same: nobody waits for it
-            self._acks.register(info.mid, _Ack("publish", None))
             return
         try:
             res: Result = await self._acks.wait(info.mid, "publish", self._loop_fut(), timeout)
@@ -777,19 +857,12 @@ class MqttClient:
         return self._loop.create_future()
 
     def _ack(self, mid: int, result: Any) -> None:
-        """Network thread: a PUBACK/SUBACK/UNSUBACK (or QoS 0 send) for `mid`."""
-        ack = self._acks.arrived(mid, result)
-        if ack is not None and ack.future is not None:
-            _call_soon(self._loop, _resolve, ack.future, result)
+        """A PUBACK/SUBACK/UNSUBACK (or a QoS 0 PUBLISH sent) for `mid`."""
+        ack = self._acks.arrived(mid)
+        if ack is not None:
+            _resolve(ack.future, result)
 
-    # -- paho callbacks (network thread) --
-
-    def _set_reconnect_delay(self, count: bool = True) -> float:
-        """paho waits reconnect_delay before its next attempt: set it just before it waits."""
-        delay = self._backoff.next(count)
-        if self._client is not None:
-            self._client.reconnect_delay_set(delay, delay)
-        return delay
+    # -- paho callbacks (on the loop, inside loop_read/loop_write/loop_misc) --
 
     def _cb_connect(self, res: Result) -> None:
         try:
@@ -800,11 +873,12 @@ class MqttClient:
                 return
             self.trouble.connected()
             self._backoff.attempt = 0
-            self._connected = True  # before the snapshot below: see _resubscribe
+            self._connected = True
             self._generation += 1
             log.info("connected to %s:%d", self.settings.host, self.settings.port)
             sent = self._resubscribe()
-            _call_soon(self._loop, self._after_connect_soon, self._generation, sent)
+            restoring = self._acks.expect(sent, self._loop_fut)
+            self._spawn(self._after_connect(self._generation, restoring, sum(len(batch) for batch, _ in sent)))
         except Exception:  # noqa: BLE001
             log.exception("on_connect failed")
 
@@ -812,55 +886,42 @@ class MqttClient:
         try:
             was = self._connected
             self._connected = False
-            _call_soon(self._loop, self._on_disconnected)
+            self._on_disconnected()
             if self._stopping:
                 log.info("disconnected")
                 return
-            delay = self._set_reconnect_delay()
+            delay = self._backoff.next()
             if was:
                 log.warning("connection lost (%s); reconnecting in %.1f s", res.reason, delay)
             else:  # closed before CONNACK: the cause is in what paho logged (a TLS alert, say)
-                logged = getattr(self._client, "gw_log_error", None)
-                self.trouble.failed(self.settings.failure(logged or res.reason), delay)
+                self.trouble.failed(self.settings.failure(self._paho_errors.text or res.reason), delay)
+            self._reconnect_later(delay)
         except Exception:  # noqa: BLE001
             log.exception("on_disconnect failed")
 
     def _resubscribe(self) -> list[tuple[list[tuple[str, int]], int | None]]:
-        """Network thread, inside on_connect: SUBSCRIBE every remembered filter at once.
+        """Inside on_connect: SUBSCRIBE every remembered filter at once.
 
         paho re-sends unacknowledged QoS 1 PUBLISHes right after on_connect returns. A
         SUBSCRIBE queued here goes out before them, so the broker knows our reply topics
-        before a re-sent request (a GetStream, a Jobs get) can be answered; waiting for the
-        event loop to do it would lose those replies. Returns (batch, mid or None).
-
-        `subscribe()` on the loop stores the filter, then looks at `_connected`; we set
-        `_connected`, then read the filters: a filter added meanwhile is sent by one side
-        or both (a repeated SUBSCRIBE is harmless), never by neither.
+        before a re-sent request (a GetStream, a Jobs get) can be answered; subscribing from
+        a task, after on_connect, would lose those replies. Returns (batch, mid or None).
         """
         return _subscribe_batches(self._client, self._subscriptions.filters())
 
-    def _cb_connect_fail(self, _client: Any, _userdata: Any) -> None:
-        try:
-            if self._stopping:
-                return
-            delay = self._set_reconnect_delay()
-            self.trouble.failed(self.settings.failure(getattr(self._client, "gw_last_error", None)), delay)
-        except Exception:  # noqa: BLE001
-            log.exception("on_connect_fail failed")
-
-    def _cb_loop_crashed(self, exc: BaseException) -> float | None:
-        """paho's loop raised: report a lost connection, return the wait (None = stop)."""
+    def _cb_socket_failed(self, exc: BaseException) -> None:
+        """loop_read/loop_write/loop_misc raised (the driver closed the socket): a lost connection."""
         if self._stopping:
-            return None
-        log.debug("paho network loop raised", exc_info=exc)
+            return
+        log.debug("paho's socket failed", exc_info=exc)
         delay = self._backoff.next()
         if self._connected:
             self._connected = False
-            _call_soon(self._loop, self._on_disconnected)
+            self._on_disconnected()
             log.warning("connection lost (%s: %s); reconnecting in %.1f s", type(exc).__name__, exc, delay)
         else:
             self.trouble.failed(self.settings.failure(exc), delay)
-        return delay
+        self._reconnect_later(delay)
 
     def _cb_publish(self, mid: int, res: Result) -> None:
         self._ack(mid, res)
@@ -878,7 +939,7 @@ class MqttClient:
         except Exception:  # noqa: BLE001
             log.warning("dropping a message with an undecodable topic")
             return
-        _call_soon(self._loop, self._dispatch, topic, payload)
+        self._subscriptions.dispatch(topic, payload, self._spawn)
 
     # -- loop side --
 
@@ -886,9 +947,6 @@ class MqttClient:
         if self._ready is not None:
             self._ready.clear()
         _fail(self._acks.lost(publishes_too=False), "connection lost")
-
-    def _after_connect_soon(self, generation: int, sent: list[tuple[list[tuple[str, int]], int | None]]) -> None:
-        self._spawn(self._after_connect(generation, sent))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         assert self._loop is not None
@@ -901,13 +959,12 @@ class MqttClient:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
-    async def _after_connect(self, generation: int, sent: list[tuple[list[tuple[str, int]], int | None]]) -> None:
-        """Wait for the SUBACKs of `_resubscribe`, then report ready and call the listeners."""
-        if not await self._acks.restored(sent, self._loop_fut,
-                                         lambda: generation == self._generation and self._connected):
+    async def _after_connect(self, generation: int, restoring: _Restoring, filters: int) -> None:
+        """Wait for the SUBACKs of `_resubscribe` (`filters` in all), then report ready and call the listeners."""
+        if not await self._acks.restored(restoring, lambda: generation == self._generation and self._connected):
             return
-        if sent:
-            log.info("restored %d subscription(s)", sum(len(batch) for batch, _ in sent))
+        if filters:
+            log.info("restored %d subscription(s)", filters)
         assert self._ready is not None
         self._ready.set()
         for cb in list(self._listeners):
@@ -916,18 +973,27 @@ class MqttClient:
             except Exception:  # noqa: BLE001
                 log.exception("connect listener %r failed", cb)
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
-        self._subscriptions.dispatch(topic, payload, self._spawn)
-
 
 async def _until_ready(event: asyncio.Event, ready: Callable[[], bool]) -> None:
-    """Until `ready()`. After a drop the network thread clears the connected flag at once, the
-    loop clears `event` only when it runs _on_disconnected: while the two disagree, let it run."""
+    """Until `ready()`. `event` is cleared in the same step as the connection goes, so it is set
+    only while connected; were the two ever to disagree, wait a little rather than spin."""
     while not ready():
         if event.is_set():
-            await asyncio.sleep(_DROP_NOT_YET_HEARD_PAUSE)
+            await asyncio.sleep(_DISAGREE_PAUSE)
         else:
             await event.wait()
+
+
+def _disconnect(client: paho.Client, driver: _Driver) -> None:
+    """Send DISCONNECT now if connected and the socket takes it (paho then closes it), and close
+    the socket either way: nothing drives this client any more."""
+    if driver.watching:
+        try:
+            if client.disconnect() == paho.MQTT_ERR_SUCCESS:
+                client.loop_write()
+        except Exception:  # noqa: BLE001
+            log.debug("disconnect failed", exc_info=True)
+    driver.close()
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
@@ -937,5 +1003,5 @@ def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
 
 def _fail(acks: list[_Ack], why: str) -> None:
     for ack in acks:
-        if ack.future is not None and not ack.future.done():
+        if not ack.future.done():
             ack.future.set_exception(MqttError(why))

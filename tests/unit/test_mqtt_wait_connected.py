@@ -1,11 +1,10 @@
 """MqttClient.wait_connected waits for a connection that is up, not for an event that says
 it was (issue 11).
 
-paho's network thread clears the connected flag at once when the connection drops, and hands
-`_on_disconnected` (which clears the "ready" event) to the event loop. Until the loop runs
-it, the event still says ready. The paho callbacks are called here from the loop's own
-thread, which leaves the client in exactly that window: the flag is down, `_on_disconnected`
-is queued but has not run.
+When paho had its own network thread, a drop cleared the connected flag at once and the "ready"
+event only when the loop ran `_on_disconnected`. paho now runs on the loop and both go in the
+same step; the paho callbacks are called here directly, as loop_read calls them, to check that
+no drop leaves wait_connected returning.
 """
 
 from __future__ import annotations
