@@ -32,6 +32,7 @@ Handler = Callable[[str, bytes], Any]
 ConnectListener = Callable[[], Awaitable[None]]
 
 MAX_FILTERS_PER_SUBSCRIBE = 8  # AWS IoT Core limit
+MAX_ROUTES = 256  # topics whose handlers are remembered (see _Subscriptions)
 _ACK_TIMEOUT = 10.0
 _DISAGREE_PAUSE = 0.01  # s: see _until_ready
 _MISC_INTERVAL = 1.0  # s between loop_misc calls: keepalive is counted in whole seconds
@@ -521,14 +522,20 @@ class _Acks:
 
 
 class _Subscriptions:
-    """The handlers per topic filter and the QoS each filter is subscribed with."""
+    """The handlers per topic filter and the QoS each filter is subscribed with.
+
+    Which handlers a topic goes to is worked out once per topic and kept until the handlers
+    change: a stream's blocks all come on one topic, and matching each against every filter
+    (some fifty with many things served) cost more than writing the block."""
 
     def __init__(self) -> None:
         self.handlers: dict[str, list[Handler]] = {}
         self.qos: dict[str, int] = {}
+        self._routes: dict[str, tuple[tuple[str, Handler], ...]] = {}
 
     def add(self, topic_filter: str, handler: Handler, qos: int, local_only: bool) -> tuple[bool, int | None]:
         """Add the handler; (whether the broker must be asked, the filter's QoS before)."""
+        self._routes.clear()
         self.handlers.setdefault(topic_filter, []).append(handler)
         old = self.qos.get(topic_filter)
         if local_only or (old is not None and qos <= old):
@@ -537,6 +544,7 @@ class _Subscriptions:
         return True, old
 
     def undo(self, topic_filter: str, handler: Handler, old_qos: int | None) -> None:
+        self._routes.clear()
         handlers = self.handlers.get(topic_filter, [])
         if handler in handlers:
             handlers.remove(handler)
@@ -549,6 +557,7 @@ class _Subscriptions:
 
     def remove(self, topic_filter: str, handler: Handler | None) -> bool:
         """Remove `handler` (every one if None); True when the broker must be told to unsubscribe."""
+        self._routes.clear()
         handlers = self.handlers.get(topic_filter)
         if handlers is None:
             return False
@@ -565,16 +574,20 @@ class _Subscriptions:
         return list(dict(self.qos).items())
 
     def dispatch(self, topic: str, payload: bytes, spawn: Callable[[Awaitable[Any]], None]) -> None:
-        for flt, handlers in list(self.handlers.items()):
-            if not topic_matches(flt, topic):
-                continue
-            for handler in list(handlers):
-                try:
-                    result = handler(topic, payload)
-                    if inspect.isawaitable(result):
-                        spawn(result)
-                except Exception:  # noqa: BLE001
-                    log.exception("handler for %s failed on %s", flt, topic)
+        route = self._routes.get(topic)
+        if route is None:
+            route = tuple((flt, h) for flt, handlers in self.handlers.items() if topic_matches(flt, topic)
+                          for h in handlers)
+            if len(self._routes) >= MAX_ROUTES:  # topics are the peers' to choose: keep few
+                self._routes.clear()
+            self._routes[topic] = route
+        for flt, handler in route:
+            try:
+                result = handler(topic, payload)
+                if inspect.isawaitable(result):
+                    spawn(result)
+            except Exception:  # noqa: BLE001
+                log.exception("handler for %s failed on %s", flt, topic)
 
 
 class MqttClient:
