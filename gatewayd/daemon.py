@@ -22,6 +22,7 @@ from .lifecycle import JobManager, KindRules
 from .local import Followers, LocalUpdates, PushRefused, PushRequest
 from .logs import setup_logging
 from .mqtt import ConnectionSettings, MqttClient, MqttError
+from .publish_rate import PublishRate
 from .relay import RelayManager
 from .report import ExecutionReports, Reporter
 from .shadow import ShadowClient
@@ -49,13 +50,16 @@ class Daemon:
         m = config.mqtt
         self.mqtt = MqttClient(host=m.endpoint, port=m.port, client_id=m.client_id, ca_file=m.ca_file,
                                cert_file=m.cert_file, key_file=m.key_file, keepalive=m.keepalive)
+        # one token bucket for the connection's Jobs and shadow requests: under AWS's publish quota
+        self.publish_rate = PublishRate()
         self.cloud = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
-                                poll_interval=m.poll_interval)
+                                poll_interval=m.poll_interval, publish_rate=self.publish_rate)
         self.links = LinkFactory(config.ble.max_connections)
         self.relays = RelayManager(config, self.state, self._transfer_changed, self.links, on_images=self._images_seen,
                                    on_ended=self._transfer_ended)
         self.views = StatusViews(self.state, self.relays.live_progress, self.relays.present)
-        self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt)
+        self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt,
+                                 publish_rate=self.publish_rate)
         reports = ExecutionReports(self.reporter, self.views, self.state)
         self.followers = Followers(self.state, self.views)
         verifier = Verifier(self.state, store, lambda: self.config.signing.certificates)
@@ -67,7 +71,8 @@ class Daemon:
             JobKind.REDELIVER: KindRules(StoredImage(lambda: self.config, self.state, store, verifier), self.followers,
                                          one_device=True),
         })
-        self.reports = ShadowReports(lambda: self.config, self.state, ShadowClient(self.mqtt), self.mqtt.wait_connected)
+        shadows = ShadowClient(self.mqtt, publish_rate=self.publish_rate)
+        self.reports = ShadowReports(lambda: self.config, self.state, shadows, self.mqtt.wait_connected)
         self.inventory = Inventory(lambda: self.config, self.state, store, self.relays, self.jobs, self.reports)
         self.local = LocalUpdates(self.jobs, self.state, store)
         self.control = ControlServer(config.gateway.control_socket, {
