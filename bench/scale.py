@@ -94,8 +94,7 @@ class PublishCounter:
         self._client.on_message = self._on_message
         self._subscribed = threading.Event()
         self._lock = threading.Lock()
-        self.times: list[float] = []
-        self.kinds: dict[str, int] = {}
+        self.times: list[tuple[float, str]] = []
         self._host, self._port = lab.broker.host, lab.broker.port  # type: ignore[union-attr]
 
     def _on_connect(self, client: paho.Client, *_a: Any) -> None:
@@ -107,8 +106,7 @@ class PublishCounter:
             return
         now = time.monotonic()
         with self._lock:
-            self.times.append(now)
-            self.kinds[kind] = self.kinds.get(kind, 0) + 1
+            self.times.append((now, kind))
 
     def start(self) -> None:
         self._client.connect(self._host, self._port, keepalive=30)
@@ -120,9 +118,10 @@ class PublishCounter:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def snapshot(self, since: float = float("-inf")) -> tuple[list[float], dict[str, int]]:
+    def snapshot(self, since: float = float("-inf")) -> list[tuple[float, str]]:
+        """(time, kind) of every publish counted since `since`."""
         with self._lock:
-            return [t for t in self.times if t >= since], dict(self.kinds)
+            return [(t, kind) for t, kind in self.times if t >= since]
 
 
 def peak_per_window(times: list[float], window: float = 1.0) -> int:
@@ -186,7 +185,8 @@ class Result:
     publishes_job: int  # from creating the job(s) to the end
     peak_per_s: int  # most publishes in any 1-second window, whole life
     seconds_over_quota: int
-    kinds: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)  # publishes by kind of request
+    kind_peaks: dict[str, int] = field(default_factory=dict)  # most of each kind in any 1-second window
     throttled: int = 0  # RequestThrottled answers the daemon logged (the emulator has no Jobs throttle)
 
 
@@ -210,12 +210,15 @@ def _finish(lab: Lab, counter: PublishCounter, scenario: str, n: int, size: int,
     time.sleep(3.0)  # what follows the last status (inventory shadows) is part of the load
     status, cpu = proc_status(pid), proc_cpu(pid)
     counter.stop()
-    times, kinds = counter.snapshot()
-    job_times, _ = counter.snapshot(since=t0)
+    published = counter.snapshot()
+    times = [t for t, _ in published]
+    kinds = sorted({kind for _, kind in published})
+    by_kind = {kind: [t for t, k in published if k == kind] for kind in kinds}
     throttled = lab.daemon_log().count("throttled")
     return Result(scenario, n, size, ok, round(wall, 2), round(rss_idle, 1), round(status["VmHWM"] / 1024, 1),
-                  round(cpu, 2), round(cpu - cpu_before_job, 2), len(times), len(job_times),
-                  peak_per_window(times), seconds_over(times, QUOTA), kinds, throttled)
+                  round(cpu, 2), round(cpu - cpu_before_job, 2), len(times), len(counter.snapshot(since=t0)),
+                  peak_per_window(times), seconds_over(times, QUOTA), {k: len(v) for k, v in by_kind.items()},
+                  {k: peak_per_window(v) for k, v in by_kind.items()}, throttled)
 
 
 def gateway_job(root: Path, n: int, size: int, timeout: float) -> Result:
@@ -313,7 +316,8 @@ def print_table(results: list[Result]) -> None:
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
     for r in results:
-        print(f"  {r.scenario}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.kinds.items())))
+        print(f"  {r.scenario} publishes by kind (busiest second): "
+              + ", ".join(f"{k} {v} ({r.kind_peaks.get(k, 0)})" for k, v in sorted(r.kinds.items())))
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ from .lifecycle import JobManager, KindRules
 from .local import Followers, LocalUpdates, PushRefused, PushRequest
 from .logs import setup_logging
 from .mqtt import ConnectionSettings, MqttClient, MqttError
-from .publish_rate import PublishRate
+from .publish_rate import PacedClient, PublishRate
 from .relay import RelayManager
 from .report import ExecutionReports, Reporter
 from .shadow import ShadowClient
@@ -50,7 +50,7 @@ class Daemon:
         m = config.mqtt
         self.mqtt = MqttClient(host=m.endpoint, port=m.port, client_id=m.client_id, ca_file=m.ca_file,
                                cert_file=m.cert_file, key_file=m.key_file, keepalive=m.keepalive)
-        # one token bucket for the connection's Jobs and shadow requests: under AWS's publish quota
+        # one token bucket for every publish on the connection: under AWS IoT Core's publish quota
         self.publish_rate = PublishRate()
         self.cloud = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
                                 poll_interval=m.poll_interval, publish_rate=self.publish_rate)
@@ -63,7 +63,9 @@ class Daemon:
         reports = ExecutionReports(self.reporter, self.views, self.state)
         self.followers = Followers(self.state, self.views)
         verifier = Verifier(self.state, store, lambda: self.config.signing.certificates)
-        cloud_files = CloudFiles(lambda: self.config, self.state, store, self.mqtt, self.cloud, verifier)
+        # stream requests (GetStream, DescribeStream) count against the quota too
+        cloud_files = CloudFiles(lambda: self.config, self.state, store, PacedClient(self.mqtt, self.publish_rate),
+                                 self.cloud, verifier)
         self.jobs = JobManager(config, self.state, store, self.relays, self.views, {
             JobKind.GATEWAY: KindRules(cloud_files, reports),
             JobKind.PROXIED: KindRules(cloud_files, reports, one_device=True),

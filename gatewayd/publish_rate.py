@@ -7,8 +7,12 @@ devices and proxied things could go past it: status updates of 200 executions, `
 every thing after a reconnect, the inventory's shadow updates. `PublishRate` grants `rate`
 publishes per second with at most `burst` at once, to its callers in the order they asked;
 nothing is ever dropped, a caller only waits. With the defaults (80/s, a burst of 10) no
-one-second window holds more than 90 of the gateway's paced publishes, which leaves room for
-the ones it does not pace (stream requests, one per 128 KiB of a download).
+one-second window holds more than 90 of the gateway's publishes.
+
+The daemon makes one for its connection and hands it to every publisher on it: the Jobs
+client (`cloud.py`: updates, `$next/get`, describes, their retries), the Reporter, the shadow
+client, and the stream download through `PacedClient` (its GetStream and DescribeStream
+requests).
 
 Callers that hold state that may change while they wait take their turn first and decide what
 to send afterwards (the Reporter does: the newest progress of an execution goes out, not the one
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 DEFAULT_RATE = 80.0  # publishes per second, below AWS IoT Core's 100 per connection
 DEFAULT_BURST = 10.0
@@ -110,3 +114,19 @@ class PublishRate:
             self._waiters.popleft()
         if self._waiters and self._timer is None:
             self._schedule(asyncio.get_running_loop())
+
+
+class PacedClient:
+    """The MQTT client as seen by code that publishes on it directly (the stream download): its
+    `publish` waits for a turn in `rate` first; everything else is the client's own."""
+
+    def __init__(self, mqtt: Any, rate: PublishRate) -> None:
+        self._mqtt = mqtt
+        self._rate = rate
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        await self._rate.acquire()
+        return await self._mqtt.publish(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mqtt, name)

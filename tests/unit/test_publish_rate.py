@@ -235,3 +235,33 @@ def test_many_executions_stay_within_the_rate_and_every_final_goes_out(tmp_path)
             assert i + 1 <= 5 + 50 * (t - times[0]) + 1
 
     asyncio.run(main())
+
+
+def test_paced_client_waits_for_a_turn_before_each_publish_and_passes_the_rest_through() -> None:
+    class Mqtt:
+        connected = True
+
+        def __init__(self) -> None:
+            self.published: list[str] = []
+
+        async def publish(self, topic, payload, qos=1):
+            self.published.append(topic)
+
+    async def main() -> None:
+        from gatewayd.publish_rate import PacedClient
+
+        clock = Clock()
+        rate = PublishRate(10, burst=1, clock=clock)
+        mqtt = Mqtt()
+        paced = PacedClient(mqtt, rate)
+        assert paced.connected
+        await paced.publish("a", b"", qos=1)
+        second = asyncio.create_task(paced.publish("b", b""))
+        await _settle()
+        assert mqtt.published == ["a"]  # "b" waits for its turn
+        clock.now += 0.1
+        await asyncio.sleep(0.12)
+        await second
+        assert mqtt.published == ["a", "b"]
+
+    asyncio.run(main())
