@@ -21,6 +21,7 @@ def main() -> int:
         ["stream_download.py", "--json", str(RESULTS / "stream_download.json")],
         ["ble_window.py", "--json", str(RESULTS / "ble_window.json")],
         ["wan_download.py", "--json", str(RESULTS / "wan_download.json")],
+        ["scale.py", "--json", str(RESULTS / "scale.json")],
     ]
     failed = 0
     for script, *args in runs:

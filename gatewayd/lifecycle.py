@@ -26,13 +26,20 @@ from .jobdoc import JobDocumentError, OtaFile, OtaJob, is_ota_document, safe_lab
 from .logs import log_fields
 from .relay import RelayImage, RelayManager
 from .sources import ImageSource, parse_ota
-from .state import FileKey, JobKey, JobRecord, StateDB, TransferKey, TransferRecord
+from .state import FileKey, JobKey, JobRecord, MissingRecord, StateDB, TransferKey, TransferRecord
 from .store import FileStore
 from .verify import VerificationError, load_signer
 from .views import StatusViews, job_label
 from .vocab import CloudStatus, JobKind, TransferPhase, Word
 
 log = logging.getLogger("gatewayd.lifecycle")
+
+# Seconds between two rebuilds of a job's status for upload progress alone (a new word of a
+# transfer is published at once). Every upload answer of every device reported a change, and
+# each rebuild reads all the job's transfers: with 200 devices in one gateway job that was
+# O(devices x chunks) and kept the daemon on a full core (bench/scale.py). The Reporter sends
+# progress at most every 2 s, so rebuilding it more often than this shows nothing more.
+PROGRESS_INTERVAL = 0.5
 
 
 class Publisher(Protocol):
@@ -64,6 +71,8 @@ class JobManager:
         self._views = views
         self._kinds = dict(kinds)
         self._running: dict[JobKey, asyncio.Task[None]] = {}
+        self._words: dict[JobKey, dict[TransferKey, Word]] = {}  # each transfer's word last published
+        self._progress_due: dict[JobKey, asyncio.TimerHandle] = {}
         self.stopping = False
 
     # configuration
@@ -205,6 +214,7 @@ class JobManager:
     async def job_gone(self, key: JobKey) -> None:
         """Cancelled, removed or replaced in the cloud: stop its work and clean up."""
         await self.stop(key, "job cancelled in the cloud")
+        self._forget_transfers(key)
         self._state.set_job_phase(key, Word.CANCELLED, "job cancelled in the cloud")
         self._state.close_job(key)
         job = self._state.find_job(key)
@@ -282,6 +292,7 @@ class JobManager:
     def finish(self, job: JobRecord, status: CloudStatus, word: Word, reason: str | None) -> None:
         """Decide the job's outcome (in the database first), then tell who follows it."""
         self._state.decide_job(job.key, status, word, reason)
+        self._forget_transfers(job.key)
         log.log(logging.INFO if status is CloudStatus.SUCCEEDED else logging.WARNING,
                 "%s ends %s%s", job_label(job), status, f": {reason}" if reason else "",
                 extra=log_fields(job_id=job.job_id, thing=job.thing, phase=word))
@@ -301,10 +312,44 @@ class JobManager:
             self.publish(job)
 
     def transfer_changed(self, key: TransferKey) -> None:
-        job = self._state.find_job(key.job)
-        if job is None or job.final_status:
+        """A transfer moved on: a new word is published at once, progress within PROGRESS_INTERVAL."""
+        try:
+            word = self._state.transfer(key).word
+        except MissingRecord:
+            word = None
+        words = self._words.setdefault(key.job, {})
+        if word is not None and words.get(key) == word:
+            self._publish_progress_later(key.job)
             return
-        if all(t.final for t in self._state.transfers(key.job)):
+        if word is not None:
+            words[key] = word
+        self._publish_transfers(key.job)
+
+    def _publish_progress_later(self, key: JobKey) -> None:
+        if key in self._progress_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._publish_transfers(key)
+            return
+        self._progress_due[key] = loop.call_later(PROGRESS_INTERVAL, self._publish_transfers, key)
+
+    def _forget_transfers(self, key: JobKey) -> None:
+        self._words.pop(key, None)
+        due = self._progress_due.pop(key, None)
+        if due is not None:
+            due.cancel()
+
+    def _publish_transfers(self, key: JobKey) -> None:
+        due = self._progress_due.pop(key, None)
+        if due is not None:
+            due.cancel()
+        job = self._state.find_job(key)
+        if job is None or job.final_status:
+            self._forget_transfers(key)
+            return
+        if all(t.final for t in self._state.transfers(key)):
             return  # the job's final update follows at once
         self.publish(job)
 

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import hashlib
 import random
+import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -26,7 +27,7 @@ from gatewayd.config import (BleConfig, Config, DeviceConfig, GatewayConfig, Mqt
 from gatewayd.emulators.signing import Signer, build_mcuboot_image, make_signer
 from gatewayd.errors import JobFailed
 from gatewayd.emulators.smp_device import EmulatedDevice
-from gatewayd.lifecycle import JobManager, KindRules
+from gatewayd.lifecycle import PROGRESS_INTERVAL, JobManager, KindRules
 from gatewayd.relay import RelayImage, RelayManager
 from gatewayd.sources import JobEvents, Verifier, parse_ota
 from gatewayd.state import FileKey, JobKey, JobRecord, StateDB
@@ -429,3 +430,29 @@ def test_with_the_inventory_off_no_image_is_kept_after_its_job(tmp_path: Path, s
     gw = run(tmp_path, signer, {"pump": {}}, scenario)
     assert gw.told.final(key)[0] == CloudStatus.SUCCEEDED
     assert list(gw.store.images.iterdir()) == []
+
+
+def test_upload_progress_is_rebuilt_at_most_every_progress_interval_and_every_word_at_once(
+        tmp_path: Path, signer: Signer) -> None:
+    """bench/scale.py: every upload answer of every device rebuilt the job's status from all its
+    transfers, O(devices x chunks); 200 devices in one job kept the daemon on a full core."""
+    image = make_image((2, 0, 0), "many")
+    key = JobKey(GATEWAY, "fleet")
+    names = [f"node-{i}" for i in range(6)]
+    changes: list[float] = []
+
+    async def scenario(gw: Gateway) -> None:
+        transfer_changed = gw.jobs.transfer_changed
+        gw.jobs.transfer_changed = lambda k: (changes.append(time.monotonic()), transfer_changed(k))  # type: ignore
+        await gw.jobs.on_execution(GATEWAY, gw.execution(GATEWAY, "fleet", [("node-2.0.0.bin", image)]))
+        await gw.settle(key)
+
+    gw = run(tmp_path, signer, {name: {"files": "node-*", "buf_size": 128} for name in names}, scenario)
+    assert gw.told.final(key) == (CloudStatus.SUCCEEDED, Word.SUCCEEDED, None)
+    assert all(gw.emulators[n].active_image() == image for n in names)
+    assert gw.told.words(key)[-4:] == [Word.UPLOADING, Word.TESTING, Word.CONFIRMING, Word.SUCCEEDED]
+    published = len(gw.told.updates[key])
+    # each device's words (uploading, testing, confirming, succeeded ...) at once, progress at most
+    # every PROGRESS_INTERVAL: far fewer rebuilds than upload answers
+    assert published <= 6 * len(names) + 2 * (changes[-1] - changes[0]) / PROGRESS_INTERVAL + 8
+    assert len(changes) > 3 * published
