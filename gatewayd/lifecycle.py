@@ -312,15 +312,19 @@ class JobManager:
             self.publish(job)
 
     def transfer_changed(self, key: TransferKey) -> None:
-        """A transfer moved on: a new word is published at once, progress within PROGRESS_INTERVAL."""
+        """A transfer moved on: a new word and the upload's end are published at once, other
+        progress within PROGRESS_INTERVAL."""
         try:
-            word = self._state.transfer(key).word
+            record = self._state.transfer(key)
         except MissingRecord:
-            word = None
+            record = None
+        word = record.word if record is not None else None
         words = self._words.setdefault(key.job, {})
-        if word is not None and words.get(key) == word:
-            self._publish_progress_later(key.job)
-            return
+        if record is not None and words.get(key) == word:
+            done, total = self._views.transfer_progress(record)
+            if not total or done < total:
+                self._publish_progress_later(key.job)
+                return
         if word is not None:
             words[key] = word
         self._publish_transfers(key.job)
