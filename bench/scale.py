@@ -26,7 +26,7 @@ What is measured, for each:
   over it). peak/s is the most publishes in any 1-second window, over the daemon's whole life
   (start-up included); the window slides from publish to publish.
 
-    .venv/bin/python bench/scale.py                 # both scenarios, 200 devices (~5 min on 2 cores)
+    .venv/bin/python bench/scale.py                 # both scenarios, 200 devices (~2.5 min on 2 cores)
     .venv/bin/python bench/scale.py --devices 50 --scenario proxied --repeat 3 --json out.json
 """
 
