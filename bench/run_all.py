@@ -22,6 +22,7 @@ def main() -> int:
         ["ble_window.py", "--json", str(RESULTS / "ble_window.json")],
         ["wan_download.py", "--json", str(RESULTS / "wan_download.json")],
         ["cpu_per_mb.py", "--json", str(RESULTS / "cpu_per_mb.json")],
+        ["scale.py", "--json", str(RESULTS / "scale.json")],
     ]
     failed = 0
     for script, *args in runs:

@@ -14,6 +14,11 @@ a background task asks `$next/get` for each of them once per `poll_interval`, sp
 the interval, and the answer reaches on_execution exactly as for a subscribed thing.
 When a subscribed thing is unserved, the polled thing served earliest is promoted to a
 notify-next subscription (and asked for its next job at once).
+
+Publish budget (AWS IoT Core: 100 publishes per second per connection, those over it
+discarded): with a `publish_rate` every request (update, get, retry) waits for its turn in
+that token bucket (`gatewayd.publish_rate`) before it is published, so that 200 things polled
+or asked again after a reconnect, or 200 executions reporting, stay under the quota.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 
 from .aws import DEVICE_STATUSES, check_job_id, check_status_details, check_thing_name
 from .mqtt import MqttClient, MqttError
+from .publish_rate import PublishRate
 
 log = logging.getLogger("gatewayd.cloud")
 
@@ -218,8 +224,10 @@ class _Requests:
     lost with the connection), after `timeout` otherwise, with a backoff when the broker
     refused the publish or AWS answered RequestThrottled."""
 
-    def __init__(self, mqtt: MqttClient, timeout: float, backoff: float, max_backoff: float) -> None:
+    def __init__(self, mqtt: MqttClient, timeout: float, backoff: float, max_backoff: float,
+                 rate: PublishRate | None = None) -> None:
         self._mqtt = mqtt
+        self._rate = rate
         self._timeout = timeout
         self._backoff = backoff
         self._max_backoff = max_backoff
@@ -266,11 +274,13 @@ class _Requests:
         return random.uniform(base / 2, base)
 
     async def ask(self, thing: str, job: str, op: str, body: dict[str, Any],
-                  served: Callable[[str], bool], *, give_up: _GiveUp | None = None) -> _Reply:
+                  served: Callable[[str], bool], *, give_up: _GiveUp | None = None, prepaid: bool = False) -> _Reply:
         """Publish a request and wait for its reply, retrying lost ones while connected.
 
         `give_up`: how many requests may go without an answer (no reply in time, lost with the
-        connection, throttled) before NoReply; without it, ask for as long as connected."""
+        connection, throttled) before NoReply; without it, ask for as long as connected.
+        Every publish waits for its turn in the publish rate, but the first one when the caller
+        has already taken that turn (`prepaid`)."""
         topic = f"$aws/things/{thing}/jobs/{job}/{op}"
         loop = asyncio.get_running_loop()
         call = _Call(thing, job, op, loop.create_future())
@@ -287,6 +297,9 @@ class _Requests:
                 payload = json.dumps(dict(body, clientToken=token), separators=(",", ":"))
                 reconnected = self._next_connect()
                 try:
+                    if self._rate is not None and not prepaid:
+                        await self._rate.acquire()
+                    prepaid = False
                     await self._mqtt.publish(topic, payload, qos=1)
                     await asyncio.wait({call.future, reconnected}, timeout=self._timeout,
                                        return_when=asyncio.FIRST_COMPLETED)
@@ -345,6 +358,7 @@ class JobsClient:
         max_thing_subscriptions: int | None = None,
         poll_interval: float = 60.0,
         describe_requests: int = 3,
+        publish_rate: PublishRate | None = None,
     ) -> None:
         """`subscribe_replies=False` suits AWS IoT itself, which delivers accepted/rejected
         replies to the requesting client unasked: one subscription per thing
@@ -356,7 +370,9 @@ class JobsClient:
 
         `describe` is a one-off read (a fresh URL, a second look at a changed stream): it
         gives up with NoReply after `describe_requests` requests without an answer, about
-        that many `request_timeout`s. The next-job flow asks for as long as it is connected."""
+        that many `request_timeout`s. The next-job flow asks for as long as it is connected.
+
+        `publish_rate`: the connection's token bucket; every request waits for its turn."""
         if max_thing_subscriptions is not None and max_thing_subscriptions < 1:
             raise ValueError("max_thing_subscriptions must be at least 1")
         if describe_requests < 1:
@@ -366,7 +382,8 @@ class JobsClient:
         self._mqtt = mqtt
         self._subscribe_replies = subscribe_replies
         self._on_execution = on_execution
-        self._requests = _Requests(mqtt, request_timeout, retry_backoff, max_retry_backoff)
+        self._requests = _Requests(mqtt, request_timeout, retry_backoff, max_retry_backoff, publish_rate)
+        self.publish_rate = publish_rate
         self._describe_requests = describe_requests
         self._served: dict[str, list[tuple[str, Callable[[str, bytes], None], bool]]] = {}
         self._queues: dict[str, asyncio.Queue[Any]] = {}
@@ -614,8 +631,11 @@ class JobsClient:
         *,
         expected_version: int | None = None,
         execution_number: int | None = None,
+        prepaid: bool = False,
     ) -> UpdateResult:
         """UpdateJobExecution; rejections come back as UpdateResult(accepted=False).
+
+        `prepaid`: the caller took the first publish's turn in `publish_rate` already.
 
         Retried on reply timeouts while connected (a retry after a lost reply may be
         answered VersionMismatch/InvalidStateTransition: read `status`). Raises MqttError
@@ -634,7 +654,7 @@ class JobsClient:
         if execution_number is not None:
             body["executionNumber"] = execution_number
         body["includeJobExecutionState"] = True
-        reply = await self._request(thing_name, job_id, "update", body)
+        reply = await self._request(thing_name, job_id, "update", body, prepaid=prepaid)
         doc = reply.doc
         state_status, version, details = _execution_state(doc)
         if reply.result == "accepted":
@@ -643,10 +663,11 @@ class JobsClient:
                             state_status, version, details)
 
     async def _request(self, thing: str, job: str, op: str, body: dict[str, Any],
-                       give_up: _GiveUp | None = None) -> _Reply:
+                       give_up: _GiveUp | None = None, prepaid: bool = False) -> _Reply:
         if thing not in self._served:
             raise JobsError("NotServed", f"thing {thing} is not served")
-        return await self._requests.ask(thing, job, op, body, lambda t: t in self._served, give_up=give_up)
+        return await self._requests.ask(thing, job, op, body, lambda t: t in self._served, give_up=give_up,
+                                        prepaid=prepaid)
 
     # -- incoming --
 

@@ -22,6 +22,7 @@ from .lifecycle import JobManager, KindRules
 from .local import Followers, LocalUpdates, PushRefused, PushRequest
 from .logs import setup_logging
 from .mqtt import ConnectionSettings, MqttClient, MqttError
+from .publish_rate import PacedClient, PublishRate
 from .relay import RelayManager
 from .report import ExecutionReports, Reporter
 from .shadow import ShadowClient
@@ -50,17 +51,22 @@ class Daemon:
         m = config.mqtt
         self.mqtt = MqttClient(host=m.endpoint, port=m.port, client_id=m.client_id, ca_file=m.ca_file,
                                cert_file=m.cert_file, key_file=m.key_file, keepalive=m.keepalive)
+        # one token bucket for every publish on the connection: under AWS IoT Core's publish quota
+        self.publish_rate = PublishRate()
         self.cloud = JobsClient(self.mqtt, self._on_execution, max_thing_subscriptions=m.max_thing_subscriptions,
-                                poll_interval=m.poll_interval)
+                                poll_interval=m.poll_interval, publish_rate=self.publish_rate)
         self.links = LinkFactory(config.ble.max_connections)
         self.relays = RelayManager(config, self.state, self._transfer_changed, self.links, on_images=self._images_seen,
                                    on_ended=self._transfer_ended)
         self.views = StatusViews(self.state, self.relays.live_progress, self.relays.present)
-        self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt)
+        self.reporter = Reporter(self.cloud, self.state, on_gone=self._job_gone, connection=self.mqtt,
+                                 publish_rate=self.publish_rate)
         reports = ExecutionReports(self.reporter, self.views, self.state)
         self.followers = Followers(self.state, self.views)
         verifier = Verifier(self.state, store, lambda: self.config.signing.certificates)
-        cloud_files = CloudFiles(lambda: self.config, self.state, store, self.mqtt, self.cloud, verifier)
+        # stream requests (GetStream, DescribeStream) count against the quota too
+        self.stream_mqtt = PacedClient(self.mqtt, self.publish_rate)
+        cloud_files = CloudFiles(lambda: self.config, self.state, store, self.stream_mqtt, self.cloud, verifier)
         self.jobs = JobManager(config, self.state, store, self.relays, self.views, {
             JobKind.GATEWAY: KindRules(cloud_files, reports),
             JobKind.PROXIED: KindRules(cloud_files, reports, one_device=True),
@@ -68,7 +74,8 @@ class Daemon:
             JobKind.REDELIVER: KindRules(StoredImage(lambda: self.config, self.state, store, verifier), self.followers,
                                          one_device=True),
         })
-        self.reports = ShadowReports(lambda: self.config, self.state, ShadowClient(self.mqtt), self.mqtt.wait_connected)
+        shadows = ShadowClient(self.mqtt, publish_rate=self.publish_rate)
+        self.reports = ShadowReports(lambda: self.config, self.state, shadows, self.mqtt.wait_connected)
         self.inventory = Inventory(lambda: self.config, self.state, store, self.relays, self.jobs, self.reports)
         self.local = LocalUpdates(self.jobs, self.state, store)
         self.control = ControlServer(config.gateway.control_socket, {
@@ -209,7 +216,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload(config_path)))
         await self.control.start()
-        await subscribe_streams(self.mqtt, self.config.gateway.thing_name)  # in the first connect's SUBSCRIBE
+        await subscribe_streams(self.stream_mqtt, self.config.gateway.thing_name)  # in the first connect's SUBSCRIBE
         await self.mqtt.start()
         await self._serve_things()
         await self.jobs.resume()

@@ -34,7 +34,9 @@ from .vocab import CloudStatus, JobKind, TransferPhase, Word
 
 # Progress (a stream block, a device's answer to an upload chunk) reaches the publishers at most
 # this often per job, the latest always: each publish reads the job back from the database and
-# builds its status, and the Reporter sends one update per word every 2 s anyway.
+# builds its status from all its transfers (with 200 devices in one job, O(devices x chunks) kept
+# the daemon on a full core: bench/scale.py), and the Reporter sends one update per word every
+# 2 s anyway.
 PROGRESS_INTERVAL = 0.5  # s
 
 log = logging.getLogger("gatewayd.lifecycle")
@@ -213,6 +215,7 @@ class JobManager:
     async def job_gone(self, key: JobKey) -> None:
         """Cancelled, removed or replaced in the cloud: stop its work and clean up."""
         await self.stop(key, "job cancelled in the cloud")
+        self._forget_progress(key, transfers=True)
         self._state.set_job_phase(key, Word.CANCELLED, "job cancelled in the cloud")
         self._state.close_job(key)
         job = self._state.find_job(key)
@@ -311,11 +314,13 @@ class JobManager:
 
     def transfer_changed(self, key: TransferKey) -> None:
         try:
-            phase = self._state.transfer(key).phase
+            record = self._state.transfer(key)
         except MissingRecord:
             return
-        if self._transfer_phases.get(key) is not phase:  # a new word is told at once, however soon
-            self._transfer_phases[key] = phase
+        done, total = self._views.transfer_progress(record)
+        # a new word is told at once, however soon, and so is an upload's end (its 100%)
+        if self._transfer_phases.get(key) is not record.phase or (total and done >= total):
+            self._transfer_phases[key] = record.phase
             self._forget_progress(key.job)
             self._publish_progress(key.job)
         else:

@@ -9,6 +9,12 @@ the execution is gone. An update refused with VersionMismatch is sent again on t
 the cloud names, at once, at most `max_version_resends` times in a row; then it waits
 `retry_interval` before the next round, so a cloud that keeps moving the version costs one
 short burst per pause, never a tight loop.
+
+With a `publish_rate` (the connection's token bucket, `gatewayd.publish_rate`) an execution
+takes its turn before it picks what to send: while it waits, newer states of the same status
+word replace the queued one (`post`), so the update that goes out carries the newest progress,
+and at most one update per execution waits for the limiter however many devices report. A
+final update is queued like any new word and never replaced or dropped: it only waits its turn.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .aws import MAX_DETAIL_VALUE, MAX_STATUS_DETAILS, TERMINAL_STATUSES, detail
 from .cloud import JobsClient, UpdateResult
 from .logs import log_fields
 from .mqtt import MqttClient
+from .publish_rate import PublishRate
 from .state import JobKey, JobRecord, StateDB
 from .views import DeviceStatus, StatusViews
 from .vocab import CloudStatus, JobKind
@@ -133,6 +140,7 @@ class Reporter:
         min_interval: float = 2.0,
         retry_interval: float = 5.0,
         max_version_resends: int = 5,
+        publish_rate: PublishRate | None = None,  # the one the JobsClient's requests wait for
     ) -> None:
         if max_version_resends < 0:
             raise ValueError("max_version_resends must be 0 or more")
@@ -144,6 +152,7 @@ class Reporter:
         self._retry_interval = retry_interval
         self._max_version_resends = max_version_resends
         self._executions: dict[JobKey, _Execution] = {}
+        self._rate = publish_rate
 
     def post(self, key: JobKey, status: CloudStatus, details: dict[str, str], *, final: bool = False) -> None:
         """Queue the newest state of an execution; older unsent states are replaced."""
@@ -191,8 +200,12 @@ class Reporter:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            if self._rate is not None:
+                # our turn first, then the newest state: what was posted meanwhile replaced the queued one
+                await self._rate.acquire()
+                pending = ex.queue[0]
             try:
-                done = await self._send(ex, pending)
+                done = await self._send(ex, pending, prepaid=self._rate is not None)
             except Exception:  # noqa: BLE001 - a bug must not lose the final update: pause, try again
                 log.exception("sending the status update of %s failed", ex.key.job_id,
                               extra=log_fields(job_id=ex.key.job_id, thing=ex.key.thing, phase=pending.word))
@@ -217,8 +230,9 @@ class Reporter:
                 return
         await asyncio.sleep(self._retry_interval)
 
-    async def _send(self, ex: _Execution, pending: _Pending) -> bool:
-        """True when this update needs no more sending (accepted, or the execution is gone)."""
+    async def _send(self, ex: _Execution, pending: _Pending, prepaid: bool = False) -> bool:
+        """True when this update needs no more sending (accepted, or the execution is gone).
+        `prepaid`: the first request's turn in the publish rate is taken already."""
         key = ex.key
         fields = log_fields(job_id=key.job_id, thing=key.thing, phase=pending.word)
         for _resend in range(self._max_version_resends + 1):
@@ -228,7 +242,9 @@ class Reporter:
             try:
                 result = await self._cloud.update(
                     key.thing, key.job_id, pending.status, pending.details,
-                    expected_version=job.version_number, execution_number=job.execution_number)
+                    expected_version=job.version_number, execution_number=job.execution_number,
+                    **({"prepaid": True} if prepaid else {}))
+                prepaid = False
             except Exception as e:  # not connected, timeout: keep it and try again
                 log.info("status update for %s not sent yet: %s", key.job_id, e, extra=fields)
                 return False

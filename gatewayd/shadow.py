@@ -6,7 +6,8 @@ The gateway writes; it never reads a shadow's desired state. An update is a publ
 topics" and "Device Shadow error messages"). Those answers reach only subscribers, so the
 client subscribes to the two topics of a shadow for the time of its update and leaves them
 afterwards: a gateway with hundreds of devices never holds more than two such
-subscriptions, far below the 50 a connection may have.
+subscriptions, far below the 50 a connection may have. With a `publish_rate` (the
+connection's token bucket, `gatewayd.publish_rate`) each update waits for its turn.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from .aws import MAX_SHADOW_STATE_BYTES, SHADOW_NAME, check_thing_name
 from .mqtt import MqttClient, MqttError
+from .publish_rate import PublishRate
 
 log = logging.getLogger("gatewayd.shadow")
 
@@ -55,8 +57,10 @@ class ShadowTarget:
 class ShadowClient:
     """One named shadow update at a time over the gateway's MQTT connection."""
 
-    def __init__(self, mqtt: MqttClient, timeout: float = REPLY_TIMEOUT) -> None:
+    def __init__(self, mqtt: MqttClient, timeout: float = REPLY_TIMEOUT,
+                 publish_rate: PublishRate | None = None) -> None:
         self._mqtt = mqtt
+        self._rate = publish_rate
         self._timeout = timeout
         self._lock = asyncio.Lock()
 
@@ -84,6 +88,8 @@ class ShadowClient:
             try:
                 for flt in filters:
                     await self._mqtt.subscribe(flt, on_reply, qos=1)
+                if self._rate is not None:
+                    await self._rate.acquire()
                 await self._mqtt.publish(target.topic, payload, qos=1)
                 outcome, doc = await asyncio.wait_for(answer, self._timeout)
             except MqttError as e:

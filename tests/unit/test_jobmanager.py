@@ -463,3 +463,29 @@ def test_download_progress_reaches_the_publisher_at_most_every_progress_interval
     assert (1000, 1000) in progress  # the last one is told, after the interval
     assert len(progress) <= took / PROGRESS_INTERVAL + 2  # not one per block
     assert len(progress) >= 2
+
+
+def test_upload_progress_is_rebuilt_at_most_every_progress_interval_and_every_word_at_once(
+        tmp_path: Path, signer: Signer) -> None:
+    """bench/scale.py: every upload answer of every device rebuilt the job's status from all its
+    transfers, O(devices x chunks); 200 devices in one job kept the daemon on a full core."""
+    image = make_image((2, 0, 0), "many")
+    key = JobKey(GATEWAY, "fleet")
+    names = [f"node-{i}" for i in range(6)]
+    changes: list[float] = []
+
+    async def scenario(gw: Gateway) -> None:
+        transfer_changed = gw.jobs.transfer_changed
+        gw.jobs.transfer_changed = lambda k: (changes.append(time.monotonic()), transfer_changed(k))  # type: ignore
+        await gw.jobs.on_execution(GATEWAY, gw.execution(GATEWAY, "fleet", [("node-2.0.0.bin", image)]))
+        await gw.settle(key)
+
+    gw = run(tmp_path, signer, {name: {"files": "node-*", "buf_size": 128} for name in names}, scenario)
+    assert gw.told.final(key) == (CloudStatus.SUCCEEDED, Word.SUCCEEDED, None)
+    assert all(gw.emulators[n].active_image() == image for n in names)
+    assert gw.told.words(key)[-4:] == [Word.UPLOADING, Word.TESTING, Word.CONFIRMING, Word.SUCCEEDED]
+    published = len(gw.told.updates[key])
+    # each device's words (uploading, testing, confirming, succeeded ...) and the end of its upload
+    # at once, other progress at most every PROGRESS_INTERVAL: far fewer rebuilds than upload answers
+    assert published <= 8 * len(names) + 2 * (changes[-1] - changes[0]) / PROGRESS_INTERVAL + 8
+    assert len(changes) > 3 * published
