@@ -210,7 +210,7 @@ class StreamDownload:
         started = asyncio.get_running_loop().time()
         fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            self._forget_blocks_past_eof(fd)
+            _forget_blocks_past_eof(fd, self._bitmap, self.file_size, self.block_size)
             if not self._bitmap.complete:
                 await self._download(fd)
             self._finish(fd)
@@ -220,14 +220,6 @@ class StreamDownload:
                      self.stats.requests, self.stats.duplicates, self.stats.discarded)
         finally:
             os.close(fd)
-
-    def _forget_blocks_past_eof(self, fd: int) -> None:
-        # The database said "received", but the .part file is shorter (deleted, replaced).
-        size = os.fstat(fd).st_size
-        for i in range(self._bitmap.n_blocks):
-            end = i * self.block_size + block_length(i, self.file_size, self.block_size)
-            if end > size and self._bitmap.is_received(i):
-                self._bitmap.mark_missing(i)
 
     def _finish(self, fd: int) -> None:
         if os.fstat(fd).st_size > self.file_size:
@@ -243,7 +235,14 @@ class StreamDownload:
         loop = asyncio.get_running_loop()
 
         def on_data(_topic: str, payload: bytes) -> None:
-            index = self._accept(fd, payload)
+            if inbox.failure is not None:
+                return
+            try:
+                index = self._accept(fd, payload)
+            except OSError as e:  # the gateway's own disk: the loop ends the download with it
+                inbox.failure = e
+                inbox.wake.set()
+                return
             if index is None:
                 return
             now = loop.time()
@@ -294,8 +293,8 @@ class StreamDownload:
                 if self.stats.blocks != progress:
                     progress = self.stats.blocks
                     deadline = self._last_block + self._timeout
-                if inbox.refused is not None:
-                    raise inbox.refused
+                if inbox.failure is not None:
+                    raise inbox.failure
                 if inbox.rejections and await self._rejections(fd, inbox):
                     break  # ask again at once, on the version just described
                 if inbox.completed is not None or self._unsaved >= 2 * self.window:
@@ -520,7 +519,9 @@ class _Inbox:
     rejections: list[bytes] = field(default_factory=list)
     descriptions: list[bytes] = field(default_factory=list)
     completed: _Snapshot | None = None  # the progress when a window last completed, not yet saved
-    refused: DownloadError | None = None  # the broker refused a request sent ahead
+    # what ends the download, met in a callback: the broker refused a request sent ahead, or
+    # writing a block failed (a full disk), which the loop raises as run() would have
+    failure: Exception | None = None
     publishing: set[asyncio.Task[None]] = field(default_factory=set)  # requests ahead awaiting their PUBACK
 
     async def description(self, token: str, timeout: float, what: str) -> StreamDescription | None:
@@ -546,14 +547,14 @@ class _Inbox:
                 return None
 
     def publish_ahead(self, mqtt: MqttClient, topic: str, payload: bytes, what: str) -> None:
-        """Publish without waiting for the PUBACK; a refusal is left in `refused` for the loop."""
+        """Publish without waiting for the PUBACK; a refusal is left in `failure` for the loop."""
 
         async def publish() -> None:
             try:
                 await mqtt.publish(topic, payload, qos=1)
             except MqttError as e:
                 if e.code is not None:
-                    self.refused = DownloadError(f"the broker refused {what}: {e}")
+                    self.failure = DownloadError(f"the broker refused {what}: {e}")
                     self.wake.set()
                 else:
                     log.debug("%s sent ahead was not acknowledged: %s", what, e)
@@ -599,6 +600,15 @@ async def subscribe_streams(mqtt: MqttClient, thing_name: str) -> None:
 
 def _arrives_locally(_topic: str, _payload: bytes) -> None:
     """The wildcard filters' own handler: each download handles its stream's topics."""
+
+
+def _forget_blocks_past_eof(fd: int, bitmap: Bitmap, file_size: int, block_size: int) -> None:
+    # The database said "received", but the .part file is shorter (deleted, replaced).
+    size = os.fstat(fd).st_size
+    for i in range(bitmap.n_blocks):
+        end = i * block_size + block_length(i, file_size, block_size)
+        if end > size and bitmap.is_received(i):
+            bitmap.mark_missing(i)
 
 
 def _code_and_message(rejection: bytes) -> tuple[str, str]:

@@ -338,3 +338,26 @@ def test_windows_never_overlap_never_exceed_two_and_ask_only_for_missing_blocks(
         assert len(windows.flight) <= MAX_IN_FLIGHT
         if bitmap.mark_received(block):
             windows.block_received()
+
+
+def test_a_block_that_cannot_be_written_ends_the_download_with_the_disks_error(
+        saves: Saves, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import gatewayd.stream_download as sd
+    written = []
+    real = sd.pwrite_all
+
+    def full_after_ten(fd: int, data: bytes, offset: int) -> None:
+        if len(written) >= 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(offset)
+        real(fd, data, offset)
+
+    monkeypatch.setattr(sd, "pwrite_all", full_after_ten)
+    mqtt = stream(rtt=0.01, gap=0.001)
+    dl = download(mqtt, saves, request_timeout=5.0)
+    with pytest.raises(OSError) as e:  # written in the message callback, raised by run()
+        run(mqtt, dl)
+    assert e.value.errno == errno.ENOSPC and len(written) == 10
+    assert set(mqtt.handlers) == {"$aws/things/gw-01/streams/+/data/cbor", "$aws/things/gw-01/streams/+/rejected/cbor"}
