@@ -229,8 +229,8 @@ class BleLink:
                 try:
                     async with asyncio.timeout(self.connect_timeout + CONNECT_MARGIN):
                         await self._guard(client.connect(), "cannot connect")
-                except Exception:
-                    connect_failed = True
+                except Exception as e:
+                    connect_failed = not _adapter_not_ready(e)  # powered off says nothing of a stuck attempt
                     raise
                 self.holds.link_up(client)
                 char = client.services.get_characteristic(SMP_CHARACTERISTIC_UUID)
@@ -488,3 +488,8 @@ class BleLink:
                 raise
         except Exception as e:  # noqa: BLE001 - the link is being discarded anyway
             log.debug("%s: cleanup: %r", self.name, e)
+
+
+def _adapter_not_ready(error: BaseException) -> bool:
+    """BlueZ refused the attempt because the adapter is powered off (org.bluez.Error.NotReady)."""
+    return "org.bluez.Error.NotReady" in f"{getattr(error, 'dbus_error', '')} {error}"

@@ -1104,3 +1104,38 @@ async def test_links_report_failed_connections_to_the_adapter_watch_and_an_open_
         await up.close()
         await down.close()
         await bench.close()
+
+
+@async_test
+async def test_attempts_refused_because_the_adapter_is_powered_off_never_count_as_stuck() -> None:
+    """VM stage: the adapter powered off by someone else mid-upload made three NotReady attempts,
+    and the daemon, finding it powered on again by then, powered it off and on itself."""
+    from transports.ble_adapter import AdapterWatch
+
+    cycled: list[str] = []
+
+    async def power_cycle(adapter: str) -> bool:
+        cycled.append(adapter)
+        return True
+
+    class NotReady(Exception):
+        dbus_error = "org.bluez.Error.NotReady"
+
+    class PoweredOffClient:
+        is_connected = False
+
+        def __init__(self, *_args: object, **_kwargs: object) -> None:
+            pass
+
+        async def connect(self) -> None:
+            raise NotReady("[org.bluez.Error.NotReady] Resource Not Ready")
+
+        async def disconnect(self) -> None:
+            pass
+
+    watch = AdapterWatch(power_cycle, stuck_after=3)
+    link = BleLink("F0:00:00:00:00:09", client_factory=PoweredOffClient, connect_timeout=0.2, adapter_watch=watch)
+    for _ in range(5):
+        with pytest.raises(LinkError, match="NotReady"):
+            await link.open()
+    assert cycled == []
