@@ -173,6 +173,7 @@ class BleLink:
         self._small_writes = False  # the device never answered larger writes: 20 bytes from now on
         self._last_sent = 0  # bytes of the last request sent on this connection
         self._large_answered = False  # a request longer than one minimum write was answered
+        self._large_ever_answered = False  # ... on any connection of this link: writes of that size work
         self._assembler = PacketAssembler()
         self._inbox = Inbox()
         self._inbox.fail(LinkError(f"{self.name}: link not open"))
@@ -406,14 +407,16 @@ class BleLink:
         """The next response packet; LinkError once the connection dropped or closed.
 
         When a request of more than one minimum write gets no answer on a connection where no
-        such request was ever answered, the write size is in doubt (some stacks and devices
+        such request was ever answered, nor on any earlier connection of this link (a device
+        just back in range may lose one answer), the write size is in doubt (some stacks and devices
         drop writes they should take): the connection is dropped and later ones write 20 bytes.
         Only for a device that reassembles requests: for any other, a request must fit one
         write, and 20-byte writes could not carry an upload at all."""
         try:
             packet = await self._inbox.get(timeout)
         except TimeoutError:
-            if (self.reassembly and self._last_sent > MIN_WRITE and not self._large_answered and self.mtu is None
+            if (self.reassembly and self._last_sent > MIN_WRITE and not self._large_answered
+                    and not self._large_ever_answered and self.mtu is None
                     and (self._write_size or 0) > MIN_WRITE and self._client is not None):
                 log.warning("%s: no answer to a %d-byte request in %d-byte writes; writing %d bytes at a time "
                             "from the next connection on", self.name, self._last_sent, self._write_size, MIN_WRITE)
@@ -421,7 +424,7 @@ class BleLink:
                 await self._lost(self._client, f"no answer to {self._write_size}-byte writes")
             raise
         if self._last_sent > MIN_WRITE:
-            self._large_answered = True
+            self._large_answered = self._large_ever_answered = True
         return packet
 
     # --- callbacks ------------------------------------------------------------------------
