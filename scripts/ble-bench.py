@@ -123,7 +123,11 @@ class Air:
         self._offset = 0
 
     def mark(self) -> None:
-        self._offset = HCI_LOG.stat().st_size if HCI_LOG.exists() else 0
+        # Not the file's size: btmon writes a record's header and its data in two write()s,
+        # and a size taken between them would start the next read mid-record, where the
+        # parser finds no record at all. The end of the last whole record is a boundary.
+        if HCI_LOG.exists():
+            self._offset = btsnoop.read(str(HCI_LOG), self._offset)[1]
 
     def since_mark(self) -> btsnoop.Air:
         return btsnoop.read(str(HCI_LOG), self._offset)[0] if HCI_LOG.exists() else btsnoop.Air()

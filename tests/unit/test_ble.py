@@ -508,6 +508,25 @@ async def test_a_device_that_never_answers_larger_writes_gets_20_byte_writes() -
 
 
 @async_test
+async def test_one_answer_lost_after_a_reconnection_keeps_the_write_size() -> None:
+    """A device just back in range may lose an answer; larger writes worked on an earlier
+    connection of this link, so the link keeps them rather than crawl on 20-byte writes."""
+    device = make_device()
+    async with served(device, mtu=247, reassembly=True) as (link, smp, peripheral, _):
+        assert await smp.echo("y" * 100) == "y" * 100
+        await peripheral.drop_connection()
+        await wait_until(lambda: not link.is_open)
+        device.response_delay, smp.timeout = 0.6, 0.3
+        with pytest.raises(LinkTimeout):
+            await smp.echo("z" * 100)
+        assert link.is_open and link.connects == 2  # the connection stays
+        device.response_delay, smp.timeout = 0.0, 2.0
+        assert await smp.echo("w" * 100) == "w" * 100
+        assert link.connects == 2 and link.write_size == 244 and peripheral.write_sizes[-1] <= 244
+        assert max(peripheral.write_sizes[-2:]) > 20
+
+
+@async_test
 async def test_device_without_reassembly_gets_whole_packets_within_mtu() -> None:
     # The full first upload chunk (len, sha, image, upgrade and at least 32 bytes of data) is a
     # 114-byte packet; smaller MTUs get fewer fields (see the next test).
