@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,15 @@ def test_force_cancel_mid_upload_stops_work_and_cleans_up(lab):
     lab.aws.cancel_job("cancel-me", force=True)
     lab.wait_until("the daemon to notice the cancellation",
                    lambda: "gone in the cloud" in lab.daemon_log() or "no longer pending" in lab.daemon_log(), 10)
+
+    def pump_phase() -> str | None:
+        devices = json.loads(lab.ctl("status", "--json").stdout).get("devices") or []
+        return next((d.get("phase") for d in devices if d.get("name") == "pump"), None)
+
+    # the daemon logs the cancellation before it stops the upload, and a request it wrote
+    # before that may still be on its way through the pty: count from the stop, once those landed
+    lab.wait_until("the upload to be stopped", lambda: pump_phase() == "cancelled", 10)
+    time.sleep(0.3)
     received = dev.upload_bytes_received
     updates = len(lab.aws.all_updates("pump", "cancel-me"))
     time.sleep(2.5)
