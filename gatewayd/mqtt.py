@@ -26,6 +26,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from .mqtt_reader import FOR_PAHO, MAX_READS, NOTHING, Deliver, PacketReader
+
 log = logging.getLogger("gatewayd.mqtt")
 
 Handler = Callable[[str, bytes], Any]
@@ -163,12 +165,13 @@ class _Driver:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: paho.Client,
-                 on_error: Callable[[BaseException], None]) -> None:
+                 on_error: Callable[[BaseException], None], v5: bool, deliver: Deliver) -> None:
         self._loop = loop
         self._client = client
         self._on_error = on_error  # loop_read/loop_write/loop_misc raised; the socket is closed
-        self._sock: Any = None  # the socket the loop watches
-        self._pending: Callable[[], int] | None = None  # its SSL object's buffered bytes
+        self._v5 = v5
+        self._deliver = deliver  # a QoS 0 message read off the socket without paho (mqtt_reader)
+        self._sock: PacketReader | None = None  # paho's socket, read through a PacketReader
         self._misc: asyncio.TimerHandle | None = None
         client.on_socket_close = self._closed
         client.on_socket_register_write = self._register_write
@@ -180,22 +183,23 @@ class _Driver:
 
     def watch(self) -> None:
         """Watch the socket paho's `reconnect()` just opened, whose CONNECT still waits to be sent."""
-        sock = self._client.socket()
-        if sock is None:
+        raw = self._client.socket()
+        if raw is None:
             return
-        self._sock = sock
-        self._pending = getattr(sock, "pending", None)
-        self._loop.add_reader(sock, self._readable)
+        # paho reads its socket through the reader from now on (its `_sock`, in 1.6 and 2.x alike)
+        self._sock = sock = PacketReader(raw, self._v5, self._deliver)
+        self._client._sock = sock  # noqa: SLF001
+        self._loop.add_reader(raw, self._readable)
         if self._client.want_write():  # paho's register_write came from the worker thread: unheard
-            self._loop.add_writer(sock, self._writable)
+            self._loop.add_writer(raw, self._writable)
         self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
 
     def unwatch(self) -> None:
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        self._loop.remove_reader(sock)
-        self._loop.remove_writer(sock)
+        self._loop.remove_reader(sock.sock)
+        self._loop.remove_writer(sock.sock)
         if self._misc is not None:
             self._misc.cancel()
             self._misc = None
@@ -209,12 +213,24 @@ class _Driver:
 
     def _readable(self) -> None:
         sock = self._sock
+        if sock is None:
+            return
         try:
-            rc = self._client.loop_read()
-            # paho reads a packet a few bytes at a time: the rest of a TLS record waits, decrypted,
-            # in the SSL object, where the selector cannot see it, until loop_read takes it
-            while rc == paho.MQTT_ERR_SUCCESS and self._sock is sock and self._pending and self._pending():
-                rc = self._client.loop_read()
+            # until the socket has nothing more (a TLS record read in part waits, decrypted, in
+            # the SSL object, where the selector cannot see it), within a bound fair to the loop
+            for _ in range(MAX_READS):
+                more = sock.read()
+                while self._sock is sock and (taken := sock.take()) != NOTHING:
+                    if taken == FOR_PAHO:
+                        self._client.loop_read()
+                if self._sock is not sock:
+                    return
+                if sock.ended:
+                    self._client.loop_read()  # paho meets the error or the end as it reads
+                    return
+                if not more:
+                    return
+            self._loop.call_soon(self._readable)  # more may wait in the SSL object
         except Exception as exc:  # noqa: BLE001 - paho 1.6 lets an SSLError (a TLS alert) out of recv()
             self._fail(exc)
 
@@ -246,11 +262,11 @@ class _Driver:
 
     def _register_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
         if sock is self._sock:
-            self._loop.add_writer(sock, self._writable)
+            self._loop.add_writer(sock.sock, self._writable)
 
     def _unregister_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
         if sock is self._sock:
-            self._loop.remove_writer(sock)
+            self._loop.remove_writer(sock.sock)
 
 
 # --- why a connection fails -------------------------------------------------------------
@@ -584,7 +600,7 @@ class _Subscriptions:
         for flt, handler in route:
             try:
                 result = handler(topic, payload)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     spawn(result)
             except Exception:  # noqa: BLE001
                 log.exception("handler for %s failed on %s", flt, topic)
@@ -697,7 +713,7 @@ class MqttClient:
         client.on_message = self._cb_message
         client.enable_logger(_paho_logger(self._paho_errors))
         self._client = client
-        self._driver = _Driver(self._loop, client, self._cb_socket_failed)
+        self._driver = _Driver(self._loop, client, self._cb_socket_failed, self.protocol == "v5", self._on_message)
         self.settings.connect_async(client, self.protocol)
         log.info("connecting to %s:%d as %s (MQTT %s)", self.settings.host, self.settings.port, self.client_id,
                  "5" if self.protocol == "v5" else "3.1.1")
@@ -952,6 +968,9 @@ class MqttClient:
         except Exception:  # noqa: BLE001
             log.warning("dropping a message with an undecodable topic")
             return
+        self._on_message(topic, payload)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
         self._subscriptions.dispatch(topic, payload, self._spawn)
 
     # -- loop side --

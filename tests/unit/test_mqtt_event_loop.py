@@ -143,19 +143,19 @@ def _frames() -> Iterator[str]:
         frame = frame.f_back
 
 
-def test_a_handler_runs_inside_loop_read_on_the_loop_thread_and_paho_has_no_thread(pki: Pki) -> None:
+def test_a_handler_runs_as_the_socket_is_read_on_the_loop_thread_and_paho_has_no_thread(pki: Pki) -> None:
     async def scenario() -> None:
         broker = await Broker(pki).start()
         mc = client_of(broker, pki)
         seen: list[tuple[int, bool, bool]] = []
         await mc.subscribe("down/+", lambda t, p: seen.append(
-            (threading.get_ident(), "loop_read" in _frames(), asyncio.current_task() is None)))
+            (threading.get_ident(), "_readable" in _frames(), asyncio.current_task() is None)))
         await mc.start()
         await mc.wait_connected(5)
         assert not [t.name for t in threading.enumerate() if t.name.startswith("paho-mqtt-client")]
         broker.send(publish_packet("down/a", b"1"))
         await until(lambda: seen, 5, "the message")
-        assert seen == [(threading.get_ident(), True, True)]  # called by paho's read, not by a Task
+        assert seen == [(threading.get_ident(), True, True)]  # called from reading the socket, not by a Task
         await mc.stop()
         await broker.close()
 
