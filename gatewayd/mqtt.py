@@ -5,6 +5,9 @@ socket (readable: `loop_read`; writable, while paho's socket callbacks say it ha
 send: `loop_write`) and calls `loop_misc` once a second, which sends PINGREQ and drops a
 connection whose broker stopped answering. Every paho callback therefore runs on the loop as
 paho reads the packet: message handlers, acknowledgements and connect listeners need no hop.
+The loop reads the socket itself, in large pieces (`mqtt_reader.PacketReader`, which paho
+takes for its socket): QoS 0 messages go to their handlers without paho's per-packet cost,
+and every other packet reaches paho whole and in order.
 Only paho's `reconnect()` runs in a worker thread, as it blocks on DNS, the TCP connect and the
 TLS handshake; the loop watches the socket once it has returned. We reconnect ourselves, after
 a wait of 1 s doubling to 60 s, each drawn from [d/2, d]. New connection settings (a reload)
