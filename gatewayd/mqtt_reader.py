@@ -18,6 +18,7 @@ from typing import Any
 
 READ_SIZE = 65536  # bytes asked of the socket at once: several TLS records
 MAX_READS = 16  # reads in one turn of the loop, so a busy connection leaves the loop to others
+MAX_PACKET = 1 << 20  # bytes: AWS IoT Core sends at most 128 KB; a larger length is not a broker we know
 _PUBLISH_QOS0 = 0x30  # packet type 3, QoS bits 0 (DUP and RETAIN may be set)
 NOTHING, FOR_PAHO, DELIVERED = 0, 1, 2  # what `take` did
 
@@ -102,6 +103,10 @@ class PacketReader:
                 self._for_paho += buf
                 buf.clear()
                 return FOR_PAHO
+        if length > MAX_PACKET:  # not buffered on a peer's word: the connection goes, paho reconnects
+            self._end = ConnectionError(f"the broker announced a {length}-byte packet, more than {MAX_PACKET}")
+            buf.clear()
+            return NOTHING
         end = pos + length
         if len(buf) < end:
             return NOTHING

@@ -22,6 +22,7 @@ import pytest
 
 from gatewayd.emulators.broker import Pki, make_pki
 from gatewayd.mqtt import MqttClient
+from gatewayd.mqtt_reader import MAX_PACKET
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -199,6 +200,37 @@ def test_keepalive_notices_a_broker_that_stopped_answering_and_reconnects(pki: P
         broker.answer_pings = True
         await mc.wait_connected(5)
         assert broker.connects == 2
+        await mc.stop()
+        await broker.close()
+
+    with caplog.at_level(logging.WARNING, logger="gatewayd.mqtt"):
+        asyncio.run(scenario())
+    assert "connection lost" in caplog.text
+
+
+def test_a_packet_longer_than_any_broker_sends_drops_the_connection_and_it_comes_back(
+        pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """The reader does not buffer a length the broker announces beyond MAX_PACKET: paho hears a
+    lost connection and the client reconnects, on paho 1.6 and 2.x alike (this broker speaks
+    3.1.1; the reader's MQTT 5 parsing is in test_mqtt_reader.py and every e2e test)."""
+    async def scenario() -> None:
+        broker = await Broker(pki).start()
+        mc = client_of(broker, pki)
+        got: list[bytes] = []
+        await mc.subscribe("down", lambda t, p: got.append(p))
+        await mc.start()
+        await mc.wait_connected(5)
+        length, vbi = MAX_PACKET + 1, bytearray()
+        while True:
+            length, byte = length >> 7, length & 0x7F
+            vbi.append(byte | (0x80 if length else 0))
+            if not length:
+                break
+        broker.send(bytes([0x30]) + bytes(vbi) + bytes(100))
+        await until(lambda: broker.connects == 2, 5, "a new connection")
+        await mc.wait_connected(5)
+        broker.send(publish_packet("down", b"after"))
+        await until(lambda: got == [b"after"], 5, "a message on the new connection")
         await mc.stop()
         await broker.close()
 

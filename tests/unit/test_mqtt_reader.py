@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from gatewayd.mqtt_reader import FOR_PAHO, NOTHING, READ_SIZE, PacketReader
+from gatewayd.mqtt_reader import FOR_PAHO, MAX_PACKET, NOTHING, READ_SIZE, PacketReader
 
 
 def vbi(n: int) -> bytes:
@@ -162,3 +162,14 @@ def test_a_qos0_message_this_reader_cannot_read_plainly_goes_to_paho(raw: bytes)
     reader = PacketReader(sock, raw[3:4] != b"\xff" and b"invalid" not in raw, lambda *_: pytest.fail("paho's"))
     assert reader.read() and reader.take() == FOR_PAHO and reader.recv(len(raw)) == raw
     assert reader.take() == NOTHING and reader.delivered == 0
+
+
+def test_a_packet_longer_than_any_broker_sends_ends_the_connection_unbuffered() -> None:
+    sock = FakeSocket()
+    sock.pieces = [b"\xd0\x00" + bytes([0x30]) + vbi(MAX_PACKET + 1) + bytes(1000)]
+    reader = PacketReader(sock, True, lambda *_: pytest.fail("not delivered"))
+    assert reader.read() and reader.take() == FOR_PAHO and reader.recv(2) == b"\xd0\x00"
+    assert reader.take() == NOTHING and reader.ended
+    with pytest.raises(ConnectionError, match=f"{MAX_PACKET + 1}-byte packet"):
+        reader.recv(1)  # paho: connection lost, and it reconnects
+    assert not reader.read()  # nothing more is read from that connection
