@@ -41,16 +41,10 @@ class PacketReader:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     @property
     def ended(self) -> bool:
         """The socket failed or closed; paho has to hear it."""
         return self._end is not None or self._eof
-
-    def pending(self) -> int:
-        return len(self._for_paho) + (self.sock.pending() if hasattr(self.sock, "pending") else 0)
 
     # --- paho's side ---------------------------------------------------------------------------
 
@@ -116,9 +110,9 @@ class PacketReader:
                 message = self._publish(view[:end], pos)
         if message is None:
             self._for_paho += buf[:end]
-        del buf[:end]
-        if message is None:
+            del buf[:end]
             return FOR_PAHO
+        del buf[:end]
         self.delivered += 1
         self._deliver(*message)
         return DELIVERED

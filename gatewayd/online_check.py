@@ -292,10 +292,11 @@ def _connect_packet(client_id: str, keepalive: int) -> bytes:
     """MQTT 3.1.1 CONNECT, clean session, no will, no user name."""
     cid = client_id.encode()
     body = b"\x00\x04MQTT\x04\x02" + keepalive.to_bytes(2, "big") + len(cid).to_bytes(2, "big") + cid
-    return b"\x10" + _remaining_length(len(body)) + body
+    return b"\x10" + remaining_length(len(body)) + body
 
 
-def _remaining_length(n: int) -> bytes:
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable byte integer (a packet's remaining length)."""
     out = bytearray()
     while True:
         n, digit = divmod(n, 128)

@@ -23,29 +23,12 @@ import pytest
 from gatewayd.emulators.broker import Pki, make_pki
 from gatewayd.mqtt import MqttClient
 from gatewayd.mqtt_reader import MAX_PACKET
+from tests.unit.mqtt_packets import packet as _packet
+from tests.unit.mqtt_packets import publish_packet, remaining_length
 
 pytestmark = pytest.mark.timeout(60)
 
 CONNECT, PUBLISH, PUBACK, SUBSCRIBE, PINGREQ, DISCONNECT = 1, 3, 4, 8, 12, 14
-
-
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _length(len(body)) + body
-
-
-def publish_packet(topic: str, payload: bytes) -> bytes:
-    """A QoS 0 PUBLISH."""
-    name = topic.encode()
-    return _packet(0x30, len(name).to_bytes(2, "big") + name + payload)
 
 
 class Broker:
@@ -131,6 +114,17 @@ def client_of(broker: Broker, pki: Pki, **kwargs: object) -> MqttClient:
                       reconnect_min_delay=0.1, reconnect_max_delay=0.2, **kwargs)  # type: ignore[arg-type]
 
 
+async def connected_to(pki: Pki, topic: str) -> tuple[Broker, MqttClient, list[bytes]]:
+    """A broker, and a client connected to it whose handler for `topic` keeps every payload."""
+    broker = await Broker(pki).start()
+    mc = client_of(broker, pki)
+    got: list[bytes] = []
+    await mc.subscribe(topic, lambda t, p: got.append(p))
+    await mc.start()
+    await mc.wait_connected(5)
+    return broker, mc, got
+
+
 async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
@@ -164,15 +158,10 @@ def test_a_handler_runs_as_the_socket_is_read_on_the_loop_thread_and_paho_has_no
 
 
 def test_packets_buffered_in_the_tls_socket_are_read_without_more_bytes_arriving(pki: Pki) -> None:
-    """A TLS record holding many PUBLISHes: paho's loop_read takes one packet, the rest waits in
-    the SSL object, and the socket is not readable again until the broker sends something."""
+    """A TLS record holding many PUBLISHes: all are read although the socket is not readable
+    again until the broker sends something (what one read leaves in the SSL object is not lost)."""
     async def scenario() -> None:
-        broker = await Broker(pki).start()
-        mc = client_of(broker, pki)
-        got: list[bytes] = []
-        await mc.subscribe("down", lambda t, p: got.append(p))
-        await mc.start()
-        await mc.wait_connected(5)
+        broker, mc, got = await connected_to(pki, "down")
         burst = [str(i).encode() for i in range(50)]
         broker.send(b"".join(publish_packet("down", p) for p in burst))
         await until(lambda: len(got) == len(burst), 2, "the whole burst")  # keepalive (60 s) sends nothing
@@ -214,19 +203,8 @@ def test_a_packet_longer_than_any_broker_sends_drops_the_connection_and_it_comes
     lost connection and the client reconnects, on paho 1.6 and 2.x alike (this broker speaks
     3.1.1; the reader's MQTT 5 parsing is in test_mqtt_reader.py and every e2e test)."""
     async def scenario() -> None:
-        broker = await Broker(pki).start()
-        mc = client_of(broker, pki)
-        got: list[bytes] = []
-        await mc.subscribe("down", lambda t, p: got.append(p))
-        await mc.start()
-        await mc.wait_connected(5)
-        length, vbi = MAX_PACKET + 1, bytearray()
-        while True:
-            length, byte = length >> 7, length & 0x7F
-            vbi.append(byte | (0x80 if length else 0))
-            if not length:
-                break
-        broker.send(bytes([0x30]) + bytes(vbi) + bytes(100))
+        broker, mc, got = await connected_to(pki, "down")
+        broker.send(bytes([0x30]) + remaining_length(MAX_PACKET + 1) + bytes(100))
         await until(lambda: broker.connects == 2, 5, "a new connection")
         await mc.wait_connected(5)
         broker.send(publish_packet("down", b"after"))

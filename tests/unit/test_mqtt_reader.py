@@ -9,27 +9,7 @@ import ssl
 import pytest
 
 from gatewayd.mqtt_reader import FOR_PAHO, MAX_PACKET, NOTHING, READ_SIZE, PacketReader
-
-
-def vbi(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, byte = n >> 7, n & 0x7F
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + vbi(len(body)) + body
-
-
-def publish(topic: str, payload: bytes, *, v5: bool, qos: int = 0, props: bytes = b"", flags: int = 0) -> bytes:
-    name = topic.encode()
-    body = len(name).to_bytes(2, "big") + name + (b"\x00\x07" if qos else b"")
-    if v5:
-        body += vbi(len(props)) + props
-    return packet(0x30 | qos << 1 | flags, body + payload)
+from tests.unit.mqtt_packets import packet, publish_packet, remaining_length
 
 
 class FakeSocket:
@@ -78,47 +58,41 @@ def paho_reads_one(reader: PacketReader) -> bytes:
 @pytest.mark.parametrize("seed", range(20))
 def test_any_cut_of_the_stream_gives_every_packet_in_order(v5: bool, seed: int) -> None:
     rng = random.Random(seed)
-    stream: list[tuple[str, bytes]] = []
+    stream: list[tuple[str, bytes, tuple[str, bytes] | None]] = []  # (who reads it, bytes, message)
     for i in range(40):
         kind = rng.choice(["qos0", "qos0", "qos0", "qos1", "props", "puback", "ping", "big"])
         payload = rng.randbytes(rng.choice([0, 1, 5, 300, 4096]))
-        if kind == "qos0":
-            stream.append(("fast", publish(f"s/{i}/data", payload, v5=v5, flags=rng.choice([0, 1, 8]))))
-        elif kind == "big":
-            stream.append(("fast", publish("s/big", rng.randbytes(200_000), v5=v5)))
+        if kind in ("qos0", "big"):
+            topic, payload = (f"s/{i}/data", payload) if kind == "qos0" else ("s/big", rng.randbytes(200_000))
+            raw = publish_packet(topic, payload, v5=v5, flags=rng.choice([0, 1, 8]))
+            stream.append(("fast", raw, (topic, payload)))
         elif kind == "qos1":
-            stream.append(("paho", publish(f"jobs/{i}", payload, v5=v5, qos=1)))
-        elif kind == "props" and v5:
-            stream.append(("paho", publish(f"p/{i}", payload, v5=True, props=b"\x01\x01")))  # payload format
+            stream.append(("paho", publish_packet(f"jobs/{i}", payload, v5=v5, qos=1), None))
+        elif kind == "props" and v5:  # a payload format indicator
+            stream.append(("paho", publish_packet(f"p/{i}", payload, v5=True, props=b"\x01\x01"), None))
         elif kind == "puback":
-            stream.append(("paho", packet(0x40, b"\x00\x07")))
+            stream.append(("paho", packet(0x40, b"\x00\x07"), None))
         else:
-            stream.append(("paho", b"\xd0\x00"))  # PINGRESP
-    data = b"".join(p for _, p in stream)
-    sock = FakeSocket()
+            stream.append(("paho", b"\xd0\x00", None))  # PINGRESP
+    data = b"".join(raw for _, raw, _ in stream)
     cuts = sorted(set(rng.sample(range(1, len(data)), 60)) | set(range(READ_SIZE, len(data), READ_SIZE)))
-    sock.pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
-    events: list = []
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    sock = FakeSocket()
+    events: list[tuple[str, object]] = []
     reader = PacketReader(sock, v5, lambda topic, payload: events.append(("fast", (topic, payload))))
-    while sock.pieces:  # the socket readable again and again, a piece or a few at a time
-        arrived, sock.pieces = sock.pieces[: rng.randint(1, 3)], sock.pieces
-        sock.pieces, later = arrived, sock.pieces[len(arrived):]
+    while pieces:  # the socket readable again and again, with a piece or a few each time
+        arrived = rng.randint(1, 3)
+        sock.pieces, pieces = pieces[:arrived], pieces[arrived:]
         drive(reader, events)
         assert not reader.ended
-        sock.pieces = later
 
-    expected = [how for how, _ in stream]
-    assert [how for how, _ in events] == expected
-    assert [raw for how, raw in events if how == "paho"] == [raw for how, raw in stream if how == "paho"]
-    fast = [value for how, value in events if how == "fast"]
-    assert len(fast) == reader.delivered == sum(how == "fast" for how, _ in stream)
-    for (topic, payload), (_, raw) in zip(fast, [s for s in stream if s[0] == "fast"]):
-        assert raw.endswith(payload) and topic.encode() in raw
+    assert events == [(who, message if who == "fast" else raw) for who, raw, message in stream]
+    assert reader.delivered == sum(who == "fast" for who, _, _ in stream)
 
 
 def test_the_end_of_the_connection_and_a_read_error_reach_paho_after_what_came_before() -> None:
     sock = FakeSocket()
-    sock.pieces = [b"\xd0\x00" + publish("t", b"x", v5=True)[:3]]
+    sock.pieces = [b"\xd0\x00" + publish_packet("t", b"x", v5=True)[:3]]
     sock.then = b""  # the broker closed the connection mid-packet
     reader = PacketReader(sock, True, lambda *_: pytest.fail("a cut packet is not delivered"))
     assert reader.read() and reader.take() == FOR_PAHO and reader.recv(2) == b"\xd0\x00"
@@ -151,22 +125,22 @@ def test_a_length_longer_than_mqtt_allows_goes_to_paho_to_refuse() -> None:
     assert reader.recv(10) == b"\x30\xff\xff\xff\xff\x01"
 
 
-@pytest.mark.parametrize("raw", [
-    publish("", b"aliased", v5=True),  # an empty topic: a topic alias
-    publish("t", b"with properties", v5=True, props=b"\x01\x01"),
-    packet(0x30, b"\x00\x02\xff\xfeinvalid utf-8"),
+@pytest.mark.parametrize("v5, raw", [
+    (True, publish_packet("", b"aliased", v5=True)),  # an empty topic: a topic alias
+    (True, publish_packet("t", b"with properties", v5=True, props=b"\x01\x01")),
+    (False, packet(0x30, b"\x00\x02\xff\xfeinvalid utf-8")),
 ])
-def test_a_qos0_message_this_reader_cannot_read_plainly_goes_to_paho(raw: bytes) -> None:
+def test_a_qos0_message_this_reader_cannot_read_plainly_goes_to_paho(v5: bool, raw: bytes) -> None:
     sock = FakeSocket()
     sock.pieces = [raw]
-    reader = PacketReader(sock, raw[3:4] != b"\xff" and b"invalid" not in raw, lambda *_: pytest.fail("paho's"))
+    reader = PacketReader(sock, v5, lambda *_: pytest.fail("paho's"))
     assert reader.read() and reader.take() == FOR_PAHO and reader.recv(len(raw)) == raw
     assert reader.take() == NOTHING and reader.delivered == 0
 
 
 def test_a_packet_longer_than_any_broker_sends_ends_the_connection_unbuffered() -> None:
     sock = FakeSocket()
-    sock.pieces = [b"\xd0\x00" + bytes([0x30]) + vbi(MAX_PACKET + 1) + bytes(1000)]
+    sock.pieces = [b"\xd0\x00" + bytes([0x30]) + remaining_length(MAX_PACKET + 1) + bytes(1000)]
     reader = PacketReader(sock, True, lambda *_: pytest.fail("not delivered"))
     assert reader.read() and reader.take() == FOR_PAHO and reader.recv(2) == b"\xd0\x00"
     assert reader.take() == NOTHING and reader.ended
